@@ -1,0 +1,1 @@
+"""Host agent: probes the network around one GPU host and publishes samples."""

@@ -1,0 +1,1 @@
+"""Oracle service: turns agent samples into the congestion map and serves costs."""

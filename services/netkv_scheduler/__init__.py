@@ -1,0 +1,1 @@
+"""Scheduler service: picks decode instances over the live congestion map."""
