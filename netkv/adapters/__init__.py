@@ -1,0 +1,1 @@
+"""Adapters at the edge: Redis and MQTT clients built from typed settings."""
