@@ -11,8 +11,9 @@ from typing import Any
 import msgpack
 import pytest
 import redis.asyncio as aioredis
-from redis.exceptions import NoPermissionError
-from oracle_helpers import (
+from netkv_oracle.identity import agent_acl_rules
+from netkv_oracle.service import OracleService
+from netkv_oracle.testkit import (
     KEYS,
     batch,
     get_json,
@@ -25,6 +26,7 @@ from oracle_helpers import (
     until,
     xadd,
 )
+from redis.exceptions import NoPermissionError
 
 from netkv.adapters.redis_client import connect_redis
 from netkv.config import RedisSettings
@@ -34,8 +36,6 @@ from netkv.core.topology import Topology
 from netkv.core.topology_file import parse_topology
 from netkv.localservers import MosquittoServer, RedisServer
 from netkv.telemetry.wire import MAX_BATCH_BYTES
-from netkv_oracle.identity import agent_acl_rules
-from netkv_oracle.service import OracleService
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -78,7 +78,7 @@ async def test_samples_become_a_published_map(
     # Published: the Redis snapshot decodes to the same numbers; MQTT retains the version.
     async def published_map() -> CongestionMap | None:
         snap = await redis.get(KEYS.map_snapshot)
-        cmap = CongestionMap.from_snapshot(topology, snap) if snap else None
+        cmap = CongestionMap.from_snapshot(topology, snap) if isinstance(snap, bytes) else None
         return cmap if cmap is not None and cmap.util[up1] > 0 else None
 
     published = await until(published_map)
@@ -186,7 +186,7 @@ async def test_bad_bodies_get_4xx_naming_the_field(oracle: OracleService, body: 
 
 async def test_acl_user_can_write_only_its_own_stream(redis_server: RedisServer,
                                                       redis: aioredis.Redis) -> None:
-    await redis.execute_command("ACL", "SETUSER", "h000",
+    await redis.execute_command("ACL", "SETUSER", "h000",  # type: ignore[no-untyped-call]
                                 *agent_acl_rules(KEYS, "h000", "s3cret"))
     agent = aioredis.Redis(host=redis_server.host, port=redis_server.port, username="h000",
                            password="s3cret")
@@ -246,7 +246,7 @@ async def test_crashed_consumer_entries_are_claimed(
     stream = KEYS.samples_stream("h007")
     await xadd(redis, "h007", batch("h007", nic("h007", tx=2.0)))
     await redis.xgroup_create(stream, KEYS.consumer_group, id="0")
-    got = await redis.xreadgroup(KEYS.consumer_group, "ghost", {stream: ">"}, count=10)
+    got: Any = await redis.xreadgroup(KEYS.consumer_group, "ghost", {stream: ">"}, count=10)
     assert got and len(got[0][1]) == 1
     # Samples stay fresh for 3 x 2 s here: the claimed entry is old but not stale.
     settings = oracle_settings(redis_server.url, mosquitto_server.port, oracle_id="o1",

@@ -1,5 +1,6 @@
-"""Shared pieces for the oracle's integration tests: settings for fixture servers, a batch
-writer that speaks the agents' wire format, HTTP and MQTT probes."""
+"""Helpers for the oracle's tests and benchmarks: settings for local fixture servers, a batch
+writer that speaks the agents' wire format (XADD to an agent's stream), and HTTP, metrics
+and MQTT probes. Kept in the package so integration tests and `netkv bench` share them."""
 
 from __future__ import annotations
 
