@@ -165,6 +165,7 @@ class Prober:
         self._heap_seq = 0
         self._current: dict[str, int] = {}  # peer -> its live heap entry (older ones are void)
         self._changed = asyncio.Event()
+        self._stopping = False
         self.transport: asyncio.DatagramTransport | None = None
 
     # -- pinglist --------------------------------------------------------------------------
@@ -247,7 +248,7 @@ class Prober:
     async def run(self) -> None:
         """Probe forever (cancel to stop)."""
         heap = self._heap
-        while True:
+        while not self._stopping:
             now = time.monotonic()
             now_ns = self._clock_ns()
             self._expire(now_ns)
@@ -267,7 +268,13 @@ class Prober:
                 wake = min(wake, time.monotonic() + self.timeout_s)
             self._changed.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), max(0.0, wake - time.monotonic()))
+                async with asyncio.timeout(max(0.0, wake - time.monotonic())):
+                    await self._changed.wait()
+
+    def stop(self) -> None:
+        """Make :meth:`run` return at its next wake-up (besides cancellation)."""
+        self._stopping = True
+        self._changed.set()
 
     # -- samples ---------------------------------------------------------------------------
     def collect(self, wall: float | None = None) -> list[RttSample]:
