@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from netkv_agent.agent import Agent
@@ -89,6 +90,13 @@ def veth_pair() -> Iterator[Pair]:
                            timeout=10)
 
 
+def shape(pair: Pair, rate: str, burst: str, limit: str) -> None:
+    """A tbf root qdisc on A's side of the pair."""
+    subprocess.run(["ip", "netns", "exec", pair.ns_a, "tc", "qdisc", "add", "dev", pair.if_a,
+                    "root", "tbf", "rate", rate, "burst", burst, "limit", limit],
+                   check=True, capture_output=True, timeout=10)
+
+
 def send(pair: Pair, count: int, size: int, limit_s: float = 20.0) -> int:
     """Send ``count`` UDP datagrams of ``size`` bytes from A to B; returns how many left."""
     out = subprocess.run(
@@ -129,9 +137,7 @@ async def test_agent_in_namespace_reports_shaped_rate_and_backlog(
         veth_pair: Pair, redis_server: RedisServer) -> None:
     rate_bit = 20_000_000  # tbf at 20 Mbit/s = 2.5 MB/s; its 40 kB queue is smaller than the
     # sender's socket buffer, so the qdisc (not the socket) overflows and counts drops
-    subprocess.run(["ip", "netns", "exec", veth_pair.ns_a, "tc", "qdisc", "add", "dev",
-                    veth_pair.if_a, "root", "tbf", "rate", "20mbit", "burst", "16kb", "limit",
-                    "40kb"], check=True, capture_output=True, timeout=10)
+    shape(veth_pair, "20mbit", "16kb", "40kb")
     settings = AgentSettings(
         agent_id="h000", listen_address="127.0.0.80", mqtt_enabled=False,
         redis=RedisSettings(url=redis_server.url), netns=veth_pair.ns_a,
@@ -159,5 +165,5 @@ async def test_agent_in_namespace_reports_shaped_rate_and_backlog(
 
 async def _stream(url: str, agent: str) -> list[Batch]:
     async with connect_redis(RedisSettings(url=url)) as client:
-        raw = await client.xrange(RedisKeys().samples_stream(agent))
+        raw: Any = await client.xrange(RedisKeys().samples_stream(agent))
     return [decode_batch(fields[STREAM_FIELD.encode()]) for _, fields in raw]
