@@ -27,6 +27,7 @@ from typing import Any, Self
 
 import structlog
 from pyroute2 import AsyncIPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 from redis.exceptions import RedisError
 
 import netkv
@@ -35,7 +36,7 @@ from netkv.core.topology import Topology
 from netkv.errors import InputError
 from netkv.telemetry.names import RedisKeys
 from netkv_agent.echo import Prober, echo_endpoint
-from netkv_agent.nic import NicReader, dump_links
+from netkv_agent.nic import NicReader
 from netkv_agent.pinglist import Endpoint, build_pinglist
 from netkv_agent.presence import Presence
 from netkv_agent.publisher import Publisher
@@ -234,13 +235,10 @@ class Agent:
         s = self.settings
         if self._ipr is not None:
             try:
-                links = await dump_links(self._ipr)
-                now, wall = time.monotonic(), time.time()
-                self._submit(list(self.nics.ingest(links, now, wall)))
+                self._submit(list(await self.nics.read(self._ipr)))
                 if s.qdisc_enabled:
-                    index_of = {int(m["index"]): str(m.get("ifname")) for m in links}
-                    self._submit(list(await self.qdiscs.read(self._ipr, index_of, wall)))
-            except (OSError, ValueError, KeyError) as exc:
+                    self._submit(list(await self.qdiscs.read(self._ipr, self.nics.index)))
+            except (OSError, ValueError, KeyError, NetlinkError) as exc:
                 self.counter_errors += 1
                 log.warning("netlink read failed", error=str(exc))
         if s.rdma_enabled:
