@@ -89,7 +89,7 @@ def veth() -> Iterator[Veth]:
                            timeout=10)
 
 
-def agent(host: str, address: str, ns: str, ifname: str, redis: RedisServer,
+def agent(host: str, address: str, *, ns: str, ifname: str, redis: RedisServer,
           mqtt: MosquittoServer) -> AgentSettings:
     return AgentSettings(
         agent_id=host, listen_address=address, redis=RedisSettings(url=redis.url),
@@ -114,7 +114,8 @@ async def test_saturated_veth_shows_in_map_and_estimates(
         for host, addr, ns, ifname in (("h000", "127.0.0.90", veth.ns_a, veth.if_a),
                                        ("h001", "127.0.0.91", veth.ns_b, veth.if_b)):
             await stack.enter_async_context(Agent(
-                agent(host, addr, ns, ifname, redis_server, mosquitto_server), topology))
+                agent(host, addr, ns=ns, ifname=ifname, redis=redis_server,
+                      mqtt=mosquitto_server), topology))
 
         async def cost() -> dict[str, float]:
             status, body = await get_json(oracle.port, "/v1/cost", src="h000", dst="h001",
