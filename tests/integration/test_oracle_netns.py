@@ -121,7 +121,8 @@ async def test_saturated_veth_shows_in_map_and_estimates(
             status, body = await get_json(oracle.port, "/v1/cost", src="h000", dst="h001",
                                           bytes=nbytes)
             assert status == 200, body
-            return body
+            result: dict[str, float] = body
+            return result
 
         await until(lambda: oracle.builder.map.link_confidence()[up] == 1.0, 10)
         idle = await cost()
