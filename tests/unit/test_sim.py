@@ -55,7 +55,7 @@ def trace_file(tmp_path: Path) -> Path:
 
 def busy_scenario(tmp_path: Path, **over: object) -> str:
     """fat-tree-64 with heavy background so that the flow sharing is exercised."""
-    data = {"base": "fat-tree-64", "name": "test",
+    data: dict[str, object] = {"base": "fat-tree-64", "name": "test",
             "background": {"mean_hotspots": 4.0, "mean_duration_s": 5.0}}
     data.update(over)
     path = tmp_path / "scenario.yaml"
