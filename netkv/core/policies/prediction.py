@@ -74,15 +74,7 @@ def predict(
         delta = delta[index]
     nbytes = delta * request.kv_bytes_per_token
     if type(oracle) is LinkStateOracle:
-        table = path_table(oracle.topology)
-        links_all, tiers_all = table.from_src(src)
-        links = links_all[host]
-        tier = tiers_all[host]
-        rate_ext = np.append(np.maximum(oracle.available_bytes_s, 1.0), np.inf)
-        lat_ext = np.append(oracle.latency_s, 0.0)
-        transfer = lat_ext[links].sum(axis=1) + nbytes / rate_ext[links].min(axis=1)
-        if bookings is not None and bookings.active:
-            transfer = transfer + bookings.delay_on(links, nbytes, rate_ext)
+        transfer, tier = _link_state_transfer(oracle, bookings, src, host, nbytes)
     else:
         est = oracle.estimate(src, host, nbytes)
         tier = est.tier
@@ -121,6 +113,50 @@ def tiers_to(oracle: CostOracle, src: int, hosts: IntArray) -> IntArray:
     topology, else from a zero-byte estimate."""
     topology = getattr(oracle, "topology", None)
     if isinstance(topology, Topology):
-        tiers: IntArray = path_table(topology).from_src(src)[1][hosts]
+        tiers: IntArray = path_table(topology).from_src(src).tiers[hosts]
         return tiers
     return oracle.estimate(src, hosts, 0.0).tier
+
+
+# Candidates per pass: keeps each (6, chunk) float64 temporary under 128 KiB, glibc's default
+# mmap threshold; bigger temporaries are mmapped and page-faulted afresh on every call, which
+# made |D| = 4096 ten times slower than 2 x 2048.
+_CHUNK = 2048
+
+
+def _link_state_transfer(oracle: LinkStateOracle, bookings: Bookings | None, src: int,
+                         host: IntArray, nbytes: FloatArray) -> tuple[FloatArray, IntArray]:
+    """``LinkStateOracle.estimate`` plus the bookings' delay, over cached path tables: a few
+    gathers and reductions over ``(6, |D|)``, with no per-link (O(links)) work per call."""
+    paths = path_table(oracle.topology).from_src(src)
+    n = host.shape[0]
+    if 6 * n < oracle.latency_s.shape[0]:  # few candidates: sum their path latencies directly
+        links = np.take(paths.links, host, axis=1)
+        latency = (oracle.latency_s[links] * np.take(paths.on_path, host, axis=1)).sum(axis=0)
+        return latency + _transfer_part(oracle, bookings, links, nbytes), paths.tiers[host]
+    latency = paths.path_latency(oracle.latency_s)[host]
+    if n <= _CHUNK:
+        links = np.take(paths.links, host, axis=1)
+        return latency + _transfer_part(oracle, bookings, links, nbytes), paths.tiers[host]
+    transfer = np.empty(n, dtype=np.float64)
+    for lo in range(0, n, _CHUNK):
+        hi = min(lo + _CHUNK, n)
+        links = np.take(paths.links, host[lo:hi], axis=1)
+        transfer[lo:hi] = latency[lo:hi] + _transfer_part(oracle, bookings, links,
+                                                          nbytes[lo:hi])
+    return transfer, paths.tiers[host]
+
+
+def _transfer_part(oracle: LinkStateOracle, bookings: Bookings | None, links: IntArray,
+                   nbytes: FloatArray) -> FloatArray:
+    """Seconds beyond latency for ``links`` (6, k), gathered C-contiguous with ``np.take``
+    (``table[:, host]`` is column-major and makes the axis-0 reductions slow)."""
+    rate = oracle.available_bytes_s[links]
+    bw = np.maximum(rate.min(axis=0), 1.0)
+    transfer: FloatArray = nbytes / bw
+    if bookings is not None and bookings.active:
+        flows = bookings.flows_ext[links]
+        if flows.any():
+            competing = np.minimum(bookings.bytes_ext[links], flows * nbytes)
+            transfer = transfer + (competing / np.maximum(rate, 1.0)).max(axis=0)
+    return transfer
