@@ -36,6 +36,11 @@ from netkv.core.policies import (
 from netkv.core.topology import Topology
 from netkv.core.topology_file import parse_topology
 from netkv.errors import InputError
+from netkv.sim.cli import DEFAULT_POLICIES, parse_policies
+from netkv.sim.runs import run_all
+from netkv.sim.scenario import load_scenario
+from netkv.sim.simulation import Simulation
+from netkv.sim.trace import load_trace
 
 TARGETS_US = {16: 50.0, 4096: 500.0}  # netkv p99, from the issue
 
@@ -98,7 +103,7 @@ def _state(topo: Topology, size: int, n_prefill: int, rng: np.random.Generator
     return request, pair_request, cands, oracle, engine
 
 
-def measure(topo: Topology, policy: str, size: int, iterations: int, n_prefill: int,
+def measure(topo: Topology, policy: str, size: int, *, iterations: int, n_prefill: int,
             seed: int) -> dict[str, float]:
     rng = np.random.default_rng(seed + size)
     request, pair_request, cands, oracle, booked = _state(topo, size, n_prefill, rng)
@@ -117,12 +122,6 @@ def measure(topo: Topology, policy: str, size: int, iterations: int, n_prefill: 
 
 
 def _sim_wall(trace: str, scenario: str, jobs: int) -> dict[str, Any]:
-    from netkv.sim.cli import DEFAULT_POLICIES, parse_policies
-    from netkv.sim.runs import run_all
-    from netkv.sim.scenario import load_scenario
-    from netkv.sim.simulation import Simulation
-    from netkv.sim.trace import load_trace
-
     start = time.perf_counter()
     sc = load_scenario(scenario)
     tr = load_trace(trace)
@@ -154,8 +153,9 @@ def run(args: argparse.Namespace) -> int:
     for policy in policies:
         results[policy] = {}
         for size in sizes:
-            results[policy][str(size)] = measure(topo, policy, size, args.iterations,
-                                                 args.prefill, args.seed)
+            results[policy][str(size)] = measure(topo, policy, size,
+                                                 iterations=args.iterations,
+                                                 n_prefill=args.prefill, seed=args.seed)
     head = f"{'policy':<15}" + "".join(f"{'|D|=' + str(s):>16}" for s in sizes)
     lines = ["decision time p50 / p99 (microseconds), in process", head, "-" * len(head)]
     for policy in policies:
