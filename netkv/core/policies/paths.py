@@ -42,11 +42,26 @@ class SourcePaths:
 class PathTable:
     """Lazily built :class:`SourcePaths` per source host for one topology."""
 
-    __slots__ = ("_by_src", "topology")
+    __slots__ = ("_by_src", "_stacks", "topology")
 
     def __init__(self, topology: Topology) -> None:
         self.topology = topology
         self._by_src: dict[int, SourcePaths] = {}
+        self._stacks: dict[bytes, tuple[IntArray, FloatArray, IntArray]] = {}
+
+    def stacked(self, srcs: IntArray) -> tuple[IntArray, FloatArray, IntArray]:
+        """``links (S, 6, hosts)``, ``on_path (S, 6, hosts)`` and ``tiers (S, hosts)`` for
+        several sources at once (the joint policy's prefill hosts), cached per source set."""
+        key = srcs.tobytes()
+        hit = self._stacks.get(key)
+        if hit is None:
+            rows = [self.from_src(int(s)) for s in srcs]
+            hit = (np.stack([r.links for r in rows]), np.stack([r.on_path for r in rows]),
+                   np.stack([r.tiers for r in rows]))
+            if len(self._stacks) > 16:
+                self._stacks.clear()
+            self._stacks[key] = hit
+        return hit
 
     def from_src(self, src: int) -> SourcePaths:
         hit = self._by_src.get(src)

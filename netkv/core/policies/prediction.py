@@ -67,21 +67,20 @@ def predict(
     through the protocol.
     """
     host = candidates.host if index is None else candidates.host[index]
-    n = host.shape[0]
     src = request.prefill_host if src_host is None else src_host
+    queue, first, nbytes = decode_side(model, request, candidates, index)
+    transfer, tier = transfer_times(oracle, bookings, src, host, nbytes)
+    return Prediction(queue, transfer, first, tier, nbytes)
+
+
+def decode_side(model: DecodeModel, request: RequestView, candidates: CandidateView,
+                index: IntArray | None = None) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """``(queue_s, first_token_s, transfer_bytes)`` per candidate: everything but the path."""
+    n = len(candidates) if index is None else index.shape[0]
     delta = request.delta_tokens(len(candidates))
     if index is not None:
         delta = delta[index]
-    nbytes = delta * request.kv_bytes_per_token
-    if type(oracle) is LinkStateOracle:
-        transfer, tier = _link_state_transfer(oracle, bookings, src, host, nbytes)
-    else:
-        est = oracle.estimate(src, host, nbytes)
-        tier = est.tier
-        transfer = est.seconds
-        if bookings is not None and bookings.active:
-            rates = getattr(oracle, "available_bytes_s", None)
-            transfer = transfer + bookings.extra_seconds(src, host, nbytes, rates)
+    nbytes: FloatArray = delta * request.kv_bytes_per_token
     if index is None:
         capacity = candidates.capacity_tokens
         use = candidates.kv_use
@@ -105,7 +104,41 @@ def predict(
     else:
         queue = deficit
     first = tbt if tbt is not None else np.full(n, model.tbt_s)
-    return Prediction(queue, transfer, first, tier, nbytes)
+    return queue, first, nbytes
+
+
+def transfer_matrix(oracle: CostOracle, bookings: Bookings | None, srcs: IntArray,
+                    host: IntArray, nbytes: FloatArray) -> tuple[FloatArray, IntArray]:
+    """:func:`transfer_times` from each of ``srcs`` (distinct hosts): ``(S, n)`` arrays.
+    Vectorised over sources for a :class:`~netkv.core.oracle.LinkStateOracle`."""
+    if type(oracle) is not LinkStateOracle:
+        pairs = [transfer_times(oracle, bookings, int(s), host, nbytes) for s in srcs]
+        return np.stack([t for t, _ in pairs]), np.stack([k for _, k in pairs])
+    links_all, on_path_all, tiers_all = path_table(oracle.topology).stacked(srcs)
+    links = np.take(links_all, host, axis=2)
+    rate = oracle.available_bytes_s[links]
+    latency = (oracle.latency_s[links] * np.take(on_path_all, host, axis=2)).sum(axis=1)
+    transfer: FloatArray = latency + nbytes / np.maximum(rate.min(axis=1), 1.0)
+    if bookings is not None and bookings.active:
+        flows = bookings.flows_ext[links]
+        if flows.any():
+            competing = np.minimum(bookings.bytes_ext[links], flows * nbytes)
+            transfer = transfer + (competing / np.maximum(rate, 1.0)).max(axis=1)
+    tiers: IntArray = np.take(tiers_all, host, axis=1)
+    return transfer, tiers
+
+
+def transfer_times(oracle: CostOracle, bookings: Bookings | None, src: int, host: IntArray,
+                   nbytes: FloatArray) -> tuple[FloatArray, IntArray]:
+    """Predicted transfer seconds (oracle plus own bookings) and tiers from ``src``."""
+    if type(oracle) is LinkStateOracle:
+        return _link_state_transfer(oracle, bookings, src, host, nbytes)
+    est = oracle.estimate(src, host, nbytes)
+    transfer = est.seconds
+    if bookings is not None and bookings.active:
+        rates = getattr(oracle, "available_bytes_s", None)  # a LinkStateOracle's per-link view
+        transfer = transfer + bookings.extra_seconds(src, host, nbytes, rates)
+    return transfer, est.tier
 
 
 def tiers_to(oracle: CostOracle, src: int, hosts: IntArray) -> IntArray:
