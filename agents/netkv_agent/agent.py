@@ -105,7 +105,7 @@ class Agent:
         self.keys = RedisKeys(settings.redis.prefix)
         self.nic_links, self.rdma_links = link_bindings(settings, topology)
         self.prober = Prober(settings.agent_id, timeout_s=settings.probe_timeout_s,
-                             window_s=settings.rtt_window_s)
+                             window_s=settings.rtt_window_s, tick_s=settings.echo_tick_s)
         self.nics = NicReader(settings.agent_id, settings.interfaces,
                               settings.nic_speed_gbps, settings.sysfs_net_root)
         self.qdiscs = QdiscReader(settings.agent_id, settings.interfaces)
@@ -311,6 +311,7 @@ class Agent:
             "probes_sent": echo.probes_sent, "replies": echo.replies, "lost": echo.lost,
             "late": echo.late, "malformed": echo.malformed, "unexpected": echo.unexpected,
             "requests_answered": echo.requests_answered, "send_errors": echo.send_errors,
+            "echo_ticks": echo.ticks, "probe_rounds": echo.rounds,
             "samples_by_kind": dict(self.samples_by_kind),
             "batches_published": pub.batches_published if pub else 0,
             "samples_published": pub.samples_published if pub else 0,
