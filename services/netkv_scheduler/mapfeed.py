@@ -199,10 +199,10 @@ class MapFeed:
     async def _redis_loop(self, settings: RedisSettings) -> None:
         async with connect_redis(settings, retries=0) as redis:
             while True:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.poll_s)
                 self._wake.clear()
                 await self._catch_up(redis)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.poll_s)
 
     async def _catch_up(self, redis: aioredis.Redis) -> None:
         """Read the version key and, if newer than the map held, the snapshot."""
