@@ -17,6 +17,8 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from netkv_scheduler.app import create_app
+from netkv_scheduler.settings import SchedulerSettings, demo_topology_path
 
 from netkv.adapters.mqtt_client import mqtt_client
 from netkv.config import MqttSettings, RedisSettings
@@ -25,8 +27,6 @@ from netkv.core.topology import Topology
 from netkv.core.topology_file import load_topology, parse_topology
 from netkv.localservers import MosquittoServer, RedisServer
 from netkv.telemetry.names import MqttTopics, RedisKeys
-from netkv_scheduler.app import create_app
-from netkv_scheduler.settings import SchedulerSettings, demo_topology_path
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
