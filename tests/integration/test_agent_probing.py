@@ -9,7 +9,6 @@ import socket
 from collections.abc import AsyncIterator
 
 import pytest
-
 from netkv_agent.echo import MAGIC, PACKET, REPLY, VERSION, PeerTarget, Prober, echo_endpoint
 
 pytestmark = pytest.mark.integration
@@ -68,7 +67,8 @@ async def test_rtt_fields_report_timeout_when_nothing_ever_answered() -> None:
     sink.bind(("127.0.0.25", 0))
     try:
         async with running(a, "127.0.0.26"):
-            a.set_peers([PeerTarget("mute", *sink.getsockname(), 0.02)])
+            host, port = sink.getsockname()
+            a.set_peers([PeerTarget("mute", host, port, 0.02)])
             await asyncio.sleep(0.4)
             [s] = a.collect()
     finally:

@@ -6,20 +6,21 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
-import redis.asyncio as aioredis
+from netkv_agent.agent import Agent
+from netkv_agent.publisher import STREAM_FIELD, Publisher
+from netkv_agent.registration import Registration, decode_registration
+from netkv_agent.settings import AgentSettings
 
 from netkv.adapters.redis_client import connect_redis
 from netkv.config import MqttSettings, RedisSettings
 from netkv.localservers import RedisServer
 from netkv.telemetry.names import RedisKeys
 from netkv.telemetry.samples import RttSample
-from netkv.telemetry.wire import decode_batch
-from netkv_agent.agent import Agent
-from netkv_agent.publisher import STREAM_FIELD, Publisher
-from netkv_agent.registration import Registration, decode_registration
-from netkv_agent.settings import AgentSettings
+from netkv.telemetry.wire import Batch, decode_batch
 
 pytestmark = pytest.mark.integration
 KEYS = RedisKeys()
@@ -35,14 +36,18 @@ def sample(i: int) -> RttSample:
                      lost=0, srtt_s=1e-4, p50_s=1e-4, p99_s=2e-4, min_s=5e-5)
 
 
-def publisher(client: aioredis.Redis, **kw: int) -> Publisher:
+def publisher(client: Any, **kw: Any) -> Publisher:
     return Publisher(client, KEYS, "h001", registration=registration, publish_interval_s=0.05,
-                     heartbeat_ttl_s=3, op_timeout_s=1.0, max_backoff_s=0.2, **kw)  # type: ignore[arg-type]
+                     heartbeat_ttl_s=3, op_timeout_s=1.0, max_backoff_s=0.2, **kw)
 
 
-async def seqs(client: aioredis.Redis) -> list[int]:
-    entries = await client.xrange(KEYS.samples_stream("h001"))
-    return [decode_batch(fields[STREAM_FIELD.encode()]).seq for _, fields in entries]
+async def stream_batches(client: Any, agent: str = "h001") -> list[Batch]:
+    entries = await client.xrange(KEYS.samples_stream(agent))
+    return [decode_batch(fields[STREAM_FIELD.encode()]) for _, fields in entries]
+
+
+async def seqs(client: Any) -> list[int]:
+    return [b.seq for b in await stream_batches(client)]
 
 
 async def test_batches_heartbeat_and_registry(redis_server: RedisServer) -> None:
@@ -50,16 +55,17 @@ async def test_batches_heartbeat_and_registry(redis_server: RedisServer) -> None
         pub = publisher(client, max_batch_samples=3)
         pub.submit([sample(i) for i in range(7)])  # 3 + 3 + 1
         await pub.step()
-        entries = await client.xrange(KEYS.samples_stream("h001"))
-        batches = [decode_batch(f[STREAM_FIELD.encode()]) for _, f in entries]
+        batches = await stream_batches(client)
         assert [len(b.samples) for b in batches] == [3, 3, 1]
         assert [b.seq for b in batches] == [1, 2, 3]
         first = batches[0].samples[0]
         assert first == dataclasses.replace(sample(0), ts=first.ts)
-        assert batches[0].samples[0].sent == 1
+        assert isinstance(first, RttSample) and first.sent == 1
         ttl = await client.ttl(KEYS.heartbeat("h001"))
         assert 0 < ttl <= 3
-        reg = decode_registration(await client.hget(KEYS.registry, "h001"))
+        raw = await client.hget(KEYS.registry, "h001")
+        assert isinstance(raw, bytes)
+        reg = decode_registration(raw)
         assert reg == registration()
         assert pub.stats.samples_published == 7 and pub.stats.batches_published == 3
 
@@ -92,9 +98,7 @@ async def test_redis_restart_is_survived_with_bounded_buffer(redis_server: Redis
         assert pub.buffered_batches == 5
         assert pub.stats.dropped_batches == 7 and pub.stats.dropped_samples == 14
         await redis_server.start()  # same port, empty (no persistence)
-        deadline = time.monotonic() + 10
-        while not await pub.flush() and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
+        await _until_async(pub.flush, 10.0)
         assert pub.stats.connected and pub.stats.reconnects >= 1
         assert await seqs(client) == [9, 10, 11, 12, 13]  # the newest five, oldest first
         assert pub.buffered_batches == 0
@@ -127,22 +131,19 @@ async def test_agent_keeps_probing_through_a_redis_outage(redis_server: RedisSer
         await _until(lambda: a.stats()["redis_connected"], 10.0)
         async with connect_redis(RedisSettings(url=redis_server.url)) as client:
             await _until_async(lambda: client.exists(KEYS.heartbeat("h001")), 5.0)
-            batches = [decode_batch(f[STREAM_FIELD.encode()]) for _, f in
-                       await client.xrange(KEYS.samples_stream("h001"))]
+            batches = await stream_batches(client)
         assert batches and all(s.reporter == "h001" for b in batches for s in b.samples)
         kinds = {s.kind for b in batches for s in b.samples}
         assert "rtt" in kinds
 
 
-async def _until(cond, timeout: float) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.05)
+async def _until(cond: Callable[[], object], limit_s: float) -> None:
+    async with asyncio.timeout(limit_s):
+        while not cond():  # noqa: ASYNC110 - polling a plain counter
+            await asyncio.sleep(0.05)
 
 
-async def _until_async(cond, timeout: float) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not await cond():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.05)
+async def _until_async(cond: Callable[[], Awaitable[object]], limit_s: float) -> None:
+    async with asyncio.timeout(limit_s):
+        while not await cond():  # noqa: ASYNC110 - polling Redis
+            await asyncio.sleep(0.05)

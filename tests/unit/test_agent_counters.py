@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from netkv_agent.counters import RateTracker, counter_delta
 
 pytestmark = pytest.mark.unit

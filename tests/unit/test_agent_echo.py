@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from netkv_agent.echo import MAGIC, PACKET, REQUEST, VERSION, PeerState, PeerTarget, percentile
 
 pytestmark = pytest.mark.unit
@@ -18,7 +17,7 @@ def test_rfc6298_smoothing_matches_hand_computation() -> None:
     # RTTVAR <- 3/4 * 0.05 + 1/4 * |0.1 - 0.2| ; SRTT <- 7/8 * 0.1 + 1/8 * 0.2
     assert state.rttvar == pytest.approx(0.0375 + 0.025)
     assert state.srtt == pytest.approx(0.0875 + 0.025)
-    assert state.rto == pytest.approx(state.srtt + 4 * state.rttvar)
+    assert state.rto == pytest.approx(0.1125 + 4 * 0.0625)
     assert state.sent == 2
 
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
+from netkv_agent.pinglist import build_pinglist
+from netkv_agent.settings import AgentSettings
 
 from netkv.core.topology import Topology
 from netkv.core.topology_file import parse_topology
-from netkv_agent.pinglist import build_pinglist
-from netkv_agent.settings import AgentSettings
 
 pytestmark = pytest.mark.unit
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from netkv_agent.rdma import RdmaReader, RdmaReading, discover_ports, parse_rate, read_port
 
 pytestmark = pytest.mark.unit

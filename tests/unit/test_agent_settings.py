@@ -6,9 +6,6 @@ from pathlib import Path
 
 import msgpack
 import pytest
-
-from netkv.core.topology_file import parse_topology
-from netkv.errors import InputError
 from netkv_agent.agent import Agent, link_bindings
 from netkv_agent.registration import (
     LinkPair,
@@ -18,6 +15,9 @@ from netkv_agent.registration import (
     encode_registration,
 )
 from netkv_agent.settings import AgentSettings, NicBinding, load_agent_settings
+
+from netkv.core.topology_file import parse_topology
+from netkv.errors import InputError
 
 pytestmark = pytest.mark.unit
 
