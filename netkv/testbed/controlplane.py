@@ -25,7 +25,7 @@ import yaml
 
 from netkv.localservers import MosquittoServer, RedisServer, wait_for_port
 from netkv.testbed.fabric import CONTROL_ADDRESS, FabricPlan
-from netkv.testbed.netns import Lab
+from netkv.testbed.netns import Lab, stop_pids
 
 log = structlog.get_logger(__name__)
 
@@ -49,7 +49,7 @@ class Tuning:
 class ControlPlane:
     """Starts and restarts the mesh's processes inside a :class:`Lab`."""
 
-    def __init__(self, lab: Lab, plan: FabricPlan, workdir: Path, bytes_per_token: int,
+    def __init__(self, lab: Lab, plan: FabricPlan, workdir: Path, *, bytes_per_token: int,
                  tuning: Tuning | None = None, agents: bool = True) -> None:
         self.lab, self.plan, self.workdir = lab, plan, workdir
         self.bytes_per_token = bytes_per_token
@@ -60,6 +60,7 @@ class ControlPlane:
         self.scheduler: subprocess.Popen[bytes] | None = None
         self.oracle: subprocess.Popen[bytes] | None = None
         self.agents: dict[str, subprocess.Popen[bytes]] = {}
+        self._adopted_pid = 0
         self.scheduler_url = f"http://{CONTROL_ADDRESS}:{SCHEDULER_PORT}"
         self.oracle_url = f"http://{CONTROL_ADDRESS}:{ORACLE_PORT}"
 
@@ -147,8 +148,15 @@ class ControlPlane:
             self.workdir / "logs" / "scheduler.log")
         await self.wait_ready(self.scheduler_url + "/readyz", self.scheduler)
 
+    def adopt_scheduler(self, pid: int) -> None:
+        """Take over the scheduler a previous ``up`` started (to restart it per policy)."""
+        self._adopted_pid = pid
+
     async def restart_scheduler(self) -> None:
         """A fresh scheduler (no bookings, no prefix index) on the same address."""
+        if self._adopted_pid:
+            stop_pids([self._adopted_pid])
+            self._adopted_pid = 0
         if self.scheduler is not None:
             self.scheduler.terminate()
             try:

@@ -138,7 +138,7 @@ class DecodeEngine:
     """Receives KV caches; the first token is one decode step after the last byte (or after
     a slot frees up when all ``decode_slots`` are busy)."""
 
-    def __init__(self, name: str, ns: str, address: str, model: EngineModel,
+    def __init__(self, name: str, ns: str, address: str, *, model: EngineModel,
                  clock: Callable[[], float],
                  on_done: Callable[[str, str], Awaitable[None]]) -> None:
         self.name, self.ns, self.address = name, ns, address
@@ -240,7 +240,7 @@ class PrefillEngine:
                         self.clock() - out.prefill_start_s)
                     await asyncio.sleep(max(remaining, 0.0))
                 await self._ship(out, target)
-        except (OSError, TimeoutError, KeyError, ValueError, ConnectionError) as exc:
+        except Exception as exc:  # recorded per request; one failure never stops a replay
             out.error = f"{type(exc).__name__}: {exc}"
             log.warning("prefill.failed", request=request.request_id, error=out.error)
         return out

@@ -145,6 +145,23 @@ class Lab:
         self.procs: list[subprocess.Popen[bytes]] = []
         self._logs: list[IO[bytes]] = []
 
+    @classmethod
+    def resume(cls, run: str, ledger_dir: Path = LEDGER_DIR) -> Lab:
+        """The lab of a running testbed (``netkv testbed up``), from its ledger."""
+        path = ledger_dir / f"{run}.json"
+        if not path.exists():
+            raise LabError(f"no running testbed {run!r} (no ledger at {path})")
+        lab = cls(run, ledger_dir)
+        lab.ledger = Ledger.load(path)
+        return lab
+
+    def detach(self) -> None:
+        """Leave everything running (``up``); close our log handles only."""
+        for f in self._logs:
+            f.close()
+        self._logs.clear()
+        self.procs.clear()
+
     # -- namespaces and links -------------------------------------------------------------
     def ns(self, short: str) -> str:
         return f"{self.prefix}{short}"

@@ -126,8 +126,8 @@ class Replayer:
         self._t0 = self._loop.time()
         t = plan.topology
         self.decoders = {
-            i.name: DecodeEngine(i.name, plan.host_ns[i.host], plan.host_addr[i.host], model,
-                                 self.clock, self._release)
+            i.name: DecodeEngine(i.name, plan.host_ns[i.host], plan.host_addr[i.host],
+                                 model=model, clock=self.clock, on_done=self._release)
             for i in t.instances_with_role("decode")}
         self.prefills = [PrefillEngine(i.name, plan.host_ns[i.host], model, self.clock,
                                        plan.scale) for i in t.instances_with_role("prefill")]
@@ -190,7 +190,7 @@ class Replayer:
                 result.hot_crossings += 1
 
 
-async def run_policies(plan: FabricPlan, model: EngineModel, selector: Selector,
+async def run_policies(plan: FabricPlan, model: EngineModel, selector: Selector, *,
                        schedule: Schedule, spec: ReplaySpec, requests: Sequence[Request],
                        policies: Sequence[str],
                        before_each: Callable[[str], Awaitable[None]] | None = None,

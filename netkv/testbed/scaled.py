@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 
+from netkv.cli import main as netkv_main
 from netkv.core.kvsize import PRESETS, ModelSpec
 
 
@@ -29,8 +30,6 @@ def main(argv: list[str]) -> int:
         return 2
     spec = scaled_model(int(argv[0]))
     PRESETS[spec.name] = spec
-    from netkv.cli import main as netkv_main
-
     return netkv_main(argv[1:])
 
 
