@@ -1,0 +1,181 @@
+"""Background traffic: hot spots that move between leaf uplinks and core links, on a schedule.
+
+A hot spot is a set of long-lived bulk TCP flows between *tenant* servers (other tenants'
+machines on the leaves, see :mod:`netkv.testbed.fabric`) chosen so that they cross the named
+switch link and no GPU host's NIC. The schedule is a pure value (start, end, link, flows), so
+every policy replay runs under exactly the same one; flows start and stop at fixed offsets
+from the replay's start and the whole schedule is bounded in time.
+
+Schedule file (YAML/JSON)::
+
+    hot_spots:
+      - {start_s: 0, end_s: 30, link: pod0/up, flows: 6}
+      - {start_s: 10, end_s: 20, link: leaf0.1/up, flows: 4}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from netkv.errors import InputError
+from netkv.fields import bound, from_mapping
+from netkv.testbed.engines import CHUNK, connect_from, listening_socket
+from netkv.testbed.fabric import FabricPlan
+
+log = structlog.get_logger(__name__)
+_BULK = bytes(CHUNK)
+
+
+@dataclass(frozen=True, slots=True)
+class HotSpot:
+    """Bulk flows crossing ``link`` (a leaf or pod link name) from ``start_s`` to ``end_s``."""
+
+    link: str = field(metadata={"nonempty": True})
+    start_s: float = field(default=0.0, metadata=bound(ge=0))
+    end_s: float = field(default=30.0, metadata=bound(gt=0))
+    flows: int = field(default=6, metadata=bound(ge=1, le=64))
+
+    def __post_init__(self) -> None:
+        if self.end_s <= self.start_s:
+            raise InputError("hot_spots.end_s", "must be after start_s")
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    hot_spots: tuple[HotSpot, ...] = ()
+
+    @property
+    def duration_s(self) -> float:
+        return max((h.end_s for h in self.hot_spots), default=0.0)
+
+    @classmethod
+    def parse(cls, data: Any, where: str = "schedule") -> Schedule:
+        try:
+            return from_mapping(cls, data)
+        except InputError as exc:
+            raise InputError(f"{where}: {exc.where}", exc.message) from None
+
+    def links(self, at_s: float) -> set[str]:
+        """Links that are hot at offset ``at_s``."""
+        return {h.link for h in self.hot_spots if h.start_s <= at_s < h.end_s}
+
+
+def core_schedule(plan: FabricPlan, duration_s: float, flows: int = 6) -> Schedule:
+    """The default schedule: both directions of every core link congested for the whole
+    replay, and a leaf uplink hot spot that moves from leaf to leaf every third of it."""
+    pods = list(dict.fromkeys(h.pod for h in plan.topology.hosts))
+    leaves = list(plan.tenant_ns)
+    spots = [HotSpot(f"{pod}/up", 0.0, duration_s, flows) for pod in pods
+             if f"{pod}/up" in plan.link_ports]
+    third = duration_s / 3
+    for k in range(3):
+        leaf = leaves[(2 * k + 1) % len(leaves)]
+        spots.append(HotSpot(f"{leaf}/up", k * third, (k + 1) * third, max(flows // 2, 1)))
+    return Schedule(tuple(spots))
+
+
+def flow_endpoints(plan: FabricPlan, link: str) -> list[tuple[str, str]]:
+    """(source leaf, sink leaf) tenant pairs whose path crosses ``link``, spread over leaves.
+
+    ``<leaf>/up``: that leaf's tenant to the tenants of the other leaves (same pod first, so
+    the hot spot stays on that uplink). ``<pod>/up``: every tenant of the pod to the tenants
+    of the other pods. ``.../down`` is the mirror image.
+    """
+    t = plan.topology
+    leaf_pod = {h.leaf: h.pod for h in t.hosts}
+    leaves = list(plan.tenant_ns)
+    name, _, direction = link.rpartition("/")
+    if link not in plan.link_ports or direction not in ("up", "down") or "/nic/" in link:
+        raise InputError("hot_spots.link", f"{link!r} is not a leaf or pod link of the "
+                         "testbed (e.g. leaf0.0/up, pod1/down)")
+    if name in plan.tenant_ns:
+        inside = [name]
+        same_pod = [lf for lf in leaves if lf != name and leaf_pod[lf] == leaf_pod[name]]
+        outside = same_pod or [lf for lf in leaves if lf != name]
+    else:
+        inside = [lf for lf in leaves if leaf_pod[lf] == name]
+        outside = [lf for lf in leaves if leaf_pod[lf] != name]
+    if not outside:
+        raise InputError("hot_spots.link", f"{link!r} has no tenant on the far side")
+    pairs = [(a, b) for a in inside for b in outside]
+    return pairs if direction == "up" else [(b, a) for a, b in pairs]
+
+
+class Background:
+    """Runs a :class:`Schedule` against a built fabric; an async context manager that
+    closes every flow on exit."""
+
+    def __init__(self, plan: FabricPlan, schedule: Schedule,
+                 clock: Callable[[], float]) -> None:
+        self.plan, self.schedule, self.clock = plan, schedule, clock
+        self.bytes_sent = 0
+        self._servers: dict[str, asyncio.Server] = {}
+        self._ports: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def __aenter__(self) -> Background:
+        for leaf, ns in self.plan.tenant_ns.items():
+            sock = listening_socket(ns, self.plan.tenant_addr[leaf])
+            self._ports[leaf] = sock.getsockname()[1]
+            self._servers[leaf] = await asyncio.start_server(self._sink, sock=sock)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+        for server in self._servers.values():
+            server.close()
+        self._servers.clear()
+
+    def start(self) -> None:
+        """Start the schedule now (offsets count from this call)."""
+        t0 = self.clock()
+        for spot in self.schedule.hot_spots:
+            pairs = flow_endpoints(self.plan, spot.link)
+            for k in range(spot.flows):
+                src, dst = pairs[k % len(pairs)]
+                task = asyncio.create_task(self._flow(t0, spot, src, dst))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=5.0)
+
+    async def _flow(self, t0: float, spot: HotSpot, src: str, dst: str) -> None:
+        await asyncio.sleep(max(t0 + spot.start_s - self.clock(), 0.0))
+        try:
+            _, writer = await connect_from(self.plan.tenant_ns[src], self.plan.tenant_addr[dst],
+                                           self._ports[dst])
+        except (OSError, TimeoutError) as exc:
+            log.warning("background.connect_failed", link=spot.link, error=str(exc))
+            return
+        try:
+            async with asyncio.timeout(max(t0 + spot.end_s - self.clock(), 0.0)):
+                while True:
+                    writer.write(_BULK)
+                    await writer.drain()
+                    self.bytes_sent += len(_BULK)
+        except (TimeoutError, OSError):
+            pass
+        finally:
+            writer.transport.abort()
+
+    @staticmethod
+    async def _sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while await reader.read(CHUNK):
+                pass
+        except OSError:
+            pass
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
