@@ -73,7 +73,8 @@ def _serve(kind: str, decoders: int, port: int, policy: str) -> None:
                                    "fat_tree": fat_tree_for(decoders)})
         settings = SchedulerSettings(port=port, policy=policy, reservation_ttl_s=2.0,
                                      map_stale_s=3600.0, log_level="warning")
-        feed = MapFeed(topology, None, None, stale_s=settings.map_stale_s)
+        feed = MapFeed(topology, None, None, stale_s=settings.map_stale_s,
+                       cache_s=settings.oracle_cache_s)
         cmap = CongestionMap(topology)
         rng = np.random.default_rng(0)
         now = time.time()
