@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 from netkv_scheduler import openapi
 from netkv_scheduler.instances import InstanceRegistry, Load, parse_vllm_metrics
-from netkv_scheduler.mapfeed import MapFeed, MapOracle, parse_announcement
+from netkv_scheduler.mapfeed import CachedOracle, MapFeed, MapOracle, parse_announcement
 from netkv_scheduler.prefixes import PrefixIndex
 from netkv_scheduler.reservations import Reservations
 from netkv_scheduler.settings import SchedulerSettings
 
 from netkv.core.congestion import CongestionMap
+from netkv.core.oracle import static_tier_oracle
 from netkv.core.policies import policy_names
 from netkv.core.topology import Topology
 from netkv.core.topology_file import parse_topology
@@ -203,6 +204,20 @@ def test_map_oracle_matches_the_congestion_map(topo: Topology) -> None:
         got = fast.estimate(src, dsts, nbytes)
         np.testing.assert_allclose(got.seconds, want.seconds, rtol=1e-12)
         np.testing.assert_allclose(got.bandwidth_bytes_s, want.bandwidth_bytes_s, rtol=1e-12)
+        np.testing.assert_allclose(got.age_s, want.age_s)
+        np.testing.assert_allclose(got.confidence, want.confidence)
+        assert got.tier.tolist() == want.tier.tolist()
+
+
+def test_cached_prior_matches_the_static_oracle(topo: Topology) -> None:
+    prior = static_tier_oracle(topo)
+    cached = CachedOracle(prior)
+    dsts = np.array([7, 0, 3, 3, 5], dtype=np.int64)
+    for src in range(topo.n_hosts):
+        want = prior.estimate(src, dsts, 3e9)
+        got = cached.estimate(src, dsts, 3e9)
+        np.testing.assert_allclose(got.seconds, want.seconds, rtol=1e-12)
+        np.testing.assert_allclose(got.latency_s, want.latency_s, rtol=1e-12)
         assert got.tier.tolist() == want.tier.tolist()
 
 
