@@ -185,6 +185,7 @@ def _select(request: web.Request, body: Any) -> web.Response:
         "request_id": body["request_id"],
         "decode": choice.decoder.name,
         "decode_host": choice.decoder.host,
+        "prefill": choice.prefill.name,
         "predicted_ttft_ms": round(d.ttft_s * 1e3, 4),
         "breakdown": {"queue_ms": round(d.queue_s * 1e3, 4),
                       "transfer_ms": round(d.transfer_s * 1e3, 4),

@@ -356,3 +356,22 @@ async def test_scrapes_engine_load_from_prometheus(
             await until(await scraped(1), 10.0)
     finally:
         await runner.cleanup()
+
+
+async def test_pair_policy_chooses_prefill_and_decoder_jointly(
+        redis_server: RedisServer, mosquitto_server: MosquittoServer) -> None:
+    topo = load_topology(demo_topology_path())
+    settings = settings_for(redis_server, mosquitto_server)
+    async with serving(settings, topo) as base, aiohttp.ClientSession() as http:
+        await publish_map(redis_server, mosquitto_server, measured_map(topo), 1)
+        # h000's decoder is full: the best single pick from h000-p0 crosses the network,
+        # while the joint choice can keep prefill and decode on one host.
+        await post(http, f"{base}/v1/instances", {"name": "h000-d1", "kv_use": 1.0})
+        _, single = await post(http, f"{base}/v1/select",
+                               select_body("s", "h000-p0", reserve=False))
+        _, pair = await post(http, f"{base}/v1/select",
+                             select_body("p", "h000-p0", policy="netkv_pair", reserve=False))
+        assert single["prefill"] == "h000-p0" and single["tier"] > 0
+        assert pair["policy"] == "netkv_pair" and pair["tier"] == 0
+        assert pair["prefill"].split("-")[0] == pair["decode"].split("-")[0] != "h000"
+        assert pair["predicted_ttft_ms"] < single["predicted_ttft_ms"]
