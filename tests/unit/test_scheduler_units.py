@@ -246,3 +246,10 @@ def test_settings_reject_bad_values() -> None:
         SchedulerSettings(model="gpt-9")
     with pytest.raises(InputError, match="token"):
         SchedulerSettings(token="")
+
+
+@pytest.mark.parametrize("decoders", [1, 6, 16, 64, 1024])
+def test_bench_fat_tree_has_one_decoder_per_host(decoders: int) -> None:
+    from netkv.bench.scheduler import fat_tree_for
+    topo = parse_topology({"fat_tree": fat_tree_for(decoders)})
+    assert len(topo.instances_with_role("decode")) == decoders == topo.n_hosts
