@@ -38,13 +38,14 @@ HEADER_LIMIT = 4096
 class EngineModel:
     """Modelled compute (real seconds) and the KV size per token as moved on the testbed."""
 
-    prefill_tokens_per_s: float = field(default=16000.0, metadata=bound(gt=0))
+    prefill_tokens_per_s: float = field(default=32000.0, metadata=bound(gt=0))
     prefill_overhead_s: float = field(default=0.02, metadata=bound(ge=0))
     decode_step_s: float = field(default=0.03, metadata=bound(ge=0))
     tpot_s: float = field(default=0.002, metadata=bound(ge=0))
     max_decode_hold_s: float = field(default=3.0, metadata=bound(ge=0))
     decode_slots: int = field(default=8, metadata=bound(ge=1))
-    bytes_per_token: float = field(default=327680.0, metadata=bound(gt=0))
+    bytes_per_token: float = field(default=327680.0, metadata=bound(gt=0))  # as moved here
+    capacity_tokens: float = field(default=500_000.0, metadata=bound(gt=0))  # decode KV memory
 
     def prefill_s(self, tokens: int) -> float:
         return self.prefill_overhead_s + tokens / self.prefill_tokens_per_s
@@ -73,6 +74,8 @@ class Selector(Protocol):
 
     async def select(self, request: Request, prefill: str, policy: str) -> Decision: ...
     async def release(self, request_id: str, decode: str) -> None: ...
+    async def report_load(self, decode: str, running: int, waiting: int,
+                          kv_use: float) -> None: ...
 
 
 @dataclass(slots=True)
@@ -140,20 +143,32 @@ class DecodeEngine:
 
     def __init__(self, name: str, ns: str, address: str, *, model: EngineModel,
                  clock: Callable[[], float],
-                 on_done: Callable[[str, str], Awaitable[None]]) -> None:
+                 on_done: Callable[[str, str], Awaitable[None]],
+                 on_load: Callable[[DecodeEngine], None] = lambda engine: None) -> None:
         self.name, self.ns, self.address = name, ns, address
         self.model = model
         self.clock = clock
         self.on_done = on_done
+        self.on_load = on_load
         self.port = 0
         self.slots = asyncio.Semaphore(model.decode_slots)
         self.errors = 0
+        self.running = 0  # requests decoding
+        self.waiting = 0  # KV received or announced, no slot yet
+        self.kv_tokens = 0.0  # KV memory held, in tokens
         self._server: asyncio.Server | None = None
         self._holds: set[asyncio.Task[None]] = set()
-        self._outputs: dict[str, int] = {}
+        self._expected: dict[str, tuple[int, int]] = {}
 
-    def expect(self, request_id: str, output_tokens: int) -> None:
-        self._outputs[request_id] = output_tokens
+    @property
+    def kv_use(self) -> float:
+        return min(self.kv_tokens / self.model.capacity_tokens, 1.0)
+
+    def expect(self, request_id: str, prompt_tokens: int, output_tokens: int) -> None:
+        """A prefill chose this decoder; the request counts as waiting until it decodes."""
+        self._expected[request_id] = (prompt_tokens, output_tokens)
+        self.waiting += 1
+        self.on_load(self)
 
     async def start(self) -> None:
         sock = listening_socket(self.ns, self.address)
@@ -180,15 +195,19 @@ class DecodeEngine:
                     raise ConnectionError(f"KV stream closed with {left} bytes missing")
                 left -= len(chunk)
             arrived = self.clock()
+            prompt, output = self._expected.pop(request_id, (0, 1))
             await self.slots.acquire()
+            self.waiting = max(self.waiting - 1, 0)
+            self.running += 1
+            self.kv_tokens += prompt + output
+            self.on_load(self)
             await asyncio.sleep(self.model.decode_step_s)
             first = self.clock()
             writer.write(json.dumps({"arrived_s": arrived, "first_token_s": first}).encode()
                          + b"\n")
             await writer.drain()
-            hold = min(self._outputs.pop(request_id, 1) * self.model.tpot_s,
-                       self.model.max_decode_hold_s)
-            task = asyncio.create_task(self._hold(request_id, hold))
+            hold = min(output * self.model.tpot_s, self.model.max_decode_hold_s)
+            task = asyncio.create_task(self._hold(request_id, hold, prompt + output))
             self._holds.add(task)
             task.add_done_callback(self._holds.discard)
         except (OSError, ValueError, KeyError, TimeoutError, ConnectionError) as exc:
@@ -199,11 +218,14 @@ class DecodeEngine:
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
 
-    async def _hold(self, request_id: str, seconds: float) -> None:
+    async def _hold(self, request_id: str, seconds: float, tokens: int) -> None:
         try:
             await asyncio.sleep(seconds)
         finally:
             self.slots.release()
+            self.running -= 1
+            self.kv_tokens -= tokens
+        self.on_load(self)
         await self.on_done(request_id, self.name)
 
 
@@ -212,16 +234,15 @@ class PrefillEngine:
     instance the selector chose."""
 
     def __init__(self, name: str, ns: str, model: EngineModel,
-                 clock: Callable[[], float], kv_scale: float) -> None:
+                 clock: Callable[[], float]) -> None:
         self.name, self.ns = name, ns
         self.model = model
         self.clock = clock
-        self.kv_scale = kv_scale
         self._busy = asyncio.Lock()
 
     def kv_bytes(self, tokens: int) -> int:
-        """The scaled KV size moved on the testbed for ``tokens`` prompt tokens."""
-        return max(1, round(tokens * self.model.bytes_per_token * self.kv_scale))
+        """The KV size moved on the testbed (``model.bytes_per_token`` is already scaled)."""
+        return max(1, round(tokens * self.model.bytes_per_token))
 
     async def serve(self, request: Request, policy: str, selector: Selector,
                     decoders: dict[str, DecodeEngine], timeout_s: float = 120.0) -> Outcome:
@@ -235,7 +256,8 @@ class PrefillEngine:
                     decision = await selector.select(request, self.name, policy)
                     out.decode, out.predicted_ttft_s = decision.decode, decision.predicted_ttft_s
                     target = decoders[decision.decode]
-                    target.expect(request.request_id, request.output_tokens)
+                    target.expect(request.request_id, request.prompt_tokens,
+                                  request.output_tokens)
                     remaining = self.model.prefill_s(request.prompt_tokens) - (
                         self.clock() - out.prefill_start_s)
                     await asyncio.sleep(max(remaining, 0.0))
