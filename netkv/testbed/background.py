@@ -66,7 +66,7 @@ class Schedule:
         return {h.link for h in self.hot_spots if h.start_s <= at_s < h.end_s}
 
 
-def core_schedule(plan: FabricPlan, duration_s: float, flows: int = 6) -> Schedule:
+def core_schedule(plan: FabricPlan, duration_s: float, flows: int = 12) -> Schedule:
     """The default schedule: both directions of every core link congested for the whole
     replay, and a leaf-uplink hot spot that moves to another leaf every third of it."""
     pods = list(dict.fromkeys(h.pod for h in plan.topology.hosts))
@@ -103,6 +103,7 @@ class Background:
         self._servers: dict[str, asyncio.Server] = {}
         self._ports: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._sinks: dict[asyncio.Task[None] | None, asyncio.StreamWriter] = {}
 
     async def __aenter__(self) -> Background:
         for switch, ns in self.plan.tenant_ns.items():
@@ -116,6 +117,11 @@ class Background:
         for server in self._servers.values():
             server.close()
         self._servers.clear()
+        for writer in self._sinks.values():  # end the sinks before the loop goes away
+            writer.transport.abort()
+        sinks = [t for t in self._sinks if t is not None]
+        if sinks:
+            await asyncio.wait(sinks, timeout=5.0)
 
     def start(self) -> None:
         """Start the schedule now (offsets count from this call)."""
@@ -152,14 +158,16 @@ class Background:
         finally:
             writer.transport.abort()
 
-    @staticmethod
-    async def _sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _sink(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        me = asyncio.current_task()
+        self._sinks[me] = writer
         try:
             while await reader.read(CHUNK):
                 pass
         except OSError:
             pass
         finally:
+            self._sinks.pop(me, None)
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()

@@ -69,7 +69,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--speedup", type=float, default=1.0, help="trace time compression")
     parser.add_argument("--schedule", help="background schedule file (default: core links "
                         "congested throughout, plus a leaf hot spot that moves)")
-    parser.add_argument("--flows", type=int, default=6, help="flows per default hot spot")
+    parser.add_argument("--flows", type=int, default=12, help="flows per default hot spot")
     parser.add_argument("--no-agents", action="store_true",
                         help="skip the agents (the scheduler then uses tier priors only)")
 
