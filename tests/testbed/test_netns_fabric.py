@@ -90,13 +90,20 @@ def test_teardown_after_an_exception_removes_everything(
         netns_available: None, small_topology: Topology) -> None:
     veths_before = _root_veths()
     lab = Lab()
-    with pytest.raises(RuntimeError, match="boom"), lab:
-        plan = FabricPlan.of(small_topology, lab.prefix)
-        build(lab, plan)
-        proc = lab.spawn(plan.host_ns["h000"], ["sleep", "300"],
-                         Path(f"/tmp/netkv-test-{lab.run}.log"))
-        assert lab.ledger.path.exists()
-        raise RuntimeError("boom")
+    started: list[subprocess.Popen[bytes]] = []
+
+    def build_then_fail() -> None:
+        with lab:
+            plan = FabricPlan.of(small_topology, lab.prefix)
+            build(lab, plan)
+            started.append(lab.spawn(plan.host_ns["h000"], ["sleep", "300"],
+                                     Path(f"/tmp/netkv-test-{lab.run}.log")))
+            assert lab.ledger.path.exists()
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        build_then_fail()
+    (proc,) = started
     assert not [n for n in list_namespaces() if n.startswith(lab.prefix)]
     assert proc.poll() is not None
     assert _root_veths() == veths_before  # nothing was ever created in the root namespace
