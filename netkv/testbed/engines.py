@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import json
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -69,6 +69,27 @@ class Decision:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class DecodeTarget(Protocol):
+    """Where a prefill engine ships a KV cache: a local :class:`DecodeEngine` or a remote
+    one (:class:`RemoteDecoder`)."""
+
+    address: str
+    port: int
+
+    def expect(self, request_id: str, prompt_tokens: int, output_tokens: int) -> None: ...
+
+
+@dataclass(slots=True)
+class RemoteDecoder:
+    """A decode engine in another process or container."""
+
+    address: str
+    port: int
+
+    def expect(self, request_id: str, prompt_tokens: int, output_tokens: int) -> None:
+        """Nothing to do here: the KV header carries the token counts."""
+
+
 class Selector(Protocol):
     """Who picks the decode instance: the scheduler service (HTTP) in the testbed."""
 
@@ -111,7 +132,7 @@ class Outcome:
         return d
 
 
-def listening_socket(ns: str, address: str, port: int = 0) -> socket.socket:
+def listening_socket(ns: str | None, address: str, port: int = 0) -> socket.socket:
     """A listening TCP socket that lives in namespace ``ns``."""
     with inside(ns):
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -122,7 +143,7 @@ def listening_socket(ns: str, address: str, port: int = 0) -> socket.socket:
     return sock
 
 
-async def connect_from(ns: str, address: str, port: int, timeout_s: float = 10.0
+async def connect_from(ns: str | None, address: str, port: int, timeout_s: float = 10.0
                        ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A TCP connection opened from namespace ``ns``."""
     with inside(ns):
@@ -141,7 +162,7 @@ class DecodeEngine:
     """Receives KV caches; the first token is one decode step after the last byte (or after
     a slot frees up when all ``decode_slots`` are busy)."""
 
-    def __init__(self, name: str, ns: str, address: str, *, model: EngineModel,
+    def __init__(self, name: str, ns: str | None, address: str, *, model: EngineModel,
                  clock: Callable[[], float],
                  on_done: Callable[[str, str], Awaitable[None]],
                  on_load: Callable[[DecodeEngine], None] = lambda engine: None) -> None:
@@ -170,8 +191,8 @@ class DecodeEngine:
         self.waiting += 1
         self.on_load(self)
 
-    async def start(self) -> None:
-        sock = listening_socket(self.ns, self.address)
+    async def start(self, port: int = 0) -> None:
+        sock = listening_socket(self.ns, self.address, port)
         self.port = sock.getsockname()[1]
         self._server = await asyncio.start_server(self._serve, sock=sock)
 
@@ -189,13 +210,16 @@ class DecodeEngine:
         try:
             header = json.loads(await asyncio.wait_for(reader.readline(), 30.0))
             request_id, left = str(header["request_id"]), int(header["nbytes"])
+            if request_id not in self._expected:  # a remote prefill: not announced
+                self.waiting += 1
             while left > 0:
                 chunk = await asyncio.wait_for(reader.read(min(left, CHUNK)), 60.0)
                 if not chunk:
                     raise ConnectionError(f"KV stream closed with {left} bytes missing")
                 left -= len(chunk)
             arrived = self.clock()
-            prompt, output = self._expected.pop(request_id, (0, 1))
+            prompt, output = self._expected.pop(request_id, (
+                int(header.get("prompt_tokens", 0)), int(header.get("output_tokens", 1))))
             await self.slots.acquire()
             self.waiting = max(self.waiting - 1, 0)
             self.running += 1
@@ -233,7 +257,7 @@ class PrefillEngine:
     """One prefill instance: FIFO over its requests, then ships the KV cache to the decode
     instance the selector chose."""
 
-    def __init__(self, name: str, ns: str, model: EngineModel,
+    def __init__(self, name: str, ns: str | None, model: EngineModel,
                  clock: Callable[[], float]) -> None:
         self.name, self.ns = name, ns
         self.model = model
@@ -245,7 +269,7 @@ class PrefillEngine:
         return max(1, round(tokens * self.model.bytes_per_token))
 
     async def serve(self, request: Request, policy: str, selector: Selector,
-                    decoders: dict[str, DecodeEngine], timeout_s: float = 120.0) -> Outcome:
+                    decoders: Mapping[str, DecodeTarget], timeout_s: float = 120.0) -> Outcome:
         out = Outcome(request.request_id, self.name, policy=policy,
                       prompt_tokens=request.prompt_tokens, arrival_s=self.clock(),
                       kv_bytes=self.kv_bytes(request.prompt_tokens))
@@ -261,18 +285,19 @@ class PrefillEngine:
                     remaining = self.model.prefill_s(request.prompt_tokens) - (
                         self.clock() - out.prefill_start_s)
                     await asyncio.sleep(max(remaining, 0.0))
-                await self._ship(out, target)
+                await self._ship(out, target, request.output_tokens)
         except Exception as exc:  # recorded per request; one failure never stops a replay
             out.error = f"{type(exc).__name__}: {exc}"
             log.warning("prefill.failed", request=request.request_id, error=out.error)
         return out
 
-    async def _ship(self, out: Outcome, target: DecodeEngine) -> None:
+    async def _ship(self, out: Outcome, target: DecodeTarget, output_tokens: int) -> None:
         out.transfer_start_s = self.clock()
         reader, writer = await connect_from(self.ns, target.address, target.port)
         try:
-            writer.write(json.dumps({"request_id": out.request_id,
-                                     "nbytes": out.kv_bytes}).encode() + b"\n")
+            writer.write(json.dumps({"request_id": out.request_id, "nbytes": out.kv_bytes,
+                                     "prompt_tokens": out.prompt_tokens,
+                                     "output_tokens": output_tokens}).encode() + b"\n")
             left = out.kv_bytes
             while left > 0:
                 n = min(left, CHUNK)
