@@ -276,14 +276,21 @@ class Agent:
     def _expected_peers(self) -> int:
         if self.topology is None:
             return 0
-        return self.topology.n_hosts - (self.settings.agent_id in self.topology.host_index)
+        return self.topology.n_hosts  # every host registered, this one included
 
     async def _registry_loop(self, redis: Any) -> None:
         fast = min(0.5, self.settings.registry_refresh_s)
+        start = time.monotonic()
+        previous: set[str] = set()
         while True:
             ok = await self.refresh_peers(redis)
-            # Poll fast while peers are still arriving, so a fresh mesh converges in seconds.
-            converging = not ok or len(self.peers) < self._expected_peers()
+            current = set(self.peers)
+            # Poll fast while the mesh is forming (start-up, peers arriving or leaving, Redis
+            # unreachable), so a fresh mesh converges in about a second.
+            converging = (not ok or current != previous
+                          or len(current) < self._expected_peers()
+                          or time.monotonic() - start < 3.0)
+            previous = current
             await asyncio.sleep(fast if converging else self.settings.registry_refresh_s)
 
     # -- observability ---------------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,8 +28,8 @@ import structlog
 from netkv.adapters.mqtt_client import messages, reconnecting
 from netkv.adapters.redis_client import connect_redis
 from netkv.config import MqttSettings, RedisSettings
-from netkv.core.congestion import CongestionMap, SnapshotError, snapshot_header
-from netkv.core.oracle import CostEstimate, CostOracle, static_tier_oracle
+from netkv.core.congestion import CongestionMap, PairState, SnapshotError, snapshot_header
+from netkv.core.oracle import CostEstimate, CostOracle, LinkStateOracle, static_tier_oracle
 from netkv.core.topology import FloatArray, IntArray, Topology
 from netkv.telemetry.names import MqttTopics, RedisKeys
 
@@ -36,36 +37,100 @@ log = structlog.get_logger(__name__)
 
 
 class CachedOracle:
-    """Per-source rows of an oracle, reused for ``ttl_s``: one decision costs O(|D|) numpy.
+    """Per-source rows of a fixed oracle (the tier prior), computed once each.
 
-    Every oracle in NetKV predicts ``latency + bytes / bandwidth`` (the congestion map even
-    folds loss into the bandwidth), so a row computed once with zero bytes answers any byte
-    count exactly; only the ages drift by at most ``ttl_s``.
+    Every oracle in NetKV predicts ``latency + bytes / bandwidth``, so a row computed with
+    zero bytes answers any byte count exactly, in O(|D|) numpy per decision.
     """
 
-    def __init__(self, base: CostOracle, n_hosts: int, ttl_s: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, base: LinkStateOracle, n_hosts: int) -> None:
         self.base = base
+        self.available_bytes_s = base.available_bytes_s  # per-link view, for bookings
         self.all_hosts: IntArray = np.arange(n_hosts, dtype=np.int64)
-        self.ttl_s = ttl_s
-        self.clock = clock
-        self._rows: dict[int, tuple[float, CostEstimate]] = {}
+        self._rows: dict[int, CostEstimate] = {}
 
     def row(self, src: int) -> CostEstimate:
-        now = self.clock()
         hit = self._rows.get(src)
-        if hit is None or now - hit[0] > self.ttl_s:
-            hit = (now, self.base.estimate(src, self.all_hosts, 0.0))
-            self._rows[src] = hit
-        return hit[1]
+        if hit is None:
+            hit = self._rows[src] = self.base.estimate(src, self.all_hosts, 0.0)
+        return hit
 
     def estimate(self, src: int, dsts: IntArray, nbytes: FloatArray | float) -> CostEstimate:
-        row = self.row(src)
-        latency = row.latency_s[dsts]
-        bandwidth = row.bandwidth_bytes_s[dsts]
-        seconds = latency + np.asarray(nbytes, dtype=np.float64) / bandwidth
-        return CostEstimate(seconds, latency, bandwidth, row.tier[dsts], row.age_s[dsts],
-                            row.confidence[dsts])
+        return _pick(self.row(src), dsts, nbytes)
+
+
+def _pick(row: CostEstimate, dsts: IntArray, nbytes: FloatArray | float) -> CostEstimate:
+    latency = row.latency_s[dsts]
+    bandwidth = row.bandwidth_bytes_s[dsts]
+    seconds = latency + np.asarray(nbytes, dtype=np.float64) / bandwidth
+    return CostEstimate(seconds, latency, bandwidth, row.tier[dsts], row.age_s[dsts],
+                        row.confidence[dsts])
+
+
+class MapOracle:
+    """The congestion map's estimate (``CongestionMap.estimate``), shaped for the hot path.
+
+    ``CongestionMap.estimate`` walks the destinations in Python to apply per-pair RTT and
+    loss; at |D| = 1,024 that is about a millisecond per decision. Here the link view is
+    recomputed at most every ``ttl_s``, per-source rows are cached within it, and pair
+    corrections touch only the pairs probed from that source (indexed once per map). The
+    formula is the map's own; ``tests/unit/test_scheduler_units.py`` checks they agree.
+    """
+
+    def __init__(self, cmap: CongestionMap, ttl_s: float,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.cmap = cmap
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self.all_hosts: IntArray = np.arange(cmap.topology.n_hosts, dtype=np.int64)
+        self._pairs: dict[int, list[tuple[int, PairState]]] = {}
+        for (a, b), pair in cmap.pairs.items():
+            if a != b:
+                self._pairs.setdefault(a, []).append((b, pair))
+                self._pairs.setdefault(b, []).append((a, pair))
+        self._view_at = -math.inf
+        self._view: LinkStateOracle | None = None
+        self._rows: dict[int, CostEstimate] = {}
+
+    def _fresh_view(self) -> tuple[LinkStateOracle, float]:
+        now = self.clock()
+        if self._view is None or now - self._view_at > self.ttl_s:
+            self._view = self.cmap.link_view(now)
+            self._view_at = now
+            self._rows.clear()
+        return self._view, self._view_at
+
+    @property
+    def available_bytes_s(self) -> FloatArray:
+        return self._fresh_view()[0].available_bytes_s
+
+    def row(self, src: int) -> CostEstimate:
+        view, now = self._fresh_view()
+        hit = self._rows.get(src)
+        if hit is not None:
+            return hit
+        base = view.estimate(src, self.all_hosts, 0.0)
+        latency = base.latency_s.copy()
+        loss = np.zeros(latency.shape[0])
+        params = self.cmap.params
+        pairs = self._pairs.get(src, ())
+        if pairs:
+            dsts = np.array([d for d, _ in pairs], dtype=np.int64)
+            ts = np.array([p.ts for _, p in pairs])
+            weight = params.freshness(now - ts)
+            srtt = np.array([p.srtt_s for _, p in pairs])
+            ploss = np.minimum(np.array([p.loss for _, p in pairs]), params.max_loss)
+            live = weight > 0
+            dsts, weight, srtt, ploss = dsts[live], weight[live], srtt[live], ploss[live]
+            latency[dsts] = weight * srtt / 2 + (1 - weight) * latency[dsts]
+            loss[dsts] = weight * ploss
+        bandwidth = base.bandwidth_bytes_s * (1.0 - loss)
+        hit = self._rows[src] = CostEstimate(latency.copy(), latency, bandwidth, base.tier,
+                                             base.age_s, base.confidence)
+        return hit
+
+    def estimate(self, src: int, dsts: IntArray, nbytes: FloatArray | float) -> CostEstimate:
+        return _pick(self.row(src), dsts, nbytes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +178,7 @@ class MapFeed:
         self.clock = clock
         self.keys = RedisKeys(redis.prefix if redis else "netkv:")
         self.topics = MqttTopics(mqtt.prefix if mqtt else "netkv/v1/")
-        self.prior = CachedOracle(static_tier_oracle(topology), topology.n_hosts, 3600.0)
+        self.prior = CachedOracle(static_tier_oracle(topology), topology.n_hosts)
         self.map: CongestionMap | None = None
         self._oracle: CostOracle = self.prior
         self.version: int | None = None
@@ -142,7 +207,7 @@ class MapFeed:
         if self.version is not None and cmap.version <= self.version:
             return False
         self.map = cmap
-        self._oracle = CachedOracle(cmap, self.topology.n_hosts, self.cache_s)
+        self._oracle = MapOracle(cmap, self.cache_s, self.clock)
         self.version = cmap.version
         self.created_ts = cmap.created_ts
         log.info("map installed", version=cmap.version)

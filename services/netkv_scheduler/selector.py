@@ -75,16 +75,20 @@ class Selector:
         if settings.policy not in self.engines:
             raise InputError("scheduler.policy", f"unknown policy {settings.policy!r}; "
                              f"known: {', '.join(self.engines)}")
-        self._candidates: CandidateView | None = None
-        self._candidates_key: tuple[int, ...] | None = None
+        self._swept_at = -1.0
 
     @property
     def policies(self) -> tuple[str, ...]:
         return tuple(self.engines)
 
     # -- decisions ------------------------------------------------------------------------
-    def sweep(self) -> None:
-        for booking in self.reservations.sweep():
+    def sweep(self, every_s: float = 0.0) -> None:
+        """Hand back finished transfers and expired bookings (at most every ``every_s``)."""
+        now = self.clock()
+        if now - self._swept_at < every_s:
+            return
+        self._swept_at = now
+        for booking in self.reservations.sweep(now):
             self.bookings.release(booking)
 
     def candidates(self) -> CandidateView:
@@ -102,7 +106,7 @@ class Selector:
             raise InputError("body.prefill", f"{prefill.name!r} is a decode instance")
         policy = body.get("policy") or self.settings.policy
         engine = self.engines[policy]
-        self.sweep()
+        self.sweep(every_s=0.02)
         hashes = body.get("block_hashes") or ()
         n = len(self.registry.decoders)
         overlap = self.prefixes.overlap(hashes, n) if hashes else None

@@ -52,7 +52,7 @@ class SchedulerSettings:
     redis_timeout_s: float = field(default=1.0, metadata=bound(gt=0))
     scrape_interval_s: float = field(default=2.0, metadata=bound(gt=0))
     scrape_timeout_s: float = field(default=1.0, metadata=bound(gt=0))
-    oracle_cache_s: float = field(default=0.1, metadata=bound(ge=0))
+    oracle_cache_s: float = field(default=0.5, metadata=bound(ge=0))
     log_level: str = "info"
 
     def __post_init__(self) -> None:

@@ -238,3 +238,32 @@ def test_views_reject_mismatched_shapes() -> None:
         CandidateView(host=np.arange(3), running=np.zeros(2, dtype=np.int64),
                       waiting=np.zeros(3, dtype=np.int64), kv_use=np.zeros(3),
                       capacity_tokens=np.ones(3))
+
+
+class _Opaque:
+    """Any CostOracle that is not a LinkStateOracle takes the protocol path."""
+
+    def __init__(self, inner: LinkStateOracle) -> None:
+        self.inner = inner
+        self.available_bytes_s = inner.available_bytes_s  # per-link rates for bookings
+
+    def estimate(self, src: int, dsts: Any, nbytes: Any) -> Any:
+        return self.inner.estimate(src, dsts, nbytes)
+
+
+def test_inline_link_state_path_matches_the_oracle_protocol(topo: Topology) -> None:
+    oracle = idle_oracle(topo, {"pod0/up": 0.1, "leaf1.1/down": 0.3, "h003/nic/down": 0.5})
+    engine = DecisionEngine.from_name("netkv", None, topo)
+    engine.reserve(2, 6, 3e9)
+    engine.reserve(1, 3, 1e9)
+    hosts = list(range(8))
+    cands = view(hosts, kv_use=[0.1 * i for i in range(8)], capacity=[50_000] * 8)
+    req = request(12_345, overlap=[0, 1, 2, 3, 4, 5, 6, 7], src=0)
+    fast = engine.policy.decide(req, cands, oracle, engine.bookings)
+    slow = engine.policy.decide(req, cands, _Opaque(oracle), engine.bookings)
+    assert fast.scores is not None and slow.scores is not None
+    np.testing.assert_allclose(fast.scores, slow.scores, rtol=1e-12)
+    llmd_fast = make_policy("llmd_weighted").decide(req, cands, oracle)
+    llmd_slow = make_policy("llmd_weighted").decide(req, cands, _Opaque(oracle))
+    assert llmd_fast.scores is not None and llmd_slow.scores is not None
+    np.testing.assert_allclose(llmd_fast.scores, llmd_slow.scores)

@@ -27,7 +27,7 @@ import numpy as np
 from netkv.core.oracle import CostOracle
 from netkv.core.policies.base import TieBreaker, decision_from, parse_params, require_overlap
 from netkv.core.policies.bookings import Bookings
-from netkv.core.policies.prediction import DecodeModel, predict
+from netkv.core.policies.prediction import DecodeModel, predict, tiers_to
 from netkv.core.policies.views import CandidateView, Decision, RequestView
 from netkv.core.topology import FloatArray
 from netkv.fields import bound
@@ -151,7 +151,7 @@ class LlmdWeighted:
         overlap = require_overlap(request, len(candidates))
         prefix_score = np.clip(overlap / max(request.prompt_blocks, 1), 0.0, 1.0)
         # The tier alone (zero bytes): llm-d's curve is static, it never sees congestion.
-        tiers = oracle.estimate(request.prefill_host, candidates.host, 0.0).tier
+        tiers = tiers_to(oracle, request.prefill_host, candidates.host)
         topo_score = LLMD_TOPOLOGY_CURVE[tiers]
         total = (p.queue_weight * queue_score + p.kv_weight * kv_score
                  + p.prefix_weight * prefix_score + p.topology_weight * topo_score)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from netkv.core.policies.paths import path_table
 from netkv.core.topology import FloatArray, IntArray, Topology
 
 
@@ -29,28 +30,53 @@ class Booking:
 
 
 class Bookings:
-    """Own in-flight KV transfers per directed link of ``topology``."""
+    """Own in-flight KV transfers per directed link of ``topology``.
+
+    The arrays carry one extra, always-zero entry for the path tables' sentinel link.
+    """
 
     def __init__(self, topology: Topology) -> None:
         self.topology = topology
-        self.bytes = np.zeros(topology.n_links, dtype=np.float64)
-        self.flows = np.zeros(topology.n_links, dtype=np.float64)
+        self.paths = path_table(topology)
+        self.bytes_ext = np.zeros(topology.n_links + 1, dtype=np.float64)
+        self.flows_ext = np.zeros(topology.n_links + 1, dtype=np.float64)
         self.active = 0
+
+    @property
+    def bytes(self) -> FloatArray:
+        """Booked bytes per link."""
+        out: FloatArray = self.bytes_ext[:-1]
+        return out
+
+    @property
+    def flows(self) -> FloatArray:
+        """Booked transfers per link."""
+        out: FloatArray = self.flows_ext[:-1]
+        return out
 
     def reserve(self, src_host: int, dst_host: int, nbytes: float) -> Booking:
         links = self.topology.path(src_host, dst_host)
         booking = Booking(links, float(nbytes))
         idx = list(links)
-        self.bytes[idx] += booking.nbytes
-        self.flows[idx] += 1.0
+        self.bytes_ext[idx] += booking.nbytes
+        self.flows_ext[idx] += 1.0
         self.active += 1
         return booking
 
     def release(self, booking: Booking) -> None:
         idx = list(booking.links)
-        self.bytes[idx] = np.maximum(self.bytes[idx] - booking.nbytes, 0.0)
-        self.flows[idx] = np.maximum(self.flows[idx] - 1.0, 0.0)
+        self.bytes_ext[idx] = np.maximum(self.bytes_ext[idx] - booking.nbytes, 0.0)
+        self.flows_ext[idx] = np.maximum(self.flows_ext[idx] - 1.0, 0.0)
         self.active = max(self.active - 1, 0)
+
+    def delay_on(self, links: IntArray, nbytes: FloatArray, rate_ext: FloatArray) -> FloatArray:
+        """Per row of ``links`` (sentinel-padded path columns): the delay booked transfers add
+        to a new one of ``nbytes`` on the worst link, with per-link rates ``rate_ext``."""
+        if self.active == 0:
+            return np.zeros(links.shape[0], dtype=np.float64)
+        competing = np.minimum(self.bytes_ext[links], self.flows_ext[links] * nbytes[:, None])
+        out: FloatArray = (competing / rate_ext[links]).max(axis=1)
+        return out
 
     def extra_seconds(self, src_host: int, dst_hosts: IntArray, nbytes: FloatArray,
                       link_rate: FloatArray | None = None) -> FloatArray:
@@ -60,8 +86,6 @@ class Bookings:
         if self.active == 0:
             return np.zeros(dst_hosts.shape[0], dtype=np.float64)
         rate = self.topology.capacity if link_rate is None else link_rate
-        _, links, mask = self.topology.path_matrix(src_host, dst_hosts)
-        competing = np.minimum(self.bytes[links], self.flows[links] * nbytes[:, None])
-        delay = competing / np.maximum(rate[links], 1.0)
-        out: FloatArray = np.where(mask, delay, 0.0).max(axis=1)
-        return out
+        rate_ext = np.append(np.maximum(rate, 1.0), np.inf)
+        links = self.paths.from_src(src_host)[0][dst_hosts]
+        return self.delay_on(links, nbytes, rate_ext)

@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from netkv.core.oracle import CostOracle
+from netkv.core.oracle import CostOracle, LinkStateOracle
 from netkv.core.policies.bookings import Bookings
+from netkv.core.policies.paths import path_table
 from netkv.core.policies.views import CandidateView, RequestView
-from netkv.core.topology import FloatArray, IntArray
+from netkv.core.topology import FloatArray, IntArray, Topology
 from netkv.fields import bound
 
 
@@ -59,26 +60,67 @@ def predict(
     index: IntArray | None = None,
     src_host: int | None = None,
 ) -> Prediction:
-    """Predict for all candidates, or only those in ``index`` (baselines report their pick)."""
-    sel = slice(None) if index is None else index
-    host = candidates.host[sel]
+    """Predict for all candidates, or only those in ``index`` (baselines report their pick).
+
+    A :class:`~netkv.core.oracle.LinkStateOracle` is evaluated inline over cached path tables
+    (same arithmetic as its ``estimate``, without recomputing paths); any other oracle goes
+    through the protocol.
+    """
+    host = candidates.host if index is None else candidates.host[index]
     n = host.shape[0]
     src = request.prefill_host if src_host is None else src_host
-    delta = request.delta_tokens(len(candidates))[sel]
+    delta = request.delta_tokens(len(candidates))
+    if index is not None:
+        delta = delta[index]
     nbytes = delta * request.kv_bytes_per_token
-    est = oracle.estimate(src, host, nbytes)
-    transfer = est.seconds
-    if bookings is not None:
-        rates = getattr(oracle, "available_bytes_s", None)  # a LinkStateOracle's per-link view
-        transfer = transfer + bookings.extra_seconds(src, host, nbytes, rates)
-    capacity = candidates.capacity_tokens[sel]
-    used = candidates.kv_use[sel] * capacity
-    pending = (candidates.waiting_tokens[sel] if candidates.waiting_tokens is not None
-               else candidates.waiting[sel] * float(request.prompt_tokens + request.output_tokens))
+    if type(oracle) is LinkStateOracle:
+        table = path_table(oracle.topology)
+        links_all, tiers_all = table.from_src(src)
+        links = links_all[host]
+        tier = tiers_all[host]
+        rate_ext = np.append(np.maximum(oracle.available_bytes_s, 1.0), np.inf)
+        lat_ext = np.append(oracle.latency_s, 0.0)
+        transfer = lat_ext[links].sum(axis=1) + nbytes / rate_ext[links].min(axis=1)
+        if bookings is not None and bookings.active:
+            transfer = transfer + bookings.delay_on(links, nbytes, rate_ext)
+    else:
+        est = oracle.estimate(src, host, nbytes)
+        tier = est.tier
+        transfer = est.seconds
+        if bookings is not None and bookings.active:
+            rates = getattr(oracle, "available_bytes_s", None)
+            transfer = transfer + bookings.extra_seconds(src, host, nbytes, rates)
+    if index is None:
+        capacity = candidates.capacity_tokens
+        use = candidates.kv_use
+        pend = candidates.waiting_tokens
+        tbt = candidates.tbt_s
+    else:
+        capacity = candidates.capacity_tokens[index]
+        use = candidates.kv_use[index]
+        pend = None if candidates.waiting_tokens is None else candidates.waiting_tokens[index]
+        tbt = None if candidates.tbt_s is None else candidates.tbt_s[index]
     need = float(request.prompt_tokens + request.output_tokens)
+    used = use * capacity
+    if pend is None:
+        waiting = candidates.waiting if index is None else candidates.waiting[index]
+        pending: FloatArray = (waiting * need).astype(np.float64)
+    else:
+        pending = pend
     deficit = np.maximum(need + pending + used - capacity, 0.0)
-    drain = np.maximum(used, float(request.block_tokens)) / model.residence_s
-    queue = deficit / drain
-    first = (candidates.tbt_s[sel] if candidates.tbt_s is not None
-             else np.full(n, model.tbt_s))
-    return Prediction(queue, transfer, first, est.tier, nbytes)
+    if deficit.any():
+        queue = deficit / (np.maximum(used, float(request.block_tokens)) / model.residence_s)
+    else:
+        queue = deficit
+    first = tbt if tbt is not None else np.full(n, model.tbt_s)
+    return Prediction(queue, transfer, first, tier, nbytes)
+
+
+def tiers_to(oracle: CostOracle, src: int, hosts: IntArray) -> IntArray:
+    """Tier from ``src`` to each host: from the cached path table when the oracle carries its
+    topology, else from a zero-byte estimate."""
+    topology = getattr(oracle, "topology", None)
+    if isinstance(topology, Topology):
+        tiers: IntArray = path_table(topology).from_src(src)[1][hosts]
+        return tiers
+    return oracle.estimate(src, hosts, 0.0).tier
