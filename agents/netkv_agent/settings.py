@@ -61,7 +61,8 @@ class AgentSettings:
     max_peers: int = field(default=1024, metadata=bound(ge=1))
 
     # -- counters --------------------------------------------------------------------------
-    counter_interval_s: float = field(default=0.5, metadata=bound(gt=0, le=3600))
+    counter_interval_s: float = field(default=0.5, metadata=bound(gt=0, le=3600))  # read at
+    # publish ticks, so at most as often as publish_interval_s
     nics: tuple[str, ...] = ()  # interfaces to read; the fabric NIC is always included
     fabric_nic: str | None = None
     nic_links: dict[str, NicBinding] = field(default_factory=dict)
