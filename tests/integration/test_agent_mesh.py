@@ -9,6 +9,11 @@ from dataclasses import replace
 from typing import Any
 
 import pytest
+from netkv_agent.agent import Agent, run_agents
+from netkv_agent.footprint import measure_agent_cpu
+from netkv_agent.publisher import STREAM_FIELD
+from netkv_agent.registration import LinkPair, decode_registration
+from netkv_agent.settings import AgentSettings
 
 from netkv.adapters.redis_client import connect_redis
 from netkv.config import RedisSettings
@@ -17,11 +22,6 @@ from netkv.localservers import RedisServer
 from netkv.telemetry.names import RedisKeys
 from netkv.telemetry.samples import NicSample, RttSample
 from netkv.telemetry.wire import Batch, decode_batch
-from netkv_agent.agent import Agent, run_agents
-from netkv_agent.footprint import measure_agent_cpu
-from netkv_agent.publisher import STREAM_FIELD
-from netkv_agent.registration import LinkPair, decode_registration
-from netkv_agent.settings import AgentSettings
 
 pytestmark = pytest.mark.integration
 KEYS = RedisKeys()
