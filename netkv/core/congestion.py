@@ -11,7 +11,9 @@ State (all arrays indexed like ``topology.links`` / ``topology.hosts``):
   inferred values);
 * per probed host pair: smoothed RTT, min RTT, p99 and loss ratio (sparse: only the pairs the
   agents' pinglists probe, which grows about linearly with hosts);
-* per host: when its agent was last heard from (liveness).
+* per host: when its agent was last heard from (liveness). Pairs involving a host whose
+  agent went silent are ignored (the agent is the echo responder, so probe loss towards it
+  says nothing about the network).
 
 Pair estimates are composed on demand (never stored as an O(hosts²) matrix)::
 
@@ -205,9 +207,12 @@ class CongestionMap:
         base = self.link_view(now).estimate(src, dsts, 0.0)
         latency = base.latency_s.copy()
         loss = np.zeros(dsts.shape[0])
+        # A host whose agent went silent answers no probes: its peers' RTT windows show
+        # loss that says nothing about the network, so its pairs count as unmeasured.
+        silent = (self.host_seen_ts > 0) & (now - self.host_seen_ts > self.params.stale_s)
         for i, dst in enumerate(dsts.tolist()):
             pair = self.pairs.get(_pair_key(src, dst))
-            if pair is None or dst == src:
+            if pair is None or dst == src or silent[src] or silent[dst]:
                 continue
             weight = float(self.params.freshness(np.array([now - pair.ts]))[0])
             if weight > 0:
@@ -314,8 +319,8 @@ class CongestionMap:
         cmap.host_seen_ts[hidx] = _floats(hosts["seen_ts"], "hosts.seen_ts", len(hidx))
         pairs = _exact(raw["pairs"], "pairs", {"a", "b", "srtt_s", "min_s", "p99_s", "loss",
                                                "ts"})
-        a = _indices(pairs["a"], topology.host_index, "pairs.a")
-        b = _indices(pairs["b"], topology.host_index, "pairs.b")
+        a = _indices(pairs["a"], topology.host_index, "pairs.a", unique=False)
+        b = _indices(pairs["b"], topology.host_index, "pairs.b", unique=False)
         if len(a) != len(b):
             raise SnapshotError("pairs.b", f"expected {len(a)} values, got {len(b)}")
         cols = {k: _floats(pairs[k], f"pairs.{k}", len(a))
@@ -390,7 +395,7 @@ def _floats(raw: Any, where: str, n: int) -> FloatArray:
     return arr
 
 
-def _indices(raw: Any, index: dict[str, int], where: str) -> IntArray:
+def _indices(raw: Any, index: dict[str, int], where: str, *, unique: bool = True) -> IntArray:
     if not isinstance(raw, list):
         raise SnapshotError(where, "expected a list of names")
     out = np.empty(len(raw), dtype=np.int64)
@@ -398,6 +403,6 @@ def _indices(raw: Any, index: dict[str, int], where: str) -> IntArray:
         if not isinstance(name, str) or name not in index:
             raise SnapshotError(f"{where}[{i}]", f"unknown name {name!r:.80} for this topology")
         out[i] = index[name]
-    if len(set(out.tolist())) != len(out):
+    if unique and len(set(out.tolist())) != len(out):
         raise SnapshotError(where, "duplicate names")
     return out

@@ -163,6 +163,7 @@ def test_snapshot_round_trip() -> None:
     m = cmap(t)
     m.observe_link(link(t, "h000/nic/up"), 1e9, NOW, capacity_bytes_s=25e9, queue_s=0.001)
     m.observe_rtt(0, 7, srtt_s=0.004, min_s=0.001, p99_s=0.008, loss=0.01, ts=NOW)
+    m.observe_rtt(0, 3, srtt_s=0.002, min_s=0.001, p99_s=0.003, loss=0.0, ts=NOW)
     m.observe_host(0, NOW)
     data = m.to_snapshot(42, created_ts=NOW)
     back = CongestionMap.from_snapshot(t, data, clock=lambda: NOW)
@@ -219,3 +220,14 @@ def test_negative_link_values_rejected() -> None:
                    [-1.0] * t.n_links)
     with pytest.raises(SnapshotError, match="finite"):
         CongestionMap.from_snapshot(t, data)
+
+
+def test_pairs_of_a_silent_agent_are_ignored() -> None:
+    t = topo()
+    m = cmap(t)
+    m.observe_host(0, NOW - 10)  # h000's agent went silent long ago
+    m.observe_host(7, NOW)
+    m.observe_rtt(0, 7, srtt_s=0.010, min_s=0.001, p99_s=0.02, loss=1.0, ts=NOW)
+    est = m.estimate(7, np.array([0]), 1e9)
+    prior = static_tier_oracle(t).estimate(7, np.array([0]), 1e9)
+    assert est.seconds[0] == pytest.approx(prior.seconds[0])
