@@ -1,10 +1,10 @@
 """Background traffic: hot spots that move between leaf uplinks and core links, on a schedule.
 
 A hot spot is a set of long-lived bulk TCP flows between *tenant* servers (other tenants'
-machines on the leaves, see :mod:`netkv.testbed.fabric`) chosen so that they cross the named
-switch link and no GPU host's NIC. The schedule is a pure value (start, end, link, flows), so
-every policy replay runs under exactly the same one; flows start and stop at fixed offsets
-from the replay's start and the whole schedule is bounded in time.
+machines on the switches, see :mod:`netkv.testbed.fabric`) chosen so that they cross exactly
+the named switch link and no GPU host's NIC. The schedule is a pure value (start, end, link,
+flows), so every policy replay runs under exactly the same one; flows start and stop at fixed
+offsets from the replay's start and the whole schedule is bounded in time.
 
 Schedule file (YAML/JSON)::
 
@@ -66,13 +66,13 @@ class Schedule:
         return {h.link for h in self.hot_spots if h.start_s <= at_s < h.end_s}
 
 
-def core_schedule(plan: FabricPlan, duration_s: float, flows: int = 6) -> Schedule:
+def core_schedule(plan: FabricPlan, duration_s: float, flows: int = 12) -> Schedule:
     """The default schedule: both directions of every core link congested for the whole
-    replay, and a leaf uplink hot spot that moves from leaf to leaf every third of it."""
+    replay, and a leaf-uplink hot spot that moves to another leaf every third of it."""
     pods = list(dict.fromkeys(h.pod for h in plan.topology.hosts))
-    leaves = list(plan.tenant_ns)
-    spots = [HotSpot(f"{pod}/up", 0.0, duration_s, flows) for pod in pods
-             if f"{pod}/up" in plan.link_ports]
+    leaves = list(dict.fromkeys(h.leaf for h in plan.topology.hosts))
+    spots = [HotSpot(f"{pod}/{d}", 0.0, duration_s, flows) for pod in pods
+             for d in ("up", "down") if f"{pod}/up" in plan.link_ports]
     third = duration_s / 3
     for k in range(3):
         leaf = leaves[(2 * k + 1) % len(leaves)]
@@ -80,31 +80,16 @@ def core_schedule(plan: FabricPlan, duration_s: float, flows: int = 6) -> Schedu
     return Schedule(tuple(spots))
 
 
-def flow_endpoints(plan: FabricPlan, link: str) -> list[tuple[str, str]]:
-    """(source leaf, sink leaf) tenant pairs whose path crosses ``link``, spread over leaves.
-
-    ``<leaf>/up``: that leaf's tenant to the tenants of the other leaves (same pod first, so
-    the hot spot stays on that uplink). ``<pod>/up``: every tenant of the pod to the tenants
-    of the other pods. ``.../down`` is the mirror image.
-    """
-    t = plan.topology
-    leaf_pod = {h.leaf: h.pod for h in t.hosts}
-    leaves = list(plan.tenant_ns)
+def flow_endpoints(plan: FabricPlan, link: str) -> tuple[str, str]:
+    """(source, sink) tenant switches whose path crosses exactly ``link``: for
+    ``<leaf>/up`` the leaf's tenant sends to its pod's tenant; ``/down`` is the reverse."""
     name, _, direction = link.rpartition("/")
-    if link not in plan.link_ports or direction not in ("up", "down") or "/nic/" in link:
+    parent = plan.parent(name)
+    if link not in plan.link_ports or "/nic/" in link or parent is None \
+            or direction not in ("up", "down"):
         raise InputError("hot_spots.link", f"{link!r} is not a leaf or pod link of the "
                          "testbed (e.g. leaf0.0/up, pod1/down)")
-    if name in plan.tenant_ns:
-        inside = [name]
-        same_pod = [lf for lf in leaves if lf != name and leaf_pod[lf] == leaf_pod[name]]
-        outside = same_pod or [lf for lf in leaves if lf != name]
-    else:
-        inside = [lf for lf in leaves if leaf_pod[lf] == name]
-        outside = [lf for lf in leaves if leaf_pod[lf] != name]
-    if not outside:
-        raise InputError("hot_spots.link", f"{link!r} has no tenant on the far side")
-    pairs = [(a, b) for a in inside for b in outside]
-    return pairs if direction == "up" else [(b, a) for a, b in pairs]
+    return (name, parent) if direction == "up" else (parent, name)
 
 
 class Background:
@@ -118,12 +103,13 @@ class Background:
         self._servers: dict[str, asyncio.Server] = {}
         self._ports: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._sinks: dict[asyncio.Task[None] | None, asyncio.StreamWriter] = {}
 
     async def __aenter__(self) -> Background:
-        for leaf, ns in self.plan.tenant_ns.items():
-            sock = listening_socket(ns, self.plan.tenant_addr[leaf])
-            self._ports[leaf] = sock.getsockname()[1]
-            self._servers[leaf] = await asyncio.start_server(self._sink, sock=sock)
+        for switch, ns in self.plan.tenant_ns.items():
+            sock = listening_socket(ns, self.plan.tenant_addr[switch])
+            self._ports[switch] = sock.getsockname()[1]
+            self._servers[switch] = await asyncio.start_server(self._sink, sock=sock)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -131,14 +117,18 @@ class Background:
         for server in self._servers.values():
             server.close()
         self._servers.clear()
+        for writer in self._sinks.values():  # end the sinks before the loop goes away
+            writer.transport.abort()
+        sinks = [t for t in self._sinks if t is not None]
+        if sinks:
+            await asyncio.wait(sinks, timeout=5.0)
 
     def start(self) -> None:
         """Start the schedule now (offsets count from this call)."""
         t0 = self.clock()
         for spot in self.schedule.hot_spots:
-            pairs = flow_endpoints(self.plan, spot.link)
-            for k in range(spot.flows):
-                src, dst = pairs[k % len(pairs)]
+            src, dst = flow_endpoints(self.plan, spot.link)
+            for _ in range(spot.flows):
                 task = asyncio.create_task(self._flow(t0, spot, src, dst))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -168,14 +158,16 @@ class Background:
         finally:
             writer.transport.abort()
 
-    @staticmethod
-    async def _sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _sink(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        me = asyncio.current_task()
+        self._sinks[me] = writer
         try:
             while await reader.read(CHUNK):
                 pass
         except OSError:
             pass
         finally:
+            self._sinks.pop(me, None)
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()

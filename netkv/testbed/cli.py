@@ -7,6 +7,9 @@
   tears down afterwards; prints the table and writes ``DIR/summary.json``.
 * ``down`` removes a run (``--run ID``) or every testbed run's namespaces and processes.
 
+The compose testbed uses two more actions: ``engine --host NAME`` (one GPU host's emulated
+engines as a service) and ``workload`` (the one-shot policy comparison against them).
+
 Needs root (namespaces, tc). Teardown also happens on errors and Ctrl-C; ``down`` cleans up
 after a ``kill -9``.
 """
@@ -31,6 +34,7 @@ from netkv.errors import InputError
 from netkv.logs import configure_logging
 from netkv.testbed.background import HotSpot, Schedule, core_schedule
 from netkv.testbed.controlplane import ControlPlane
+from netkv.testbed.enginehost import EngineHostSettings, run_forever
 from netkv.testbed.engines import EngineModel
 from netkv.testbed.fabric import DEFAULT_SCALE, FabricPlan, build
 from netkv.testbed.netns import Lab, LabError, inside, sweep
@@ -42,6 +46,7 @@ from netkv.testbed.runner import (
     write_summary,
 )
 from netkv.testbed.selection import HttpSelector
+from netkv.testbed.workload import replay, requests_for
 
 DEFAULT_TOPOLOGY: dict[str, Any] = {
     "fabric": {"nic_gbps": 400, "leaf_oversubscription": 1, "pod_oversubscription": 2},
@@ -53,7 +58,7 @@ WORK_ROOT = Path("/tmp/netkv-testbed")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", choices=("up", "run", "down"))
+    parser.add_argument("action", choices=("up", "run", "down", "engine", "workload"))
     parser.add_argument("--topology", help="topology file (default: 2 pods x 2 leaves x 2 "
                         "hosts, one prefill and one decode instance per host)")
     parser.add_argument("--scale", type=float, default=DEFAULT_SCALE,
@@ -69,9 +74,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--speedup", type=float, default=1.0, help="trace time compression")
     parser.add_argument("--schedule", help="background schedule file (default: core links "
                         "congested throughout, plus a leaf hot spot that moves)")
-    parser.add_argument("--flows", type=int, default=6, help="flows per default hot spot")
+    parser.add_argument("--flows", type=int, default=12, help="flows per default hot spot")
     parser.add_argument("--no-agents", action="store_true",
                         help="skip the agents (the scheduler then uses tier priors only)")
+    compose = parser.add_argument_group("compose testbed (engine, workload)")
+    compose.add_argument("--host", help="engine: the topology host this container is")
+    compose.add_argument("--scheduler", default="http://127.0.0.1:8090",
+                         help="scheduler base URL")
+    compose.add_argument("--http-port", type=int, default=9000, help="engine HTTP port")
+    compose.add_argument("--kv-port", type=int, default=9100, help="first KV stream port")
+    compose.add_argument("--engine-url", default="http://{host}:9000",
+                         help="workload: engine URL template")
 
 
 def _topology(args: argparse.Namespace) -> tuple[Topology, str | None]:
@@ -106,6 +119,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"netkv testbed down: removed {len(removed)} namespaces"
               + (f" of run {args.run}" if args.run else ""))
         return 0
+    if args.action == "engine":
+        return _engine(args)
+    if args.action == "workload":
+        return _workload(args)
     try:
         if args.action == "up":
             return _up(args)
@@ -195,6 +212,38 @@ def _run(args: argparse.Namespace) -> int:
     path = write_summary(Path(args.out), results, meta)
     print(f"wrote {path}")
     return 0
+
+
+def _engine(args: argparse.Namespace) -> int:
+    if not args.host or not args.topology:
+        raise InputError("--host", "engine needs --host and --topology")
+    topology, _ = _topology(args)
+    topology.host_id(args.host)
+    settings = EngineHostSettings(host=args.host, scheduler_url=args.scheduler,
+                                  http_port=args.http_port, kv_port=args.kv_port,
+                                  bytes_per_token=float(_bytes_per_token(args.scale)),
+                                  token=args.environ.get("NETKV_SCHEDULER__TOKEN"))
+    return run_forever(settings, topology)
+
+
+def _workload(args: argparse.Namespace) -> int:
+    if not args.topology:
+        raise InputError("--topology", "workload needs the compose topology file")
+    topology, _ = _topology(args)
+    trace_arg = args.trace or args.environ.get("NETKV_TRACE")
+    spec = ReplaySpec(start=args.start, count=args.count, speedup=args.speedup)
+    requests, source = requests_for(Path(trace_arg) if trace_arg else None, spec)
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    print(f"workload: {len(requests)} requests from {source}, policies {policies}",
+          flush=True)
+    results = asyncio.run(replay(topology, args.engine_url, requests, policies))
+    print(format_table(results), flush=True)
+    path = write_summary(Path(args.out), results, {
+        "testbed": "compose", "requests": len(requests), "source": source,
+        "scale": args.scale, "kv_bytes_per_token": _bytes_per_token(args.scale)})
+    print(f"wrote {path}", flush=True)
+    failed = sum(r.summary()["errors"] for r in results.values())
+    return 1 if failed == sum(len(r.outcomes) for r in results.values()) else 0
 
 
 def _spot(h: HotSpot) -> dict[str, Any]:

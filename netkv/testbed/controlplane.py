@@ -61,6 +61,7 @@ class ControlPlane:
         self.oracle: subprocess.Popen[bytes] | None = None
         self.agents: dict[str, subprocess.Popen[bytes]] = {}
         self._adopted_pid = 0
+        self.map_wait_s = 15.0
         self.scheduler_url = f"http://{CONTROL_ADDRESS}:{SCHEDULER_PORT}"
         self.oracle_url = f"http://{CONTROL_ADDRESS}:{ORACLE_PORT}"
 
@@ -146,7 +147,12 @@ class ControlPlane:
             ctl, [sys.executable, "-m", "netkv.testbed.scaled", str(self.bytes_per_token),
                   "scheduler", "--config", str(self.config_path)],
             self.workdir / "logs" / "scheduler.log")
-        await self.wait_ready(self.scheduler_url + "/readyz", self.scheduler)
+        await self.wait_ready(self.scheduler_url + "/healthz", self.scheduler)
+        try:  # ready = it holds a congestion map; without one it decides on tier priors
+            await self.wait_ready(self.scheduler_url + "/readyz", self.scheduler,
+                                  timeout_s=self.map_wait_s)
+        except RuntimeError as exc:
+            log.warning("testbed.scheduler_without_map", error=str(exc))
 
     def adopt_scheduler(self, pid: int) -> None:
         """Take over the scheduler a previous ``up`` started (to restart it per policy)."""

@@ -5,9 +5,11 @@ Layout (a tree of Linux bridges, so no loops and no routing to configure):
 * one namespace per host, data interface ``eth0`` (198.18.0.0/16) to its leaf;
 * one namespace per leaf, pod and (with more than one pod) the core, each a bridge ``br0``
   whose ports are veths: ``p<i>`` down to host/leaf/pod ``i``, ``uplink`` to the parent switch;
-* one *tenant* namespace per leaf (``t<leaf>``): a server of another tenant on that leaf. The
-  background traffic runs between tenants, so it congests switch links and not the GPU hosts'
-  own NICs (which would penalise every policy alike);
+* one *tenant* namespace per switch (``t<switch>``): a server of another tenant attached to
+  that leaf, pod or core switch by an unshaped veth. Background traffic runs between tenants
+  of adjacent switches (leaf tenant -> pod tenant crosses exactly ``<leaf>/up``), so a hot spot
+  congests exactly the switch link it names and no GPU host's NIC (which would penalise every
+  policy alike);
 * a control namespace (``ctl``) with a management bridge (198.19.0.0/24) that every host and
   switch namespace joins with an unshaped ``mgmt0``: Redis, Mosquitto, the oracle and the
   scheduler live there, out of band as in a real cluster.
@@ -35,7 +37,6 @@ DATA_NET = ipaddress.IPv4Network("198.18.0.0/16")
 MGMT_NET = ipaddress.IPv4Network("198.19.0.0/24")
 CONTROL_ADDRESS = "198.19.0.1"
 DEFAULT_SCALE = 1e-4
-TENANT_NIC_FACTOR = 4.0  # a tenant server can fill its leaf's uplink on its own
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,11 +59,10 @@ class FabricPlan:
     host_mgmt: dict[str, str] = field(default_factory=dict)
     mgmt_addr: dict[str, str] = field(default_factory=dict)  # ns -> management address
     switch_ns: dict[str, str] = field(default_factory=dict)  # leaf/pod/"core" -> ns
-    tenant_ns: dict[str, str] = field(default_factory=dict)  # leaf -> tenant ns
+    tenant_ns: dict[str, str] = field(default_factory=dict)  # switch -> tenant ns
     tenant_addr: dict[str, str] = field(default_factory=dict)
     link_ports: dict[str, Port] = field(default_factory=dict)  # topology link -> egress port
     veths: list[tuple[Port, Port]] = field(default_factory=list)
-    tenant_links: list[tuple[Port, float]] = field(default_factory=list)
     mgmt_ns: list[str] = field(default_factory=list)
     control_ns: str = ""
 
@@ -102,14 +102,6 @@ class FabricPlan:
             self.veths.append((up, down))
             self.link_ports[f"{leaf}/up"] = up
             self.link_ports[f"{leaf}/down"] = down
-            tenant = f"{p}t{leaf}"
-            self.tenant_ns[leaf] = tenant
-            self.tenant_addr[leaf] = str(next(data_hosts))
-            port = Port(self.switch_ns[leaf], "tenant")
-            self.veths.append((Port(tenant, "eth0"), port))
-            nic = float(t.capacity[t.link_index[f"{t.hosts[0].name}/nic/up"]]) * 8
-            self.tenant_links += [(Port(tenant, "eth0"), nic * TENANT_NIC_FACTOR),
-                                  (port, nic * TENANT_NIC_FACTOR)]
         if "core" in self.switch_ns:
             for i, pod in enumerate(pods):
                 up = Port(self.switch_ns[pod], "uplink")
@@ -117,6 +109,11 @@ class FabricPlan:
                 self.veths.append((up, down))
                 self.link_ports[f"{pod}/up"] = up
                 self.link_ports[f"{pod}/down"] = down
+        for switch, ns in self.switch_ns.items():
+            tenant = f"{p}t{switch}"
+            self.tenant_ns[switch] = tenant
+            self.tenant_addr[switch] = str(next(data_hosts))
+            self.veths.append((Port(tenant, "eth0"), Port(ns, "tenant")))
         self.mgmt_ns = [*self.host_ns.values(), *self.switch_ns.values()]
         if len(self.mgmt_ns) > MGMT_NET.num_addresses - 3:
             raise ValueError(f"too many namespaces for the management net {MGMT_NET}")
@@ -138,9 +135,14 @@ class FabricPlan:
         return [self.control_ns, *self.switch_ns.values(), *self.host_ns.values(),
                 *self.tenant_ns.values()]
 
-    def hosts_under(self, switch: str) -> list[str]:
-        """Hosts below a leaf or pod (all hosts for "core")."""
-        return [h.name for h in self.topology.hosts if switch in ("core", h.leaf, h.pod)]
+    def parent(self, switch: str) -> str | None:
+        """The switch above a leaf (its pod) or a pod (the core)."""
+        for h in self.topology.hosts:
+            if h.leaf == switch:
+                return h.pod
+            if h.pod == switch:
+                return "core" if "core" in self.switch_ns else None
+        return None
 
     def scaled_topology_data(self) -> dict[str, Any]:
         """The topology file the control plane reads: same hosts and instances, the
@@ -204,16 +206,14 @@ def build(lab: Lab, plan: FabricPlan) -> None:
                 lab.attach(end.ns, end.ifname)
     for name, ns in plan.host_ns.items():
         lab.address(ns, "eth0", f"{plan.host_addr[name]}/{DATA_NET.prefixlen}")
-    for leaf, ns in plan.tenant_ns.items():
-        lab.address(ns, "eth0", f"{plan.tenant_addr[leaf]}/{DATA_NET.prefixlen}")
+    for switch, ns in plan.tenant_ns.items():
+        lab.address(ns, "eth0", f"{plan.tenant_addr[switch]}/{DATA_NET.prefixlen}")
     for i, ns in enumerate(plan.mgmt_ns):
         lab.add_veth(ns, "mgmt0", plan.control_ns, f"m{i}")
         lab.attach(plan.control_ns, f"m{i}", "mgmt")
         lab.address(ns, "mgmt0", f"{plan.mgmt_addr[ns]}/{MGMT_NET.prefixlen}")
     for link, port in plan.link_ports.items():
         lab.shape(port.ns, port.ifname, Shaping.for_rate(plan.rate_bps(link)))
-    for port, rate in plan.tenant_links:
-        lab.shape(port.ns, port.ifname, Shaping.for_rate(rate * plan.scale))
     for h, ns in plan.host_ns.items():
         fabric = float(plan.topology.capacity[plan.topology.fabric_link[
             plan.topology.host_id(h)]]) * 8 * plan.scale

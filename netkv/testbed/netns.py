@@ -72,12 +72,15 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 @contextlib.contextmanager
-def inside(ns: str) -> Iterator[None]:
-    """Run the body with this thread in namespace ``ns`` (then switch back).
+def inside(ns: str | None) -> Iterator[None]:
+    """Run the body with this thread in namespace ``ns`` (then switch back); ``None`` stays.
 
     A socket keeps the namespace it was created in, so the engines and the background
     flows open their sockets here and then use them from the normal event loop.
     """
+    if ns is None:
+        yield
+        return
     own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
     target = os.open(f"/run/netns/{ns}", os.O_RDONLY)
     try:

@@ -45,7 +45,7 @@ class ReplaySpec:
     speedup: float = 4.0  # trace seconds per wall second
     max_span_s: float = 30.0  # clamp arrivals to this window (bounded runs)
     warmup_s: float = 3.0
-    drain_s: float = 1.5
+    drain_s: float = 3.5  # >= the longest decode hold, so every release lands
 
 
 def load_requests(path: Path, spec: ReplaySpec) -> list[Request]:
@@ -127,10 +127,12 @@ class Replayer:
         t = plan.topology
         self.decoders = {
             i.name: DecodeEngine(i.name, plan.host_ns[i.host], plan.host_addr[i.host],
-                                 model=model, clock=self.clock, on_done=self._release)
+                                 model=model, clock=self.clock, on_done=self._release,
+                                 on_load=self._report)
             for i in t.instances_with_role("decode")}
-        self.prefills = [PrefillEngine(i.name, plan.host_ns[i.host], model, self.clock,
-                                       plan.scale) for i in t.instances_with_role("prefill")]
+        self.prefills = [PrefillEngine(i.name, plan.host_ns[i.host], model, self.clock)
+                         for i in t.instances_with_role("prefill")]
+        self._reports: set[asyncio.Task[None]] = set()
         if not self.decoders or not self.prefills:
             raise InputError("topology", "the testbed needs prefill and decode instances")
 
@@ -143,6 +145,19 @@ class Replayer:
         except Exception as exc:  # a failed release must not kill the decode engine
             log.warning("release.failed", request=request_id, error=str(exc))
 
+    def _report(self, engine: DecodeEngine) -> None:
+        """Push a decoder's load to the scheduler (as a vLLM metrics scrape would show it)."""
+        task = asyncio.create_task(self._push(engine.name, engine.running, engine.waiting,
+                                              engine.kv_use))
+        self._reports.add(task)
+        task.add_done_callback(self._reports.discard)
+
+    async def _push(self, name: str, running: int, waiting: int, kv_use: float) -> None:
+        try:
+            await self.selector.report_load(name, running, waiting, kv_use)
+        except Exception as exc:  # a lost load report must not stop the engine
+            log.warning("load_report.failed", decode=name, error=str(exc))
+
     async def __aenter__(self) -> Replayer:
         for d in self.decoders.values():
             await d.start()
@@ -151,6 +166,8 @@ class Replayer:
     async def __aexit__(self, *exc: object) -> None:
         for d in self.decoders.values():
             await d.stop()
+        if self._reports:
+            await asyncio.wait(self._reports, timeout=5.0)
 
     async def replay(self, policy: str, requests: Sequence[Request]) -> PolicyResult:
         """Run every request once under ``policy``; background flows run from ``warmup_s``

@@ -59,3 +59,9 @@ class HttpSelector:
 
     async def release(self, request_id: str, decode: str) -> None:
         await self._post("/v1/release", {"request_id": request_id})
+
+    async def report_load(self, decode: str, running: int, waiting: int,
+                          kv_use: float) -> None:
+        """What a vLLM engine's metrics would say, pushed to ``POST /v1/instances``."""
+        await self._post("/v1/instances", {"name": decode, "running": running,
+                                           "waiting": waiting, "kv_use": kv_use})
