@@ -27,6 +27,7 @@ from typing import Any, Self
 
 import structlog
 from pyroute2 import AsyncIPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 from redis.exceptions import RedisError
 
 import netkv
@@ -35,7 +36,7 @@ from netkv.core.topology import Topology
 from netkv.errors import InputError
 from netkv.telemetry.names import RedisKeys
 from netkv_agent.echo import Prober, echo_endpoint
-from netkv_agent.nic import NicReader, dump_links
+from netkv_agent.nic import NicReader
 from netkv_agent.pinglist import Endpoint, build_pinglist
 from netkv_agent.presence import Presence
 from netkv_agent.publisher import Publisher
@@ -122,6 +123,7 @@ class Agent:
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._ipr: Any = None
         self._closed = asyncio.Event()
+        self._stopping = False
 
     # -- lifecycle -------------------------------------------------------------------------
     async def __aenter__(self) -> Self:
@@ -167,14 +169,23 @@ class Agent:
         return result
 
     async def _cancel(self, *names: str) -> None:
-        tasks = [self._tasks[n] for n in names if n in self._tasks]
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=STEP_TIMEOUT_S)
+        """Cancel tasks and wait (bounded) until they end. Cancellation is repeated: a
+        library may swallow one (redis-py's asyncio client does, now and then), and each
+        loop also checks ``_stopping``, so a task ends at its next iteration regardless."""
+        pending = {self._tasks[n] for n in names if n in self._tasks}
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + STEP_TIMEOUT_S
+        while pending and loop.time() < deadline:
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(pending, timeout=0.1)
+        if pending:
+            log.warning("tasks did not stop in time", tasks=[t.get_name() for t in pending])
 
     async def _shutdown(self) -> None:
         """Ordered, bounded: stop measuring, publish the rest, say offline, then close."""
+        self._stopping = True
+        self.prober.stop()
         await self._cancel("probe", "counters", "registry")
         if self.publisher is not None and "publish" in self._tasks:
             await self._cancel("publish")
@@ -213,7 +224,7 @@ class Agent:
 
     async def _publish_loop(self) -> None:
         assert self.publisher is not None
-        while True:
+        while not self._stopping:
             self._submit(self.prober.collect())
             await self.publisher.step()
             await asyncio.sleep(self.settings.publish_interval_s)
@@ -224,13 +235,10 @@ class Agent:
         s = self.settings
         if self._ipr is not None:
             try:
-                links = await dump_links(self._ipr)
-                now, wall = time.monotonic(), time.time()
-                self._submit(list(self.nics.ingest(links, now, wall)))
+                self._submit(list(await self.nics.read(self._ipr)))
                 if s.qdisc_enabled:
-                    index_of = {int(m["index"]): str(m.get("ifname")) for m in links}
-                    self._submit(list(await self.qdiscs.read(self._ipr, index_of, wall)))
-            except (OSError, ValueError, KeyError) as exc:
+                    self._submit(list(await self.qdiscs.read(self._ipr, self.nics.index)))
+            except (OSError, ValueError, KeyError, NetlinkError) as exc:
                 self.counter_errors += 1
                 log.warning("netlink read failed", error=str(exc))
         if s.rdma_enabled:
@@ -241,15 +249,15 @@ class Agent:
                 log.warning("rdma read failed", error=str(exc))
 
     async def _counters_loop(self) -> None:
-        while True:
+        while not self._stopping:
             await self.read_counters()
             await asyncio.sleep(self.settings.counter_interval_s)
 
     async def refresh_peers(self, redis: Any) -> bool:
         """Read the registry and live heartbeats; rebuild the pinglist. False if Redis failed."""
         try:
-            entries = await asyncio.wait_for(redis.hgetall(self.keys.registry),
-                                             self.settings.redis_op_timeout_s)
+            async with asyncio.timeout(self.settings.redis_op_timeout_s):
+                entries = await redis.hgetall(self.keys.registry)
             regs: list[Registration] = []
             for field_name, raw in entries.items():
                 try:
@@ -261,9 +269,8 @@ class Agent:
                 regs.append(reg)
             alive: list[Any] = []
             if regs:
-                alive = await asyncio.wait_for(
-                    redis.mget([self.keys.heartbeat(r.agent) for r in regs]),
-                    self.settings.redis_op_timeout_s)
+                async with asyncio.timeout(self.settings.redis_op_timeout_s):
+                    alive = await redis.mget([self.keys.heartbeat(r.agent) for r in regs])
         except (RedisError, OSError, TimeoutError) as exc:
             log.debug("registry refresh failed", error=str(exc))
             return False
@@ -282,7 +289,7 @@ class Agent:
         fast = min(0.5, self.settings.registry_refresh_s)
         start = time.monotonic()
         previous: set[str] = set()
-        while True:
+        while not self._stopping:
             ok = await self.refresh_peers(redis)
             current = set(self.peers)
             # Poll fast while the mesh is forming (start-up, peers arriving or leaving, Redis

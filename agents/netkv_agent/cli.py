@@ -69,8 +69,8 @@ async def check(settings: AgentSettings) -> int:
     keys = RedisKeys(settings.redis.prefix)
     try:
         async with connect_redis(settings.redis, retries=0) as redis:
-            beat = await asyncio.wait_for(redis.get(keys.heartbeat(settings.agent_id)),
-                                          settings.redis_op_timeout_s)
+            async with asyncio.timeout(settings.redis_op_timeout_s):
+                beat = await redis.get(keys.heartbeat(settings.agent_id))
     except (RedisError, OSError, TimeoutError) as exc:
         print(f"netkv agent --check: redis unavailable: {exc}")
         return 1
@@ -90,7 +90,8 @@ async def serve(settings: AgentSettings, run_for: float | None) -> int:
             loop.add_signal_handler(sig, stop.set)
     async with Agent(settings, topology):
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), run_for)
+            async with asyncio.timeout(run_for):
+                await stop.wait()
     return 0
 
 

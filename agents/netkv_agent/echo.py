@@ -14,24 +14,29 @@ magic, unknown type, replies from an unexpected address) is dropped and counted.
 Per peer the prober keeps RFC 6298 smoothed RTT (``alpha = 1/8``, ``beta = 1/4``) and a
 sliding window of recent RTTs for min/p50/p99. A probe that has no reply after
 ``timeout_s`` counts as lost; a reply that arrives later is counted as ``late`` only.
-Probes are scheduled per peer at the peer's interval from a heap, coalescing sends that fall
-due within a small slack, so the event loop wakes about once per probe interval, not per peer.
+
+Cost is what limits how often an agent may probe, and in Python each event-loop wake-up
+costs tens of microseconds, so the prober works in *rounds* (as R-Pingmesh does): the round
+length is the shortest interval of the pinglist, every peer's interval is a whole number of
+rounds, and peers with longer intervals are spread over the rounds by a stable phase. One
+wake-up sends a round's probes and expires old ones. The socket is read by a callback that
+drains every queued datagram at once (answering requests in place), not one per wake-up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
 import math
 import secrets
+import socket
 import struct
 import time
 import zlib
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import structlog
 
@@ -86,6 +91,8 @@ class PeerState:
     recent: deque[tuple[float, float]] = field(
         default_factory=lambda: deque(maxlen=4096))  # (monotonic s, rtt s)
     last_collect: float = field(default_factory=time.monotonic)
+    every: int = 1  # probe every this many rounds
+    phase: int = 0  # ... in rounds where round % every == phase
 
     def observe(self, rtt: float, now: float) -> None:
         """Fold one RTT into SRTT/RTTVAR (RFC 6298 section 2) and the window."""
@@ -116,35 +123,48 @@ def percentile(ordered: list[float], q: float) -> float:
     return ordered[min(rank, len(ordered)) - 1]
 
 
-class EchoProtocol(asyncio.DatagramProtocol):
-    """Answers requests and hands replies to the prober. Runs in the event loop's callback, so
-    it never awaits and never raises."""
+MAX_DRAIN = 256  # datagrams handled per readable callback, so a flood cannot starve the loop
 
-    def __init__(self, prober: Prober) -> None:
+
+class EchoSocket:
+    """The agent's non-blocking UDP socket: answers requests, hands replies to the prober.
+
+    Registered with ``loop.add_reader``; each callback drains up to :data:`MAX_DRAIN` queued
+    datagrams. It never awaits and never raises (errors are counted).
+    """
+
+    def __init__(self, sock: socket.socket, prober: Prober) -> None:
+        self.sock = sock
         self.prober = prober
-        self.transport: asyncio.DatagramTransport | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
+    def on_readable(self) -> None:
+        sock, counters, prober = self.sock, self.prober.counters, self.prober
+        size = PACKET.size
+        for _ in range(MAX_DRAIN):
+            try:
+                data, addr = sock.recvfrom(64)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:  # ICMP port unreachable from a dead peer: it shows as loss
+                counters.send_errors += 1
+                continue
+            if len(data) != size or data[:2] != MAGIC or data[2] != VERSION:
+                counters.malformed += 1
+                continue
+            kind = data[3]
+            if kind == REQUEST:
+                try:
+                    sock.sendto(data[:3] + _REPLY_BYTE + data[4:], addr)
+                    counters.requests_answered += 1
+                except OSError:
+                    counters.send_errors += 1
+            elif kind == REPLY:
+                prober.on_reply(data, addr)
+            else:
+                counters.malformed += 1
 
-    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
-        counters = self.prober.counters
-        if len(data) != PACKET.size or data[:2] != MAGIC or data[2] != VERSION:
-            counters.malformed += 1
-            return
-        kind = data[3]
-        if kind == REQUEST:
-            if self.transport is not None:
-                self.transport.sendto(data[:3] + bytes((REPLY,)) + data[4:], addr)
-                counters.requests_answered += 1
-        elif kind == REPLY:
-            self.prober.on_reply(data, addr)
-        else:
-            counters.malformed += 1
 
-    def error_received(self, exc: Exception) -> None:
-        # ICMP port unreachable from a dead peer lands here; the probe times out as lost.
-        self.prober.counters.send_errors += 1
+_REPLY_BYTE = bytes((REPLY,))
 
 
 class Prober:
@@ -161,16 +181,15 @@ class Prober:
         self._clock_ns = clock_ns
         self._peers: dict[str, PeerState] = {}
         self._outstanding: dict[int, tuple[PeerState, int]] = {}
-        self._heap: list[tuple[float, int, str]] = []
-        self._heap_seq = 0
-        self._current: dict[str, int] = {}  # peer -> its live heap entry (older ones are void)
-        self._changed = asyncio.Event()
-        self.transport: asyncio.DatagramTransport | None = None
+        self._round_s = 1.0  # the pinglist's shortest interval
+        self._round = 0
+        self._stopping = False
+        self._changed = asyncio.Event()  # wakes an idle prober when peers arrive
+        self.sock: socket.socket | None = None
 
     # -- pinglist --------------------------------------------------------------------------
     def set_peers(self, targets: Iterable[PeerTarget]) -> None:
         """Replace the pinglist; peers that stay keep their statistics."""
-        now = time.monotonic()
         fresh: dict[str, PeerState] = {}
         for t in targets:
             state = self._peers.get(t.name)
@@ -181,22 +200,22 @@ class Prober:
                     state.srtt, state.rttvar = old.srtt, old.rttvar
                     state.sent, state.lost = old.sent, old.lost
                     state.recent, state.last_collect = old.recent, old.last_collect
-                # Spread first probes over the interval so peers are not probed in lockstep.
-                self._push(now + (zlib.crc32(t.name.encode()) % 1000) / 1000 * t.interval_s,
-                           t.name)
             fresh[t.name] = state
+        self._round_s = min((s.target.interval_s for s in fresh.values()), default=1.0)
+        for state in fresh.values():
+            # Whole rounds per probe, and a stable phase that spreads slow peers over rounds.
+            state.every = max(1, round(state.target.interval_s / self._round_s))
+            state.phase = zlib.crc32(state.target.name.encode()) % state.every
         self._peers = fresh
-        self._current = {k: v for k, v in self._current.items() if k in fresh}
         self._changed.set()
 
     @property
     def peers(self) -> dict[str, PeerState]:
         return self._peers
 
-    def _push(self, due: float, name: str) -> None:
-        self._heap_seq += 1
-        self._current[name] = self._heap_seq
-        heapq.heappush(self._heap, (due, self._heap_seq, name))
+    @property
+    def round_s(self) -> float:
+        return self._round_s
 
     # -- wire ------------------------------------------------------------------------------
     def on_reply(self, data: bytes, addr: tuple[str | Any, int]) -> None:
@@ -218,12 +237,12 @@ class Prober:
         state.observe((now_ns - sent_ns) / 1e9, now_ns / 1e9)
 
     def _send(self, state: PeerState, now_ns: int) -> None:
-        assert self.transport is not None
+        assert self.sock is not None
         self._seq = (self._seq + 1) & 0xFFFFFFFF
         self._outstanding[self._seq] = (state, now_ns)
         packet = PACKET.pack(MAGIC, VERSION, REQUEST, self.token, self._seq, now_ns)
         try:
-            self.transport.sendto(packet, state.addr)
+            self.sock.sendto(packet, state.addr)
         except OSError:
             self.counters.send_errors += 1
         self.counters.probes_sent += 1
@@ -244,30 +263,48 @@ class Prober:
                 state.sent += 1
                 state.lost += 1
 
-    async def run(self) -> None:
-        """Probe forever (cancel to stop)."""
-        heap = self._heap
-        while True:
-            now = time.monotonic()
-            now_ns = self._clock_ns()
-            self._expire(now_ns)
-            while heap and heap[0][0] <= now + 0.002:
-                due, token, name = heapq.heappop(heap)
-                state = self._peers.get(name)
-                if state is None or self._current.get(name) != token:
-                    continue
+    def probe_round(self, n: int | None = None) -> int:
+        """Expire old probes and send round ``n``'s probes; returns how many were sent."""
+        now_ns = self._clock_ns()
+        self._expire(now_ns)
+        if n is None:
+            n = self._round
+        self._round = n + 1
+        sent = 0
+        for state in self._peers.values():
+            if n % state.every == state.phase:
                 self._send(state, now_ns)
-                interval = state.target.interval_s
-                nxt = due + interval
-                if nxt <= now:  # we fell behind (loop stalled): skip, do not burst
-                    nxt = now + interval
-                self._push(nxt, name)
-            wake = heap[0][0] if heap else now + self.timeout_s
-            if self._outstanding:
-                wake = min(wake, time.monotonic() + self.timeout_s)
-            self._changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), max(0.0, wake - time.monotonic()))
+                sent += 1
+        return sent
+
+    async def run(self) -> None:
+        """Probe in rounds until :meth:`stop` (or cancellation).
+
+        Rounds sit on a wall-clock grid (multiples of the round length since the epoch), so
+        agents with synchronised clocks probe each other at the same instants: each agent
+        then answers its peers' requests and reads its own replies in a few wake-ups per
+        round instead of one per datagram. If the loop stalls, missed rounds are skipped,
+        never sent in a burst.
+        """
+        while not self._stopping:
+            if not self._peers:  # idle: expire stragglers, wait for a pinglist
+                self._expire(self._clock_ns())
+                self._changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(self.timeout_s, 0.5)):
+                        await self._changed.wait()
+                continue
+            length = self._round_s
+            wall = time.time()
+            n = int(wall // length)
+            if n != self._round - 1:  # not yet probed in this grid slot
+                self.probe_round(n)
+            await asyncio.sleep(max(0.0, (n + 1) * length - time.time()))
+
+    def stop(self) -> None:
+        """Make :meth:`run` return at its next wake-up (besides cancellation)."""
+        self._stopping = True
+        self._changed.set()
 
     # -- samples ---------------------------------------------------------------------------
     def collect(self, wall: float | None = None) -> list[RttSample]:
@@ -301,12 +338,19 @@ async def echo_endpoint(prober: Prober, address: str, port: int = 0
                         ) -> AsyncIterator[tuple[str, int]]:
     """Bind the agent's UDP socket (responder + prober); yields the bound ``(host, port)``."""
     loop = asyncio.get_running_loop()
-    transport, _ = await loop.create_datagram_endpoint(
-        lambda: EchoProtocol(prober), local_addr=(address, port))
-    prober.transport = transport
+    infos = await loop.getaddrinfo(address, port, type=socket.SOCK_DGRAM)
+    family, _, _, _, sockaddr = infos[0]
+    sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
-        sockname = transport.get_extra_info("sockname")
-        yield str(sockname[0]), int(sockname[1])
+        sock.setblocking(False)
+        sock.bind(sockaddr)
+        loop.add_reader(sock.fileno(), EchoSocket(sock, prober).on_readable)
+        prober.sock = sock
+        try:
+            bound = sock.getsockname()
+            yield str(bound[0]), int(bound[1])
+        finally:
+            prober.sock = None
+            loop.remove_reader(sock.fileno())
     finally:
-        prober.transport = None
-        transport.close()
+        sock.close()

@@ -59,7 +59,8 @@ class Presence:
         if not self.connected:
             return False
         try:
-            await asyncio.wait_for(self._offline_sent.wait(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await self._offline_sent.wait()
         except TimeoutError:
             return False
         return True

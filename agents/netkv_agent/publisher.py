@@ -121,7 +121,8 @@ class Publisher:
             pipe.hset(self.keys.registry, self.agent,
                       encode_registration(self.registration()))
         try:
-            await asyncio.wait_for(pipe.execute(), self.op_timeout_s)
+            async with asyncio.timeout(self.op_timeout_s):
+                await pipe.execute()
         except (RedisError, OSError, TimeoutError) as exc:
             self.stats.publish_errors += 1
             if self.stats.connected:
@@ -158,7 +159,7 @@ class Publisher:
 
     async def run(self) -> None:
         """Publish forever (cancel to stop; call :meth:`final_flush` first on shutdown)."""
-        while True:
+        while True:  # the agent runs its own loop (_publish_loop); this is for direct use
             await self.step()
             await asyncio.sleep(self.publish_interval_s)
 
@@ -166,12 +167,13 @@ class Publisher:
         """Seal what is pending and try once to write it, bounded by ``timeout_s``."""
         self.seal()
         try:
-            return await asyncio.wait_for(self.flush(), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                return await self.flush()
         except TimeoutError:
             return False
 
     async def deregister(self, timeout_s: float) -> None:
         """Clean shutdown: drop the heartbeat so the oracle sees us gone at once."""
         with contextlib.suppress(RedisError, OSError, TimeoutError):
-            await asyncio.wait_for(self.redis.delete(self.keys.heartbeat(self.agent)),
-                                   timeout_s)
+            async with asyncio.timeout(timeout_s):
+                await self.redis.delete(self.keys.heartbeat(self.agent))

@@ -10,9 +10,11 @@ such as ``mq`` or ``htb`` report the sum of their children in the kernel's dump.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from pyroute2.netlink.exceptions import NetlinkError
 
 from netkv.telemetry.samples import QdiscSample
 from netkv_agent.counters import RateTracker
@@ -37,10 +39,17 @@ class QdiscReader:
     interfaces: Sequence[str]
     _trackers: dict[tuple[int, int], RateTracker] = field(default_factory=dict)
 
-    async def read(self, ipr: Any, index_of: dict[int, str],
+    async def read(self, ipr: Any, index: Mapping[str, int],
                    wall: float | None = None) -> list[QdiscSample]:
-        """``index_of`` maps ifindex to name (from the same round's link dump)."""
-        messages = [m async for m in await ipr.get_qdiscs()]
+        """``index`` maps each interface to its ifindex (resolved by the NIC reader)."""
+        messages: list[Any] = []
+        for name in self.interfaces:
+            if name in index:
+                try:
+                    messages += [m async for m in await ipr.get_qdiscs(index=index[name])]
+                except NetlinkError:
+                    continue  # the interface vanished between the two reads
+        index_of = {i: n for n, i in index.items()}
         return self.ingest(messages, index_of, time.monotonic(),
                            time.time() if wall is None else wall)
 
@@ -52,7 +61,7 @@ class QdiscReader:
             if msg["parent"] != TC_H_ROOT:
                 continue
             name = index_of.get(int(msg["index"]))
-            if name not in wanted:
+            if name is None or name not in wanted:
                 continue
             stats = _queue_stats(msg)
             if stats is None:

@@ -314,8 +314,8 @@ class CongestionMap:
         cmap.host_seen_ts[hidx] = _floats(hosts["seen_ts"], "hosts.seen_ts", len(hidx))
         pairs = _exact(raw["pairs"], "pairs", {"a", "b", "srtt_s", "min_s", "p99_s", "loss",
                                                "ts"})
-        a = _indices(pairs["a"], topology.host_index, "pairs.a")
-        b = _indices(pairs["b"], topology.host_index, "pairs.b")
+        a = _indices(pairs["a"], topology.host_index, "pairs.a", unique=False)
+        b = _indices(pairs["b"], topology.host_index, "pairs.b", unique=False)
         if len(a) != len(b):
             raise SnapshotError("pairs.b", f"expected {len(a)} values, got {len(b)}")
         cols = {k: _floats(pairs[k], f"pairs.{k}", len(a))
@@ -390,7 +390,7 @@ def _floats(raw: Any, where: str, n: int) -> FloatArray:
     return arr
 
 
-def _indices(raw: Any, index: dict[str, int], where: str) -> IntArray:
+def _indices(raw: Any, index: dict[str, int], where: str, *, unique: bool = True) -> IntArray:
     if not isinstance(raw, list):
         raise SnapshotError(where, "expected a list of names")
     out = np.empty(len(raw), dtype=np.int64)
@@ -398,6 +398,6 @@ def _indices(raw: Any, index: dict[str, int], where: str) -> IntArray:
         if not isinstance(name, str) or name not in index:
             raise SnapshotError(f"{where}[{i}]", f"unknown name {name!r:.80} for this topology")
         out[i] = index[name]
-    if len(set(out.tolist())) != len(out):
+    if unique and len(set(out.tolist())) != len(out):
         raise SnapshotError(where, "duplicate names")
     return out

@@ -50,8 +50,11 @@ async def test_loss_counted_when_peer_dies() -> None:
             a.set_peers([PeerTarget("b", *eb, 0.02)])
             await asyncio.sleep(0.4)
             alive = a.collect()
-        # b is gone: probes now time out
-        await asyncio.sleep(0.8)
+        # b is gone: probes now time out (the first window after death may still hold a
+        # reply that was in flight; the next one is all loss)
+        await asyncio.sleep(0.3)
+        a.collect()
+        await asyncio.sleep(0.6)
         dead = a.collect()
     assert alive and alive[0].lost == 0 and alive[0].sent > 0
     assert dead and dead[0].sent > 0

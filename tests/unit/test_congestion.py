@@ -163,6 +163,7 @@ def test_snapshot_round_trip() -> None:
     m = cmap(t)
     m.observe_link(link(t, "h000/nic/up"), 1e9, NOW, capacity_bytes_s=25e9, queue_s=0.001)
     m.observe_rtt(0, 7, srtt_s=0.004, min_s=0.001, p99_s=0.008, loss=0.01, ts=NOW)
+    m.observe_rtt(0, 3, srtt_s=0.002, min_s=0.001, p99_s=0.003, loss=0.0, ts=NOW)
     m.observe_host(0, NOW)
     data = m.to_snapshot(42, created_ts=NOW)
     back = CongestionMap.from_snapshot(t, data, clock=lambda: NOW)
