@@ -388,7 +388,9 @@ async def up(args: argparse.Namespace) -> int:
                   flush=True)
             base = f"http://127.0.0.1:{scheduler_port}"
             if args.demo:
-                code = await _demo(args, base, requests, prefills, stop)
+                has_oracle = any(c.name == "oracle" for c in children)
+                code = await _demo(args, base, requests, prefills, stop,
+                                   map_wait_s=args.map_wait if has_oracle else 0.0)
             else:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), args.run_for)
@@ -403,8 +405,8 @@ async def up(args: argparse.Namespace) -> int:
 
 
 async def _demo(args: argparse.Namespace, base: str, requests: list[dict[str, Any]],
-                prefills: list[str], stop: asyncio.Event) -> int:
-    waiter = asyncio.ensure_future(wait_ready(base, args.map_wait))
+                prefills: list[str], stop: asyncio.Event, *, map_wait_s: float) -> int:
+    waiter = asyncio.ensure_future(wait_ready(base, map_wait_s))
     stopper = asyncio.ensure_future(stop.wait())
     await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
     stopper.cancel()
@@ -413,7 +415,7 @@ async def _demo(args: argparse.Namespace, base: str, requests: list[dict[str, An
         return 130
     ready = waiter.result()
     if ready is None:
-        print(f"netkv up: no congestion map after {args.map_wait:.0f} s; the demo runs on "
+        print(f"netkv up: no congestion map after {map_wait_s:.0f} s; the demo runs on "
               "tier priors")
     else:
         print(f"netkv up: scheduler ready ({ready['status']}), map version "

@@ -45,6 +45,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=4,
                         help="keep-alive connections in the closed loop")
     parser.add_argument("--policy", default="netkv", help="policy the scheduler uses")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="alternate floor/scheduler runs this many times and keep each "
+                        "one's best (the machine is shared: this damps other load)")
 
 
 def fat_tree_for(decoders: int) -> dict[str, int]:
@@ -73,7 +76,8 @@ def _serve(kind: str, decoders: int, port: int, policy: str) -> None:
                                    "fat_tree": fat_tree_for(decoders)})
         settings = SchedulerSettings(port=port, policy=policy, reservation_ttl_s=2.0,
                                      map_stale_s=3600.0, log_level="warning")
-        feed = MapFeed(topology, None, None, stale_s=settings.map_stale_s)
+        feed = MapFeed(topology, None, None, stale_s=settings.map_stale_s,
+                       cache_s=settings.oracle_cache_s)
         cmap = CongestionMap(topology)
         rng = np.random.default_rng(0)
         now = time.time()
@@ -166,12 +170,16 @@ def _measure(kind: str, args: argparse.Namespace) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.decoders < 1 or args.requests < 1 or args.concurrency < 1:
-        print("netkv bench scheduler: --decoders, --requests and --concurrency must be >= 1",
-              file=sys.stderr)
+    if min(args.decoders, args.requests, args.concurrency, args.rounds) < 1:
+        print("netkv bench scheduler: --decoders, --requests, --concurrency and --rounds "
+              "must be >= 1", file=sys.stderr)
         return 2
-    floor = _measure("floor", args)
-    sched = _measure("scheduler", args)
+    runs: dict[str, list[dict[str, float]]] = {kind: [] for kind in KINDS}
+    for _ in range(args.rounds):
+        for kind in KINDS:
+            runs[kind].append(_measure(kind, args))
+    floor = max(runs["floor"], key=lambda r: r["decisions_per_s"])
+    sched = max(runs["scheduler"], key=lambda r: r["decisions_per_s"])
     result: dict[str, Any] = {
         "decoders": args.decoders, "p50_ms": round(sched["p50_ms"], 4),
         "p99_ms": round(sched["p99_ms"], 4),
@@ -180,7 +188,8 @@ def run(args: argparse.Namespace) -> int:
         "floor_decisions_per_s": round(floor["decisions_per_s"], 1),
         "floor_p50_ms": round(floor["p50_ms"], 4),
         "concurrency": args.concurrency, "requests": args.requests, "policy": args.policy,
-        "cpus": os.cpu_count(),
+        "rounds": args.rounds, "cpus": os.cpu_count(),
+        "load_average_1m": round(os.getloadavg()[0], 2),
     }
     print(f"{'server':<10} {'p50 ms':>8} {'p99 ms':>8} {'decisions/s':>12}")
     print(f"{'floor':<10} {floor['p50_ms']:>8.3f} {floor['p99_ms']:>8.3f} "
@@ -190,7 +199,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"ratio      {sched['p50_ms'] / floor['p50_ms']:>8.2f} "
           f"{sched['p99_ms'] / floor['p99_ms']:>8.2f} "
           f"{sched['decisions_per_s'] / floor['decisions_per_s']:>12.2f}"
-          f"   (|D| = {args.decoders}, {args.concurrency} connections)")
+          f"   (|D| = {args.decoders}, {args.concurrency} connections, best of "
+          f"{args.rounds}, load average {os.getloadavg()[0]:.1f})")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")

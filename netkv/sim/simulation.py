@@ -83,6 +83,7 @@ class RunResult:
     slo_ttft_s: FloatArray
     transfer_s: FloatArray
     queue_s: FloatArray
+    prefill_s: FloatArray  # arrival to KV ready at the prefill instance (queue + compute)
     kv_bytes: FloatArray
     tier: IntArray
     completions: IntArray
@@ -406,7 +407,8 @@ class Simulation:
         transfer = t_join - t_admit
         return RunResult(
             name=config.name, ttft_s=ttft, tbt_s=tbt, slo_ttft_s=self.slo_ttft,
-            transfer_s=transfer, queue_s=queue, kv_bytes=kv_bytes, tier=tier,
+            transfer_s=transfer, queue_s=queue, prefill_s=t_ready - trace.arrival_s,
+            kv_bytes=kv_bytes, tier=tier,
             completions=completions, decision_s=engine.recorded().copy(),
             predicted_ttft_s=predicted, requested_bytes=requested,
             delivered_bytes=fabric.delivered_bytes, wall_s=time.perf_counter() - wall)

@@ -64,6 +64,8 @@ class Metrics:
         self.transfer_by_tier = {t: self.transfer.labels(str(t)) for t in range(4)}
         self.decisions = Counter("netkv_decisions_total", "decisions made",
                                  ["policy", "tier", "map"], registry=r)
+        self.decisions_by = {(p, t, m): self.decisions.labels(p, str(t), m)
+                             for p in policies for t in range(4) for m in ("map", "prior")}
         self.bad = Counter("netkv_bad_requests_total", "rejected requests by field",
                            ["field"], registry=r)
         self.fields = fields
@@ -177,13 +179,13 @@ def _select(request: web.Request, body: Any) -> web.Response:
     metrics = app[METRICS]
     metrics.decision_by_policy[choice.policy].observe(choice.duration_s)
     metrics.transfer_by_tier[d.tier].observe(d.transfer_s)
-    metrics.decisions.labels(choice.policy, str(d.tier),
-                             "prior" if choice.view.stale else "map").inc()
+    metrics.decisions_by[choice.policy, d.tier, "prior" if choice.view.stale else "map"].inc()
     view = choice.view
     return _json({
         "request_id": body["request_id"],
         "decode": choice.decoder.name,
         "decode_host": choice.decoder.host,
+        "prefill": choice.prefill.name,
         "predicted_ttft_ms": round(d.ttft_s * 1e3, 4),
         "breakdown": {"queue_ms": round(d.queue_s * 1e3, 4),
                       "transfer_ms": round(d.transfer_s * 1e3, 4),

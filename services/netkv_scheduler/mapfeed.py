@@ -36,6 +36,55 @@ from netkv.telemetry.names import MqttTopics, RedisKeys
 log = structlog.get_logger(__name__)
 
 
+class PathTables:
+    """Per-host prefix reductions of a link view, so one source's row costs O(hosts) numpy.
+
+    A path is the source's first ``tier`` up links then the destination's first ``tier`` down
+    links (or the host fabric alone at tier 0), so its bottleneck bandwidth, summed latency,
+    oldest age and lowest confidence are reductions of two per-host prefixes. This is
+    ``LinkStateOracle.estimate`` without building an (n, 6) path matrix per call.
+    """
+
+    def __init__(self, view: LinkStateOracle,
+                 tier_rows: dict[int, IntArray] | None = None) -> None:
+        topo = view.topology
+        self.topology = topo
+        self.tier_rows = {} if tier_rows is None else tier_rows  # static: shared across views
+        self.all_hosts: IntArray = np.arange(topo.n_hosts, dtype=np.int64)
+        up, down, fab = topo.up_chain, topo.down_chain, topo.fabric_link
+        bw, lat = view.available_bytes_s, view.latency_s
+        age, conf = view.age_s, view.confidence
+        self.up_bw = np.minimum.accumulate(bw[up], axis=1)
+        self.down_bw = np.minimum.accumulate(bw[down], axis=1)
+        self.up_lat = np.cumsum(lat[up], axis=1)
+        self.down_lat = np.cumsum(lat[down], axis=1)
+        self.up_age = np.maximum.accumulate(age[up], axis=1)
+        self.down_age = np.maximum.accumulate(age[down], axis=1)
+        self.up_conf = np.minimum.accumulate(conf[up], axis=1)
+        self.down_conf = np.minimum.accumulate(conf[down], axis=1)
+        self.fab_bw, self.fab_lat = bw[fab], lat[fab]
+        self.fab_age, self.fab_conf = age[fab], conf[fab]
+
+    def row(self, src: int) -> CostEstimate:
+        """Zero-byte estimate from ``src`` to every host."""
+        tier = self.tier_rows.get(src)
+        if tier is None:
+            tier = self.tier_rows[src] = self.topology.tiers(src, self.all_hosts)
+        k = np.maximum(tier - 1, 0)
+        hosts = self.all_hosts
+        same = tier == 0
+        bandwidth = np.minimum(self.up_bw[src, k], self.down_bw[hosts, k])
+        latency = self.up_lat[src, k] + self.down_lat[hosts, k]
+        age = np.maximum(self.up_age[src, k], self.down_age[hosts, k])
+        conf = np.minimum(self.up_conf[src, k], self.down_conf[hosts, k])
+        bandwidth[same] = self.fab_bw[src]
+        latency[same] = self.fab_lat[src]
+        age[same] = self.fab_age[src]
+        conf[same] = self.fab_conf[src]
+        bandwidth = np.maximum(bandwidth, 1.0)  # as LinkStateOracle: a dead link is slow
+        return CostEstimate(latency.copy(), latency, bandwidth, tier, age, conf)
+
+
 class CachedOracle:
     """Per-source rows of a fixed oracle (the tier prior), computed once each.
 
@@ -43,16 +92,16 @@ class CachedOracle:
     zero bytes answers any byte count exactly, in O(|D|) numpy per decision.
     """
 
-    def __init__(self, base: LinkStateOracle, n_hosts: int) -> None:
+    def __init__(self, base: LinkStateOracle) -> None:
         self.base = base
         self.available_bytes_s = base.available_bytes_s  # per-link view, for bookings
-        self.all_hosts: IntArray = np.arange(n_hosts, dtype=np.int64)
+        self.tables = PathTables(base)
         self._rows: dict[int, CostEstimate] = {}
 
     def row(self, src: int) -> CostEstimate:
         hit = self._rows.get(src)
         if hit is None:
-            hit = self._rows[src] = self.base.estimate(src, self.all_hosts, 0.0)
+            hit = self._rows[src] = self.tables.row(src)
         return hit
 
     def estimate(self, src: int, dsts: IntArray, nbytes: FloatArray | float) -> CostEstimate:
@@ -90,12 +139,15 @@ class MapOracle:
                 self._pairs.setdefault(b, []).append((a, pair))
         self._view_at = -math.inf
         self._view: LinkStateOracle | None = None
+        self._tables: PathTables | None = None
+        self._tier_rows: dict[int, IntArray] = {}
         self._rows: dict[int, CostEstimate] = {}
 
     def _fresh_view(self) -> tuple[LinkStateOracle, float]:
         now = self.clock()
         if self._view is None or now - self._view_at > self.ttl_s:
             self._view = self.cmap.link_view(now)
+            self._tables = PathTables(self._view, self._tier_rows)
             self._view_at = now
             self._rows.clear()
         return self._view, self._view_at
@@ -105,11 +157,12 @@ class MapOracle:
         return self._fresh_view()[0].available_bytes_s
 
     def row(self, src: int) -> CostEstimate:
-        view, now = self._fresh_view()
+        _, now = self._fresh_view()
         hit = self._rows.get(src)
         if hit is not None:
             return hit
-        base = view.estimate(src, self.all_hosts, 0.0)
+        assert self._tables is not None
+        base = self._tables.row(src)
         latency = base.latency_s.copy()
         loss = np.zeros(latency.shape[0])
         params = self.cmap.params
@@ -125,7 +178,7 @@ class MapOracle:
             latency[dsts] = weight * srtt / 2 + (1 - weight) * latency[dsts]
             loss[dsts] = weight * ploss
         bandwidth = base.bandwidth_bytes_s * (1.0 - loss)
-        hit = self._rows[src] = CostEstimate(latency.copy(), latency, bandwidth, base.tier,
+        hit = self._rows[src] = CostEstimate(latency, latency, bandwidth, base.tier,
                                              base.age_s, base.confidence)
         return hit
 
@@ -178,7 +231,7 @@ class MapFeed:
         self.clock = clock
         self.keys = RedisKeys(redis.prefix if redis else "netkv:")
         self.topics = MqttTopics(mqtt.prefix if mqtt else "netkv/v1/")
-        self.prior = CachedOracle(static_tier_oracle(topology), topology.n_hosts)
+        self.prior = CachedOracle(static_tier_oracle(topology))
         self.map: CongestionMap | None = None
         self._oracle: CostOracle = self.prior
         self.version: int | None = None

@@ -58,6 +58,9 @@ SELECT_RESPONSE: JSON = {
         "request_id": {"type": "string"},
         "decode": {"type": "string"},
         "decode_host": {"type": "string"},
+        "prefill": {"type": "string",
+                    "description": "the prefill instance to use: the requested one, or the "
+                    "joint choice of netkv_pair (which treats every prefill as ready now)"},
         "predicted_ttft_ms": {"type": "number"},
         "breakdown": {"type": "object", "properties": {
             "queue_ms": {"type": "number"}, "transfer_ms": {"type": "number"},

@@ -4,7 +4,9 @@ A decoder that already holds the first blocks of a prompt needs only the rest tr
 (delta transfer). The scheduler learns holdings from what it placed: after a request with
 ``block_hashes`` goes to decoder ``d``, ``d`` holds those blocks. The index is an LRU bounded
 in blocks, so memory stays fixed however long the service runs; an evicted block merely
-costs a full transfer estimate. Holders are bit masks (Python ints), so following a prefix
+costs a full transfer estimate. Block hashes are prefix-chained (vLLM's and the Mooncake
+trace's: a block's id stands for the whole prefix up to it), so positions need no tracking.
+Holders are bit masks (Python ints), so following a prefix
 is one AND per block whatever the number of decoders.
 """
 

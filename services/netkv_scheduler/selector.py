@@ -12,6 +12,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from netkv.core.kvsize import model_spec
 from netkv.core.policies import (
     Booking,
@@ -19,6 +21,7 @@ from netkv.core.policies import (
     CandidateView,
     Decision,
     DecisionEngine,
+    PrefillView,
     RequestView,
     make_policy,
     policy_names,
@@ -40,6 +43,7 @@ class Choice:
 
     decision: Decision
     decoder: InstanceInfo
+    prefill: InstanceInfo  # the requested one, or the joint choice (netkv_pair)
     view: MapView
     policy: str
     reserved: bool
@@ -110,14 +114,21 @@ class Selector:
         hashes = body.get("block_hashes") or ()
         n = len(self.registry.decoders)
         overlap = self.prefixes.overlap(hashes, n) if hashes else None
+        joint = None
+        if policy == "netkv_pair":  # every prefill instance is a candidate, ready now
+            prefills = self.registry.prefills
+            joint = PrefillView(host=np.array([p.host_index for p in prefills], dtype=np.int64),
+                                ready_s=np.zeros(len(prefills)))
         request = RequestView(prefill_host=prefill.host_index,
                               prompt_tokens=int(body["prompt_tokens"]),
                               kv_bytes_per_token=self.bytes_per_token,
                               overlap_blocks=overlap, block_tokens=BLOCK_TOKENS,
-                              output_tokens=int(body.get("output_tokens", 0)))
+                              output_tokens=int(body.get("output_tokens", 0)), prefill=joint)
         view = self.feed.view()
         decision = engine.decide(request, self.candidates(), view.oracle)
         decoder = self.registry.decoders[decision.index]
+        if decision.prefill_index is not None:
+            prefill = self.registry.prefills[decision.prefill_index]
         reserved = bool(body.get("reserve", True))
         if reserved:
             transfer = self.bookings.reserve(prefill.host_index, decoder.host_index,
@@ -128,7 +139,7 @@ class Selector:
                 self.bookings.release(old.transfer)
             if hashes:
                 self.prefixes.add(hashes, decision.index)
-        return Choice(decision, decoder, view, policy, reserved,
+        return Choice(decision, decoder, prefill, view, policy, reserved,
                       time.perf_counter() - start)
 
     def release(self, request_id: str) -> InstanceInfo | None:

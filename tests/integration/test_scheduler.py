@@ -293,3 +293,85 @@ async def test_burst_spreads_instead_of_herding(
         assert max(spread.values()) <= 16, spread
         _, listing = await get(http, f"{base}/v1/instances")
         assert listing["open_reservations"] == 32
+
+
+async def test_bearer_token_guards_mutating_endpoints(
+        redis_server: RedisServer, mosquitto_server: MosquittoServer) -> None:
+    topo = load_topology(demo_topology_path())
+    settings = settings_for(redis_server, mosquitto_server, token="s3cret")
+    async with serving(settings, topo) as base, aiohttp.ClientSession() as http:
+        body = select_body("t1", "h000-p0")
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            async with http.post(f"{base}/v1/select", json=body, headers=headers) as resp:
+                assert resp.status == 401 and (await resp.json())["field"] == "auth"
+                assert resp.headers["WWW-Authenticate"] == "Bearer"
+        async with http.post(f"{base}/v1/select", json=body,
+                             headers={"Authorization": "Bearer s3cret"}) as resp:
+            assert resp.status == 200
+        assert (await get(http, f"{base}/v1/instances"))[0] == 200  # reads stay open
+        async with http.get(f"{base}/openapi.json") as resp:
+            doc = await resp.json()
+        assert doc["paths"]["/v1/select"]["post"]["security"] == [{"bearer": []}]
+
+
+async def test_scrapes_engine_load_from_prometheus(
+        redis_server: RedisServer, mosquitto_server: MosquittoServer) -> None:
+    """An engine's /metrics in vLLM's format (emulated: there is no GPU engine here)."""
+    gauges = {"running": 7, "waiting": 3, "kv": 0.5}
+
+    async def engine_metrics(request: web.Request) -> web.Response:
+        text = ("# TYPE vllm:num_requests_running gauge\n"
+                f'vllm:num_requests_running{{model_name="m"}} {gauges["running"]}\n'
+                "# TYPE vllm:num_requests_waiting gauge\n"
+                f'vllm:num_requests_waiting{{model_name="m"}} {gauges["waiting"]}\n'
+                "# TYPE vllm:kv_cache_usage_perc gauge\n"
+                f'vllm:kv_cache_usage_perc{{model_name="m"}} {gauges["kv"]}\n')
+        return web.Response(text=text)
+    engine = web.Application()
+    engine.router.add_get("/metrics", engine_metrics)
+    runner = web.AppRunner(engine)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    engine_url = "http://{}:{}/metrics".format(*runner.addresses[0][:2])
+    topo = load_topology(demo_topology_path())
+    settings = settings_for(redis_server, mosquitto_server, scrape_interval_s=0.2)
+    try:
+        async with serving(settings, topo) as base, aiohttp.ClientSession() as http:
+            status, _ = await post(http, f"{base}/v1/instances",
+                                   {"name": "h002-d1", "metrics_url": engine_url})
+            assert status == 200
+
+            def load_of(listing: Any) -> dict[str, Any]:
+                return next(i for i in listing["instances"] if i["name"] == "h002-d1")
+
+            async def scraped(running: int) -> Callable[[], Awaitable[bool]]:
+                async def check() -> bool:
+                    entry = load_of((await get(http, f"{base}/v1/instances"))[1])
+                    return bool(entry["running"] == running and entry["scrape_error"] is None)
+                return check
+            await until(await scraped(7), 10.0)
+            entry = load_of((await get(http, f"{base}/v1/instances"))[1])
+            assert entry["waiting"] == 3 and entry["kv_use"] == 0.5
+            gauges["running"] = 1
+            await until(await scraped(1), 10.0)
+    finally:
+        await runner.cleanup()
+
+
+async def test_pair_policy_chooses_prefill_and_decoder_jointly(
+        redis_server: RedisServer, mosquitto_server: MosquittoServer) -> None:
+    topo = load_topology(demo_topology_path())
+    settings = settings_for(redis_server, mosquitto_server)
+    async with serving(settings, topo) as base, aiohttp.ClientSession() as http:
+        await publish_map(redis_server, mosquitto_server, measured_map(topo), 1)
+        # h000's decoder is full: the best single pick from h000-p0 crosses the network,
+        # while the joint choice can keep prefill and decode on one host.
+        await post(http, f"{base}/v1/instances", {"name": "h000-d1", "kv_use": 1.0})
+        _, single = await post(http, f"{base}/v1/select",
+                               select_body("s", "h000-p0", reserve=False))
+        _, pair = await post(http, f"{base}/v1/select",
+                             select_body("p", "h000-p0", policy="netkv_pair", reserve=False))
+        assert single["prefill"] == "h000-p0" and single["tier"] > 0
+        assert pair["policy"] == "netkv_pair" and pair["tier"] == 0
+        assert pair["prefill"].split("-")[0] == pair["decode"].split("-")[0] != "h000"
+        assert pair["predicted_ttft_ms"] < single["predicted_ttft_ms"]

@@ -267,3 +267,25 @@ def test_inline_link_state_path_matches_the_oracle_protocol(topo: Topology) -> N
     llmd_slow = make_policy("llmd_weighted").decide(req, cands, _Opaque(oracle))
     assert llmd_fast.scores is not None and llmd_slow.scores is not None
     np.testing.assert_allclose(llmd_fast.scores, llmd_slow.scores)
+
+
+def test_pair_vectorised_over_prefill_hosts_matches_the_protocol_path(topo: Topology) -> None:
+    oracle = idle_oracle(topo, {"pod0/up": 0.05, "leaf1.0/down": 0.2})
+    engine = DecisionEngine.from_name("netkv_pair", None, topo)
+    engine.reserve(6, 7, 2e9)
+    prefill = PrefillView(host=np.array([0, 3, 3, 6], dtype=np.int64),
+                          ready_s=np.array([0.4, 0.2, 0.9, 0.3]))
+    req = request(20_000, overlap=[0, 4, 0, 0, 30], prefill=prefill)
+    cands = view([1, 2, 4, 5, 7])
+    fast = engine.policy.decide(req, cands, oracle, engine.bookings)
+    slow = engine.policy.decide(req, cands, _Opaque(oracle), engine.bookings)
+    assert (fast.index, fast.prefill_index, fast.tier) == (slow.index, slow.prefill_index,
+                                                           slow.tier)
+    assert fast.ttft_s == pytest.approx(slow.ttft_s, rel=1e-12)
+    # Brute force over every (prefill, decode) pair with the single-source predictor.
+    best = min(
+        (prefill.ready_s[p] + make_policy("netkv").decide(
+            request(20_000, overlap=[0, 4, 0, 0, 30], src=int(prefill.host[p])),
+            cands, oracle, engine.bookings).scores[d], p, d)  # type: ignore[index]
+        for p in range(4) for d in range(5))
+    assert (fast.prefill_index, fast.index) == (best[1], best[2])

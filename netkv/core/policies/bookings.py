@@ -32,7 +32,7 @@ class Booking:
 class Bookings:
     """Own in-flight KV transfers per directed link of ``topology``.
 
-    The arrays carry one extra, always-zero entry for the path tables' sentinel link.
+    ``bytes_ext``/``flows_ext`` carry one spare, always-zero entry past the last link.
     """
 
     def __init__(self, topology: Topology) -> None:
@@ -69,15 +69,6 @@ class Bookings:
         self.flows_ext[idx] = np.maximum(self.flows_ext[idx] - 1.0, 0.0)
         self.active = max(self.active - 1, 0)
 
-    def delay_on(self, links: IntArray, nbytes: FloatArray, rate_ext: FloatArray) -> FloatArray:
-        """Per row of ``links`` (sentinel-padded path columns): the delay booked transfers add
-        to a new one of ``nbytes`` on the worst link, with per-link rates ``rate_ext``."""
-        if self.active == 0:
-            return np.zeros(links.shape[0], dtype=np.float64)
-        competing = np.minimum(self.bytes_ext[links], self.flows_ext[links] * nbytes[:, None])
-        out: FloatArray = (competing / rate_ext[links]).max(axis=1)
-        return out
-
     def extra_seconds(self, src_host: int, dst_hosts: IntArray, nbytes: FloatArray,
                       link_rate: FloatArray | None = None) -> FloatArray:
         """Per destination: the delay booked transfers add to a new one of ``nbytes``, on the
@@ -86,6 +77,7 @@ class Bookings:
         if self.active == 0:
             return np.zeros(dst_hosts.shape[0], dtype=np.float64)
         rate = self.topology.capacity if link_rate is None else link_rate
-        rate_ext = np.append(np.maximum(rate, 1.0), np.inf)
-        links = self.paths.from_src(src_host)[0][dst_hosts]
-        return self.delay_on(links, nbytes, rate_ext)
+        links = np.take(self.paths.from_src(src_host).links, dst_hosts, axis=1)
+        competing = np.minimum(self.bytes_ext[links], self.flows_ext[links] * nbytes)
+        out: FloatArray = (competing / np.maximum(rate[links], 1.0)).max(axis=0)
+        return out

@@ -20,7 +20,7 @@ import numpy as np
 from netkv.core.oracle import CostOracle
 from netkv.core.policies.base import TieBreaker, decision_from, parse_params
 from netkv.core.policies.bookings import Bookings
-from netkv.core.policies.prediction import DecodeModel, predict
+from netkv.core.policies.prediction import DecodeModel, decode_side, predict, transfer_matrix
 from netkv.core.policies.views import CandidateView, Decision, RequestView
 from netkv.fields import bound
 
@@ -66,11 +66,15 @@ class NetkvPair(Netkv):
         if prefill is None:
             return super().decide(request, candidates, oracle, bookings)
         booked = bookings if self.params.use_bookings else None
-        # Prefill hosts repeat (several instances per host): price each host once.
+        queue, first, nbytes = decode_side(self.model, request, candidates)
+        # Prefill hosts repeat (several instances per host): price each host's paths once.
         hosts, inverse = np.unique(prefill.host, return_inverse=True)
-        per_host = [predict(self.model, request, candidates, oracle, booked, src_host=int(h))
-                    for h in hosts]
-        totals = np.stack([per_host[k].ttft_s for k in inverse]) + prefill.ready_s[:, None]
+        by_host, tiers = transfer_matrix(oracle, booked, hosts, candidates.host, nbytes)
+        totals = by_host[inverse] + (queue + first) + prefill.ready_s[:, None]
         p, d = divmod(self.ties.argmin(totals.ravel()), len(candidates))
-        return decision_from(per_host[int(inverse[p])], d, d, None, prefill_index=p,
-                             prefill_s=float(prefill.ready_s[p]))
+        k = int(inverse[p])
+        return Decision(
+            index=d, ttft_s=float(queue[d] + by_host[k, d] + first[d]), queue_s=float(queue[d]),
+            transfer_s=float(by_host[k, d]), first_token_s=float(first[d]),
+            tier=int(tiers[k][d]), transfer_bytes=float(nbytes[d]), prefill_index=p,
+            prefill_s=float(prefill.ready_s[p]))

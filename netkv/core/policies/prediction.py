@@ -67,29 +67,20 @@ def predict(
     through the protocol.
     """
     host = candidates.host if index is None else candidates.host[index]
-    n = host.shape[0]
     src = request.prefill_host if src_host is None else src_host
+    queue, first, nbytes = decode_side(model, request, candidates, index)
+    transfer, tier = transfer_times(oracle, bookings, src, host, nbytes)
+    return Prediction(queue, transfer, first, tier, nbytes)
+
+
+def decode_side(model: DecodeModel, request: RequestView, candidates: CandidateView,
+                index: IntArray | None = None) -> tuple[FloatArray, FloatArray, FloatArray]:
+    """``(queue_s, first_token_s, transfer_bytes)`` per candidate: everything but the path."""
+    n = len(candidates) if index is None else index.shape[0]
     delta = request.delta_tokens(len(candidates))
     if index is not None:
         delta = delta[index]
-    nbytes = delta * request.kv_bytes_per_token
-    if type(oracle) is LinkStateOracle:
-        table = path_table(oracle.topology)
-        links_all, tiers_all = table.from_src(src)
-        links = links_all[host]
-        tier = tiers_all[host]
-        rate_ext = np.append(np.maximum(oracle.available_bytes_s, 1.0), np.inf)
-        lat_ext = np.append(oracle.latency_s, 0.0)
-        transfer = lat_ext[links].sum(axis=1) + nbytes / rate_ext[links].min(axis=1)
-        if bookings is not None and bookings.active:
-            transfer = transfer + bookings.delay_on(links, nbytes, rate_ext)
-    else:
-        est = oracle.estimate(src, host, nbytes)
-        tier = est.tier
-        transfer = est.seconds
-        if bookings is not None and bookings.active:
-            rates = getattr(oracle, "available_bytes_s", None)
-            transfer = transfer + bookings.extra_seconds(src, host, nbytes, rates)
+    nbytes: FloatArray = delta * request.kv_bytes_per_token
     if index is None:
         capacity = candidates.capacity_tokens
         use = candidates.kv_use
@@ -113,7 +104,41 @@ def predict(
     else:
         queue = deficit
     first = tbt if tbt is not None else np.full(n, model.tbt_s)
-    return Prediction(queue, transfer, first, tier, nbytes)
+    return queue, first, nbytes
+
+
+def transfer_matrix(oracle: CostOracle, bookings: Bookings | None, srcs: IntArray,
+                    host: IntArray, nbytes: FloatArray) -> tuple[FloatArray, IntArray]:
+    """:func:`transfer_times` from each of ``srcs`` (distinct hosts): ``(S, n)`` arrays.
+    Vectorised over sources for a :class:`~netkv.core.oracle.LinkStateOracle`."""
+    if type(oracle) is not LinkStateOracle:
+        pairs = [transfer_times(oracle, bookings, int(s), host, nbytes) for s in srcs]
+        return np.stack([t for t, _ in pairs]), np.stack([k for _, k in pairs])
+    links_all, on_path_all, tiers_all = path_table(oracle.topology).stacked(srcs)
+    links = np.take(links_all, host, axis=2)
+    rate = oracle.available_bytes_s[links]
+    latency = (oracle.latency_s[links] * np.take(on_path_all, host, axis=2)).sum(axis=1)
+    transfer: FloatArray = latency + nbytes / np.maximum(rate.min(axis=1), 1.0)
+    if bookings is not None and bookings.active:
+        flows = bookings.flows_ext[links]
+        if flows.any():
+            competing = np.minimum(bookings.bytes_ext[links], flows * nbytes)
+            transfer = transfer + (competing / np.maximum(rate, 1.0)).max(axis=1)
+    tiers: IntArray = np.take(tiers_all, host, axis=1)
+    return transfer, tiers
+
+
+def transfer_times(oracle: CostOracle, bookings: Bookings | None, src: int, host: IntArray,
+                   nbytes: FloatArray) -> tuple[FloatArray, IntArray]:
+    """Predicted transfer seconds (oracle plus own bookings) and tiers from ``src``."""
+    if type(oracle) is LinkStateOracle:
+        return _link_state_transfer(oracle, bookings, src, host, nbytes)
+    est = oracle.estimate(src, host, nbytes)
+    transfer = est.seconds
+    if bookings is not None and bookings.active:
+        rates = getattr(oracle, "available_bytes_s", None)  # a LinkStateOracle's per-link view
+        transfer = transfer + bookings.extra_seconds(src, host, nbytes, rates)
+    return transfer, est.tier
 
 
 def tiers_to(oracle: CostOracle, src: int, hosts: IntArray) -> IntArray:
@@ -121,6 +146,50 @@ def tiers_to(oracle: CostOracle, src: int, hosts: IntArray) -> IntArray:
     topology, else from a zero-byte estimate."""
     topology = getattr(oracle, "topology", None)
     if isinstance(topology, Topology):
-        tiers: IntArray = path_table(topology).from_src(src)[1][hosts]
+        tiers: IntArray = path_table(topology).from_src(src).tiers[hosts]
         return tiers
     return oracle.estimate(src, hosts, 0.0).tier
+
+
+# Candidates per pass: keeps each (6, chunk) float64 temporary under 128 KiB, glibc's default
+# mmap threshold; bigger temporaries are mmapped and page-faulted afresh on every call, which
+# made |D| = 4096 ten times slower than 2 x 2048.
+_CHUNK = 2048
+
+
+def _link_state_transfer(oracle: LinkStateOracle, bookings: Bookings | None, src: int,
+                         host: IntArray, nbytes: FloatArray) -> tuple[FloatArray, IntArray]:
+    """``LinkStateOracle.estimate`` plus the bookings' delay, over cached path tables: a few
+    gathers and reductions over ``(6, |D|)``, with no per-link (O(links)) work per call."""
+    paths = path_table(oracle.topology).from_src(src)
+    n = host.shape[0]
+    if 6 * n < oracle.latency_s.shape[0]:  # few candidates: sum their path latencies directly
+        links = np.take(paths.links, host, axis=1)
+        latency = (oracle.latency_s[links] * np.take(paths.on_path, host, axis=1)).sum(axis=0)
+        return latency + _transfer_part(oracle, bookings, links, nbytes), paths.tiers[host]
+    latency = paths.path_latency(oracle.latency_s)[host]
+    if n <= _CHUNK:
+        links = np.take(paths.links, host, axis=1)
+        return latency + _transfer_part(oracle, bookings, links, nbytes), paths.tiers[host]
+    transfer = np.empty(n, dtype=np.float64)
+    for lo in range(0, n, _CHUNK):
+        hi = min(lo + _CHUNK, n)
+        links = np.take(paths.links, host[lo:hi], axis=1)
+        transfer[lo:hi] = latency[lo:hi] + _transfer_part(oracle, bookings, links,
+                                                          nbytes[lo:hi])
+    return transfer, paths.tiers[host]
+
+
+def _transfer_part(oracle: LinkStateOracle, bookings: Bookings | None, links: IntArray,
+                   nbytes: FloatArray) -> FloatArray:
+    """Seconds beyond latency for ``links`` (6, k), gathered C-contiguous with ``np.take``
+    (``table[:, host]`` is column-major and makes the axis-0 reductions slow)."""
+    rate = oracle.available_bytes_s[links]
+    bw = np.maximum(rate.min(axis=0), 1.0)
+    transfer: FloatArray = nbytes / bw
+    if bookings is not None and bookings.active:
+        flows = bookings.flows_ext[links]
+        if flows.any():
+            competing = np.minimum(bookings.bytes_ext[links], flows * nbytes)
+            transfer = transfer + (competing / np.maximum(rate, 1.0)).max(axis=0)
+    return transfer
