@@ -75,7 +75,7 @@ def core_schedule(plan: FabricPlan, duration_s: float, flows: int = 12) -> Sched
              for d in ("up", "down") if f"{pod}/up" in plan.link_ports]
     third = duration_s / 3
     for k in range(3):
-        leaf = leaves[(2 * k + 1) % len(leaves)]
+        leaf = leaves[(len(leaves) - 1 - k) % len(leaves)]
         spots.append(HotSpot(f"{leaf}/up", k * third, (k + 1) * third, max(flows // 2, 1)))
     return Schedule(tuple(spots))
 

@@ -190,7 +190,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         if owned:
             plan, control = _start(lab, args)
-        schedule = _schedule(args, plan, requests[-1].arrival_s + spec.warmup_s + 5.0)
+        schedule = _schedule(args, plan, requests[-1].arrival_s + spec.warmup_s + 10.0)
         model = replace(EngineModel(), bytes_per_token=float(_bytes_per_token(args.scale)))
         with inside(plan.control_ns):
             results = asyncio.run(_replay(plan, control, model=model, schedule=schedule,
