@@ -8,13 +8,15 @@
 
 Entering binds the UDP echo socket (responder + prober) on the agent's own address, opens the
 Redis client and, when interfaces are configured, a netlink socket; then starts, in one
-:class:`asyncio.TaskGroup`: the prober, the counter reader (NIC, qdisc, RDMA), the publisher
-(which also collects RTT samples), the registry watcher (peers and pinglist) and MQTT
-presence. Leaving shuts down in order, each step bounded: stop probing and reading; publish
-what was measured (final flush) and drop the heartbeat; announce ``offline`` on MQTT; then
-close sockets and clients. A task that fails takes the agent down visibly (the TaskGroup
-re-raises) rather than leaving a half-alive agent; expected faults (Redis or broker down,
-missing interfaces, malformed registry entries) are handled and counted inside the tasks.
+:class:`asyncio.TaskGroup`: the prober (echo ticks), the publisher (which also reads the NIC,
+qdisc and RDMA counters when due and collects RTT samples), the registry watcher (peers and
+pinglist) and MQTT presence. Few tasks and few timers on purpose: each event-loop wake-up
+costs real CPU, and the agent must stay around 1% of a core. Leaving shuts down in order,
+each step bounded: stop probing and reading; publish what was measured (final flush) and
+drop the heartbeat; announce ``offline`` on MQTT; then close sockets and clients. A task
+that fails takes the agent down visibly (the TaskGroup re-raises) rather than leaving a
+half-alive agent; expected faults (Redis or broker down, missing interfaces, malformed
+registry entries) are handled and counted inside the tasks.
 """
 
 from __future__ import annotations
@@ -105,7 +107,7 @@ class Agent:
         self.keys = RedisKeys(settings.redis.prefix)
         self.nic_links, self.rdma_links = link_bindings(settings, topology)
         self.prober = Prober(settings.agent_id, timeout_s=settings.probe_timeout_s,
-                             window_s=settings.rtt_window_s)
+                             window_s=settings.rtt_window_s, tick_s=settings.echo_tick_s)
         self.nics = NicReader(settings.agent_id, settings.interfaces,
                               settings.nic_speed_gbps, settings.sysfs_net_root)
         self.qdiscs = QdiscReader(settings.agent_id, settings.interfaces)
@@ -145,7 +147,6 @@ class Agent:
             group = await stack.enter_async_context(asyncio.TaskGroup())
             self._tasks = {
                 "probe": group.create_task(self.prober.run(), name="probe"),
-                "counters": group.create_task(self._counters_loop(), name="counters"),
                 "registry": group.create_task(self._registry_loop(redis), name="registry"),
                 "publish": group.create_task(self._publish_loop(), name="publish"),
             }
@@ -186,7 +187,7 @@ class Agent:
         """Ordered, bounded: stop measuring, publish the rest, say offline, then close."""
         self._stopping = True
         self.prober.stop()
-        await self._cancel("probe", "counters", "registry")
+        await self._cancel("probe", "registry")
         if self.publisher is not None and "publish" in self._tasks:
             await self._cancel("publish")
             self.publisher.submit(self.prober.collect())
@@ -223,8 +224,16 @@ class Agent:
         self.publisher.submit(samples)
 
     async def _publish_loop(self) -> None:
+        """Every publish interval: read counters when due, collect RTT samples, publish.
+        Counters are read in the same wake-up as the publish (one timer, not two), so their
+        samples leave the host with no extra delay."""
         assert self.publisher is not None
+        next_counters = 0.0
         while not self._stopping:
+            now = time.monotonic()
+            if now >= next_counters:
+                next_counters = now + self.settings.counter_interval_s - 0.01
+                await self.read_counters()
             self._submit(self.prober.collect())
             await self.publisher.step()
             await asyncio.sleep(self.settings.publish_interval_s)
@@ -247,11 +256,6 @@ class Agent:
             except OSError as exc:
                 self.counter_errors += 1
                 log.warning("rdma read failed", error=str(exc))
-
-    async def _counters_loop(self) -> None:
-        while not self._stopping:
-            await self.read_counters()
-            await asyncio.sleep(self.settings.counter_interval_s)
 
     async def refresh_peers(self, redis: Any) -> bool:
         """Read the registry and live heartbeats; rebuild the pinglist. False if Redis failed."""
@@ -311,6 +315,7 @@ class Agent:
             "probes_sent": echo.probes_sent, "replies": echo.replies, "lost": echo.lost,
             "late": echo.late, "malformed": echo.malformed, "unexpected": echo.unexpected,
             "requests_answered": echo.requests_answered, "send_errors": echo.send_errors,
+            "echo_ticks": echo.ticks, "probe_rounds": echo.rounds,
             "samples_by_kind": dict(self.samples_by_kind),
             "batches_published": pub.batches_published if pub else 0,
             "samples_published": pub.samples_published if pub else 0,

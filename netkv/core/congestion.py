@@ -11,7 +11,9 @@ State (all arrays indexed like ``topology.links`` / ``topology.hosts``):
   inferred values);
 * per probed host pair: smoothed RTT, min RTT, p99 and loss ratio (sparse: only the pairs the
   agents' pinglists probe, which grows about linearly with hosts);
-* per host: when its agent was last heard from (liveness).
+* per host: when its agent was last heard from (liveness). Pairs involving a host whose
+  agent went silent are ignored (the agent is the echo responder, so probe loss towards it
+  says nothing about the network).
 
 Pair estimates are composed on demand (never stored as an O(hosts²) matrix)::
 
@@ -205,9 +207,12 @@ class CongestionMap:
         base = self.link_view(now).estimate(src, dsts, 0.0)
         latency = base.latency_s.copy()
         loss = np.zeros(dsts.shape[0])
+        # A host whose agent went silent answers no probes: its peers' RTT windows show
+        # loss that says nothing about the network, so its pairs count as unmeasured.
+        silent = (self.host_seen_ts > 0) & (now - self.host_seen_ts > self.params.stale_s)
         for i, dst in enumerate(dsts.tolist()):
             pair = self.pairs.get(_pair_key(src, dst))
-            if pair is None or dst == src:
+            if pair is None or dst == src or silent[src] or silent[dst]:
                 continue
             weight = float(self.params.freshness(np.array([now - pair.ts]))[0])
             if weight > 0:

@@ -6,8 +6,9 @@ An agent may only report on its own host's links. Two layers enforce it:
    ``XADD`` only to its own stream ``<prefix>{s<shard>}:samples:<agent>``, write its own
    heartbeat key and the registry hash, and read nothing else. So the stream a batch arrives
    on authenticates its author: another agent cannot write there. (Limitation: ACLs are per
-   key, so the registry hash is writable by every agent; the oracle only uses it for NIC
-   names, and only when ``require_registered_nics`` is set.)
+   key, so the registry hash is writable by every agent; the oracle therefore accepts a
+   registry entry only for the agent it names and only if every link it binds is owned by
+   that agent in the topology.)
 2. **The oracle checks every batch** (:meth:`Ownership.check`): the batch's ``agent`` must be
    the stream's owner, every sample's ``reporter`` must be that agent, and each sample's
    subject must belong to it: a host agent reports its own NICs, RDMA devices and probes to
@@ -21,9 +22,8 @@ already authenticates every connection.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
-import msgpack
+from netkv_agent.registration import LinkPair, RegistrationError, decode_registration
 
 from netkv.core.topology import Topology
 from netkv.telemetry.names import RedisKeys, shard_of
@@ -66,19 +66,45 @@ def agent_acl_rules(keys: RedisKeys, agent: str, password: str) -> list[str]:
             "+cluster|nodes", "+readonly", "+info"]
 
 
-def parse_registration(raw: bytes) -> frozenset[str] | None:
-    """NIC names from an agent's registry entry (msgpack map with ``nics``: names or maps
-    with ``name``); None when the entry is unreadable or names no NICs."""
+@dataclass(frozen=True, slots=True)
+class Binding:
+    """An agent's registered interfaces and the topology links they describe (indices)."""
+
+    nics: frozenset[str]
+    links: dict[str, tuple[int, int]]  # interface -> (tx link, rx link)
+    rdma: dict[str, tuple[int, int]]  # "<device>/<port>" -> (tx link, rx link)
+
+
+def binding_from_registration(topology: Topology, agent: str, raw: bytes) -> Binding:
+    """Validate an agent's registry entry against the topology (strict).
+
+    Every link it binds must exist and be owned by the agent: a registration that claims
+    another host's links is refused whole (:class:`RejectedError`, reason
+    ``bad_registration``), so its samples cannot be steered onto them.
+    """
     try:
-        entry: Any = msgpack.unpackb(raw, raw=False, max_str_len=256, max_array_len=256,
-                                     max_map_len=64, max_bin_len=4096)
-    except Exception:
-        return None
-    nics = entry.get("nics") if isinstance(entry, dict) else None
-    if not isinstance(nics, list):
-        return None
-    names = {n["name"] if isinstance(n, dict) else n for n in nics}
-    return frozenset(n for n in names if isinstance(n, str)) or None
+        reg = decode_registration(raw)
+    except RegistrationError as exc:
+        raise RejectedError("bad_registration", exc.where, str(exc)) from None
+    if reg.agent != agent:
+        raise RejectedError("bad_registration", "registration.agent",
+                            f"entry of {agent!r} names {reg.agent!r}")
+
+    def resolve(table: dict[str, LinkPair], where: str) -> dict[str, tuple[int, int]]:
+        out: dict[str, tuple[int, int]] = {}
+        for key, pair in table.items():
+            ids = []
+            for link in (pair.tx, pair.rx):
+                index = topology.link_index.get(link)
+                if index is None or topology.links[index].owner != agent:
+                    raise RejectedError("bad_registration", f"registration.{where}.{key}",
+                                        f"{link!r} is not a link of {agent!r}")
+                ids.append(index)
+            out[key] = (ids[0], ids[1])
+        return out
+
+    links = resolve(reg.links, "links")
+    return Binding(frozenset(reg.nics) | frozenset(links), links, resolve(reg.rdma, "rdma"))
 
 
 @dataclass
@@ -87,7 +113,7 @@ class Ownership:
 
     topology: Topology
     require_registered_nics: bool = False
-    nics: dict[str, frozenset[str]] = field(default_factory=dict)
+    bindings: dict[str, Binding] = field(default_factory=dict)
     _switches: frozenset[str] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -102,7 +128,7 @@ class Ownership:
         is_host = owner in self.topology.host_index
         if not is_host and owner not in self._switches:
             raise RejectedError("unknown_agent", "batch.agent", f"{owner!r} is not in the topology")
-        registered = self.nics.get(owner)
+        binding = self.bindings.get(owner)
         for i, s in enumerate(batch.samples):
             where = f"batch.samples[{i}]"
             if s.reporter != owner:
@@ -113,26 +139,45 @@ class Ownership:
                     raise RejectedError("unknown_peer", f"{where}.peer",
                                    f"{s.peer!r} is not another host of the topology")
             elif isinstance(s, NicSample | QdiscSample):
-                if not is_host:
-                    if s.nic not in ("up", "down") or \
-                            f"{owner}/{s.nic}" not in self.topology.link_index:
-                        raise RejectedError("foreign_link", f"{where}.nic",
-                                       f"switch agent {owner!r} has no link {s.nic!r}")
-                elif self._foreign_nic(s.nic, registered):
+                if self._foreign_nic(owner, is_host, s.nic, binding):
                     raise RejectedError("foreign_link", f"{where}.nic",
-                                   f"{s.nic!r} is not a NIC of {owner!r}")
-            elif isinstance(s, RdmaSample) and not is_host:
+                                        f"{s.nic!r} is not an interface of {owner!r}")
+            elif isinstance(s, RdmaSample) and (
+                    not is_host or (binding is None and self.require_registered_nics)):
                 raise RejectedError("foreign_link", f"{where}.device",
-                               f"switch agent {owner!r} has no RDMA device")
+                                    f"{s.device!r} is not an RDMA device of {owner!r}")
 
-    def _foreign_nic(self, nic: str, registered: frozenset[str] | None) -> bool:
-        # A host's NIC names are only known from its registration; another host's link
-        # name (h001/nic/up) is never a NIC name.
-        if "/" in nic:
-            return True
-        if registered is None:
-            return self.require_registered_nics
-        return nic not in registered
+    def _foreign_nic(self, owner: str, is_host: bool, nic: str,
+                     binding: Binding | None) -> bool:
+        # Another host's link name (h001/nic/up) is never an interface name.
+        if binding is not None:
+            return nic not in binding.nics
+        if not is_host:  # an unregistered switch agent may name its own up/down links
+            return nic not in ("up", "down") or f"{owner}/{nic}" not in \
+                self.topology.link_index
+        return "/" in nic or self.require_registered_nics
+
+    def nic_links(self, agent: str, nic: str) -> tuple[int | None, int | None]:
+        """The (tx, rx) links an accepted NIC sample loads; None where it loads nothing.
+
+        Registered agents: their bindings (an unbound interface describes no link). An
+        unregistered host: its own NIC links; an unregistered switch: ``<switch>/<nic>``
+        carries the transmit rate.
+        """
+        binding = self.bindings.get(agent)
+        if binding is not None:
+            return binding.links.get(nic, (None, None))
+        host = self.topology.host_index.get(agent)
+        if host is not None:
+            return int(self.topology.up_chain[host, 0]), int(self.topology.down_chain[host, 0])
+        return self.topology.link_index.get(f"{agent}/{nic}"), None
+
+    def rdma_links(self, agent: str, device: str, port: int) -> tuple[int | None, int | None]:
+        binding = self.bindings.get(agent)
+        if binding is not None:
+            return binding.rdma.get(f"{device}/{port}", (None, None))
+        host = self.topology.host_index[agent]
+        return int(self.topology.up_chain[host, 0]), int(self.topology.down_chain[host, 0])
 
 
 def shard_streams(keys: RedisKeys, agents: list[str]) -> dict[int, list[str]]:

@@ -32,7 +32,13 @@ from redis.exceptions import RedisError, ResponseError
 from netkv.telemetry.names import RedisKeys, shard_of
 from netkv.telemetry.wire import WireError, decode_batch
 from netkv_oracle.builder import MapBuilder
-from netkv_oracle.identity import Ownership, RejectedError, parse_registration, stream_owner
+from netkv_oracle.identity import (
+    Binding,
+    Ownership,
+    RejectedError,
+    binding_from_registration,
+    stream_owner,
+)
 from netkv_oracle.metrics import OracleMetrics
 
 log = structlog.get_logger(__name__)
@@ -62,6 +68,7 @@ class Ingestor:
         self._shard_ready = {s: asyncio.Event() for s in range(keys.shards)}
         self.rediscover = asyncio.Event()
         self.last_progress = 0.0  # monotonic time of the last successful Redis round
+        self._refused: dict[str, bytes] = {}
 
     # -- discovery ------------------------------------------------------------------------
     async def discover(self) -> int:
@@ -94,14 +101,26 @@ class Ingestor:
         return new
 
     async def _read_registry(self) -> None:
+        """Agents' bindings (interface -> links), each validated against the topology."""
         entries: dict[Any, Any] = await self.redis.hgetall(self.keys.registry)
-        nics: dict[str, frozenset[str]] = {}
+        bindings: dict[str, Binding] = {}
+        refused: dict[str, bytes] = {}
         for agent, raw in entries.items():
             name = agent.decode(errors="replace") if isinstance(agent, bytes) else str(agent)
-            parsed = parse_registration(raw) if isinstance(raw, bytes) else None
-            if parsed is not None:
-                nics[name] = parsed
-        self.ownership.nics = nics
+            if not isinstance(raw, bytes):
+                continue
+            previous = self.ownership.bindings.get(name)
+            try:
+                bindings[name] = binding_from_registration(self.ownership.topology, name, raw)
+            except RejectedError as exc:
+                refused[name] = raw
+                if self._refused.get(name) != raw:  # count each bad entry once
+                    self.metrics.samples_rejected.labels(exc.reason).inc()
+                    log.warning("registry entry refused", agent=name, error=str(exc))
+                if previous is not None:
+                    bindings[name] = previous
+        self._refused = refused
+        self.ownership.bindings = bindings
 
     # -- entries --------------------------------------------------------------------------
     def handle(self, stream: str, fields: dict[Any, Any], now: float) -> bool:
@@ -121,7 +140,7 @@ class Ingestor:
             self.metrics.samples_rejected.labels(exc.reason).inc()
             log.info("rejected entry", stream=stream, reason=exc.reason, error=str(exc))
             return False
-        self.builder.apply(batch.agent, batch.samples, now)
+        self.builder.apply(batch.agent, batch.samples, now, self.ownership)
         self.metrics.batches.inc()
         counts: dict[str, int] = {}
         for s in batch.samples:

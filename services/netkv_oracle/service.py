@@ -202,10 +202,15 @@ class OracleService:
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
                         tb: TracebackType | None) -> None:
-        for t in self._owned:
-            t.cancel()
-        if self._owned:
-            await asyncio.wait(self._owned, timeout=5.0)
+        # Cancel repeatedly (bounded): redis-py's asyncio client can swallow a cancellation.
+        pending = set(self._owned)
+        deadline = time.monotonic() + 5.0
+        while pending and time.monotonic() < deadline:
+            for t in pending:
+                t.cancel()
+            _, pending = await asyncio.wait(pending, timeout=0.1)
+        if pending:
+            log.warning("oracle tasks did not stop in time", tasks=[t.get_name() for t in pending])
         self._owned.clear()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.leadership.release(), 2.0)

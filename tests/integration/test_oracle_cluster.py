@@ -47,7 +47,7 @@ async def cluster(tmp_path: Path) -> AsyncIterator[list[RedisServer]]:
         client = RedisCluster(host=nodes[0].host, port=nodes[0].port)
 
         async def cluster_ok() -> bool:
-            info = await client.cluster_info()  # type: ignore[no-untyped-call]
+            info = await client.cluster_info()
             return bool(info.get("cluster_state") == "ok")
 
         try:
@@ -69,7 +69,8 @@ async def test_oracle_runs_unchanged_on_a_three_master_cluster(
         hosts = [h.name for h in topology.hosts]
         # The agents' streams spread over several masters.
         slots = {client.keyslot(KEYS.samples_stream(h)) for h in hosts}
-        owners = {client.get_node_from_key(KEYS.samples_stream(h)).name for h in hosts}
+        owners = {getattr(client.get_node_from_key(KEYS.samples_stream(h)), "name", None)
+                  for h in hosts}
         assert len({shard_of(h) for h in hosts}) > 1 and len(slots) > 1
         assert len(owners) > 1, "test needs streams on more than one master"
         async with OracleService(settings, topology) as oracle:

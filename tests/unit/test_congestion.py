@@ -220,3 +220,14 @@ def test_negative_link_values_rejected() -> None:
                    [-1.0] * t.n_links)
     with pytest.raises(SnapshotError, match="finite"):
         CongestionMap.from_snapshot(t, data)
+
+
+def test_pairs_of_a_silent_agent_are_ignored() -> None:
+    t = topo()
+    m = cmap(t)
+    m.observe_host(0, NOW - 10)  # h000's agent went silent long ago
+    m.observe_host(7, NOW)
+    m.observe_rtt(0, 7, srtt_s=0.010, min_s=0.001, p99_s=0.02, loss=1.0, ts=NOW)
+    est = m.estimate(7, np.array([0]), 1e9)
+    prior = static_tier_oracle(t).estimate(7, np.array([0]), 1e9)
+    assert est.seconds[0] == pytest.approx(prior.seconds[0])

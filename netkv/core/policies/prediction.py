@@ -115,15 +115,22 @@ def transfer_matrix(oracle: CostOracle, bookings: Bookings | None, srcs: IntArra
         pairs = [transfer_times(oracle, bookings, int(s), host, nbytes) for s in srcs]
         return np.stack([t for t, _ in pairs]), np.stack([k for _, k in pairs])
     links_all, on_path_all, tiers_all = path_table(oracle.topology).stacked(srcs)
-    links = np.take(links_all, host, axis=2)
-    rate = oracle.available_bytes_s[links]
-    latency = (oracle.latency_s[links] * np.take(on_path_all, host, axis=2)).sum(axis=1)
-    transfer: FloatArray = latency + nbytes / np.maximum(rate.min(axis=1), 1.0)
-    if bookings is not None and bookings.active:
-        flows = bookings.flows_ext[links]
-        if flows.any():
-            competing = np.minimum(bookings.bytes_ext[links], flows * nbytes)
-            transfer = transfer + (competing / np.maximum(rate, 1.0)).max(axis=1)
+    n = host.shape[0]
+    transfer = np.empty((srcs.shape[0], n), dtype=np.float64)
+    step = max(_CHUNK // max(n, 1), 1)  # sources per pass, temporaries under 128 KiB
+    for lo in range(0, srcs.shape[0], step):
+        hi = min(lo + step, srcs.shape[0])
+        links = np.take(links_all[lo:hi], host, axis=2)
+        rate = oracle.available_bytes_s[links]
+        latency = (oracle.latency_s[links] * np.take(on_path_all[lo:hi], host, axis=2)).sum(
+            axis=1)
+        part = latency + nbytes / np.maximum(rate.min(axis=1), 1.0)
+        if bookings is not None and bookings.active:
+            flows = bookings.flows_ext[links]
+            if flows.any():
+                competing = np.minimum(bookings.bytes_ext[links], flows * nbytes)
+                part = part + (competing / np.maximum(rate, 1.0)).max(axis=1)
+        transfer[lo:hi] = part
     tiers: IntArray = np.take(tiers_all, host, axis=1)
     return transfer, tiers
 
