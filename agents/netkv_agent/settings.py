@@ -1,0 +1,130 @@
+"""The agent's typed, frozen configuration, validated once at start-up.
+
+Load it with :func:`load_agent_settings` (file section ``agent`` + the shared ``redis``,
+``mqtt`` and ``topology`` sections + ``NETKV_*`` variables + CLI flags), or build
+:class:`AgentSettings` directly in tests and benchmarks.
+
+How NICs map to topology links (the oracle translates with the agent's registration):
+
+* ``fabric_nic`` names the host's interface that carries KV traffic. Its transmit counters
+  describe the directed link ``<host>/nic/up`` and its receive counters ``<host>/nic/down``.
+* ``nic_links`` binds any other interface explicitly, ``{ifname: {tx: LINK, rx: LINK}}``; a
+  switch agent whose identity is a leaf binds its uplink ports to ``<leaf>/up`` and
+  ``<leaf>/down`` this way. Every bound link must be owned by the agent's identity.
+* ``rdma_fabric_port`` (``mlx5_0/1``) says which RDMA port carries the same traffic as the
+  fabric NIC; its samples map to the same two links.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from netkv.config import MqttSettings, RedisSettings, load_settings
+from netkv.errors import InputError
+from netkv.fields import bound
+
+
+@dataclass(frozen=True, slots=True)
+class NicBinding:
+    """Which directed topology links an interface's transmit and receive counters describe."""
+
+    tx: str = field(metadata={"nonempty": True})
+    rx: str = field(metadata={"nonempty": True})
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSettings:
+    """Everything one agent needs. Intervals are seconds; rates Gb/s as operators quote them."""
+
+    agent_id: str = field(default="", metadata={"nonempty": True})
+    listen_address: str = "127.0.0.1"  # the echo responder binds here (the agent's own address)
+    advertise_address: str | None = None  # what peers should probe; default listen_address
+    echo_port: int = field(default=0, metadata=bound(ge=0, le=65535))  # 0: any free port
+    topology: str | None = None  # topology file path (shared section)
+    redis: RedisSettings = RedisSettings()
+    mqtt: MqttSettings = MqttSettings()
+    mqtt_enabled: bool = True
+
+    # -- RTT probing -----------------------------------------------------------------------
+    probe_interval_leaf_s: float = field(default=0.1, metadata=bound(gt=0, le=3600))
+    probe_interval_pod_s: float = field(default=0.5, metadata=bound(gt=0, le=3600))
+    probe_interval_core_s: float = field(default=1.0, metadata=bound(gt=0, le=3600))
+    probe_timeout_s: float = field(default=1.0, metadata=bound(gt=0, le=60))
+    echo_tick_s: float = field(default=0.1, metadata=bound(gt=0, le=1))  # echo work cadence
+    pod_fanout: int = field(default=2, metadata=bound(ge=0))  # peers per other leaf in the pod
+    core_fanout: int = field(default=4, metadata=bound(ge=0))  # peers across the core, total
+    pinglist_rotate_s: float = field(default=30.0, metadata=bound(gt=0))
+    rtt_window_s: float = field(default=5.0, metadata=bound(gt=0, le=3600))
+    max_peers: int = field(default=1024, metadata=bound(ge=1))
+
+    # -- counters --------------------------------------------------------------------------
+    counter_interval_s: float = field(default=0.5, metadata=bound(gt=0, le=3600))  # read at
+    # publish ticks, so at most as often as publish_interval_s
+    nics: tuple[str, ...] = ()  # interfaces to read; the fabric NIC is always included
+    fabric_nic: str | None = None
+    nic_links: dict[str, NicBinding] = field(default_factory=dict)
+    nic_speed_gbps: dict[str, float] = field(default_factory=dict)  # overrides sysfs speed
+    netns: str | None = None  # read netlink counters inside this named namespace
+    qdisc_enabled: bool = True
+    sysfs_net_root: str = "/sys/class/net"
+    rdma_enabled: bool = True
+    rdma_sysfs_root: str = "/sys/class/infiniband"
+    rdma_devices: tuple[str, ...] = ()  # empty: every device under the root
+    rdma_fabric_port: str | None = None  # "mlx5_0/1"
+    rdma_data_unit_bytes: int = field(default=4, metadata=bound(ge=1, le=8))
+
+    # -- publishing ------------------------------------------------------------------------
+    publish_interval_s: float = field(default=0.25, metadata=bound(gt=0, le=60))
+    heartbeat_interval_s: float = field(default=1.0, metadata=bound(gt=0, le=60))
+    heartbeat_ttl_s: int = field(default=5, metadata=bound(ge=1))
+    stream_maxlen: int = field(default=1000, metadata=bound(ge=10))
+    max_buffered_batches: int = field(default=240, metadata=bound(ge=1))
+    max_batch_samples: int = field(default=1024, metadata=bound(ge=1, le=4096))
+    redis_op_timeout_s: float = field(default=2.0, metadata=bound(gt=0))
+    reconnect_max_backoff_s: float = field(default=5.0, metadata=bound(gt=0))
+    registry_refresh_s: float = field(default=5.0, metadata=bound(gt=0))
+
+    # -- active bandwidth probe (off by default) ------------------------------------------
+    bandwidth_probe_enabled: bool = False
+    bandwidth_port: int = field(default=0, metadata=bound(ge=0, le=65535))
+    bandwidth_probe_interval_s: float = field(default=60.0, metadata=bound(gt=0))
+    bandwidth_probe_bytes: int = field(default=4 * 1024 * 1024, metadata=bound(ge=1024))
+    bandwidth_probe_rate_mbps: float = field(default=100.0, metadata=bound(gt=0))
+
+    def __post_init__(self) -> None:
+        if self.probe_timeout_s <= 2 * self.echo_tick_s:
+            raise InputError("probe_timeout_s", f"must exceed twice echo_tick_s "
+                             f"({2 * self.echo_tick_s:g} s): a responder answers within one "
+                             f"tick and the prober reads within the next")
+        if self.rdma_fabric_port is not None:
+            device, _, port = self.rdma_fabric_port.partition("/")
+            if not device or not port.isdigit():
+                raise InputError("rdma_fabric_port",
+                                 f"expected DEVICE/PORT such as mlx5_0/1, got "
+                                 f"{self.rdma_fabric_port!r}")
+        for name, gbps in self.nic_speed_gbps.items():
+            if not gbps > 0:
+                raise InputError(f"nic_speed_gbps.{name}", f"must be > 0, got {gbps!r}")
+
+    @property
+    def address(self) -> str:
+        """The address peers probe."""
+        return self.advertise_address or self.listen_address
+
+    @property
+    def interfaces(self) -> tuple[str, ...]:
+        """Every interface whose counters are read (configured, fabric and bound ones)."""
+        names = list(self.nics)
+        for extra in (self.fabric_nic, *self.nic_links):
+            if extra and extra not in names:
+                names.append(extra)
+        return tuple(names)
+
+
+def load_agent_settings(path: str | Path | None, env: Mapping[str, str],
+                        overrides: Mapping[str, Any] | None = None) -> AgentSettings:
+    """Settings from a config file, ``NETKV_*`` variables and CLI overrides (in that order)."""
+    return load_settings(AgentSettings, "agent", path, env, overrides)

@@ -1,0 +1,113 @@
+"""Turns accepted samples into congestion-map updates.
+
+* ``NicSample``: the interface's transmit rate loads its ``tx`` link and its receive rate
+  its ``rx`` link, as the agent's registration binds them (``links``; validated against the
+  topology's owners). An unregistered host's interfaces load ``<host>/nic/up`` and
+  ``/nic/down``; an unregistered switch agent's ``up``/``down`` load ``<switch>/up|down``.
+  Several interfaces on one link add up; a reported ``speed_bytes_s`` below the topology's
+  capacity lowers it (a NIC that negotiated a lower rate).
+* ``RdmaSample``: RDMA traffic bypasses the kernel's netdev counters on RoCE NICs, so a
+  link's utilisation is the larger of its netdev sum and its RDMA sum.
+* ``QdiscSample``: backlog / capacity is queueing delay on the interface's ``tx`` link.
+* ``RttSample``: the pair's smoothed RTT, min RTT, p99 and loss ratio.
+
+Sample timestamps are clamped to the oracle's clock, so an agent with a fast clock cannot
+keep its links "fresh" forever. Shared links without switch telemetry are inferred from RTT
+inflation by :meth:`CongestionMap.localise_inflation` when the map is published.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from netkv.core.congestion import CongestionMap, MapParams
+from netkv.core.topology import Topology
+from netkv.telemetry.samples import NicSample, RdmaSample, RttSample, Sample
+from netkv_oracle.identity import Ownership
+
+# per link: (source kind, source name) -> (bytes/s, speed bytes/s, ts)
+_Sources = dict[tuple[str, str], tuple[float, float, float]]
+
+
+class MapBuilder:
+    """Owns the live :class:`CongestionMap` and the per-interface state needed to fill it."""
+
+    def __init__(self, topology: Topology, params: MapParams,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.topology = topology
+        self.clock = clock
+        self.map = CongestionMap(topology, params, clock)
+        self._sources: dict[int, _Sources] = {}
+        self.changed = False
+        self.changed_ts = 0.0  # oracle time of the first change not yet published
+
+    def seed(self, cmap: CongestionMap) -> None:
+        """Continue from a published map (a new leader starts from its predecessor's)."""
+        cmap.clock = self.clock
+        cmap.params = self.map.params
+        self.map = cmap
+
+    def _mark(self, now: float) -> None:
+        if not self.changed:
+            self.changed = True
+            self.changed_ts = now
+
+    def apply(self, agent: str, samples: tuple[Sample, ...], now: float,
+              ownership: Ownership) -> None:
+        """Apply one accepted batch (ownership already checked)."""
+        topo = self.topology
+        host = topo.host_index.get(agent)
+        if host is not None:
+            self.map.observe_host(host, now)
+        touched: set[int] = set()
+        for s in samples:
+            ts = min(s.ts, now)
+            if isinstance(s, RttSample):
+                if host is not None and s.sent > 0:
+                    self._rtt(host, topo.host_index[s.peer], s, ts)
+            elif isinstance(s, NicSample):
+                tx_link, rx_link = ownership.nic_links(agent, s.nic)
+                for link, rate in ((tx_link, s.tx_bytes_s), (rx_link, s.rx_bytes_s)):
+                    if link is not None:
+                        self._sources.setdefault(link, {})[("net", s.nic)] = (
+                            rate, s.speed_bytes_s, ts)
+                        touched.add(link)
+            elif isinstance(s, RdmaSample):
+                tx_link, rx_link = ownership.rdma_links(agent, s.device, s.port)
+                source = f"{s.device}/{s.port}"
+                for link, rate in ((tx_link, s.tx_bytes_s), (rx_link, s.rx_bytes_s)):
+                    if link is not None:
+                        self._sources.setdefault(link, {})[("rdma", source)] = (rate, 0.0, ts)
+                        touched.add(link)
+            else:  # QdiscSample: backlog queues on the interface's transmit link
+                link = ownership.nic_links(agent, s.nic)[0]
+                if link is not None:
+                    self.map.observe_queue(link, s.backlog_bytes / self.map.capacity[link], ts)
+        for link in touched:
+            self._refresh(link, now)
+        self._mark(now)
+
+    def _rtt(self, host: int, peer: int, s: RttSample, ts: float) -> None:
+        if s.sent > s.lost:
+            self.map.observe_rtt(host, peer, srtt_s=s.srtt_s, min_s=s.min_s, p99_s=s.p99_s,
+                                 loss=s.lost / s.sent, ts=ts)
+            return
+        old = self.map.pairs.get((min(host, peer), max(host, peer)))
+        if old is not None:  # everything lost: keep the last RTT, report full loss
+            self.map.observe_rtt(host, peer, srtt_s=old.srtt_s, min_s=old.min_s,
+                                 p99_s=old.p99_s, loss=1.0, ts=ts)
+
+    def _refresh(self, link: int, now: float) -> None:
+        horizon = now - self.map.params.stale_s
+        fresh = [(k, v) for k, v in self._sources.get(link, {}).items() if v[2] >= horizon]
+        if not fresh:
+            return
+        net = sum(v[0] for k, v in fresh if k[0] == "net")
+        rdma = sum(v[0] for k, v in fresh if k[0] == "rdma")
+        ts = max(v[2] for _, v in fresh)
+        # A reported link speed can only lower the declared capacity (a NIC that negotiated
+        # a lower rate); shaping or policy limits below line rate live in the topology.
+        speed = sum(v[1] for k, v in fresh if k[0] == "net")
+        capacity = min(speed, float(self.topology.capacity[link])) if speed > 0 else None
+        self.map.observe_link(link, max(net, rdma), ts, capacity_bytes_s=capacity)

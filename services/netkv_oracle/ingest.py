@@ -1,0 +1,260 @@
+"""Reads the agents' sample streams through a consumer group and feeds the map builder.
+
+* **Discovery**: every ``discover_interval_s`` the ingestor SCANs for
+  ``<prefix>{s*}:samples:*`` (on a cluster, every primary) and reads the registry hash for
+  agents' NIC names; a new stream gets the consumer group (``XGROUP CREATE ... 0``).
+* **Reading**: one task per shard runs ``XREADGROUP GROUP netkv-oracle <oracle> BLOCK ...
+  STREAMS <every stream of the shard> >``; the streams of a shard share a hash tag, so this is
+  one command on a Redis Cluster too.
+* **Decoding** is strict (:func:`netkv.telemetry.wire.decode_batch`), then the identity check
+  (:class:`~netkv_oracle.identity.Ownership`); a bad entry is rejected whole, counted in
+  ``netkv_samples_rejected_total{reason}``, acknowledged and skipped. Nothing an agent sends
+  can end the loop; Redis errors are counted and retried with backoff.
+* **Acknowledging**: entries are ``XACK``-ed after they are applied. Pending entries of a
+  consumer that died (idle longer than ``claim_idle_s``) are taken over with ``XAUTOCLAIM``.
+* A stream or group that vanished (Redis restarted without persistence) shows up as
+  ``NOGROUP``; the shard forgets its streams and discovery recreates them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisError, ResponseError
+
+from netkv.telemetry.names import RedisKeys, shard_of
+from netkv.telemetry.wire import WireError, decode_batch
+from netkv_oracle.builder import MapBuilder
+from netkv_oracle.identity import (
+    Binding,
+    Ownership,
+    RejectedError,
+    binding_from_registration,
+    stream_owner,
+)
+from netkv_oracle.metrics import OracleMetrics
+
+log = structlog.get_logger(__name__)
+
+AnyRedis = Redis | RedisCluster
+
+
+class Ingestor:
+    """Consumes every agent stream into one :class:`MapBuilder`."""
+
+    def __init__(self, redis: AnyRedis, keys: RedisKeys, consumer: str, builder: MapBuilder,
+                 *, ownership: Ownership, metrics: OracleMetrics, read_count: int = 512,
+                 block_ms: int = 100, claim_idle_s: float = 5.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.group = keys.consumer_group
+        self.consumer = consumer
+        self.builder = builder
+        self.ownership = ownership
+        self.metrics = metrics
+        self.read_count = read_count
+        self.block_ms = block_ms
+        self.claim_idle_ms = int(claim_idle_s * 1000)
+        self.clock = clock
+        self.shards: dict[int, set[str]] = {s: set() for s in range(keys.shards)}
+        self._shard_ready = {s: asyncio.Event() for s in range(keys.shards)}
+        self.rediscover = asyncio.Event()
+        self.last_progress = 0.0  # monotonic time of the last successful Redis round
+        self._refused: dict[str, bytes] = {}
+
+    # -- discovery ------------------------------------------------------------------------
+    async def discover(self) -> int:
+        """Find sample streams and make sure each has our group. Returns how many are new."""
+        found: set[str] = set()
+        pattern = f"{self.keys.prefix}{{s*}}:samples:*"
+        async for raw in self.redis.scan_iter(match=pattern, count=1000, _type="stream"):
+            name = raw.decode() if isinstance(raw, bytes) else str(raw)
+            if stream_owner(self.keys, name) is not None:
+                found.add(name)
+        await self._read_registry()
+        new = 0
+        for stream in sorted(found):
+            owner = stream_owner(self.keys, stream)
+            assert owner is not None
+            shard = shard_of(owner, self.keys.shards)
+            if stream in self.shards[shard]:
+                continue
+            try:
+                await self.redis.xgroup_create(stream, self.group, id="0")
+            except ResponseError as exc:
+                if "BUSYGROUP" not in str(exc):
+                    log.warning("cannot create group", stream=stream, error=str(exc))
+                    continue
+            self.shards[shard].add(stream)
+            self._shard_ready[shard].set()
+            new += 1
+        self.metrics.streams.set(sum(len(s) for s in self.shards.values()))
+        self.last_progress = time.monotonic()
+        return new
+
+    async def _read_registry(self) -> None:
+        """Agents' bindings (interface -> links), each validated against the topology."""
+        entries: dict[Any, Any] = await self.redis.hgetall(self.keys.registry)
+        bindings: dict[str, Binding] = {}
+        refused: dict[str, bytes] = {}
+        for agent, raw in entries.items():
+            name = agent.decode(errors="replace") if isinstance(agent, bytes) else str(agent)
+            if not isinstance(raw, bytes):
+                continue
+            previous = self.ownership.bindings.get(name)
+            try:
+                bindings[name] = binding_from_registration(self.ownership.topology, name, raw)
+            except RejectedError as exc:
+                refused[name] = raw
+                if self._refused.get(name) != raw:  # count each bad entry once
+                    self.metrics.samples_rejected.labels(exc.reason).inc()
+                    log.warning("registry entry refused", agent=name, error=str(exc))
+                if previous is not None:
+                    bindings[name] = previous
+        self._refused = refused
+        self.ownership.bindings = bindings
+
+    # -- entries --------------------------------------------------------------------------
+    def handle(self, stream: str, fields: dict[Any, Any], now: float) -> bool:
+        """Decode, check and apply one stream entry. Returns False if it was rejected."""
+        owner = stream_owner(self.keys, stream)
+        try:
+            if owner is None:
+                raise RejectedError("bad_stream", "stream", f"{stream!r} is not a sample stream")
+            if len(fields) != 1:
+                raise RejectedError("bad_entry", "entry", f"expected one field, got {len(fields)}")
+            data = next(iter(fields.values()))
+            if not isinstance(data, bytes):
+                raise RejectedError("bad_entry", "entry", "payload is not bytes")
+            batch = decode_batch(data)
+            self.ownership.check(batch, owner)
+        except (WireError, RejectedError) as exc:
+            self.metrics.samples_rejected.labels(exc.reason).inc()
+            log.info("rejected entry", stream=stream, reason=exc.reason, error=str(exc))
+            return False
+        self.builder.apply(batch.agent, batch.samples, now, self.ownership)
+        self.metrics.batches.inc()
+        counts: dict[str, int] = {}
+        for s in batch.samples:
+            counts[s.kind] = counts.get(s.kind, 0) + 1
+        for kind, n in counts.items():
+            self.metrics.samples_ingested.labels(kind).inc(n)
+        return True
+
+    def _handle_all(self, stream: str, entries: list[Any]) -> list[Any]:
+        now = self.clock()
+        ids = []
+        for entry_id, fields in entries:
+            ids.append(entry_id)
+            if fields is None:  # deleted while pending (trimmed): nothing to apply
+                continue
+            self.handle(stream, fields, now)
+        return ids
+
+    async def _ack(self, acks: dict[str, list[Any]]) -> None:
+        if not acks:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream, ids in acks.items():
+                pipe.xack(stream, self.group, *ids)
+            await pipe.execute()
+
+    async def read_shard(self, shard: int) -> int:
+        """One XREADGROUP round over a shard. Returns the number of entries handled."""
+        streams = self.shards[shard]
+        if not streams:
+            self._shard_ready[shard].clear()
+            return 0
+        try:
+            reply = await self.redis.xreadgroup(
+                self.group, self.consumer, dict.fromkeys(sorted(streams), ">"),
+                count=self.read_count, block=self.block_ms)
+        except ResponseError as exc:
+            if "NOGROUP" in str(exc):
+                log.warning("streams or group vanished; rediscovering", shard=shard)
+                streams.clear()
+                self.rediscover.set()
+                return 0
+            raise
+        self.last_progress = time.monotonic()
+        if not reply:
+            return 0
+        acks: dict[str, list[Any]] = {}
+        handled = 0
+        items = reply.items() if isinstance(reply, dict) else reply
+        for raw_stream, entries in items:
+            stream = raw_stream.decode() if isinstance(raw_stream, bytes) else str(raw_stream)
+            acks[stream] = self._handle_all(stream, entries)
+            handled += len(entries)
+        await self._ack(acks)
+        return handled
+
+    async def claim(self) -> int:
+        """Take over entries another consumer left pending for longer than claim_idle_s."""
+        claimed = 0
+        for streams in self.shards.values():
+            for stream in sorted(streams):
+                start = "0-0"
+                for _ in range(100):  # bounded
+                    reply = await self.redis.xautoclaim(
+                        stream, self.group, self.consumer, self.claim_idle_ms,
+                        start_id=start, count=self.read_count)
+                    start, entries = reply[0], reply[1]
+                    if entries:
+                        ids = self._handle_all(stream, entries)
+                        await self._ack({stream: ids})
+                        claimed += len(entries)
+                    if start in (b"0-0", "0-0"):
+                        break
+        if claimed:
+            self.metrics.claimed.inc(claimed)
+            log.info("claimed pending entries", count=claimed)
+        return claimed
+
+    # -- loops ----------------------------------------------------------------------------
+    async def shard_loop(self, shard: int, active: Callable[[], bool]) -> None:
+        """Read one shard forever while ``active()``; errors are counted, never fatal."""
+        backoff = 0.05
+        while True:
+            if not active():
+                await asyncio.sleep(0.1)
+                continue
+            if not self.shards[shard]:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._shard_ready[shard].wait(), 0.5)
+                continue
+            try:
+                await self.read_shard(shard)
+                backoff = 0.05
+            except (RedisError, OSError) as exc:
+                self.metrics.redis_errors.labels("xreadgroup").inc()
+                log.warning("read failed", shard=shard, error=str(exc), retry_in_s=backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    async def housekeeping_loop(self, active: Callable[[], bool], discover_s: float,
+                                claim_s: float) -> None:
+        """Discovery and claiming, on their own timers."""
+        next_claim = time.monotonic() + claim_s
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.rediscover.wait(), discover_s)
+            self.rediscover.clear()
+            if not active():
+                continue
+            try:
+                await self.discover()
+                if time.monotonic() >= next_claim:
+                    next_claim = time.monotonic() + claim_s
+                    await self.claim()
+            except (RedisError, OSError) as exc:
+                self.metrics.redis_errors.labels("discover").inc()
+                log.warning("discovery failed", error=str(exc))

@@ -1,0 +1,248 @@
+"""Leader election, versioned snapshots in Redis and version announcements on MQTT.
+
+**Multiple oracles: leader election.** Oracles contend for ``RedisKeys.oracle_lock``
+(``SET NX PX``, renewed every ttl/3 by a compare-and-expire script). Only the leader reads the
+streams and publishes; it must see every sample to build a whole map, so splitting one
+consumer group across oracles would give each a partial map. Followers stay hot: they load
+each published snapshot and serve the HTTP cost API from it, and the one that wins the lock
+next seeds its map from that snapshot and XAUTOCLAIMs what the old leader left pending.
+
+**Publishing is fenced**: a Lua script allocates the next version only if the caller still
+holds the lock (``INCR``, kept above the caller's last version so versions stay monotonic
+even if Redis restarted empty), and a second script stores the snapshot only if the lock and
+the version are unchanged. The lock, the version and the snapshot share the ``{map}`` hash
+tag, so the scripts run on a Redis Cluster unchanged.
+
+**Announcement**: JSON ``{"version", "created_ts", "snapshot_key", "oracle"}`` on
+``MqttTopics.map_version``, retained, QoS 1: a scheduler that (re)connects gets the newest
+version at once and fetches the snapshot from Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiomqtt
+import structlog
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisError
+
+from netkv.adapters.mqtt_client import reconnecting
+from netkv.config import MqttSettings
+from netkv.core.congestion import CongestionMap, SnapshotError
+from netkv.core.topology import Topology
+from netkv.telemetry.names import MqttTopics, RedisKeys
+from netkv_oracle.metrics import OracleMetrics
+
+log = structlog.get_logger(__name__)
+
+AnyRedis = Redis | RedisCluster
+
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+_ALLOCATE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+local v = redis.call('INCR', KEYS[2])
+local floor = tonumber(ARGV[2])
+if v <= floor then
+  v = floor + 1
+  redis.call('SET', KEYS[2], v)
+end
+return v
+"""
+_STORE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if tonumber(redis.call('GET', KEYS[2])) ~= tonumber(ARGV[2]) then return 0 end
+redis.call('SET', KEYS[3], ARGV[3])
+return 1
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Announcement:
+    """What a map-version message on MQTT says."""
+
+    version: int
+    created_ts: float
+    snapshot_key: str
+    oracle: str
+
+    def encode(self) -> bytes:
+        return json.dumps({"version": self.version, "created_ts": self.created_ts,
+                           "snapshot_key": self.snapshot_key, "oracle": self.oracle}).encode()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Announcement:
+        """Strict: raises ValueError naming the field."""
+        try:
+            raw = json.loads(payload)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"announcement: not JSON: {exc}") from None
+        if not isinstance(raw, dict) or set(raw) != {"version", "created_ts", "snapshot_key",
+                                                      "oracle"}:
+            raise ValueError("announcement: expected version, created_ts, snapshot_key, oracle")
+        v, ts = raw["version"], raw["created_ts"]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError("announcement.version: expected a non-negative integer")
+        if isinstance(ts, bool) or not isinstance(ts, int | float):
+            raise ValueError("announcement.created_ts: expected a number")
+        if not isinstance(raw["snapshot_key"], str) or not isinstance(raw["oracle"], str):
+            raise ValueError("announcement.snapshot_key/oracle: expected strings")
+        return cls(v, float(ts), raw["snapshot_key"], raw["oracle"])
+
+
+class Leadership:
+    """Holds (or waits for) the oracle lock. ``is_leader`` turns False as soon as a renewal
+    fails or the lease could have run out, whichever comes first."""
+
+    def __init__(self, redis: AnyRedis, keys: RedisKeys, token: str, ttl_s: float,
+                 metrics: OracleMetrics) -> None:
+        self.redis = redis
+        self.key = keys.oracle_lock
+        self.token = token
+        self.ttl_ms = int(ttl_s * 1000)
+        self.metrics = metrics
+        self._lease_until = 0.0
+        self.changed = asyncio.Event()
+
+    @property
+    def is_leader(self) -> bool:
+        return time.monotonic() < self._lease_until
+
+    async def step(self) -> bool:
+        """Acquire or renew once; returns whether we lead."""
+        was = self.is_leader
+        started = time.monotonic()
+        try:
+            ok = await self.redis.eval(_RENEW, 1, self.key, self.token, self.ttl_ms)
+            if not ok:
+                ok = await self.redis.set(self.key, self.token, nx=True, px=self.ttl_ms)
+        except (RedisError, OSError) as exc:
+            self.metrics.redis_errors.labels("leader").inc()
+            log.warning("leader lease check failed", error=str(exc))
+            ok = False
+        # Count the lease from before the request: never believe it lasts longer than Redis.
+        self._lease_until = started + self.ttl_ms / 1000 * 0.9 if ok else 0.0
+        self.metrics.leader.set(1 if ok else 0)
+        if bool(ok) != was:
+            log.info("leadership changed", leader=bool(ok), oracle=self.token)
+            self.changed.set()
+        return bool(ok)
+
+    async def run(self) -> None:
+        while True:
+            await self.step()
+            await asyncio.sleep(self.ttl_ms / 3000)
+
+    async def release(self) -> None:
+        with contextlib.suppress(RedisError, OSError):
+            await self.redis.eval(_RELEASE, 1, self.key, self.token)
+        self._lease_until = 0.0
+        self.metrics.leader.set(0)
+
+
+class Announcer:
+    """Keeps the newest announcement published (retained, QoS 1) across broker restarts."""
+
+    def __init__(self, settings: MqttSettings, identifier: str,
+                 metrics: OracleMetrics) -> None:
+        self.settings = settings
+        self.topic = MqttTopics(settings.prefix).map_version
+        self.identifier = identifier
+        self.metrics = metrics
+        self.latest: Announcement | None = None
+        self._wake = asyncio.Event()
+        self.connected = False
+
+    def announce(self, announcement: Announcement) -> None:
+        self.latest = announcement
+        self._wake.set()
+
+    def _state(self, up: bool) -> None:
+        self.connected = up
+
+    async def _session(self, client: aiomqtt.Client) -> None:
+        self._wake.set()  # a new connection republishes the newest version
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            latest = self.latest
+            if latest is None:
+                continue
+            await client.publish(self.topic, latest.encode(), qos=1, retain=True)
+            self.metrics.mqtt_published.inc()
+
+    async def run(self) -> None:
+        await reconnecting(self.settings, self._session, identifier=self.identifier,
+                           on_state=self._state)
+
+
+class Publisher:
+    """Snapshots the leader's map into Redis under fencing and hands versions to MQTT."""
+
+    def __init__(self, redis: AnyRedis, keys: RedisKeys, leadership: Leadership, *,
+                 announcer: Announcer | None, metrics: OracleMetrics,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.leadership = leadership
+        self.announcer = announcer
+        self.metrics = metrics
+        self.clock = clock
+        self.version = 0
+        self.created_ts = 0.0
+
+    async def publish(self, cmap: CongestionMap) -> int | None:
+        """Write the next version; None if we are not (or no longer) the leader."""
+        started = time.perf_counter()
+        keys, token = self.keys, self.leadership.token
+        version = int(await self.redis.eval(_ALLOCATE, 2, keys.oracle_lock, keys.map_version,
+                                            token, self.version))
+        if version < 0:
+            return None
+        created = self.clock()
+        data = cmap.to_snapshot(version, created)
+        stored = await self.redis.eval(_STORE, 3, keys.oracle_lock, keys.map_version,
+                                       keys.map_snapshot, token, version, data)
+        if not stored:
+            return None
+        cmap.version, cmap.created_ts = version, created
+        self.version, self.created_ts = version, created
+        self.metrics.publish_seconds.observe(time.perf_counter() - started)
+        self.metrics.map_version.set(version)
+        self.metrics.map_created.set(created)
+        if self.announcer is not None:
+            self.announcer.announce(Announcement(version, created, keys.map_snapshot, token))
+        return version
+
+
+async def load_snapshot(redis: AnyRedis, keys: RedisKeys, topology: Topology,
+                        newer_than: int = -1,
+                        clock: Callable[[], float] = time.time) -> CongestionMap | None:
+    """The published map if its version is above ``newer_than`` (followers, new leaders)."""
+    raw: Any = await redis.get(keys.map_version)
+    if raw is None or int(raw) <= newer_than:
+        return None
+    data = await redis.get(keys.map_snapshot)
+    if not isinstance(data, bytes):
+        return None
+    try:
+        return CongestionMap.from_snapshot(topology, data, clock)
+    except SnapshotError as exc:
+        log.warning("published snapshot unreadable", error=str(exc))
+        return None

@@ -1,0 +1,221 @@
+"""The oracle service: ingest, leadership, publishing and HTTP under one owner.
+
+``async with OracleService(settings, topology) as oracle: await oracle.serve_forever()``.
+The service owns every background task it spawns (and logs any that dies); leaving the
+context cancels them, releases the leader lock (so a standby takes over at once), stops the
+HTTP site and closes the Redis client, in that order and with bounded waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from collections.abc import Callable, Coroutine
+from types import TracebackType
+from typing import Any, Self
+
+import structlog
+from aiohttp import web
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import RedisError
+
+from netkv.adapters.redis_client import connect_redis
+from netkv.config import RedisSettings
+from netkv.core.congestion import CongestionMap, MapParams
+from netkv.core.topology import Topology
+from netkv.telemetry.names import RedisKeys
+from netkv_oracle.api import ApiState, build_app
+from netkv_oracle.builder import MapBuilder
+from netkv_oracle.identity import Ownership
+from netkv_oracle.ingest import Ingestor
+from netkv_oracle.metrics import OracleMetrics
+from netkv_oracle.publisher import Announcer, Leadership, Publisher, load_snapshot
+from netkv_oracle.settings import OracleSettings
+
+log = structlog.get_logger(__name__)
+
+AnyRedis = Redis | RedisCluster
+HEALTH_WINDOW_S = 10.0
+
+
+def redis_for(settings: RedisSettings, *, cluster: bool) -> AnyRedis:
+    """A standalone client, or a cluster client that follows slots across primaries; both
+    run the same ingest and publish code."""
+    if not cluster:
+        return connect_redis(settings)
+    client: RedisCluster = RedisCluster.from_url(
+        settings.url, username=settings.username, password=settings.password,
+        socket_timeout=settings.timeout_s, socket_connect_timeout=settings.timeout_s,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3))
+    return client
+
+
+class OracleService:
+    """One oracle process (leader or hot standby)."""
+
+    def __init__(self, settings: OracleSettings, topology: Topology, *,
+                 clock: Callable[[], float] = time.time, mqtt: bool = True) -> None:
+        self.settings = settings
+        self.topology = topology
+        self.clock = clock
+        self.oracle_id = settings.oracle_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.keys = RedisKeys(settings.redis.prefix)
+        self.metrics = OracleMetrics()
+        self.params = MapParams(fresh_s=settings.fresh_s, stale_s=settings.stale_s,
+                                min_share=settings.min_share)
+        self.builder = MapBuilder(topology, self.params, clock)
+        self.redis = redis_for(settings.redis, cluster=settings.cluster)
+        self.ownership = Ownership(topology, settings.require_registered_nics)
+        self.ingestor = Ingestor(
+            self.redis, self.keys, self.oracle_id, self.builder, ownership=self.ownership,
+            metrics=self.metrics,
+            read_count=settings.read_count, block_ms=settings.read_block_ms,
+            claim_idle_s=settings.claim_idle_s, clock=clock)
+        self.leadership = Leadership(self.redis, self.keys, self.oracle_id,
+                                     settings.leader_ttl_s, self.metrics)
+        self.announcer = Announcer(settings.mqtt, f"netkv-oracle-{self.oracle_id}",
+                                   self.metrics) if mqtt else None
+        self.publisher = Publisher(self.redis, self.keys, self.leadership,
+                                   announcer=self.announcer, metrics=self.metrics, clock=clock)
+        self.leading = False  # leader *and* seeded from the predecessor's map
+        self.followed: CongestionMap | None = None
+        self._tick = time.monotonic()
+        self._owned: list[asyncio.Task[None]] = []  # every background task, cancelled on exit
+        self.failed: BaseException | None = None
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    # -- what is served -------------------------------------------------------------------
+    def current_map(self) -> CongestionMap | None:
+        if self.leading:
+            return self.builder.map
+        return self.followed
+
+    def _healthy(self) -> tuple[bool, str]:
+        idle = time.monotonic() - self._tick
+        if self.failed is not None:
+            return False, f"a background task died: {self.failed!r}"
+        if idle > HEALTH_WINDOW_S:
+            return False, f"publish loop stalled for {idle:.1f} s"
+        return True, "leader" if self.leading else "standby"
+
+    def _ready(self) -> tuple[bool, str]:
+        cmap = self.current_map()
+        if cmap is None:
+            return False, "no map yet (standby without a published snapshot)"
+        return True, f"serving map version {cmap.version}"
+
+    # -- loops ----------------------------------------------------------------------------
+    def _ingest_active(self) -> bool:
+        return self.leading and self.leadership.is_leader
+
+    async def _publish_loop(self) -> None:
+        s = self.settings
+        last = last_tomography = 0.0
+        while True:
+            await asyncio.sleep(s.publish_interval_s)
+            self._tick = time.monotonic()
+            try:
+                if not self.leadership.is_leader:
+                    if self.leading:
+                        log.info("lost leadership; standing by")
+                    self.leading = False
+                    await self._follow()
+                    continue
+                if not self.leading:
+                    await self._take_over()
+                now = time.monotonic()
+                if self.builder.changed or now - last >= s.republish_s:
+                    changed = self.builder.changed
+                    self.builder.changed = False
+                    if s.tomography and now - last_tomography >= s.sample_interval_s:
+                        last_tomography = now  # new RTT windows arrive once per interval
+                        self.builder.map.localise_inflation()
+                    if await self.publisher.publish(self.builder.map) is None:
+                        self.builder.changed = changed
+                    else:
+                        last = now
+            except (RedisError, OSError) as exc:
+                self.metrics.redis_errors.labels("publish").inc()
+                log.warning("publish failed", error=str(exc))
+
+    async def _take_over(self) -> None:
+        """Become the active oracle: continue from the newest published map."""
+        seed = await load_snapshot(self.redis, self.keys, self.topology,
+                                   newer_than=self.publisher.version, clock=self.clock)
+        if seed is not None:
+            self.builder.seed(seed)
+            self.publisher.version = max(self.publisher.version, seed.version)
+        self.leading = True
+        self.ingestor.rediscover.set()
+        log.info("leading", oracle=self.oracle_id, seeded_from=seed.version if seed else None)
+
+    async def _follow(self) -> None:
+        held = self.followed.version if self.followed is not None else -1
+        cmap = await load_snapshot(self.redis, self.keys, self.topology, newer_than=held,
+                                   clock=self.clock)
+        if cmap is not None:
+            self.followed = cmap
+            self.metrics.map_version.set(cmap.version)
+            self.metrics.map_created.set(cmap.created_ts)
+
+    # -- lifecycle ------------------------------------------------------------------------
+    async def __aenter__(self) -> Self:
+        app = build_app(ApiState(self.current_map, self._healthy, self._ready, self.metrics))
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.settings.http_host, self.settings.http_port)
+        await site.start()
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        self.port = int(sockets[0].getsockname()[1]) if sockets else self.settings.http_port
+        s = self.settings
+        self._spawn(self.leadership.run(), "leadership")
+        self._spawn(self._publish_loop(), "publish")
+        self._spawn(self.ingestor.housekeeping_loop(
+            self._ingest_active, s.discover_interval_s, s.claim_idle_s), "discover")
+        for shard in range(self.keys.shards):
+            self._spawn(self.ingestor.shard_loop(shard, self._ingest_active), f"shard-{shard}")
+        if self.announcer is not None:
+            self._spawn(self.announcer.run(), "mqtt")
+        log.info("oracle started", oracle=self.oracle_id, port=self.port,
+                 hosts=self.topology.n_hosts, links=self.topology.n_links)
+        return self
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=f"oracle-{self.oracle_id}-{name}")
+        task.add_done_callback(self._task_done)
+        self._owned.append(task)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            self.failed = task.exception()
+            log.error("oracle task died", task=task.get_name(), error=repr(task.exception()))
+
+    async def serve_forever(self) -> None:
+        await asyncio.Event().wait()
+
+    async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        # Cancel repeatedly (bounded): redis-py's asyncio client can swallow a cancellation.
+        pending = set(self._owned)
+        deadline = time.monotonic() + 5.0
+        while pending and time.monotonic() < deadline:
+            for t in pending:
+                t.cancel()
+            _, pending = await asyncio.wait(pending, timeout=0.1)
+        if pending:
+            log.warning("oracle tasks did not stop in time", tasks=[t.get_name() for t in pending])
+        self._owned.clear()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.leadership.release(), 2.0)
+        if self._runner is not None:
+            await asyncio.wait_for(self._runner.cleanup(), 5.0)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.redis.aclose(), 2.0)

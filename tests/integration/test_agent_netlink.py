@@ -1,0 +1,169 @@
+"""Netlink counters in network namespaces this test creates: a veth pair, real traffic, and
+the agent's NIC and qdisc readers must report the bytes that were sent.
+
+Namespaces and interfaces get unique names and addresses from 198.18.0.0/15 (RFC 2544);
+a finalizer deletes them even when the test fails. Needs root (CI runs as root).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from netkv_agent.agent import Agent
+from netkv_agent.nic import NicReader
+from netkv_agent.publisher import STREAM_FIELD
+from netkv_agent.settings import AgentSettings
+from pyroute2 import AsyncIPRoute
+
+from netkv.adapters.redis_client import connect_redis
+from netkv.config import RedisSettings
+from netkv.localservers import RedisServer
+from netkv.telemetry.names import RedisKeys
+from netkv.telemetry.samples import NicSample, QdiscSample
+from netkv.telemetry.wire import Batch, decode_batch
+
+pytestmark = pytest.mark.netns
+
+SENDER = """
+import socket, sys, time
+n, size, dst = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+payload = bytes(size)
+sent = 0
+deadline = time.monotonic() + float(sys.argv[4])
+while sent < n and time.monotonic() < deadline:
+    try:
+        s.sendto(payload, (dst, 9))
+        sent += 1
+    except OSError:
+        time.sleep(0.0005)
+print(sent)
+"""
+
+
+@dataclass(frozen=True)
+class Pair:
+    ns_a: str
+    ns_b: str
+    if_a: str
+    if_b: str
+    addr_a: str = "198.18.7.1"
+    addr_b: str = "198.18.7.2"
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
+
+
+@pytest.fixture
+def veth_pair() -> Iterator[Pair]:
+    if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("tc") is None:
+        pytest.skip("needs root and iproute2 (ip, tc) to create network namespaces")
+    tag = secrets.token_hex(3)
+    pair = Pair(f"nkv-agent-a-{tag}", f"nkv-agent-b-{tag}", f"nka{tag}", f"nkb{tag}")
+    try:
+        _ip("netns", "add", pair.ns_a)
+        _ip("netns", "add", pair.ns_b)
+        _ip("link", "add", pair.if_a, "netns", pair.ns_a, "type", "veth", "peer", "name",
+            pair.if_b, "netns", pair.ns_b)
+        for ns, ifname, addr in ((pair.ns_a, pair.if_a, pair.addr_a),
+                                 (pair.ns_b, pair.if_b, pair.addr_b)):
+            _ip("-n", ns, "link", "set", "lo", "up")
+            _ip("-n", ns, "addr", "add", f"{addr}/30", "dev", ifname)
+            _ip("-n", ns, "link", "set", ifname, "up")
+            subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw",
+                            "net.ipv6.conf.all.disable_ipv6=1"], check=False, timeout=10)
+        yield pair
+    finally:
+        for ns in (pair.ns_a, pair.ns_b):
+            subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True,
+                           timeout=10)
+
+
+def shape(pair: Pair, rate: str, burst: str, limit: str) -> None:
+    """A tbf root qdisc on A's side of the pair."""
+    subprocess.run(["ip", "netns", "exec", pair.ns_a, "tc", "qdisc", "add", "dev", pair.if_a,
+                    "root", "tbf", "rate", rate, "burst", burst, "limit", limit],
+                   check=True, capture_output=True, timeout=10)
+
+
+def send(pair: Pair, count: int, size: int, limit_s: float = 20.0) -> int:
+    """Send ``count`` UDP datagrams of ``size`` bytes from A to B; returns how many left."""
+    out = subprocess.run(
+        ["ip", "netns", "exec", pair.ns_a, sys.executable, "-c", SENDER, str(count),
+         str(size), pair.addr_b, str(limit_s)],
+        check=True, capture_output=True, text=True, timeout=limit_s + 10)
+    return int(out.stdout.strip())
+
+
+async def test_nic_rates_match_bytes_sent(veth_pair: Pair) -> None:
+    reader_a = NicReader("hA", [veth_pair.if_a], {veth_pair.if_a: 10.0})
+    reader_b = NicReader("hB", [veth_pair.if_b])
+    async with AsyncIPRoute(netns=veth_pair.ns_a) as ipr_a, \
+            AsyncIPRoute(netns=veth_pair.ns_b) as ipr_b:
+        assert await reader_a.read(ipr_a) == [] and await reader_b.read(ipr_b) == []
+        start = time.monotonic()
+        count, size = 3000, 1000
+        sent = await asyncio.to_thread(send, veth_pair, count, size)
+        await asyncio.sleep(0.05)
+        [a] = await reader_a.read(ipr_a)
+        [b] = await reader_b.read(ipr_b)
+        elapsed = time.monotonic() - start
+    assert sent == count
+    wire = size + 8 + 20 + 14  # UDP, IPv4 and Ethernet headers, as veth counts them
+    expected = count * wire
+    assert isinstance(a, NicSample) and a.nic == veth_pair.if_a and a.reporter == "hA"
+    assert elapsed <= a.window_s <= elapsed + 0.5  # from the first read to the second
+    # a few ARP frames may ride along; nothing else crosses this private link
+    assert expected <= a.tx_bytes_s * a.window_s <= expected + 2000
+    assert count <= a.tx_packets_s * a.window_s <= count + 5
+    assert expected <= b.rx_bytes_s * b.window_s <= expected + 2000
+    assert a.rx_bytes_s * a.window_s < 200_000  # only ICMP port-unreachables come back
+    assert a.speed_bytes_s == pytest.approx(10e9 / 8)  # from config: veth has no speed
+    assert a.drops_s == 0 and a.errors_s == 0
+
+
+async def test_agent_in_namespace_reports_shaped_rate_and_backlog(
+        veth_pair: Pair, redis_server: RedisServer) -> None:
+    rate_bit = 20_000_000  # tbf at 20 Mbit/s = 2.5 MB/s; its 40 kB queue is smaller than the
+    # sender's socket buffer, so the qdisc (not the socket) overflows and counts drops
+    shape(veth_pair, "20mbit", "16kb", "40kb")
+    settings = AgentSettings(
+        agent_id="h000", listen_address="127.0.0.80", mqtt_enabled=False,
+        redis=RedisSettings(url=redis_server.url), netns=veth_pair.ns_a,
+        fabric_nic=veth_pair.if_a, nic_speed_gbps={veth_pair.if_a: 0.02},
+        counter_interval_s=0.25, publish_interval_s=0.2, rdma_enabled=False)
+    async with Agent(settings) as agent:
+        # ~3 s of UDP offered at far more than 20 Mbit/s
+        sent = await asyncio.to_thread(send, veth_pair, 10_000_000, 1400, 3.0)
+        await asyncio.sleep(0.6)
+        stats = agent.stats()
+    assert sent > 0 and stats["counter_errors"] == 0
+    entries = await _stream(redis_server.url, "h000")
+    samples = [s for b in entries for s in b.samples]
+    nic = [s for s in samples if isinstance(s, NicSample)]
+    qdisc = [s for s in samples if isinstance(s, QdiscSample)]
+    assert nic and qdisc
+    busy = [s.tx_bytes_s for s in nic if s.tx_bytes_s > 0.5 * rate_bit / 8]
+    assert len(busy) >= 4  # the flow lasted ~3 s at a 0.25 s read interval
+    mid = sorted(busy)[len(busy) // 2]
+    assert mid == pytest.approx(rate_bit / 8, rel=0.15)  # the shaped rate, not the offered
+    assert max(s.backlog_bytes for s in qdisc) > 0  # packets queued at the tbf
+    assert sum(s.drops_s * s.window_s for s in qdisc) > 0  # and overflowed it
+    assert all(s.speed_bytes_s == pytest.approx(0.02e9 / 8) for s in nic)
+
+
+async def _stream(url: str, agent: str) -> list[Batch]:
+    async with connect_redis(RedisSettings(url=url)) as client:
+        raw: Any = await client.xrange(RedisKeys().samples_stream(agent))
+    return [decode_batch(fields[STREAM_FIELD.encode()]) for _, fields in raw]

@@ -1,0 +1,157 @@
+"""The echo responder and prober on real loopback sockets: RTT, loss when a peer dies,
+hostile datagrams ignored and counted."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from netkv_agent.echo import MAGIC, PACKET, REPLY, VERSION, PeerTarget, Prober, echo_endpoint
+
+pytestmark = pytest.mark.integration
+
+
+@contextlib.asynccontextmanager
+async def running(prober: Prober, address: str) -> AsyncIterator[tuple[str, int]]:
+    async with echo_endpoint(prober, address, 0) as bound:
+        task = asyncio.create_task(prober.run())
+        try:
+            yield bound
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+async def test_rtt_between_two_agents_on_loopback() -> None:
+    a, b = Prober("a", timeout_s=0.5), Prober("b", timeout_s=0.5)
+    async with running(a, "127.0.0.21") as ea, running(b, "127.0.0.22") as eb:
+        a.set_peers([PeerTarget("b", *eb, 0.02)])
+        b.set_peers([PeerTarget("a", *ea, 0.02)])
+        await asyncio.sleep(0.6)
+        samples = a.collect()
+    assert len(samples) == 1
+    s = samples[0]
+    assert (s.reporter, s.peer) == ("a", "b")
+    assert s.sent >= 10 and s.lost == 0
+    assert 0 < s.min_s <= s.p50_s <= s.p99_s < 0.5
+    assert s.min_s <= s.srtt_s < 0.5
+    assert a.counters.replies == a.counters.probes_sent - len(a._outstanding)
+    assert b.counters.requests_answered >= s.sent  # b answered a's probes
+
+
+async def test_loss_counted_when_peer_dies() -> None:
+    a, b = Prober("a", timeout_s=0.2), Prober("b")
+    async with running(a, "127.0.0.23"):
+        async with running(b, "127.0.0.24") as eb:
+            a.set_peers([PeerTarget("b", *eb, 0.02)])
+            await asyncio.sleep(0.4)
+            alive = a.collect()
+        # b is gone: probes now time out (the first window after death may still hold a
+        # reply that was in flight; the next one is all loss)
+        await asyncio.sleep(0.3)
+        a.collect()
+        await asyncio.sleep(0.6)
+        dead = a.collect()
+    assert alive and alive[0].lost == 0 and alive[0].sent > 0
+    assert dead and dead[0].sent > 0
+    assert dead[0].lost == dead[0].sent  # everything after the death is lost...
+    assert a.counters.lost >= dead[0].lost
+    # ...while p50/p99 stay those of the window's answered probes (loss is in lost/sent)
+    assert dead[0].p99_s < 0.2
+
+
+async def test_rtt_fields_report_timeout_when_nothing_ever_answered() -> None:
+    a = Prober("a", timeout_s=0.1)
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # bound but never answers
+    sink.bind(("127.0.0.25", 0))
+    try:
+        async with running(a, "127.0.0.26"):
+            host, port = sink.getsockname()
+            a.set_peers([PeerTarget("mute", host, port, 0.02)])
+            await asyncio.sleep(0.4)
+            [s] = a.collect()
+    finally:
+        sink.close()
+    assert s.sent > 0 and s.lost == s.sent
+    assert s.p50_s == s.p99_s == s.min_s == s.srtt_s == pytest.approx(0.1)
+
+
+async def test_hostile_datagrams_are_dropped_and_counted() -> None:
+    a = Prober("a", timeout_s=0.2)
+    async with running(a, "127.0.0.27") as ea:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("127.0.0.28", 0))
+        try:
+            s.sendto(b"hello", ea)  # wrong size
+            s.sendto(b"XX" + bytes(18), ea)  # wrong magic
+            s.sendto(PACKET.pack(MAGIC, VERSION, 9, 0, 0, 0, 0), ea)  # unknown type
+            s.sendto(PACKET.pack(MAGIC, VERSION, REPLY, a.token ^ 1, 1, 1, 0), ea)  # foreign
+            s.sendto(PACKET.pack(MAGIC, VERSION, REPLY, a.token, 12345, 1, 0), ea)  # no such seq
+            # a real request is still answered, with the time it was held
+            s.sendto(PACKET.pack(MAGIC, VERSION, 1, 7, 8, 9, 0), ea)
+            s.settimeout(2.0)
+            reply = await asyncio.get_running_loop().run_in_executor(None, s.recv, 64)
+        finally:
+            s.close()
+        await asyncio.sleep(0.05)
+    *fields, hold = PACKET.unpack(reply)
+    assert fields == [MAGIC, VERSION, REPLY, 7, 8, 9]
+    assert 0 <= hold < 2e9
+    assert a.counters.malformed == 3
+    assert a.counters.unexpected == 1
+    assert a.counters.late == 1
+    assert a.counters.requests_answered == 1
+
+
+async def test_responder_hold_time_is_taken_out_of_the_rtt() -> None:
+    """A slow responder (50 ms in user space) that reports its hold time does not inflate
+    the network RTT: (T5 - T2) - (T4 - T3), as R-Pingmesh measures."""
+    a = Prober("a", timeout_s=0.5, tick_s=0.02)
+    slow = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    slow.bind(("127.0.0.31", 0))
+    slow.settimeout(0.5)
+    loop = asyncio.get_running_loop()
+
+    def answer_slowly(n: int) -> None:
+        for _ in range(n):
+            data, addr = slow.recvfrom(64)
+            received = time.monotonic_ns()
+            magic, version, _, token, seq, t_send, _ = PACKET.unpack(data)
+            time.sleep(0.05)
+            hold = time.monotonic_ns() - received
+            slow.sendto(PACKET.pack(magic, version, REPLY, token, seq, t_send, hold), addr)
+
+    try:
+        async with running(a, "127.0.0.32"):
+            host, port = slow.getsockname()
+            a.set_peers([PeerTarget("slow", host, port, 0.1)])
+            await loop.run_in_executor(None, answer_slowly, 5)
+            await asyncio.sleep(0.1)
+            [s] = a.collect()
+    finally:
+        slow.close()
+    assert s.sent == 5 and s.lost == 0
+    # the >= 50 ms hold is not network time (what remains is this thread's wake-up noise)
+    assert s.p50_s < 0.01 and s.p99_s < 0.045
+    assert s.min_s >= 0
+
+
+async def test_interval_is_respected_and_pinglist_change_keeps_stats() -> None:
+    a, b = Prober("a", timeout_s=0.5), Prober("b")
+    async with running(a, "127.0.0.29"), running(b, "127.0.0.30") as eb:
+        a.set_peers([PeerTarget("b", *eb, 0.05)])
+        await asyncio.sleep(1.0)
+        first = a.counters.probes_sent
+        a.set_peers([PeerTarget("b", *eb, 0.1)])  # slower: must not double-schedule
+        srtt = a.peers["b"].srtt
+        a.counters.probes_sent = 0
+        await asyncio.sleep(1.0)
+        second = a.counters.probes_sent
+    assert 8 <= first <= 24  # ~20 at 50 ms (a loaded machine may skip rounds, never add)
+    assert 4 <= second <= 13 and second < first  # ~10 at 100 ms
+    assert srtt is not None
