@@ -19,8 +19,10 @@ $(BIN)/.installed: pyproject.toml
 
 venv: $(BIN)/.installed ## create .venv and install netkv with its dev extras
 
-run: venv ## the main job: simulate every policy on the shared trace and print the table
-	$(BIN)/netkv sim --trace $(TRACE) --scenario fat-tree-64 --out results/sim
+run: ## the main job: install redis/mosquitto if missing, make the venv, run `netkv up --demo`
+	scripts/ensure-servers.sh
+	$(MAKE) venv
+	$(BIN)/netkv up --demo --trace $(TRACE)
 
 lint: venv ## ruff
 	$(BIN)/ruff check .

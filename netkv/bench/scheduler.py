@@ -1,0 +1,211 @@
+"""`netkv bench scheduler`: decision latency and throughput of the scheduler over real HTTP.
+
+The scheduler runs in its own process (a fat-tree with ``--decoders`` decode instances and a
+freshly measured congestion map, so ``netkv`` pays for the full oracle path); the load comes
+from this process: ``--concurrency`` keep-alive HTTP/1.1 connections, each sending the next
+``POST /v1/select`` as soon as the answer arrives (closed loop), with a raw asyncio client so
+the generator's own cost stays small. The same load then runs against a minimal aiohttp
+handler that returns a constant (the "floor"), so the framework's share is visible as a ratio.
+Every select books its decoder (reservations expire after 2 s, keeping the book steady).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from aiohttp import web
+from netkv_scheduler.app import create_app
+from netkv_scheduler.mapfeed import MapFeed
+from netkv_scheduler.settings import SchedulerSettings
+
+from netkv.core.congestion import CongestionMap
+from netkv.core.topology_file import parse_topology
+from netkv.localservers import free_port, wait_for_port
+
+KINDS = ("floor", "scheduler")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--decoders", type=int, default=64, help="decode instances (|D|)")
+    parser.add_argument("--out", type=Path, help="write the JSON result here")
+    parser.add_argument("--requests", type=int, default=6000, help="measured selects per run")
+    parser.add_argument("--warmup", type=int, default=500, help="unmeasured selects first")
+    parser.add_argument("--concurrency", type=int, default=4,
+                        help="keep-alive connections in the closed loop")
+    parser.add_argument("--policy", default="netkv", help="policy the scheduler uses")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="alternate floor/scheduler runs this many times and keep each "
+                        "one's best (the machine is shared: this damps other load)")
+
+
+def fat_tree_for(decoders: int) -> dict[str, int]:
+    """A fat-tree with one prefill and one decode instance per host and ``decoders`` hosts."""
+    hpl = next(h for h in (16, 8, 4, 2, 1) if (decoders % h == 0 and decoders // h >= 4)
+               or h == 1)
+    rest = decoders // hpl
+    pods = next(p for p in (8, 4, 2, 1) if (rest % p == 0 and rest // p >= 2) or p == 1)
+    return {"pods": pods, "leaves_per_pod": rest // pods, "hosts_per_leaf": hpl,
+            "gpus_per_host": 8, "instance_gpus": 4}
+
+
+# -- the server side (a separate process) -----------------------------------------------------
+def _serve(kind: str, decoders: int, port: int, policy: str) -> None:
+    if kind == "floor":
+        constant = json.dumps({"decode": "h000-d1", "predicted_ttft_ms": 1.0}).encode()
+
+        async def handler(request: web.Request) -> web.Response:
+            await request.read()
+            return web.Response(body=constant, content_type="application/json")
+        app = web.Application()
+        app.router.add_post("/v1/select", handler)
+    else:
+        topology = parse_topology({"fabric": {"leaf_oversubscription": 2,
+                                              "pod_oversubscription": 3},
+                                   "fat_tree": fat_tree_for(decoders)})
+        settings = SchedulerSettings(port=port, policy=policy, reservation_ttl_s=2.0,
+                                     map_stale_s=3600.0, log_level="warning")
+        feed = MapFeed(topology, None, None, stale_s=settings.map_stale_s,
+                       cache_s=settings.oracle_cache_s)
+        cmap = CongestionMap(topology)
+        rng = np.random.default_rng(0)
+        now = time.time()
+        for i, link in enumerate(topology.links):
+            cmap.observe_link(i, float(rng.uniform(0, 0.8)) * link.capacity_bytes_s, now)
+        cmap.version, cmap.created_ts = 1, now
+        feed.install(cmap)
+        app = create_app(settings, topology, feed)
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None,
+                handle_signals=True, shutdown_timeout=1.0)
+
+
+# -- the load generator (this process) --------------------------------------------------------
+def _requests(count: int, decoders: int, seed: int) -> list[bytes]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(count):
+        tokens = rng.randint(500, 16000)
+        blocks = -(-tokens // 512)
+        body = json.dumps({"request_id": f"b{seed}-{i}",
+                           "prefill": f"h{rng.randrange(decoders):03d}-p0",
+                           "prompt_tokens": tokens,
+                           "block_hashes": [rng.randrange(64) for _ in range(min(blocks, 4))]
+                           + list(range(i * 40, i * 40 + max(blocks - 4, 0)))},
+                          separators=(",", ":")).encode()
+        out.append(b"POST /v1/select HTTP/1.1\r\nHost: bench\r\nContent-Type: "
+                   b"application/json\r\nContent-Length: " + str(len(body)).encode()
+                   + b"\r\n\r\n" + body)
+    return out
+
+
+async def _connection(port: int, queue: list[bytes], latencies: list[float],
+                      errors: list[str]) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        while queue:
+            payload = queue.pop()
+            start = time.perf_counter()
+            writer.write(payload)
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line[:15].lower() == b"content-length:":
+                    length = int(line[15:])
+            body = await reader.readexactly(length)
+            latencies.append(time.perf_counter() - start)
+            if not head.startswith(b"HTTP/1.1 200"):
+                errors.append((head.split(b"\r\n")[0] + b" " + body[:200]).decode())
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+
+
+async def _load(port: int, requests: list[bytes], concurrency: int) -> \
+        tuple[list[float], float, list[str]]:
+    latencies: list[float] = []
+    errors: list[str] = []
+    queue = list(reversed(requests))
+    start = time.perf_counter()
+    await asyncio.gather(*(_connection(port, queue, latencies, errors)
+                           for _ in range(concurrency)))
+    return latencies, time.perf_counter() - start, errors
+
+
+def _measure(kind: str, args: argparse.Namespace) -> dict[str, float]:
+    port = free_port()
+    env = dict(args.environ)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "netkv.bench.scheduler", kind, str(args.decoders), str(port),
+         args.policy], env=env, stdin=subprocess.DEVNULL)
+    try:
+        asyncio.run(wait_for_port("127.0.0.1", port, 60.0))
+        warm = _requests(args.warmup, args.decoders, seed=1)
+        asyncio.run(_load(port, warm, args.concurrency))
+        reqs = _requests(args.requests, args.decoders, seed=2)
+        latencies, elapsed, errors = asyncio.run(_load(port, reqs, args.concurrency))
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if errors:
+        raise RuntimeError(f"{kind}: {len(errors)} failed requests, first: {errors[0]}")
+    ms = np.array(latencies) * 1e3
+    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
+            "decisions_per_s": len(latencies) / elapsed}
+
+
+def run(args: argparse.Namespace) -> int:
+    if min(args.decoders, args.requests, args.concurrency, args.rounds) < 1:
+        print("netkv bench scheduler: --decoders, --requests, --concurrency and --rounds "
+              "must be >= 1", file=sys.stderr)
+        return 2
+    runs: dict[str, list[dict[str, float]]] = {kind: [] for kind in KINDS}
+    for _ in range(args.rounds):
+        for kind in KINDS:
+            runs[kind].append(_measure(kind, args))
+    floor = max(runs["floor"], key=lambda r: r["decisions_per_s"])
+    sched = max(runs["scheduler"], key=lambda r: r["decisions_per_s"])
+    result: dict[str, Any] = {
+        "decoders": args.decoders, "p50_ms": round(sched["p50_ms"], 4),
+        "p99_ms": round(sched["p99_ms"], 4),
+        "decisions_per_s": round(sched["decisions_per_s"], 1),
+        "floor_p99_ms": round(floor["p99_ms"], 4),
+        "floor_decisions_per_s": round(floor["decisions_per_s"], 1),
+        "floor_p50_ms": round(floor["p50_ms"], 4),
+        "concurrency": args.concurrency, "requests": args.requests, "policy": args.policy,
+        "rounds": args.rounds, "cpus": os.cpu_count(),
+        "load_average_1m": round(os.getloadavg()[0], 2),
+    }
+    print(f"{'server':<10} {'p50 ms':>8} {'p99 ms':>8} {'decisions/s':>12}")
+    print(f"{'floor':<10} {floor['p50_ms']:>8.3f} {floor['p99_ms']:>8.3f} "
+          f"{floor['decisions_per_s']:>12.0f}")
+    print(f"{'scheduler':<10} {sched['p50_ms']:>8.3f} {sched['p99_ms']:>8.3f} "
+          f"{sched['decisions_per_s']:>12.0f}")
+    print(f"ratio      {sched['p50_ms'] / floor['p50_ms']:>8.2f} "
+          f"{sched['p99_ms'] / floor['p99_ms']:>8.2f} "
+          f"{sched['decisions_per_s'] / floor['decisions_per_s']:>12.2f}"
+          f"   (|D| = {args.decoders}, {args.concurrency} connections, best of "
+          f"{args.rounds}, load average {os.getloadavg()[0]:.1f})")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":  # the server process: KIND DECODERS PORT POLICY
+    _serve(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])

@@ -1,0 +1,83 @@
+"""Transfers a scheduler has itself started: bytes and counts per directed link.
+
+The congestion map shows traffic only after a telemetry round trip; a burst of decisions made
+inside that window would otherwise all pick the one decoder behind the best path (herding).
+Every booked transfer therefore counts against the links of its path until it is released.
+Under max-min fair sharing a new flow of ``b`` bytes finishes after about
+``(b + sum_i min(o_i, b)) / C`` on a link of rate ``C`` carrying other flows of ``o_i``
+bytes; with only per-link totals we bound ``sum_i min(o_i, b)`` by
+``min(booked_bytes, n_flows * b)``, and the added delay of a path is that of its worst link
+(``max_l competing_l / rate_l``). Booked bytes are the sizes at booking time (an upper bound
+on what is left).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from netkv.core.policies.paths import path_table
+from netkv.core.topology import FloatArray, IntArray, Topology
+
+
+@dataclass(frozen=True, slots=True)
+class Booking:
+    """A reserved transfer; hand it back to :meth:`Bookings.release` when it completes."""
+
+    links: tuple[int, ...]
+    nbytes: float
+
+
+class Bookings:
+    """Own in-flight KV transfers per directed link of ``topology``.
+
+    ``bytes_ext``/``flows_ext`` carry one spare, always-zero entry past the last link.
+    """
+
+    def __init__(self, topology: Topology) -> None:
+        self.topology = topology
+        self.paths = path_table(topology)
+        self.bytes_ext = np.zeros(topology.n_links + 1, dtype=np.float64)
+        self.flows_ext = np.zeros(topology.n_links + 1, dtype=np.float64)
+        self.active = 0
+
+    @property
+    def bytes(self) -> FloatArray:
+        """Booked bytes per link."""
+        out: FloatArray = self.bytes_ext[:-1]
+        return out
+
+    @property
+    def flows(self) -> FloatArray:
+        """Booked transfers per link."""
+        out: FloatArray = self.flows_ext[:-1]
+        return out
+
+    def reserve(self, src_host: int, dst_host: int, nbytes: float) -> Booking:
+        links = self.topology.path(src_host, dst_host)
+        booking = Booking(links, float(nbytes))
+        idx = list(links)
+        self.bytes_ext[idx] += booking.nbytes
+        self.flows_ext[idx] += 1.0
+        self.active += 1
+        return booking
+
+    def release(self, booking: Booking) -> None:
+        idx = list(booking.links)
+        self.bytes_ext[idx] = np.maximum(self.bytes_ext[idx] - booking.nbytes, 0.0)
+        self.flows_ext[idx] = np.maximum(self.flows_ext[idx] - 1.0, 0.0)
+        self.active = max(self.active - 1, 0)
+
+    def extra_seconds(self, src_host: int, dst_hosts: IntArray, nbytes: FloatArray,
+                      link_rate: FloatArray | None = None) -> FloatArray:
+        """Per destination: the delay booked transfers add to a new one of ``nbytes``, on the
+        worst link of its path. ``link_rate`` is the per-link rate left for KV traffic (the
+        oracle's view); the links' capacities without it."""
+        if self.active == 0:
+            return np.zeros(dst_hosts.shape[0], dtype=np.float64)
+        rate = self.topology.capacity if link_rate is None else link_rate
+        links = np.take(self.paths.from_src(src_host).links, dst_hosts, axis=1)
+        competing = np.minimum(self.bytes_ext[links], self.flows_ext[links] * nbytes)
+        out: FloatArray = (competing / np.maximum(rate[links], 1.0)).max(axis=0)
+        return out

@@ -1,0 +1,117 @@
+"""What a policy sees and what it returns: a request, the decode candidates, a decision.
+
+Views are plain arrays over candidates so that a policy is a handful of numpy operations,
+O(|D|) with a small constant, whatever owns the state (the scheduler service, the simulator or
+a testbed). Building a view is the owner's job; validation of external input happens at the
+owner's edge, so the views only check shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from netkv.core.topology import FloatArray, IntArray
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillView:
+    """Prefill candidates for a joint choice (``netkv_pair``).
+
+    ``ready_s[i]`` is the predicted time from now until prefill instance ``i`` would have this
+    request's KV ready (its queue plus its compute, given its own prefix-cache hit).
+    """
+
+    host: IntArray
+    ready_s: FloatArray
+
+    def __post_init__(self) -> None:
+        if self.host.ndim != 1 or self.host.shape != self.ready_s.shape or self.host.size == 0:
+            raise ValueError("PrefillView: host and ready_s must be equal-length, non-empty 1-d")
+
+
+@dataclass(frozen=True, slots=True)
+class RequestView:
+    """One request to place.
+
+    ``overlap_blocks[i]`` is how many leading prefix blocks (``block_tokens`` tokens each) of
+    this prompt decode candidate ``i`` already holds: only the rest is transferred (delta
+    transfer). ``output_tokens`` is what the decoder must reserve for the answer (max_tokens
+    or an expectation; 0 if unknown).
+    """
+
+    prefill_host: int
+    prompt_tokens: int
+    kv_bytes_per_token: float
+    overlap_blocks: IntArray | None = None
+    block_tokens: int = 512
+    output_tokens: int = 0
+    prefill: PrefillView | None = None
+
+    @property
+    def prompt_blocks(self) -> int:
+        return -(-self.prompt_tokens // self.block_tokens)
+
+    def delta_tokens(self, n: int) -> FloatArray:
+        """Per candidate: prompt tokens the decoder lacks (all of them without overlap)."""
+        if self.overlap_blocks is None:
+            return np.full(n, float(self.prompt_tokens))
+        held = np.minimum(self.overlap_blocks * self.block_tokens, self.prompt_tokens)
+        out: FloatArray = (self.prompt_tokens - held).astype(np.float64)
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class CandidateView:
+    """The decode instances, one entry per candidate.
+
+    ``running``/``waiting`` are requests in the batch and in the admission queue, counted the
+    way a router does (including the ones it has just sent); ``kv_use`` is the fraction of KV
+    memory in use; ``capacity_tokens`` the KV memory in tokens. ``tbt_s`` (current time per
+    output token) and ``waiting_tokens`` (KV tokens the admission queue will claim) are
+    optional: a policy falls back to its own defaults without them.
+    """
+
+    host: IntArray
+    running: IntArray
+    waiting: IntArray
+    kv_use: FloatArray
+    capacity_tokens: FloatArray
+    tbt_s: FloatArray | None = None
+    waiting_tokens: FloatArray | None = None
+
+    def __post_init__(self) -> None:
+        n = self.host.shape
+        if self.host.ndim != 1 or n[0] == 0:
+            raise ValueError("CandidateView: host must be a non-empty 1-d array")
+        for name in ("running", "waiting", "kv_use", "capacity_tokens", "tbt_s",
+                     "waiting_tokens"):
+            arr = getattr(self, name)
+            if arr is not None and arr.shape != n:
+                raise ValueError(f"CandidateView: {name} has shape {arr.shape}, expected {n}")
+
+    def __len__(self) -> int:
+        return int(self.host.shape[0])
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The chosen decode candidate (an index into the view) and the predicted TTFT parts.
+
+    ``ttft_s = queue_s + transfer_s + first_token_s`` counts from when the KV is ready at the
+    prefill instance; ``prefill_s`` (joint choice only) is the predicted wait until then.
+    ``scores`` are the policy's objective per candidate, lower is better (weighted-sum
+    policies return the negated score), or ``None`` if the policy has none.
+    """
+
+    index: int
+    ttft_s: float
+    queue_s: float
+    transfer_s: float
+    first_token_s: float
+    tier: int
+    transfer_bytes: float
+    prefill_index: int | None = None
+    prefill_s: float = 0.0
+    scores: FloatArray | None = None

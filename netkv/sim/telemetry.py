@@ -1,0 +1,78 @@
+"""What policies see of the network in the simulator.
+
+* :class:`TelemetryView` is the sampled, delayed, noisy view: the background load per link is
+  sampled every ``interval_s`` and becomes visible ``delay_s`` later, each sample with
+  multiplicative log-normal error ``noise`` per link; residual bandwidth is
+  ``max(capacity - measured_load, floor * capacity)``. With ``ground_truth`` it is the exact
+  instantaneous residual (the physical limit a perfect map could give).
+
+Both exclude the scheduler's own KV transfers: in the simulator every KV flow is the
+scheduler's, and the policy counts them itself through its bookings (in deployment the map's
+utilisation includes them; the scheduler knows what it booked). Both are
+:class:`~netkv.core.oracle.LinkStateOracle`\\ s whose per-link arrays are refreshed in place.
+"""
+
+from __future__ import annotations
+
+import bisect
+
+import numpy as np
+
+from netkv.core.oracle import LinkStateOracle
+from netkv.core.topology import FloatArray, Topology
+from netkv.sim.fabric import MAX_BACKGROUND
+from netkv.sim.scenario import TelemetrySection
+
+
+class BackgroundHistory:
+    """Piecewise-constant background load per link, recorded as it changes."""
+
+    def __init__(self, n_links: int) -> None:
+        self.times: list[float] = [0.0]
+        self.values: list[FloatArray] = [np.zeros(n_links, dtype=np.float64)]
+
+    def record(self, t: float, background: FloatArray) -> None:
+        if t == self.times[-1]:
+            self.values[-1] = background.copy()
+        else:
+            self.times.append(t)
+            self.values.append(background.copy())
+
+    def at(self, t: float) -> FloatArray:
+        return self.values[max(bisect.bisect_right(self.times, t) - 1, 0)]
+
+
+class TelemetryView:
+    """A cost oracle fed by (possibly stale and noisy) link measurements."""
+
+    def __init__(self, topology: Topology, history: BackgroundHistory,
+                 spec: TelemetrySection, seed: int, *, ground_truth: bool = False) -> None:
+        self.capacity = topology.capacity
+        self.history = history
+        self.spec = spec
+        self.seed = seed
+        self.ground_truth = ground_truth
+        n = topology.n_links
+        self.oracle = LinkStateOracle(topology, topology.capacity.copy(),
+                                      topology.latency.copy(), np.zeros(n),
+                                      np.ones(n) if ground_truth else np.full(n, 0.8))
+        self._sample = -1
+        self._floor = self.capacity * max(spec.floor, 1.0 - MAX_BACKGROUND)
+
+    def refresh(self, now: float, background_now: FloatArray) -> LinkStateOracle:
+        """Bring the oracle's arrays to what is visible at ``now``."""
+        if self.ground_truth:
+            np.maximum(self.capacity - background_now, self._floor,
+                       out=self.oracle.available_bytes_s)
+            return self.oracle
+        k = max(int((now - self.spec.delay_s) // self.spec.interval_s), 0)
+        if k != self._sample:
+            self._sample = k
+            sample_t = k * self.spec.interval_s
+            measured = self.history.at(sample_t)
+            if self.spec.noise > 0:
+                rng = np.random.default_rng((self.seed, k))
+                measured = measured * rng.lognormal(0.0, self.spec.noise, measured.shape[0])
+            np.maximum(self.capacity - measured, self._floor, out=self.oracle.available_bytes_s)
+            self.oracle.age_s[:] = max(now - sample_t, 0.0)
+        return self.oracle

@@ -1,0 +1,301 @@
+"""``netkv testbed up | run | down``: the emulated fat-tree in network namespaces.
+
+* ``up`` builds the fabric and starts the mesh (Redis, Mosquitto, oracle, scheduler, agents),
+  prints the run id and the scale, and leaves it running.
+* ``run --policies cache_load,netkv --out DIR`` replays a trace slice once per policy under
+  the same background schedule on the running testbed (``--run ID``) or on a fresh one that it
+  tears down afterwards; prints the table and writes ``DIR/summary.json``.
+* ``down`` removes a run (``--run ID``) or every testbed run's namespaces and processes.
+
+The compose testbed uses two more actions: ``engine --host NAME`` (one GPU host's emulated
+engines as a service) and ``workload`` (the one-shot policy comparison against them).
+
+Needs root (namespaces, tc). Teardown also happens on errors and Ctrl-C; ``down`` cleans up
+after a ``kill -9``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import yaml
+
+from netkv.core.topology import Topology
+from netkv.core.topology_file import load_topology, parse_topology
+from netkv.errors import InputError
+from netkv.logs import configure_logging
+from netkv.testbed.background import HotSpot, Schedule, bulk, core_schedule
+from netkv.testbed.controlplane import ControlPlane
+from netkv.testbed.enginehost import EngineHostSettings, run_forever
+from netkv.testbed.engines import EngineModel
+from netkv.testbed.fabric import DEFAULT_SCALE, FabricPlan, build
+from netkv.testbed.netns import Lab, LabError, inside, sweep
+from netkv.testbed.runner import (
+    ReplaySpec,
+    format_table,
+    load_requests,
+    run_policies,
+    write_summary,
+)
+from netkv.testbed.selection import HttpSelector
+from netkv.testbed.workload import replay, requests_for
+
+DEFAULT_TOPOLOGY: dict[str, Any] = {
+    "fabric": {"nic_gbps": 400, "leaf_oversubscription": 1, "pod_oversubscription": 2},
+    "fat_tree": {"pods": 2, "leaves_per_pod": 2, "hosts_per_leaf": 2, "gpus_per_host": 8,
+                 "instance_gpus": 4, "role_pattern": "PD"},
+}
+DEFAULT_TRACE = "../shared/data/mooncake_conversation_trace.jsonl"
+WORK_ROOT = Path("/tmp/netkv-testbed")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action",
+                        choices=("up", "run", "down", "engine", "workload", "bulk"))
+    parser.add_argument("--topology", help="topology file (default: 2 pods x 2 leaves x 2 "
+                        "hosts, one prefill and one decode instance per host)")
+    parser.add_argument("--scale", type=float, default=DEFAULT_SCALE,
+                        help=f"link-rate and KV-byte scale (default {DEFAULT_SCALE:g}: "
+                        "400 Gb/s -> 40 Mb/s)")
+    parser.add_argument("--run", help="run id of a testbed started with `up`")
+    parser.add_argument("--policies", default="cache_load,netkv",
+                        help="comma-separated policy names (default cache_load,netkv)")
+    parser.add_argument("--out", default="results/testbed", help="output directory")
+    parser.add_argument("--trace", help=f"trace file (default $NETKV_TRACE or {DEFAULT_TRACE})")
+    parser.add_argument("--start", type=int, default=0, help="first trace request")
+    parser.add_argument("--count", type=int, default=50, help="requests per policy")
+    parser.add_argument("--speedup", type=float, default=1.0, help="trace time compression")
+    parser.add_argument("--schedule", help="background schedule file (default: core links "
+                        "congested throughout, plus a leaf hot spot that moves)")
+    parser.add_argument("--flows", type=int, default=12, help="flows per default hot spot")
+    parser.add_argument("--no-agents", action="store_true",
+                        help="skip the agents (the scheduler then uses tier priors only)")
+    compose = parser.add_argument_group("compose testbed (engine, workload)")
+    compose.add_argument("--host", help="engine: the topology host this container is")
+    compose.add_argument("--scheduler", default="http://127.0.0.1:8090",
+                         help="scheduler base URL")
+    compose.add_argument("--http-port", type=int, default=9000, help="engine HTTP port")
+    compose.add_argument("--kv-port", type=int, default=9100, help="first KV stream port")
+    compose.add_argument("--engine-url", default="http://{host}:9000",
+                         help="workload: engine URL template")
+    compose.add_argument("--listen", help="bulk: sink address HOST:PORT")
+    compose.add_argument("--to", help="bulk: send to HOST:PORT")
+    compose.add_argument("--seconds", type=float, default=600.0, help="bulk: how long")
+
+
+def _topology(args: argparse.Namespace) -> tuple[Topology, str | None]:
+    if args.topology:
+        return load_topology(args.topology), str(Path(args.topology).resolve())
+    return parse_topology(DEFAULT_TOPOLOGY, "default testbed topology"), None
+
+
+def _check(args: argparse.Namespace) -> None:
+    if not 0 < args.scale <= 1:
+        raise InputError("--scale", f"must be in (0, 1], got {args.scale}")
+    if args.count < 1:
+        raise InputError("--count", "must be >= 1")
+    if args.speedup <= 0:
+        raise InputError("--speedup", "must be > 0")
+
+
+def _bytes_per_token(scale: float) -> int:
+    return max(1, round(EngineModel().bytes_per_token * scale))
+
+
+def _raise_on_term(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+def run(args: argparse.Namespace) -> int:
+    configure_logging()
+    _check(args)
+    signal.signal(signal.SIGTERM, _raise_on_term)  # teardown on `kill` as on Ctrl-C
+    if args.action == "down":
+        removed = sweep(run=args.run)
+        print(f"netkv testbed down: removed {len(removed)} namespaces"
+              + (f" of run {args.run}" if args.run else ""))
+        return 0
+    if args.action == "engine":
+        return _engine(args)
+    if args.action == "workload":
+        return _workload(args)
+    if args.action == "bulk":
+        return _bulk(args)
+    try:
+        if args.action == "up":
+            return _up(args)
+        return _run(args)
+    except LabError as exc:
+        print(f"netkv testbed: {exc}", file=sys.stderr)
+        return 1
+
+
+def _start(lab: Lab, args: argparse.Namespace) -> tuple[FabricPlan, ControlPlane]:
+    topology, source = _topology(args)
+    plan = FabricPlan.of(topology, lab.prefix, args.scale)
+    print(plan.describe_scale(), flush=True)
+    lab.ledger.extra.update({"topology": source, "scale": args.scale,
+                             "workdir": str(WORK_ROOT / lab.run)})
+    lab.ledger.save()
+    t0 = time.monotonic()
+    build(lab, plan)
+    control = ControlPlane(lab, plan, WORK_ROOT / lab.run,
+                           bytes_per_token=_bytes_per_token(args.scale),
+                           agents=not args.no_agents)
+    with inside(plan.control_ns):
+        asyncio.run(control.start())
+    lab.ledger.extra["scheduler_pid"] = control.scheduler.pid if control.scheduler else 0
+    lab.ledger.save()
+    print(f"testbed {lab.run}: {len(plan.namespaces)} namespaces, "
+          f"{len(control.agents)} agents, up in {time.monotonic() - t0:.1f}s; "
+          f"logs in {control.workdir / 'logs'}", flush=True)
+    return plan, control
+
+
+def _up(args: argparse.Namespace) -> int:
+    lab = Lab()
+    try:
+        _start(lab, args)
+    except BaseException:
+        lab.teardown()
+        raise
+    lab.detach()
+    print(f"run `netkv testbed run --run {lab.run}` to replay, "
+          f"`netkv testbed down --run {lab.run}` to remove it")
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    trace = Path(args.trace or args.environ.get("NETKV_TRACE", DEFAULT_TRACE))
+    spec = ReplaySpec(start=args.start, count=args.count, speedup=args.speedup)
+    requests = load_requests(trace, spec)
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    if not policies:
+        raise InputError("--policies", "name at least one policy")
+    if args.run:
+        lab = Lab.resume(args.run)
+        extra = lab.ledger.extra
+        args.topology, args.scale = extra.get("topology"), float(str(extra["scale"]))
+        topology, _ = _topology(args)
+        plan = FabricPlan.of(topology, lab.prefix, args.scale)
+        control = ControlPlane(lab, plan, Path(str(extra["workdir"])),
+                               bytes_per_token=_bytes_per_token(args.scale))
+        control.adopt_scheduler(int(str(extra.get("scheduler_pid", 0))))
+        owned = False
+    else:
+        lab = Lab()
+        owned = True
+    try:
+        if owned:
+            plan, control = _start(lab, args)
+        schedule = _schedule(args, plan, requests[-1].arrival_s + spec.warmup_s + 10.0)
+        model = replace(EngineModel(), bytes_per_token=float(_bytes_per_token(args.scale)))
+        with inside(plan.control_ns):
+            results = asyncio.run(_replay(plan, control, model=model, schedule=schedule,
+                                          spec=spec, requests=requests, policies=policies))
+        if not owned:
+            lab.ledger.extra["scheduler_pid"] = control.scheduler.pid if control.scheduler \
+                else 0
+            lab.ledger.save()
+    finally:
+        if owned:
+            lab.teardown()
+        else:
+            lab.detach()
+    print(format_table(results))
+    meta = {"scale": args.scale, "kv_bytes_per_token": _bytes_per_token(args.scale),
+            "trace": str(trace), "start": args.start, "count": len(requests),
+            "speedup": args.speedup, "schedule": [_spot(h) for h in schedule.hot_spots],
+            "scale_note": plan.describe_scale()}
+    path = write_summary(Path(args.out), results, meta)
+    print(f"wrote {path}")
+    return 0
+
+
+def _engine(args: argparse.Namespace) -> int:
+    if not args.host or not args.topology:
+        raise InputError("--host", "engine needs --host and --topology")
+    topology, _ = _topology(args)
+    topology.host_id(args.host)
+    settings = EngineHostSettings(host=args.host, scheduler_url=args.scheduler,
+                                  http_port=args.http_port, kv_port=args.kv_port,
+                                  bytes_per_token=float(_bytes_per_token(args.scale)),
+                                  token=args.environ.get("NETKV_SCHEDULER__TOKEN"))
+    return run_forever(settings, topology)
+
+
+def _address(value: str | None, flag: str) -> tuple[str, int] | None:
+    if value is None:
+        return None
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InputError(flag, f"expected HOST:PORT, got {value!r}")
+    return host, int(port)
+
+
+def _bulk(args: argparse.Namespace) -> int:
+    listen, to = _address(args.listen, "--listen"), _address(args.to, "--to")
+    if listen is None and to is None:
+        raise InputError("--listen", "bulk needs --listen and/or --to")
+    if not 0 < args.seconds <= 86400 or not 1 <= args.flows <= 256:
+        raise InputError("--seconds", "seconds in (0, 86400] and flows in 1..256")
+    print(f"bulk: sink {listen}, {args.flows if to else 0} flows to {to} for {args.seconds:g}s",
+          flush=True)
+    sent = asyncio.run(bulk(listen, to, args.flows, args.seconds))
+    print(f"bulk: sent {sent} bytes", flush=True)
+    return 0
+
+
+def _workload(args: argparse.Namespace) -> int:
+    if not args.topology:
+        raise InputError("--topology", "workload needs the compose topology file")
+    topology, _ = _topology(args)
+    trace_arg = args.trace or args.environ.get("NETKV_TRACE")
+    spec = ReplaySpec(start=args.start, count=args.count, speedup=args.speedup)
+    requests, source = requests_for(Path(trace_arg) if trace_arg else None, spec)
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    print(f"workload: {len(requests)} requests from {source}, policies {policies}",
+          flush=True)
+    results = asyncio.run(replay(topology, args.engine_url, requests, policies))
+    print(format_table(results), flush=True)
+    path = write_summary(Path(args.out), results, {
+        "testbed": "compose", "requests": len(requests), "source": source,
+        "scale": args.scale, "kv_bytes_per_token": _bytes_per_token(args.scale)})
+    print(f"wrote {path}", flush=True)
+    failed = sum(r.summary()["errors"] for r in results.values())
+    return 1 if failed == sum(len(r.outcomes) for r in results.values()) else 0
+
+
+def _spot(h: HotSpot) -> dict[str, Any]:
+    return {"link": h.link, "start_s": h.start_s, "end_s": h.end_s, "flows": h.flows}
+
+
+def _schedule(args: argparse.Namespace, plan: FabricPlan, duration_s: float) -> Schedule:
+    if not args.schedule:
+        return core_schedule(plan, duration_s, args.flows)
+    try:
+        data = yaml.safe_load(Path(args.schedule).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise InputError(args.schedule, f"cannot read schedule: {exc}") from None
+    return Schedule.parse(data, args.schedule)
+
+
+async def _replay(plan: FabricPlan, control: ControlPlane, *, model: EngineModel,
+                  schedule: Schedule, spec: ReplaySpec, requests: list[Any],
+                  policies: list[str]) -> Any:
+    async with HttpSelector(control.scheduler_url) as selector:
+        async def reset(policy: str) -> None:
+            await control.restart_scheduler()
+
+        return await run_policies(plan, model, selector, schedule=schedule, spec=spec,
+                                  requests=requests, policies=policies, before_each=reset)
+
+

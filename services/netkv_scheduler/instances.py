@@ -1,0 +1,192 @@
+"""The decode and prefill instances the scheduler chooses among, and their live load.
+
+Instances come from the topology file and may be registered or refreshed at run time
+(``POST /v1/instances``): an engine or its sidecar reports running and waiting requests and KV
+cache use. Optionally the scheduler scrapes an engine's Prometheus endpoint for vLLM's
+``vllm:num_requests_running``, ``vllm:num_requests_waiting`` and ``vllm:kv_cache_usage_perc``.
+
+Decode load is kept in flat numpy arrays indexed like :attr:`InstanceRegistry.decoders`, so a
+decision reads it without building anything per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from dataclasses import dataclass
+
+import aiohttp
+import numpy as np
+import structlog
+from prometheus_client.parser import text_string_to_metric_families
+
+from netkv.core.topology import FloatArray, IntArray, Role, Topology
+from netkv.errors import InputError
+
+log = structlog.get_logger(__name__)
+
+VLLM_RUNNING = "vllm:num_requests_running"
+VLLM_WAITING = "vllm:num_requests_waiting"
+VLLM_KV_USAGE = "vllm:kv_cache_usage_perc"
+MAX_SCRAPE_BYTES = 4 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    """One load report: requests running and waiting, KV cache use in [0, 1], and (when
+    known) the KV memory in tokens."""
+
+    running: float = 0.0
+    waiting: float = 0.0
+    kv_use: float = 0.0
+    capacity_tokens: float | None = None
+
+
+@dataclass(slots=True)
+class InstanceInfo:
+    """What the registry knows of one instance (``index`` is into the role's arrays)."""
+
+    name: str
+    role: Role
+    host: str
+    host_index: int
+    index: int
+    metrics_url: str | None = None
+    source: str = "topology"  # topology | registered
+    updated_ts: float = 0.0
+    scrape_error: str | None = None
+
+
+class InstanceRegistry:
+    """Instances by name plus per-decoder load arrays (running, waiting, kv_use)."""
+
+    def __init__(self, topology: Topology, capacity_tokens: float = 500_000.0) -> None:
+        self.topology = topology
+        self.by_name: dict[str, InstanceInfo] = {}
+        self.decoders: list[InstanceInfo] = []
+        self.prefills: list[InstanceInfo] = []
+        self.decode_host: IntArray = np.zeros(0, dtype=np.int64)
+        self.running: IntArray = np.zeros(0, dtype=np.int64)
+        self.waiting: IntArray = np.zeros(0, dtype=np.int64)
+        self.kv_use: FloatArray = np.zeros(0)
+        self.capacity_tokens: FloatArray = np.zeros(0)
+        self.default_capacity_tokens = capacity_tokens
+        self.version = 0  # bumped when the decoder set changes
+        for inst in topology.instances:
+            self._add(inst.name, inst.role, inst.host, source="topology")
+
+    def _add(self, name: str, role: Role, host: str, source: str) -> InstanceInfo:
+        host_index = self.topology.host_id(host)
+        group = self.decoders if role == "decode" else self.prefills
+        info = InstanceInfo(name, role, host, host_index, len(group), source=source)
+        group.append(info)
+        self.by_name[name] = info
+        if role == "decode":
+            self.decode_host = np.append(self.decode_host, host_index)
+            self.running = np.append(self.running, 0)
+            self.waiting = np.append(self.waiting, 0)
+            self.kv_use = np.append(self.kv_use, 0.0)
+            self.capacity_tokens = np.append(self.capacity_tokens,
+                                             self.default_capacity_tokens)
+            self.version += 1
+        return info
+
+    def get(self, name: str, where: str) -> InstanceInfo:
+        try:
+            return self.by_name[name]
+        except KeyError:
+            raise InputError(where, f"unknown instance {name!r}") from None
+
+    def register(self, name: str, role: Role | None, host: str | None, load: Load | None,
+                 metrics_url: str | None) -> InstanceInfo:
+        """Add an instance on a known host, or refresh a known one's load and scrape URL."""
+        info = self.by_name.get(name)
+        if info is None:
+            if role is None or host is None:
+                raise InputError("body.role" if role is None else "body.host",
+                                 f"required to register the new instance {name!r}")
+            if host not in self.topology.host_index:
+                raise InputError("body.host", f"unknown host {host!r} (not in the topology)")
+            info = self._add(name, role, host, source="registered")
+        else:
+            if role is not None and role != info.role:
+                raise InputError("body.role", f"{name!r} is a {info.role} instance")
+            if host is not None and host != info.host:
+                raise InputError("body.host", f"{name!r} is on host {info.host!r}")
+        if metrics_url is not None:
+            info.metrics_url = metrics_url
+        if load is not None:
+            self.set_load(info, load)
+        return info
+
+    def set_load(self, info: InstanceInfo, load: Load, now: float | None = None) -> None:
+        info.updated_ts = time.time() if now is None else now
+        if info.role == "decode":
+            self.running[info.index] = round(load.running)
+            self.waiting[info.index] = round(load.waiting)
+            self.kv_use[info.index] = load.kv_use
+            if load.capacity_tokens is not None:
+                self.capacity_tokens[info.index] = load.capacity_tokens
+
+    def load_of(self, info: InstanceInfo) -> Load:
+        if info.role != "decode":
+            return Load()
+        i = info.index
+        return Load(float(self.running[i]), float(self.waiting[i]), float(self.kv_use[i]),
+                    float(self.capacity_tokens[i]))
+
+
+def parse_vllm_metrics(text: str) -> Load:
+    """Sum vLLM's load gauges over all label sets (one engine may expose several)."""
+    totals = {VLLM_RUNNING: 0.0, VLLM_WAITING: 0.0}
+    kv: list[float] = []
+    seen = False
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if not math.isfinite(sample.value) or sample.value < 0:
+                continue
+            if sample.name in totals:
+                totals[sample.name] += sample.value
+                seen = True
+            elif sample.name == VLLM_KV_USAGE:
+                kv.append(sample.value)
+                seen = True
+    if not seen:
+        raise ValueError("no vllm load gauges in the scrape")
+    kv_use = min(max(kv), 1.0) if kv else 0.0
+    return Load(totals[VLLM_RUNNING], totals[VLLM_WAITING], kv_use)
+
+
+async def scrape_once(session: aiohttp.ClientSession, registry: InstanceRegistry,
+                      timeout_s: float) -> int:
+    """Scrape every instance that has a metrics URL; returns how many succeeded."""
+    targets = [i for i in registry.by_name.values() if i.metrics_url]
+
+    async def one(info: InstanceInfo) -> bool:
+        assert info.metrics_url is not None
+        try:
+            async with asyncio.timeout(timeout_s), session.get(info.metrics_url) as resp:
+                if resp.status != 200:
+                    raise ValueError(f"HTTP {resp.status}")
+                body = await resp.content.read(MAX_SCRAPE_BYTES)
+            load = parse_vllm_metrics(body.decode("utf-8", errors="replace"))
+        except (aiohttp.ClientError, TimeoutError, ValueError, UnicodeError) as exc:
+            info.scrape_error = str(exc) or type(exc).__name__
+            return False
+        info.scrape_error = None
+        registry.set_load(info, load)
+        return True
+
+    results = await asyncio.gather(*(one(t) for t in targets))
+    return sum(results)
+
+
+async def scrape_forever(registry: InstanceRegistry, interval_s: float,
+                         timeout_s: float) -> None:
+    """Background task: refresh scraped loads every ``interval_s`` (cancellation ends it)."""
+    async with aiohttp.ClientSession() as session:
+        while True:
+            if any(i.metrics_url for i in registry.by_name.values()):
+                await scrape_once(session, registry, timeout_s)
+            await asyncio.sleep(interval_s)

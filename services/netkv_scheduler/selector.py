@@ -1,0 +1,189 @@
+"""The scheduler's decision state and logic, free of HTTP: instances, bookings, prefix index,
+map feed and one policy engine per policy name.
+
+:meth:`Selector.select` is synchronous and does no I/O, so a decision never waits for Redis
+or the broker; it reads the map the feed holds and the loads the registry holds.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from netkv.core.kvsize import model_spec
+from netkv.core.policies import (
+    Booking,
+    Bookings,
+    CandidateView,
+    Decision,
+    DecisionEngine,
+    PrefillView,
+    RequestView,
+    make_policy,
+    policy_names,
+)
+from netkv.core.topology import Topology
+from netkv.errors import InputError
+from netkv_scheduler.instances import InstanceInfo, InstanceRegistry, Load
+from netkv_scheduler.mapfeed import MapFeed, MapView
+from netkv_scheduler.prefixes import PrefixIndex
+from netkv_scheduler.reservations import Reservations
+from netkv_scheduler.settings import SchedulerSettings
+
+BLOCK_TOKENS = 512  # the trace's and vLLM's prefix block size
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """A decision with what the answer reports about it."""
+
+    decision: Decision
+    decoder: InstanceInfo
+    prefill: InstanceInfo  # the requested one, or the joint choice (netkv_pair)
+    view: MapView
+    policy: str
+    reserved: bool
+    duration_s: float
+
+
+class Selector:
+    """Everything a decision reads, owned in one place."""
+
+    def __init__(self, settings: SchedulerSettings, topology: Topology, feed: MapFeed,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self.topology = topology
+        self.feed = feed
+        self.clock = clock
+        self.registry = InstanceRegistry(topology, settings.capacity_tokens)
+        if not self.registry.decoders:
+            raise InputError("topology", "no decode instances in the topology")
+        self.reservations: Reservations[Booking] = Reservations(
+            len(self.registry.decoders), settings.reservation_ttl_s, clock)
+        self.prefixes = PrefixIndex(settings.prefix_blocks)
+        self.bytes_per_token = float(model_spec(settings.model).bytes_per_token)
+        self.bookings = Bookings(topology)
+        self.engines: dict[str, DecisionEngine] = {}
+        for name in policy_names():
+            params: Mapping[str, Any] = settings.policy_params.get(name, {})
+            engine = DecisionEngine(make_policy(name, params), topology)
+            engine.bookings = self.bookings  # one ledger of in-flight transfers for all
+            self.engines[name] = engine
+        unknown = set(settings.policy_params) - set(self.engines)
+        if unknown:
+            raise InputError(f"scheduler.policy_params.{sorted(unknown)[0]}", "unknown policy")
+        if settings.policy not in self.engines:
+            raise InputError("scheduler.policy", f"unknown policy {settings.policy!r}; "
+                             f"known: {', '.join(self.engines)}")
+        self._swept_at = -1.0
+
+    @property
+    def policies(self) -> tuple[str, ...]:
+        return tuple(self.engines)
+
+    # -- decisions ------------------------------------------------------------------------
+    def sweep(self, every_s: float = 0.0) -> None:
+        """Hand back finished transfers and expired bookings (at most every ``every_s``)."""
+        now = self.clock()
+        if now - self._swept_at < every_s:
+            return
+        self._swept_at = now
+        for booking in self.reservations.sweep(now):
+            self.bookings.release(booking)
+
+    def candidates(self) -> CandidateView:
+        reg = self.registry
+        self.reservations.resize(len(reg.decoders))
+        return CandidateView(host=reg.decode_host, running=reg.running,
+                             waiting=reg.waiting + self.reservations.pending,
+                             kv_use=reg.kv_use, capacity_tokens=reg.capacity_tokens)
+
+    def select(self, body: Mapping[str, Any]) -> Choice:
+        """Decide for one validated ``/v1/select`` body (and book it unless told not to)."""
+        start = time.perf_counter()
+        prefill = self.registry.get(body["prefill"], "body.prefill")
+        if prefill.role != "prefill":
+            raise InputError("body.prefill", f"{prefill.name!r} is a decode instance")
+        policy = body.get("policy") or self.settings.policy
+        engine = self.engines[policy]
+        self.sweep(every_s=0.02)
+        hashes = body.get("block_hashes") or ()
+        n = len(self.registry.decoders)
+        overlap = self.prefixes.overlap(hashes, n) if hashes else None
+        joint = None
+        if policy == "netkv_pair":  # every prefill instance is a candidate, ready now
+            prefills = self.registry.prefills
+            joint = PrefillView(host=np.array([p.host_index for p in prefills], dtype=np.int64),
+                                ready_s=np.zeros(len(prefills)))
+        request = RequestView(prefill_host=prefill.host_index,
+                              prompt_tokens=int(body["prompt_tokens"]),
+                              kv_bytes_per_token=self.bytes_per_token,
+                              overlap_blocks=overlap, block_tokens=BLOCK_TOKENS,
+                              output_tokens=int(body.get("output_tokens", 0)), prefill=joint)
+        view = self.feed.view()
+        decision = engine.decide(request, self.candidates(), view.oracle)
+        decoder = self.registry.decoders[decision.index]
+        if decision.prefill_index is not None:
+            prefill = self.registry.prefills[decision.prefill_index]
+        reserved = bool(body.get("reserve", True))
+        if reserved:
+            transfer = self.bookings.reserve(prefill.host_index, decoder.host_index,
+                                             decision.transfer_bytes)
+            _, old = self.reservations.book(body["request_id"], decision.index,
+                                            decision.transfer_s, transfer)
+            if old is not None and old.transfer is not None:
+                self.bookings.release(old.transfer)
+            if hashes:
+                self.prefixes.add(hashes, decision.index)
+        return Choice(decision, decoder, prefill, view, policy, reserved,
+                      time.perf_counter() - start)
+
+    def release(self, request_id: str) -> InstanceInfo | None:
+        res = self.reservations.release(request_id)
+        if res is None:
+            return None
+        if res.transfer is not None:
+            self.bookings.release(res.transfer)
+            res.transfer = None
+        return self.registry.decoders[res.decode]
+
+    # -- instances ------------------------------------------------------------------------
+    def register(self, body: Mapping[str, Any]) -> InstanceInfo:
+        load = None
+        if any(k in body for k in ("running", "waiting", "kv_use", "capacity_tokens")):
+            info = self.registry.by_name.get(body["name"])
+            current = self.registry.load_of(info) if info is not None else Load()
+            load = Load(float(body.get("running", current.running)),
+                        float(body.get("waiting", current.waiting)),
+                        float(body.get("kv_use", current.kv_use)),
+                        body.get("capacity_tokens", current.capacity_tokens))
+        info = self.registry.register(body["name"], body.get("role"), body.get("host"), load,
+                                      body.get("metrics_url"))
+        self.reservations.resize(len(self.registry.decoders))
+        return info
+
+    def describe(self) -> dict[str, Any]:
+        """The ``GET /v1/instances`` answer."""
+        self.sweep()
+        out: list[dict[str, Any]] = []
+        for info in self.registry.by_name.values():
+            entry: dict[str, Any] = {"name": info.name, "role": info.role, "host": info.host,
+                                     "source": info.source}
+            if info.role == "decode":
+                load = self.registry.load_of(info)
+                entry.update(running=load.running, waiting=load.waiting, kv_use=load.kv_use,
+                             capacity_tokens=load.capacity_tokens,
+                             reservations=int(self.reservations.pending[info.index]))
+            if info.metrics_url:
+                entry.update(metrics_url=info.metrics_url, scrape_error=info.scrape_error)
+            if info.updated_ts:
+                entry["load_age_s"] = round(max(self.clock() - info.updated_ts, 0.0), 3)
+            out.append(entry)
+        return {"instances": out, "open_reservations": len(self.reservations.open),
+                "transfers_in_flight": self.bookings.active,
+                "expired_total": self.reservations.expired_total,
+                "released_total": self.reservations.released_total}

@@ -1,0 +1,107 @@
+"""The agents' view of the namespace testbed: a link the background schedule congests shows
+up congested in the oracle's map within a couple of seconds, and the scheduler's decisions
+move away from it (fewer of a burst's transfers are routed across it)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import redis.asyncio as aioredis
+
+from netkv.core.congestion import CongestionMap
+from netkv.core.topology import Topology
+from netkv.core.topology_file import load_topology
+from netkv.telemetry.names import RedisKeys
+from netkv.testbed.background import Background, HotSpot, Schedule
+from netkv.testbed.controlplane import REDIS_PORT, ControlPlane
+from netkv.testbed.fabric import CONTROL_ADDRESS, FabricPlan, build
+from netkv.testbed.netns import Lab, inside
+
+pytestmark = [pytest.mark.netns, pytest.mark.testbed]
+HOT = "pod0/up"
+PREFILL = "h000-p0"  # in pod0: its transfers to pod1 cross pod0/up
+BURST = 16
+
+
+async def _map(redis: aioredis.Redis, topology: Topology) -> CongestionMap | None:
+    data = await redis.get(RedisKeys().map_snapshot)
+    if data is None:
+        return None
+    assert isinstance(data, bytes)
+    return CongestionMap.from_snapshot(topology, data)
+
+
+async def _congested(redis: aioredis.Redis, topology: Topology, link: int) -> bool:
+    cmap = await _map(redis, topology)
+    if cmap is None:
+        return False
+    return bool(cmap.available()[link] < 0.5 * cmap.capacity[link])
+
+
+async def _burst(http: aiohttp.ClientSession, url: str, tag: str, plan: FabricPlan
+                 ) -> tuple[int, list[dict[str, Any]]]:
+    """A burst of reserved decisions from PREFILL; how many would cross the hot link."""
+    answers = []
+    for i in range(BURST):
+        async with http.post(url + "/v1/select", json={
+                "request_id": f"{tag}-{i}", "prefill": PREFILL, "prompt_tokens": 60000,
+                "policy": "netkv"}) as resp:
+            assert resp.status == 200, await resp.text()
+            answers.append(await resp.json())
+    for i in range(BURST):
+        async with http.post(url + "/v1/release", json={"request_id": f"{tag}-{i}"}) as resp:
+            assert resp.status == 200
+    src = plan.topology.instance(PREFILL).host
+    crossing = sum(plan.crosses(src, a["decode_host"], HOT) for a in answers)
+    return crossing, answers
+
+
+@pytest.mark.timeout(240)
+def test_a_congested_link_shows_in_the_map_and_decisions_leave_it(
+        lab: Lab, small_topology: Topology, tmp_path: Path) -> None:
+    plan = FabricPlan.of(small_topology, lab.prefix)
+    build(lab, plan)
+    control = ControlPlane(lab, plan, tmp_path / "run", bytes_per_token=33)
+
+    async def scenario() -> tuple[float, int, int]:
+        await control.start()
+        control_topology = load_topology(control.topology_path)
+        link = control_topology.link_index[HOT]
+        redis = aioredis.Redis(host=CONTROL_ADDRESS, port=REDIS_PORT)
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+                await control.wait_ready(control.scheduler_url + "/readyz", control.scheduler)
+                await asyncio.sleep(2.0)  # a few map versions with every agent reporting
+                assert not await _congested(redis, control_topology, link)
+                quiet, _ = await _burst(http, control.scheduler_url, "quiet", plan)
+                loop = asyncio.get_running_loop()
+                schedule = Schedule((HotSpot(HOT, 0.0, 60.0, flows=12),))
+                async with Background(plan, schedule, loop.time) as background:
+                    background.start()
+                    started = time.monotonic()
+                    seen = None
+                    while time.monotonic() - started < 10.0:
+                        if await _congested(redis, control_topology, link):
+                            seen = time.monotonic() - started
+                            break
+                        await asyncio.sleep(0.1)
+                    assert seen is not None, f"{HOT} never showed congested in the map"
+                    await asyncio.sleep(1.0)
+                    hot, _ = await _burst(http, control.scheduler_url, "hot", plan)
+                    await background.stop()
+        finally:
+            await redis.aclose()
+        return seen, quiet, hot
+
+    with inside(plan.control_ns):
+        seen, quiet, hot = asyncio.run(scenario())
+    print(f"{HOT} congested in the map after {seen:.2f}s; burst transfers across it: "
+          f"{quiet}/{BURST} quiet, {hot}/{BURST} congested")
+    assert seen <= 2.5
+    assert quiet > 0, "the quiet burst never used the link: the test could not show a move"
+    assert hot < quiet

@@ -1,0 +1,255 @@
+"""Scheduler building blocks without I/O: schema checkers, reservations, prefix index, vLLM
+metrics parsing, map announcements and the hot-path map oracle."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+from netkv_scheduler import openapi
+from netkv_scheduler.instances import InstanceRegistry, Load, parse_vllm_metrics
+from netkv_scheduler.mapfeed import CachedOracle, MapFeed, MapOracle, parse_announcement
+from netkv_scheduler.prefixes import PrefixIndex
+from netkv_scheduler.reservations import Reservations
+from netkv_scheduler.settings import SchedulerSettings
+
+from netkv.core.congestion import CongestionMap
+from netkv.core.oracle import static_tier_oracle
+from netkv.core.policies import policy_names
+from netkv.core.topology import Topology
+from netkv.core.topology_file import parse_topology
+from netkv.errors import InputError
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def topo() -> Topology:
+    return parse_topology({"fabric": {"leaf_oversubscription": 2, "pod_oversubscription": 3},
+                           "fat_tree": {}})
+
+
+# -- schema checkers ----------------------------------------------------------------------------
+CHECK = openapi.compile_schema(openapi.select_request(policy_names(), 8))
+GOOD: dict[str, Any] = {"request_id": "r", "prefill": "h000-p0", "prompt_tokens": 10}
+
+
+@pytest.mark.parametrize(("patch", "field"), [
+    ({"prompt_tokens": True}, "body.prompt_tokens"),
+    ({"prompt_tokens": 1.5}, "body.prompt_tokens"),
+    ({"prompt_tokens": 0}, "body.prompt_tokens"),
+    ({"prompt_tokens": 10**12}, "body.prompt_tokens"),
+    ({"request_id": ""}, "body.request_id"),
+    ({"request_id": "x" * 257}, "body.request_id"),
+    ({"prefill": None}, "body.prefill"),
+    ({"block_hashes": [1, "2"]}, "body.block_hashes[1]"),
+    ({"block_hashes": [-1]}, "body.block_hashes[0]"),
+    ({"block_hashes": list(range(9))}, "body.block_hashes"),
+    ({"policy": "best"}, "body.policy"),
+    ({"reserve": "yes"}, "body.reserve"),
+    ({"surprise": 1}, "body.surprise"),
+])
+def test_select_checker_names_the_field(patch: dict[str, Any], field: str) -> None:
+    with pytest.raises(InputError) as info:
+        CHECK(GOOD | patch, "body")
+    assert info.value.where == field
+
+
+def test_select_checker_fills_defaults_and_requires_fields() -> None:
+    out = CHECK(GOOD, "body")
+    assert out["reserve"] is True and out["output_tokens"] == 0
+    for key in ("request_id", "prefill", "prompt_tokens"):
+        with pytest.raises(InputError, match="missing required field"):
+            CHECK({k: v for k, v in GOOD.items() if k != key}, "body")
+    with pytest.raises(InputError, match="expected an object"):
+        CHECK([GOOD], "body")
+
+
+def test_number_checker_rejects_non_finite() -> None:
+    check = openapi.compile_schema(openapi.INSTANCE_REQUEST)
+    with pytest.raises(InputError) as info:
+        check({"name": "x", "running": math.inf}, "body")
+    assert info.value.where == "body.running"
+    with pytest.raises(InputError, match="must match"):
+        check({"name": "x", "metrics_url": "file:///etc/passwd"}, "body")
+
+
+def test_document_lists_every_endpoint_and_the_policies() -> None:
+    doc = openapi.document(policy_names(), 8, auth=True)
+    assert set(doc["paths"]) == {"/v1/select", "/v1/release", "/v1/instances", "/healthz",
+                                 "/readyz", "/metrics"}
+    schema = doc["paths"]["/v1/select"]["post"]["requestBody"]["content"][
+        "application/json"]["schema"]
+    assert schema["properties"]["policy"]["enum"] == list(policy_names())
+    assert "401" in doc["paths"]["/v1/select"]["post"]["responses"]
+
+
+# -- reservations -------------------------------------------------------------------------------
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_reservations_count_expire_and_rebook() -> None:
+    clock = Clock()
+    res: Reservations[str] = Reservations(3, ttl_s=10.0, clock=clock)
+    res.book("a", 1, transfer_s=0.5, transfer="ta")
+    res.book("b", 1, transfer_s=2.0, transfer="tb")
+    assert res.pending.tolist() == [0, 2, 0]
+    _, old = res.book("a", 2, transfer_s=0.5, transfer="ta2")  # a retried select moves
+    assert old is not None and old.transfer == "ta"
+    assert res.pending.tolist() == [0, 1, 1]
+    clock.now += 1.0
+    assert res.sweep() == ["ta2"]  # a's transfer ended; b's is still on the wire
+    assert res.pending.tolist() == [0, 1, 1]  # bookings stay until release or expiry
+    released = res.release("b")
+    assert released is not None and released.transfer == "tb"
+    assert res.release("b") is None
+    clock.now += 10.0
+    assert res.sweep() == [] and res.pending.tolist() == [0, 0, 0]
+    assert res.expired_total == 1 and res.released_total == 1 and not res.open
+
+
+def test_expired_booking_hands_back_its_transfer() -> None:
+    clock = Clock()
+    res: Reservations[str] = Reservations(1, ttl_s=1.0, clock=clock)
+    res.book("a", 0, transfer_s=5.0, transfer="t")
+    clock.now += 2.0
+    assert res.sweep() == ["t"] and res.pending.tolist() == [0]
+
+
+# -- prefix index -------------------------------------------------------------------------------
+def test_prefix_overlap_counts_leading_blocks() -> None:
+    index = PrefixIndex(max_blocks=100)
+    assert index.overlap([1, 2, 3], 4) is None
+    index.add([1, 2, 3], 0)
+    index.add([1, 2, 9], 2)
+    index.add([5, 6], 3)
+    out = index.overlap([1, 2, 3, 4], 4)
+    assert out is not None and out.tolist() == [3, 0, 2, 0]
+    assert index.overlap([7], 4) is None
+
+
+def test_prefix_index_is_bounded() -> None:
+    index = PrefixIndex(max_blocks=3)
+    index.add([1, 2, 3, 4], 0)
+    assert len(index) == 3
+    assert index.overlap([1], 1) is None  # the oldest block was evicted
+
+
+# -- instances ----------------------------------------------------------------------------------
+def test_registry_registers_and_refreshes(topo: Topology) -> None:
+    reg = InstanceRegistry(topo, capacity_tokens=1000.0)
+    n = len(reg.decoders)
+    info = reg.register("extra-d", "decode", "h003", Load(2, 1, 0.5, 2000.0), None)
+    assert len(reg.decoders) == n + 1 and reg.decode_host[-1] == topo.host_id("h003")
+    assert reg.capacity_tokens[-1] == 2000.0 and reg.running[-1] == 2
+    reg.register("extra-d", None, None, Load(0, 0, 0.1), "http://127.0.0.1:1/metrics")
+    assert reg.load_of(info) == Load(0, 0, 0.1, 2000.0)
+    with pytest.raises(InputError) as bad:
+        reg.register("new", "decode", "nowhere", None, None)
+    assert bad.value.where == "body.host"
+    with pytest.raises(InputError) as bad:
+        reg.register("h000-d1", "prefill", None, None, None)
+    assert bad.value.where == "body.role"
+    with pytest.raises(InputError) as bad:
+        reg.register("new2", None, "h001", None, None)
+    assert bad.value.where == "body.role"
+
+
+def test_parse_vllm_metrics_sums_label_sets() -> None:
+    text = ("# TYPE vllm:num_requests_running gauge\n"
+            'vllm:num_requests_running{model_name="a",engine="0"} 3\n'
+            'vllm:num_requests_running{model_name="a",engine="1"} 2\n'
+            "# TYPE vllm:num_requests_waiting gauge\n"
+            'vllm:num_requests_waiting{model_name="a"} 4\n'
+            "# TYPE vllm:kv_cache_usage_perc gauge\n"
+            'vllm:kv_cache_usage_perc{model_name="a"} 0.25\n')
+    assert parse_vllm_metrics(text) == Load(5, 4, 0.25)
+    with pytest.raises(ValueError, match="no vllm"):
+        parse_vllm_metrics("# TYPE other gauge\nother 1\n")
+
+
+# -- map feed ---------------------------------------------------------------------------------
+def test_parse_announcement_forms() -> None:
+    assert parse_announcement(b'{"version": 7, "created_ts": 1.0}') == 7
+    assert parse_announcement(b"12") == 12
+    assert parse_announcement(msgpack.packb({"version": 3})) == 3
+    for bad in (b'{"version": -1}', b'{"version": true}', b"\xc1", b'"7"', b"{}"):
+        with pytest.raises(ValueError, match="version|JSON"):
+            parse_announcement(bad)
+
+
+def test_map_oracle_matches_the_congestion_map(topo: Topology) -> None:
+    now = 5000.0
+    cmap = CongestionMap(topo, clock=lambda: now)
+    rng = np.random.default_rng(3)
+    for i, link in enumerate(topo.links):
+        cmap.observe_link(i, float(rng.uniform(0, 0.9)) * link.capacity_bytes_s,
+                          now - float(rng.uniform(0, 4)))
+    for a, b in ((0, 1), (0, 5), (2, 7), (3, 3)):
+        cmap.observe_rtt(a, b, srtt_s=2e-4 * (a + 1), min_s=1e-4, p99_s=5e-4, loss=0.02,
+                         ts=now - 0.5 * b)
+    fast = MapOracle(cmap, ttl_s=10.0, clock=lambda: now)
+    dsts = np.arange(topo.n_hosts, dtype=np.int64)
+    nbytes = rng.uniform(1e6, 4e9, topo.n_hosts)
+    for src in range(topo.n_hosts):
+        want = cmap.estimate(src, dsts, nbytes, now=now)
+        got = fast.estimate(src, dsts, nbytes)
+        np.testing.assert_allclose(got.seconds, want.seconds, rtol=1e-12)
+        np.testing.assert_allclose(got.bandwidth_bytes_s, want.bandwidth_bytes_s, rtol=1e-12)
+        np.testing.assert_allclose(got.age_s, want.age_s)
+        np.testing.assert_allclose(got.confidence, want.confidence)
+        assert got.tier.tolist() == want.tier.tolist()
+
+
+def test_cached_prior_matches_the_static_oracle(topo: Topology) -> None:
+    prior = static_tier_oracle(topo)
+    cached = CachedOracle(prior)
+    dsts = np.array([7, 0, 3, 3, 5], dtype=np.int64)
+    for src in range(topo.n_hosts):
+        want = prior.estimate(src, dsts, 3e9)
+        got = cached.estimate(src, dsts, 3e9)
+        np.testing.assert_allclose(got.seconds, want.seconds, rtol=1e-12)
+        np.testing.assert_allclose(got.latency_s, want.latency_s, rtol=1e-12)
+        assert got.tier.tolist() == want.tier.tolist()
+
+
+def test_feed_uses_priors_without_a_map_or_when_stale(topo: Topology) -> None:
+    clock = Clock()
+    feed = MapFeed(topo, None, None, stale_s=5.0, clock=clock)
+    view = feed.view()
+    assert view.stale and view.version is None
+    assert feed.health() == (False, ["no congestion map yet"])
+    cmap = CongestionMap(topo, clock=clock)
+    cmap.version, cmap.created_ts = 4, clock.now
+    assert feed.install(cmap)
+    older = CongestionMap(topo, clock=clock)
+    older.version = 3
+    assert not feed.install(older)
+    assert feed.view().version == 4 and not feed.view().stale
+    clock.now += 6.0
+    view = feed.view()
+    assert view.stale and view.oracle is feed.prior
+    ready, reasons = feed.health()
+    assert ready and "stale" in reasons[0]
+
+
+def test_settings_reject_bad_values() -> None:
+    with pytest.raises(InputError, match="model"):
+        SchedulerSettings(model="gpt-9")
+    with pytest.raises(InputError, match="token"):
+        SchedulerSettings(token="")
+
+
+@pytest.mark.parametrize("decoders", [1, 6, 16, 64, 1024])
+def test_bench_fat_tree_has_one_decoder_per_host(decoders: int) -> None:
+    from netkv.bench.scheduler import fat_tree_for
+    topo = parse_topology({"fat_tree": fat_tree_for(decoders)})
+    assert len(topo.instances_with_role("decode")) == decoders == topo.n_hosts
