@@ -1,21 +1,30 @@
 """Issue 3, what must show: real agents on distinct 127.0.0.x addresses, real redis-server and
-mosquitto, the real oracle. The map covers every pair within 2 s; a killed agent goes stale
-within three intervals and its costs fall back to the tier prior; restarts of Redis and of
-the broker are survived by agents and oracle alike."""
+mosquitto, the real oracle. The map covers every pair within 2 s; an agent killed with SIGKILL
+(h003 runs as its own `netkv agent` process) goes stale within three intervals and its costs
+fall back to the tier prior; restarts of Redis and of the broker are survived by agents
+(in-process and the separate process) and oracle alike."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
+import json
+import sys
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from netkv_agent.agent import Agent
 from netkv_agent.settings import AgentSettings
 from netkv_oracle.service import OracleService
-from netkv_oracle.testkit import get_json, oracle_settings, retained_version, until
+from netkv_oracle.testkit import KEYS, get_json, oracle_settings, retained_version, until
 
+from netkv.adapters.redis_client import connect_redis
 from netkv.config import MqttSettings, RedisSettings
 from netkv.core.oracle import static_tier_oracle
 from netkv.core.topology import Topology
@@ -27,10 +36,13 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 INTERVAL_S = 0.2  # the agents publish every 0.1 s; the oracle's freshness unit is 0.2 s
 
 
+# 8 hosts: two per leaf, two leaves per pod, two pods: every tier is present.
+TOPOLOGY = {"fabric": {"nic_gbps": 8}, "fat_tree": {}}
+
+
 @pytest.fixture
 def topology() -> Topology:
-    # 8 hosts: two per leaf, two leaves per pod, two pods: every tier is present.
-    return parse_topology({"fabric": {"nic_gbps": 8}, "fat_tree": {}})
+    return parse_topology(TOPOLOGY)
 
 
 def agent_settings(host: str, index: int, redis: RedisServer,
@@ -46,18 +58,55 @@ def agent_settings(host: str, index: int, redis: RedisServer,
         redis_op_timeout_s=1.0, reconnect_max_backoff_s=0.5)
 
 
+VICTIM = "h003"  # runs as its own `netkv agent` process, so the test can SIGKILL it
+
+
+def agent_config(settings: AgentSettings) -> dict[str, Any]:
+    """The same settings as a config file section (for the process-run agent)."""
+    body = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)
+            if f.name not in ("redis", "mqtt", "nic_links", "nic_speed_gbps")}
+    return {"redis": {"url": settings.redis.url, "timeout_s": settings.redis.timeout_s},
+            "mqtt": {"port": settings.mqtt.port, "keepalive_s": settings.mqtt.keepalive_s},
+            "agent": {k: list(v) if isinstance(v, tuple) else v for k, v in body.items()}}
+
+
 @pytest.fixture
 async def mesh(redis_server: RedisServer, mosquitto_server: MosquittoServer,
-               topology: Topology) -> AsyncIterator[tuple[OracleService, dict[str, Agent]]]:
+               topology: Topology, tmp_path: Path
+               ) -> AsyncIterator[tuple[OracleService, asyncio.subprocess.Process]]:
     settings = oracle_settings(redis_server.url, mosquitto_server.port, oracle_id="o1",
                                sample_interval_s=INTERVAL_S)
+    (tmp_path / "topology.yaml").write_text(json.dumps(TOPOLOGY))
     async with contextlib.AsyncExitStack() as stack:
         oracle = await stack.enter_async_context(OracleService(settings, topology))
-        agents: dict[str, Agent] = {}
+        victim: asyncio.subprocess.Process | None = None
         for i, h in enumerate(topology.hosts):
-            agent = Agent(agent_settings(h.name, i, redis_server, mosquitto_server), topology)
-            agents[h.name] = await stack.enter_async_context(agent)
-        yield oracle, agents
+            s = agent_settings(h.name, i, redis_server, mosquitto_server)
+            if h.name != VICTIM:
+                await stack.enter_async_context(Agent(s, topology))
+                continue
+            config = agent_config(replace(s, topology=str(tmp_path / "topology.yaml")))
+            (tmp_path / "agent.yaml").write_text(json.dumps(config))
+            victim = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "netkv.cli", "agent", "--config",
+                str(tmp_path / "agent.yaml"), stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL)
+            stack.push_async_callback(_reap, victim)
+        assert victim is not None
+        redis = connect_redis(RedisSettings(url=redis_server.url))
+        stack.push_async_callback(redis.aclose)
+
+        async def registered() -> bool:
+            return bool(await redis.hexists(KEYS.registry, VICTIM))
+
+        await until(registered, 20, 0.05)  # the process-run agent is up
+        yield oracle, victim
+
+
+async def _reap(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        proc.kill()
+    await asyncio.wait_for(proc.wait(), 10)
 
 
 def covered(oracle: OracleService) -> bool:
@@ -73,8 +122,8 @@ def covered(oracle: OracleService) -> bool:
 
 
 async def test_mesh_covers_every_pair_then_a_dead_agent_decays_to_the_prior(
-        mesh: tuple[OracleService, dict[str, Agent]], topology: Topology) -> None:
-    oracle, agents = mesh
+        mesh: tuple[OracleService, asyncio.subprocess.Process], topology: Topology) -> None:
+    oracle, victim = mesh
     started = time.monotonic()
     await until(lambda: covered(oracle), 10, 0.02)
     took = time.monotonic() - started
@@ -83,22 +132,24 @@ async def test_mesh_covers_every_pair_then_a_dead_agent_decays_to_the_prior(
     dsts = [h.name for h in topology.hosts]
     status, reply = await get_json(oracle.port, "/v1/map")
     assert status == 200 and reply["pairs"] == 28
-    # Kill h003's agent: its entries go stale within three intervals.
-    victim = topology.host_index["h003"]
-    await agents.pop("h003").__aexit__(None, None, None)
+    # SIGKILL h003's agent (no final flush, no goodbye): its entries go stale within three
+    # intervals.
+    victim.kill()
+    await victim.wait()
     killed = time.monotonic()
-    up = int(topology.up_chain[victim, 0])
+    v = topology.host_index[VICTIM]
+    up = int(topology.up_chain[v, 0])
 
     def stale() -> bool:
         cmap = oracle.builder.map
-        return bool(cmap.link_confidence()[up] == 0 and not cmap.hosts_alive()[victim])
+        return bool(cmap.link_confidence()[up] == 0 and not cmap.hosts_alive()[v])
 
     await until(stale, 5, 0.02)
     assert time.monotonic() - killed <= 3 * INTERVAL_S + oracle.settings.fresh_s, \
         "stale later than three intervals after the last sample"
     # Its leaf-mate h002: the path is h003's NIC (now the prior) and h002's NIC (measured,
     # loopback traffic is tiny against 1 GB/s), so the estimate is the tier prior's.
-    prior = static_tier_oracle(topology).estimate(victim, np.array([2]), 1e9)
+    prior = static_tier_oracle(topology).estimate(v, np.array([2]), 1e9)
     status, reply = await get_json(oracle.port, "/v1/cost", src="h003", dst="h002",
                                    bytes="1000000000")
     assert status == 200 and reply["confidence"] == 0.0
@@ -115,7 +166,7 @@ async def test_mesh_covers_every_pair_then_a_dead_agent_decays_to_the_prior(
 # warning is not what this test is about.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 async def test_mesh_survives_redis_and_broker_restarts(
-        mesh: tuple[OracleService, dict[str, Agent]], redis_server: RedisServer,
+        mesh: tuple[OracleService, asyncio.subprocess.Process], redis_server: RedisServer,
         mosquitto_server: MosquittoServer) -> None:
     oracle, _ = mesh
     await until(lambda: covered(oracle), 10, 0.05)
