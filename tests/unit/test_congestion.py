@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import msgpack
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from netkv.core.congestion import (
     INFERRED_CONFIDENCE,
@@ -231,3 +235,32 @@ def test_pairs_of_a_silent_agent_are_ignored() -> None:
     est = m.estimate(7, np.array([0]), 1e9)
     prior = static_tier_oracle(t).estimate(7, np.array([0]), 1e9)
     assert est.seconds[0] == pytest.approx(prior.seconds[0])
+
+
+_json_like = st.recursive(
+    st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats() | st.text(max_size=8)
+    | st.binary(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                 max_size=4),
+    max_leaves=20)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=256))
+def test_snapshot_decoding_never_raises_anything_else_on_bytes(data: bytes) -> None:
+    with contextlib.suppress(SnapshotError):
+        CongestionMap.from_snapshot(topo(), data)
+
+
+@settings(max_examples=200, deadline=None)
+@given(section=st.sampled_from(["links", "hosts", "pairs", "params", "version",
+                                "created_ts", "schema"]),
+       value=_json_like)
+def test_snapshot_decoding_never_raises_anything_else_on_structure(section: str,
+                                                                   value: object) -> None:
+    t = topo()
+    good = cmap(t)
+    good.observe_rtt(0, 7, srtt_s=0.004, min_s=0.001, p99_s=0.008, loss=0.01, ts=NOW)
+    data = _tamper(good.to_snapshot(1, NOW), (section,), value)
+    with contextlib.suppress(SnapshotError):
+        CongestionMap.from_snapshot(t, data)
