@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
+
+import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from netkv_agent.registration import LinkPair, Registration, encode_registration
 from netkv_oracle.builder import MapBuilder
 from netkv_oracle.identity import (
@@ -12,6 +17,8 @@ from netkv_oracle.identity import (
     binding_from_registration,
     stream_owner,
 )
+from netkv_oracle.ingest import Ingestor
+from netkv_oracle.metrics import OracleMetrics
 
 from netkv.core.congestion import MapParams
 from netkv.core.topology import Topology
@@ -171,3 +178,23 @@ def test_builder_switch_agent_and_rtt_loss() -> None:
     b.apply("h000", (rtt("h000", "h005", sent=5, lost=5),), NOW, own)
     pair = b.map.pairs[(0, 5)]
     assert pair.loss == 1.0 and pair.srtt_s == 0.002
+
+
+@settings(max_examples=300, deadline=None)
+@given(payload=st.binary(max_size=512) | st.builds(
+    msgpack.packb, st.dictionaries(
+        st.sampled_from(["v", "agent", "seq", "ts", "samples", "x"]),
+        st.none() | st.integers(-5, 5) | st.floats() | st.text(max_size=6)
+        | st.lists(st.dictionaries(st.sampled_from(["k", "reporter", "nic", "ts"]),
+                                   st.text(max_size=4) | st.floats(), max_size=4),
+                   max_size=3), max_size=6)))
+def test_ingest_never_raises_on_hostile_entries(payload: bytes) -> None:
+    t = topo()
+    metrics = OracleMetrics()
+    ingestor = Ingestor(cast(Any, None), RedisKeys(), "c", builder(t), ownership=Ownership(t),
+                        metrics=metrics)
+    stream = RedisKeys().samples_stream("h001")
+    accepted = ingestor.handle(stream, {b"batch": payload}, NOW)
+    rejected = sum(s.value for f in metrics.registry.collect() for s in f.samples
+                   if s.name == "netkv_samples_rejected_total")
+    assert accepted or rejected == 1
