@@ -138,7 +138,7 @@ class Ingestor:
             self.ownership.check(batch, owner)
         except (WireError, RejectedError) as exc:
             self.metrics.samples_rejected.labels(exc.reason).inc()
-            log.info("rejected entry", stream=stream, reason=exc.reason, error=str(exc))
+            log.debug("rejected entry", stream=stream, reason=exc.reason, error=str(exc))
             return False
         self.builder.apply(batch.agent, batch.samples, now, self.ownership)
         self.metrics.batches.inc()

@@ -127,6 +127,7 @@ async def test_mesh_covers_every_pair_then_a_dead_agent_decays_to_the_prior(
     started = time.monotonic()
     await until(lambda: covered(oracle), 10, 0.02)
     took = time.monotonic() - started
+    print(f"every pair covered {took:.2f} s after the last agent started")
     assert took <= 2.0, f"map covered every pair after {took:.2f} s"
     # Over HTTP: every destination from h000 has a measured (confident) estimate.
     dsts = [h.name for h in topology.hosts]
@@ -145,8 +146,11 @@ async def test_mesh_covers_every_pair_then_a_dead_agent_decays_to_the_prior(
         return bool(cmap.link_confidence()[up] == 0 and not cmap.hosts_alive()[v])
 
     await until(stale, 5, 0.02)
-    assert time.monotonic() - killed <= 3 * INTERVAL_S + oracle.settings.fresh_s, \
-        "stale later than three intervals after the last sample"
+    took = time.monotonic() - killed
+    print(f"stale {took:.2f} s after SIGKILL (three intervals: {3 * INTERVAL_S:.2f} s)")
+    # The last sample left before the kill, so three intervals after the kill at the latest
+    # (plus polling and scheduling slack on a shared machine).
+    assert took <= 3 * INTERVAL_S + 0.15, "stale later than three intervals"
     # Its leaf-mate h002: the path is h003's NIC (now the prior) and h002's NIC (measured,
     # loopback traffic is tiny against 1 GB/s), so the estimate is the tier prior's.
     prior = static_tier_oracle(topology).estimate(v, np.array([2]), 1e9)
