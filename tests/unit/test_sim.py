@@ -280,3 +280,22 @@ def test_shipped_scenarios_parse_and_have_every_tier(name: str, gpus: int, hosts
     assert scenario.free_memory_bytes(4) > 0
     for policy in scenario.spec.policies:
         assert policy in {"cache_load", "llmd_weighted", "least_loaded"}
+
+
+def test_runs_are_deterministic_and_background_is_seeded(tmp_path: Path,
+                                                         trace_file: Path) -> None:
+    from netkv.sim.fabric import hot_spots
+
+    scenario = load_scenario(busy_scenario(tmp_path))
+    topo = scenario.topology
+    spec = scenario.spec.background
+    a = hot_spots(topo, spec, 600.0, seed=5)
+    assert a == hot_spots(topo, spec, 600.0, seed=5) and a != hot_spots(topo, spec, 600.0, 6)
+    assert hot_spots(topo, spec, 600.0, seed=5, intensity=0.0) == []
+    kinds = {topo.links[s.link].kind.value for s in a}
+    assert kinds <= set(spec.links) and all(0 <= s.start_s < s.end_s for s in a)
+    sim = Simulation(scenario, load_trace(trace_file).scaled(rate_scale=3.0))
+    first = sim.run(RunConfig("netkv"))
+    second = sim.run(RunConfig("netkv"))
+    np.testing.assert_array_equal(first.ttft_s, second.ttft_s)
+    np.testing.assert_array_equal(first.tier, second.tier)
