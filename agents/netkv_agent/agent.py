@@ -8,13 +8,15 @@
 
 Entering binds the UDP echo socket (responder + prober) on the agent's own address, opens the
 Redis client and, when interfaces are configured, a netlink socket; then starts, in one
-:class:`asyncio.TaskGroup`: the prober, the counter reader (NIC, qdisc, RDMA), the publisher
-(which also collects RTT samples), the registry watcher (peers and pinglist) and MQTT
-presence. Leaving shuts down in order, each step bounded: stop probing and reading; publish
-what was measured (final flush) and drop the heartbeat; announce ``offline`` on MQTT; then
-close sockets and clients. A task that fails takes the agent down visibly (the TaskGroup
-re-raises) rather than leaving a half-alive agent; expected faults (Redis or broker down,
-missing interfaces, malformed registry entries) are handled and counted inside the tasks.
+:class:`asyncio.TaskGroup`: the prober (echo ticks), the publisher (which also reads the NIC,
+qdisc and RDMA counters when due and collects RTT samples), the registry watcher (peers and
+pinglist) and MQTT presence. Few tasks and few timers on purpose: each event-loop wake-up
+costs real CPU, and the agent must stay around 1% of a core. Leaving shuts down in order,
+each step bounded: stop probing and reading; publish what was measured (final flush) and
+drop the heartbeat; announce ``offline`` on MQTT; then close sockets and clients. A task
+that fails takes the agent down visibly (the TaskGroup re-raises) rather than leaving a
+half-alive agent; expected faults (Redis or broker down, missing interfaces, malformed
+registry entries) are handled and counted inside the tasks.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
 from types import TracebackType
 from typing import Any, Self
 
@@ -35,6 +38,7 @@ from netkv.adapters.redis_client import connect_redis
 from netkv.core.topology import Topology
 from netkv.errors import InputError
 from netkv.telemetry.names import RedisKeys
+from netkv_agent.bandwidth import BurstResult, bandwidth_sink, burst
 from netkv_agent.echo import Prober, echo_endpoint
 from netkv_agent.nic import NicReader
 from netkv_agent.pinglist import Endpoint, build_pinglist
@@ -105,7 +109,7 @@ class Agent:
         self.keys = RedisKeys(settings.redis.prefix)
         self.nic_links, self.rdma_links = link_bindings(settings, topology)
         self.prober = Prober(settings.agent_id, timeout_s=settings.probe_timeout_s,
-                             window_s=settings.rtt_window_s)
+                             window_s=settings.rtt_window_s, tick_s=settings.echo_tick_s)
         self.nics = NicReader(settings.agent_id, settings.interfaces,
                               settings.nic_speed_gbps, settings.sysfs_net_root)
         self.qdiscs = QdiscReader(settings.agent_id, settings.interfaces)
@@ -116,6 +120,10 @@ class Agent:
         self.endpoint: tuple[str, int] | None = None
         self.started = time.time()
         self.peers: dict[str, Endpoint] = {}
+        self.bandwidth_ports: dict[str, int] = {}
+        self.bandwidth_results: deque[BurstResult] = deque(maxlen=16)
+        self.bandwidth_errors = 0
+        self._bandwidth_port = 0
         self.registry_rejected = 0
         self.counter_errors = 0
         self.samples_by_kind: dict[str, int] = {}
@@ -135,6 +143,9 @@ class Agent:
                 echo_endpoint(self.prober, s.listen_address, s.echo_port))
             if s.interfaces:
                 self._ipr = await stack.enter_async_context(AsyncIPRoute(netns=s.netns))
+            if s.bandwidth_probe_enabled:
+                _, self._bandwidth_port = await stack.enter_async_context(
+                    bandwidth_sink(s.listen_address, s.bandwidth_port))
             self.publisher = Publisher(
                 redis, self.keys, s.agent_id, registration=self.registration,
                 publish_interval_s=s.publish_interval_s,
@@ -145,10 +156,12 @@ class Agent:
             group = await stack.enter_async_context(asyncio.TaskGroup())
             self._tasks = {
                 "probe": group.create_task(self.prober.run(), name="probe"),
-                "counters": group.create_task(self._counters_loop(), name="counters"),
                 "registry": group.create_task(self._registry_loop(redis), name="registry"),
                 "publish": group.create_task(self._publish_loop(), name="publish"),
             }
+            if s.bandwidth_probe_enabled:
+                self._tasks["bandwidth"] = group.create_task(self._bandwidth_loop(),
+                                                             name="bandwidth")
             if s.mqtt_enabled:
                 self._tasks["presence"] = group.create_task(self.presence.run(),
                                                             name="presence")
@@ -186,7 +199,7 @@ class Agent:
         """Ordered, bounded: stop measuring, publish the rest, say offline, then close."""
         self._stopping = True
         self.prober.stop()
-        await self._cancel("probe", "counters", "registry")
+        await self._cancel("probe", "registry", "bandwidth")
         if self.publisher is not None and "publish" in self._tasks:
             await self._cancel("publish")
             self.publisher.submit(self.prober.collect())
@@ -211,6 +224,7 @@ class Agent:
         return Registration(
             agent=self.settings.agent_id, address=self.settings.address, echo_port=port,
             version=netkv.__version__, started=self.started,
+            bandwidth_port=self._bandwidth_port,
             nics=tuple(self.settings.interfaces), links=dict(self.nic_links),
             rdma=dict(self.rdma_links))
 
@@ -223,8 +237,16 @@ class Agent:
         self.publisher.submit(samples)
 
     async def _publish_loop(self) -> None:
+        """Every publish interval: read counters when due, collect RTT samples, publish.
+        Counters are read in the same wake-up as the publish (one timer, not two), so their
+        samples leave the host with no extra delay."""
         assert self.publisher is not None
+        next_counters = 0.0
         while not self._stopping:
+            now = time.monotonic()
+            if now >= next_counters:
+                next_counters = now + self.settings.counter_interval_s - 0.01
+                await self.read_counters()
             self._submit(self.prober.collect())
             await self.publisher.step()
             await asyncio.sleep(self.settings.publish_interval_s)
@@ -248,11 +270,6 @@ class Agent:
                 self.counter_errors += 1
                 log.warning("rdma read failed", error=str(exc))
 
-    async def _counters_loop(self) -> None:
-        while not self._stopping:
-            await self.read_counters()
-            await asyncio.sleep(self.settings.counter_interval_s)
-
     async def refresh_peers(self, redis: Any) -> bool:
         """Read the registry and live heartbeats; rebuild the pinglist. False if Redis failed."""
         try:
@@ -274,8 +291,9 @@ class Agent:
         except (RedisError, OSError, TimeoutError) as exc:
             log.debug("registry refresh failed", error=str(exc))
             return False
-        self.peers = {r.agent: (r.address, r.echo_port)
-                      for r, beat in zip(regs, alive, strict=True) if beat is not None}
+        live = [r for r, beat in zip(regs, alive, strict=True) if beat is not None]
+        self.peers = {r.agent: (r.address, r.echo_port) for r in live}
+        self.bandwidth_ports = {r.agent: r.bandwidth_port for r in live if r.bandwidth_port}
         self.prober.set_peers(build_pinglist(self.settings, self.topology, self.peers,
                                              time.time()))
         return True
@@ -300,6 +318,29 @@ class Agent:
             previous = current
             await asyncio.sleep(fast if converging else self.settings.registry_refresh_s)
 
+    async def _bandwidth_loop(self) -> None:
+        """Every interval, one rate-capped burst to the next pinglist peer with a sink."""
+        s = self.settings
+        turn = 0
+        while not self._stopping:
+            await asyncio.sleep(s.bandwidth_probe_interval_s)
+            candidates = sorted(n for n in self.prober.peers if n in self.bandwidth_ports)
+            if not candidates:
+                continue
+            peer = candidates[turn % len(candidates)]
+            turn += 1
+            try:
+                result = await burst(peer, self.peers[peer][0], self.bandwidth_ports[peer],
+                                     s.bandwidth_probe_bytes,
+                                     s.bandwidth_probe_rate_mbps * 1e6 / 8)
+            except (OSError, TimeoutError, KeyError) as exc:
+                self.bandwidth_errors += 1
+                log.warning("bandwidth probe failed", peer=peer, error=str(exc))
+                continue
+            self.bandwidth_results.append(result)
+            log.info("bandwidth probe", peer=peer, bytes_s=round(result.bytes_s),
+                     seconds=round(result.seconds, 3))
+
     # -- observability ---------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         """A flat snapshot of the agent's counters (for tests, benchmarks and logs)."""
@@ -311,6 +352,7 @@ class Agent:
             "probes_sent": echo.probes_sent, "replies": echo.replies, "lost": echo.lost,
             "late": echo.late, "malformed": echo.malformed, "unexpected": echo.unexpected,
             "requests_answered": echo.requests_answered, "send_errors": echo.send_errors,
+            "echo_ticks": echo.ticks, "probe_rounds": echo.rounds,
             "samples_by_kind": dict(self.samples_by_kind),
             "batches_published": pub.batches_published if pub else 0,
             "samples_published": pub.samples_published if pub else 0,
@@ -324,6 +366,9 @@ class Agent:
             "counter_errors": self.counter_errors,
             "nic_missing": self.nics.missing, "nic_resets": self.nics.resets(),
             "rdma_resets": self.rdma.resets, "rdma_wraps": self.rdma.wraps,
+            "bandwidth_probes": [{"peer": r.peer, "bytes_s": r.bytes_s, "bytes": r.nbytes}
+                                 for r in self.bandwidth_results],
+            "bandwidth_errors": self.bandwidth_errors,
         }
 
 

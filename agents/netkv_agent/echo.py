@@ -1,26 +1,35 @@
 """UDP echo: the responder every agent runs, and the prober that measures RTT to its peers.
 
-One UDP socket per agent, bound to the agent's own address, does both jobs: requests from
-other agents are answered in place (no task, no allocation beyond the reply), replies to our
-own requests are matched by sequence number. A datagram is 20 bytes::
+One UDP socket per agent, bound to the agent's own address, does both jobs. A datagram is
+28 bytes::
 
-    magic "NK" | version u8 | type u8 (1 request, 2 reply) | token u32 | seq u32 | t_send u64
+    magic "NK" | version u8 | type u8 (1 request, 2 reply) | token u32 | seq u32
+    | t_send u64 | hold u64
 
 ``token`` is random per prober, so replies meant for a previous incarnation of an agent on
-the same port are ignored; ``t_send`` is the prober's ``time.monotonic_ns()`` and is echoed
-back untouched, so the RTT never mixes clocks of two hosts. Anything else (other sizes, wrong
-magic, unknown type, replies from an unexpected address) is dropped and counted.
+the same port are ignored; ``t_send`` (the prober's clock, ns) is echoed back untouched;
+``hold`` is filled in by the responder: how long the request sat on the responder, from the
+kernel's receive timestamp to the reply. Anything else (other sizes, wrong magic, unknown
+type, replies from an unexpected address) is dropped and counted.
+
+**RTT like R-Pingmesh.** The socket has ``SO_TIMESTAMPNS``, so every datagram carries the
+kernel's receive time. The RTT is ``(T5 - T2) - (T4 - T3)``: prober kernel receive minus
+prober send, minus the responder's hold time. Host scheduling delay on either side is thus
+taken out of the network RTT, and -- the point -- the socket need not be read the instant a
+datagram lands.
+
+**Cost.** In Python every event-loop wake-up costs tens of microseconds (about 150 us in this
+project's VMs), so the agent does all echo work in *ticks*: once per tick (``tick_s``, 100 ms
+by default, each agent at its own stable phase) it drains the socket (answers requests with
+their hold time, matches replies), expires probes older than ``timeout_s`` (lost; a later
+reply counts as ``late``), and, if a probe *round* starts, sends it. The round length is the
+shortest interval of the pinglist; every peer's interval is a whole number of rounds and
+slower peers are spread over rounds by a stable phase. So an agent wakes ``1/tick_s`` times a
+second for echo work however many peers it has. A responder answers within one tick, so a
+prober's ``timeout_s`` must exceed the tick plus the RTT (the settings check it).
 
 Per peer the prober keeps RFC 6298 smoothed RTT (``alpha = 1/8``, ``beta = 1/4``) and a
-sliding window of recent RTTs for min/p50/p99. A probe that has no reply after
-``timeout_s`` counts as lost; a reply that arrives later is counted as ``late`` only.
-
-Cost is what limits how often an agent may probe, and in Python each event-loop wake-up
-costs tens of microseconds, so the prober works in *rounds* (as R-Pingmesh does): the round
-length is the shortest interval of the pinglist, every peer's interval is a whole number of
-rounds, and peers with longer intervals are spread over the rounds by a stable phase. One
-wake-up sends a round's probes and expires old ones. The socket is read by a callback that
-drains every queued datagram at once (answering requests in place), not one per wake-up.
+sliding window of recent RTTs for min/p50/p99.
 """
 
 from __future__ import annotations
@@ -48,7 +57,11 @@ MAGIC = b"NK"
 VERSION = 1
 REQUEST = 1
 REPLY = 2
-PACKET = struct.Struct("!2sBBIIQ")
+PACKET = struct.Struct("!2sBBIIQQ")
+_TIMESPEC = struct.Struct("@qq")
+# Linux's SO_TIMESTAMPNS (typeshed lacks it; asm-generic value, all Linux ABIs we target).
+SO_TIMESTAMPNS: int = getattr(socket, "SO_TIMESTAMPNS", 35)
+_CMSG_SPACE = socket.CMSG_SPACE(_TIMESPEC.size)
 ALPHA = 0.125
 BETA = 0.25
 
@@ -75,6 +88,8 @@ class EchoCounters:
     malformed: int = 0
     unexpected: int = 0
     send_errors: int = 0
+    ticks: int = 0  # wake-ups for echo work
+    rounds: int = 0  # probe rounds sent
 
 
 @dataclass(slots=True)
@@ -89,7 +104,7 @@ class PeerState:
     sent: int = 0
     lost: int = 0
     recent: deque[tuple[float, float]] = field(
-        default_factory=lambda: deque(maxlen=4096))  # (monotonic s, rtt s)
+        default_factory=lambda: deque(maxlen=4096))  # (clock s, rtt s)
     last_collect: float = field(default_factory=time.monotonic)
     every: int = 1  # probe every this many rounds
     phase: int = 0  # ... in rounds where round % every == phase
@@ -123,68 +138,78 @@ def percentile(ordered: list[float], q: float) -> float:
     return ordered[min(rank, len(ordered)) - 1]
 
 
-MAX_DRAIN = 256  # datagrams handled per readable callback, so a flood cannot starve the loop
+MAX_DRAIN = 4096  # datagrams handled per tick, so a flood cannot starve the loop
 
 
-class EchoSocket:
-    """The agent's non-blocking UDP socket: answers requests, hands replies to the prober.
+def _rx_time_ns(ancdata: list[tuple[int, int, bytes]]) -> int:
+    """The kernel receive timestamp (``SO_TIMESTAMPNS``), or now if the kernel gave none."""
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS \
+                and len(data) >= _TIMESPEC.size:
+            sec, nsec = _TIMESPEC.unpack_from(data)
+            return int(sec) * 1_000_000_000 + int(nsec)
+    return time.time_ns()
 
-    Registered with ``loop.add_reader``; each callback drains up to :data:`MAX_DRAIN` queued
-    datagrams. It never awaits and never raises (errors are counted).
-    """
 
-    def __init__(self, sock: socket.socket, prober: Prober) -> None:
-        self.sock = sock
-        self.prober = prober
-
-    def on_readable(self) -> None:
-        sock, counters, prober = self.sock, self.prober.counters, self.prober
-        size = PACKET.size
-        for _ in range(MAX_DRAIN):
+def drain(sock: socket.socket, prober: Prober) -> int:
+    """Handle every queued datagram: answer requests (with their hold time), hand replies to
+    the prober. Never raises; returns how many datagrams were read."""
+    counters = prober.counters
+    size = PACKET.size
+    n = 0
+    while n < MAX_DRAIN:
+        try:
+            data, ancdata, _, addr = sock.recvmsg(64, _CMSG_SPACE)
+        except (BlockingIOError, InterruptedError):
+            break
+        except OSError:  # ICMP port unreachable from a dead peer: it shows as loss
+            counters.send_errors += 1
+            continue
+        n += 1
+        if len(data) != size or data[:2] != MAGIC or data[2] != VERSION:
+            counters.malformed += 1
+            continue
+        kind = data[3]
+        rx_ns = _rx_time_ns(ancdata)
+        if kind == REQUEST:
+            hold = max(0, time.time_ns() - rx_ns)
             try:
-                data, addr = sock.recvfrom(64)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:  # ICMP port unreachable from a dead peer: it shows as loss
+                sock.sendto(data[:3] + _REPLY_BYTE + data[4:20] + _HOLD.pack(hold), addr)
+                counters.requests_answered += 1
+            except OSError:
                 counters.send_errors += 1
-                continue
-            if len(data) != size or data[:2] != MAGIC or data[2] != VERSION:
-                counters.malformed += 1
-                continue
-            kind = data[3]
-            if kind == REQUEST:
-                try:
-                    sock.sendto(data[:3] + _REPLY_BYTE + data[4:], addr)
-                    counters.requests_answered += 1
-                except OSError:
-                    counters.send_errors += 1
-            elif kind == REPLY:
-                prober.on_reply(data, addr)
-            else:
-                counters.malformed += 1
+        elif kind == REPLY:
+            prober.on_reply(data, addr, rx_ns)
+        else:
+            counters.malformed += 1
+    return n
 
 
 _REPLY_BYTE = bytes((REPLY,))
+_HOLD = struct.Struct("!Q")
 
 
 class Prober:
     """Schedules probes to the pinglist, matches replies, and produces :class:`RttSample`."""
 
     def __init__(self, reporter: str, *, timeout_s: float = 1.0, window_s: float = 5.0,
-                 clock_ns: Any = time.monotonic_ns) -> None:
+                 tick_s: float = 0.1) -> None:
         self.reporter = reporter
         self.timeout_s = timeout_s
         self.window_s = window_s
+        self.tick_s = tick_s
+        # A stable per-agent phase inside the tick, so agents do not all wake at once.
+        self._tick_phase = (zlib.crc32(reporter.encode()) % 1000) / 1000 * tick_s
         self.counters = EchoCounters()
         self.token = secrets.randbits(32)
         self._seq = secrets.randbits(31)
-        self._clock_ns = clock_ns
+        # Send times use the same clock as the kernel's receive timestamps (CLOCK_REALTIME).
+        self._clock_ns = time.time_ns
         self._peers: dict[str, PeerState] = {}
         self._outstanding: dict[int, tuple[PeerState, int]] = {}
         self._round_s = 1.0  # the pinglist's shortest interval
         self._round = 0
         self._stopping = False
-        self._changed = asyncio.Event()  # wakes an idle prober when peers arrive
         self.sock: socket.socket | None = None
 
     # -- pinglist --------------------------------------------------------------------------
@@ -207,7 +232,6 @@ class Prober:
             state.every = max(1, round(state.target.interval_s / self._round_s))
             state.phase = zlib.crc32(state.target.name.encode()) % state.every
         self._peers = fresh
-        self._changed.set()
 
     @property
     def peers(self) -> dict[str, PeerState]:
@@ -218,8 +242,9 @@ class Prober:
         return self._round_s
 
     # -- wire ------------------------------------------------------------------------------
-    def on_reply(self, data: bytes, addr: tuple[str | Any, int]) -> None:
-        _, _, _, token, seq, t_send = PACKET.unpack(data)
+    def on_reply(self, data: bytes, addr: tuple[str | Any, int], rx_ns: int) -> None:
+        """A reply received (kernel time ``rx_ns``): match it and fold in its RTT."""
+        _, _, _, token, seq, t_send, hold = PACKET.unpack(data)
         if token != self.token:
             self.counters.unexpected += 1
             return
@@ -232,15 +257,21 @@ class Prober:
             self.counters.unexpected += 1
             self._outstanding[seq] = entry
             return
-        now_ns = self._clock_ns()
+        rtt_ns = rx_ns - sent_ns - hold
+        if rx_ns - sent_ns > self.timeout_s * 1e9:  # arrived after its deadline: lost
+            self.counters.late += 1
+            self.counters.lost += 1
+            state.sent += 1
+            state.lost += 1
+            return
         self.counters.replies += 1
-        state.observe((now_ns - sent_ns) / 1e9, now_ns / 1e9)
+        state.observe(max(rtt_ns, 0) / 1e9, rx_ns / 1e9)
 
     def _send(self, state: PeerState, now_ns: int) -> None:
         assert self.sock is not None
         self._seq = (self._seq + 1) & 0xFFFFFFFF
         self._outstanding[self._seq] = (state, now_ns)
-        packet = PACKET.pack(MAGIC, VERSION, REQUEST, self.token, self._seq, now_ns)
+        packet = PACKET.pack(MAGIC, VERSION, REQUEST, self.token, self._seq, now_ns, 0)
         try:
             self.sock.sendto(packet, state.addr)
         except OSError:
@@ -270,6 +301,7 @@ class Prober:
         if n is None:
             n = self._round
         self._round = n + 1
+        self.counters.rounds += 1
         sent = 0
         for state in self._peers.values():
             if n % state.every == state.phase:
@@ -277,34 +309,33 @@ class Prober:
                 sent += 1
         return sent
 
-    async def run(self) -> None:
-        """Probe in rounds until :meth:`stop` (or cancellation).
+    def tick(self) -> None:
+        """One tick of echo work: drain the socket, expire old probes, send a due round."""
+        self.counters.ticks += 1
+        if self.sock is not None:
+            drain(self.sock, self)
+        if not self._peers:
+            self._expire(self._clock_ns())
+            return
+        n = int(time.time() // self._round_s)
+        if n != self._round - 1:  # this round slot has not been probed yet
+            self.probe_round(n)
+        else:
+            self._expire(self._clock_ns())
 
-        Rounds sit on a wall-clock grid (multiples of the round length since the epoch), so
-        agents with synchronised clocks probe each other at the same instants: each agent
-        then answers its peers' requests and reads its own replies in a few wake-ups per
-        round instead of one per datagram. If the loop stalls, missed rounds are skipped,
-        never sent in a burst.
-        """
+    async def run(self) -> None:
+        """Tick until :meth:`stop` (or cancellation), on a wall-clock grid of ``tick_s`` at
+        this agent's phase. If the loop stalls, missed ticks are skipped, not replayed."""
         while not self._stopping:
-            if not self._peers:  # idle: expire stragglers, wait for a pinglist
-                self._expire(self._clock_ns())
-                self._changed.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(min(self.timeout_s, 0.5)):
-                        await self._changed.wait()
-                continue
-            length = self._round_s
-            wall = time.time()
-            n = int(wall // length)
-            if n != self._round - 1:  # not yet probed in this grid slot
-                self.probe_round(n)
-            await asyncio.sleep(max(0.0, (n + 1) * length - time.time()))
+            self.tick()
+            tick, phase = min(self.tick_s, self._round_s), self._tick_phase
+            now = time.time()
+            k = math.floor((now - phase) / tick) + 1
+            await asyncio.sleep(max(0.0, k * tick + phase - now))
 
     def stop(self) -> None:
         """Make :meth:`run` return at its next wake-up (besides cancellation)."""
         self._stopping = True
-        self._changed.set()
 
     # -- samples ---------------------------------------------------------------------------
     def collect(self, wall: float | None = None) -> list[RttSample]:
@@ -336,21 +367,21 @@ class Prober:
 @contextlib.asynccontextmanager
 async def echo_endpoint(prober: Prober, address: str, port: int = 0
                         ) -> AsyncIterator[tuple[str, int]]:
-    """Bind the agent's UDP socket (responder + prober); yields the bound ``(host, port)``."""
+    """Bind the agent's UDP socket (responder + prober) with kernel receive timestamps;
+    yields the bound ``(host, port)``. The prober's ticks read it."""
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(address, port, type=socket.SOCK_DGRAM)
     family, _, _, _, sockaddr = infos[0]
     sock = socket.socket(family, socket.SOCK_DGRAM)
     try:
         sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
         sock.bind(sockaddr)
-        loop.add_reader(sock.fileno(), EchoSocket(sock, prober).on_readable)
         prober.sock = sock
         try:
             bound = sock.getsockname()
             yield str(bound[0]), int(bound[1])
         finally:
             prober.sock = None
-            loop.remove_reader(sock.fileno())
     finally:
         sock.close()

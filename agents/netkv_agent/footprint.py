@@ -84,6 +84,8 @@ async def _measure_child(settings: AgentSettings, topology: Topology, warmup_s: 
         "pinglist": s1["pinglist"], "peers_registered": s1["peers_registered"],
         "probes_per_s": (s1["probes_sent"] - s0["probes_sent"]) / wall,
         "answered_per_s": answered / wall,
+        "echo_ticks_per_s": (s1["echo_ticks"] - s0["echo_ticks"]) / wall,
+        "rounds_per_s": (s1["probe_rounds"] - s0["probe_rounds"]) / wall,
         # bytes this agent put on the wire for probing: its requests and its answers
         "probe_bytes_per_s": (s1["probes_sent"] - s0["probes_sent"] + answered)
         * (20 + WIRE_OVERHEAD) / wall,

@@ -53,6 +53,7 @@ class AgentSettings:
     probe_interval_pod_s: float = field(default=0.5, metadata=bound(gt=0, le=3600))
     probe_interval_core_s: float = field(default=1.0, metadata=bound(gt=0, le=3600))
     probe_timeout_s: float = field(default=1.0, metadata=bound(gt=0, le=60))
+    echo_tick_s: float = field(default=0.1, metadata=bound(gt=0, le=1))  # echo work cadence
     pod_fanout: int = field(default=2, metadata=bound(ge=0))  # peers per other leaf in the pod
     core_fanout: int = field(default=4, metadata=bound(ge=0))  # peers across the core, total
     pinglist_rotate_s: float = field(default=30.0, metadata=bound(gt=0))
@@ -60,7 +61,8 @@ class AgentSettings:
     max_peers: int = field(default=1024, metadata=bound(ge=1))
 
     # -- counters --------------------------------------------------------------------------
-    counter_interval_s: float = field(default=0.5, metadata=bound(gt=0, le=3600))
+    counter_interval_s: float = field(default=0.5, metadata=bound(gt=0, le=3600))  # read at
+    # publish ticks, so at most as often as publish_interval_s
     nics: tuple[str, ...] = ()  # interfaces to read; the fabric NIC is always included
     fabric_nic: str | None = None
     nic_links: dict[str, NicBinding] = field(default_factory=dict)
@@ -93,6 +95,10 @@ class AgentSettings:
     bandwidth_probe_rate_mbps: float = field(default=100.0, metadata=bound(gt=0))
 
     def __post_init__(self) -> None:
+        if self.probe_timeout_s <= 2 * self.echo_tick_s:
+            raise InputError("probe_timeout_s", f"must exceed twice echo_tick_s "
+                             f"({2 * self.echo_tick_s:g} s): a responder answers within one "
+                             f"tick and the prober reads within the next")
         if self.rdma_fabric_port is not None:
             device, _, port = self.rdma_fabric_port.partition("/")
             if not device or not port.isdigit():

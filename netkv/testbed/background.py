@@ -75,7 +75,7 @@ def core_schedule(plan: FabricPlan, duration_s: float, flows: int = 12) -> Sched
              for d in ("up", "down") if f"{pod}/up" in plan.link_ports]
     third = duration_s / 3
     for k in range(3):
-        leaf = leaves[(2 * k + 1) % len(leaves)]
+        leaf = leaves[(len(leaves) - 1 - k) % len(leaves)]
         spots.append(HotSpot(f"{leaf}/up", k * third, (k + 1) * third, max(flows // 2, 1)))
     return Schedule(tuple(spots))
 
@@ -158,6 +158,17 @@ class Background:
         finally:
             writer.transport.abort()
 
+    @staticmethod
+    async def _drain(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Read and discard until the peer goes away (a sink outside a Background)."""
+        try:
+            while await reader.read(CHUNK):
+                pass
+        except OSError:
+            pass
+        finally:
+            writer.transport.abort()
+
     async def _sink(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         me = asyncio.current_task()
         self._sinks[me] = writer
@@ -171,3 +182,45 @@ class Background:
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
+
+
+async def bulk(listen: tuple[str, int] | None, to: tuple[str, int] | None, flows: int,
+               seconds: float) -> int:
+    """A tenant server for the compose testbed: sink on ``listen`` and/or ``flows`` bulk TCP
+    flows to ``to``, for ``seconds`` (bounded). Returns the bytes sent."""
+    sent = 0
+    server = None
+    if listen is not None:
+        sock = listening_socket(None, *listen)
+        server = await asyncio.start_server(Background._drain, sock=sock)
+
+    async def flow() -> None:
+        nonlocal sent
+        assert to is not None
+        while True:  # the peer may not be up yet: retry until the deadline cancels us
+            try:
+                _, writer = await connect_from(None, *to)
+            except (OSError, TimeoutError):
+                await asyncio.sleep(0.5)
+                continue
+            try:
+                while True:
+                    writer.write(_BULK)
+                    await writer.drain()
+                    sent += len(_BULK)
+            except OSError:
+                await asyncio.sleep(0.5)
+            finally:
+                writer.transport.abort()
+
+    tasks = [asyncio.create_task(flow()) for _ in range(flows if to else 0)]
+    try:
+        await asyncio.sleep(seconds)
+    finally:
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5.0)
+        if server is not None:
+            server.close()
+    return sent

@@ -32,7 +32,7 @@ from netkv.core.topology import Topology
 from netkv.core.topology_file import load_topology, parse_topology
 from netkv.errors import InputError
 from netkv.logs import configure_logging
-from netkv.testbed.background import HotSpot, Schedule, core_schedule
+from netkv.testbed.background import HotSpot, Schedule, bulk, core_schedule
 from netkv.testbed.controlplane import ControlPlane
 from netkv.testbed.enginehost import EngineHostSettings, run_forever
 from netkv.testbed.engines import EngineModel
@@ -58,7 +58,8 @@ WORK_ROOT = Path("/tmp/netkv-testbed")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("action", choices=("up", "run", "down", "engine", "workload"))
+    parser.add_argument("action",
+                        choices=("up", "run", "down", "engine", "workload", "bulk"))
     parser.add_argument("--topology", help="topology file (default: 2 pods x 2 leaves x 2 "
                         "hosts, one prefill and one decode instance per host)")
     parser.add_argument("--scale", type=float, default=DEFAULT_SCALE,
@@ -85,6 +86,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     compose.add_argument("--kv-port", type=int, default=9100, help="first KV stream port")
     compose.add_argument("--engine-url", default="http://{host}:9000",
                          help="workload: engine URL template")
+    compose.add_argument("--listen", help="bulk: sink address HOST:PORT")
+    compose.add_argument("--to", help="bulk: send to HOST:PORT")
+    compose.add_argument("--seconds", type=float, default=600.0, help="bulk: how long")
 
 
 def _topology(args: argparse.Namespace) -> tuple[Topology, str | None]:
@@ -123,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
         return _engine(args)
     if args.action == "workload":
         return _workload(args)
+    if args.action == "bulk":
+        return _bulk(args)
     try:
         if args.action == "up":
             return _up(args)
@@ -190,7 +196,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         if owned:
             plan, control = _start(lab, args)
-        schedule = _schedule(args, plan, requests[-1].arrival_s + spec.warmup_s + 5.0)
+        schedule = _schedule(args, plan, requests[-1].arrival_s + spec.warmup_s + 10.0)
         model = replace(EngineModel(), bytes_per_token=float(_bytes_per_token(args.scale)))
         with inside(plan.control_ns):
             results = asyncio.run(_replay(plan, control, model=model, schedule=schedule,
@@ -224,6 +230,28 @@ def _engine(args: argparse.Namespace) -> int:
                                   bytes_per_token=float(_bytes_per_token(args.scale)),
                                   token=args.environ.get("NETKV_SCHEDULER__TOKEN"))
     return run_forever(settings, topology)
+
+
+def _address(value: str | None, flag: str) -> tuple[str, int] | None:
+    if value is None:
+        return None
+    host, _, port = value.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InputError(flag, f"expected HOST:PORT, got {value!r}")
+    return host, int(port)
+
+
+def _bulk(args: argparse.Namespace) -> int:
+    listen, to = _address(args.listen, "--listen"), _address(args.to, "--to")
+    if listen is None and to is None:
+        raise InputError("--listen", "bulk needs --listen and/or --to")
+    if not 0 < args.seconds <= 86400 or not 1 <= args.flows <= 256:
+        raise InputError("--seconds", "seconds in (0, 86400] and flows in 1..256")
+    print(f"bulk: sink {listen}, {args.flows if to else 0} flows to {to} for {args.seconds:g}s",
+          flush=True)
+    sent = asyncio.run(bulk(listen, to, args.flows, args.seconds))
+    print(f"bulk: sent {sent} bytes", flush=True)
+    return 0
 
 
 def _workload(args: argparse.Namespace) -> int:

@@ -2,9 +2,10 @@
 in the control namespace; an agent in every host namespace and every switch namespace.
 
 Host agents read their ``eth0`` counters (``<host>/nic/up|down``) and probe their peers' data
-addresses; switch agents (identity ``<leaf>`` or ``<pod>``) read the ``uplink`` port, bound to
-``<leaf>/up|down`` or ``<pod>/up|down``, standing in for the switch telemetry (port counters,
-queue depth) a real fabric exports. Every interface's speed is configured to its emulated rate
+addresses; switch agents (identity ``<leaf>`` or ``<pod>``) read the switch's ``up`` port
+(transmit: ``<switch>/up``, and its tbf backlog) and the ifb ``down`` that counts what ``up``
+receives (``<switch>/down``), standing in for the telemetry (port counters, queue depth) a
+real switch exports. Every interface's speed is configured to its emulated rate
 (sysfs says 10 Gb/s for a veth). All processes run via :meth:`Lab.spawn`, so teardown stops
 them. The control plane sees the *scaled* topology and a KV size per token scaled the same way
 (:mod:`netkv.testbed.scaled`), so its predicted seconds are the testbed's real seconds.
@@ -77,14 +78,15 @@ class ControlPlane:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.plan.write_topology(self.topology_path)
         config = self.shared_config() | {
-            "oracle": {"host": CONTROL_ADDRESS, "port": ORACLE_PORT},
+            "oracle": {"http_host": CONTROL_ADDRESS, "http_port": ORACLE_PORT,
+                       "sample_interval_s": self.tuning.publish_interval_s * 2},
             "scheduler": {"host": CONTROL_ADDRESS, "port": SCHEDULER_PORT,
                           "model": scaled_model_name(self.bytes_per_token)},
         }
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
 
     def agent_config(self, agent_id: str) -> dict[str, Any]:
-        """One agent's config: a host agent on ``eth0`` or a switch agent on ``uplink``."""
+        """One agent's config: a host agent on ``eth0`` or a switch agent on ``up``/``down``."""
         t, plan = self.plan, self.plan
         tune = self.tuning
         base: dict[str, Any] = {
@@ -103,10 +105,11 @@ class ControlPlane:
         else:
             ns = plan.switch_ns[agent_id]
             rate = t.rate_bps(f"{agent_id}/up") / 1e9
+            up, down = f"{agent_id}/up", f"{agent_id}/down"
             base |= {"listen_address": plan.mgmt_addr[ns],
-                     "nic_links": {"uplink": {"tx": f"{agent_id}/up",
-                                              "rx": f"{agent_id}/down"}},
-                     "nic_speed_gbps": {"uplink": rate}}
+                     "nic_links": {"up": {"tx": up, "rx": down},
+                                   "down": {"tx": down, "rx": up}},
+                     "nic_speed_gbps": {"up": rate, "down": rate}}
         return self.shared_config() | {"agent": base}
 
     # -- processes -------------------------------------------------------------------------

@@ -179,12 +179,13 @@ class Lab:
 
     def add_veth(self, ns_a: str, if_a: str, ns_b: str, if_b: str) -> None:
         """A veth pair with one end in each namespace (created there, never in the root)."""
-        ip("-n", ns_a, "link", "add", if_a, "type", "veth", "peer", "name", if_b, "netns", ns_b)
+        ip("-n", ns_a, "link", "add", "name", if_a, "type", "veth", "peer", "name", if_b,
+           "netns", ns_b)
         ip("-n", ns_a, "link", "set", "dev", if_a, "up")
         ip("-n", ns_b, "link", "set", "dev", if_b, "up")
 
     def add_bridge(self, ns: str, name: str = "br0") -> None:
-        ip("-n", ns, "link", "add", name, "type", "bridge", "stp_state", "0",
+        ip("-n", ns, "link", "add", "name", name, "type", "bridge", "stp_state", "0",
            "forward_delay", "0")
         ip("-n", ns, "link", "set", "dev", name, "up")
 
@@ -193,6 +194,19 @@ class Lab:
 
     def address(self, ns: str, ifname: str, cidr: str) -> None:
         ip("-n", ns, "addr", "add", cidr, "dev", ifname)
+
+    def add_ingress_counter(self, ns: str, ifname: str, ifb: str) -> None:
+        """An ifb device ``ifb`` whose transmit counters count what ``ifname`` receives.
+
+        Ingress traffic is redirected through the ifb and continues unchanged; this lets a
+        switch agent report a link's receive direction as a transmitting interface.
+        """
+        ip("-n", ns, "link", "add", "name", ifb, "type", "ifb")
+        ip("-n", ns, "link", "set", "dev", ifb, "up")
+        tc("-n", ns, "qdisc", "add", "dev", ifname, "handle", "ffff:", "ingress")
+        tc("-n", ns, "filter", "add", "dev", ifname, "parent", "ffff:", "protocol", "all",
+           "u32", "match", "u32", "0", "0", "action", "mirred", "egress", "redirect",
+           "dev", ifb)
 
     def set_mtu(self, ns: str, ifname: str, mtu: int) -> None:
         ip("-n", ns, "link", "set", "dev", ifname, "mtu", str(mtu))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +46,11 @@ def requests_for(trace: Path | None, spec: ReplaySpec) -> tuple[list[Request], s
 
 async def replay(topology: Topology, engine_url: str, requests: Sequence[Request],
                  policies: Sequence[str], *, drain_s: float = 4.0,
-                 timeout_s: float = 180.0) -> dict[str, PolicyResult]:
-    """Replay once per policy; ``engine_url`` is a template such as ``http://{host}:9000``."""
+                 timeout_s: float = 180.0,
+                 host_urls: Mapping[str, str] | None = None) -> dict[str, PolicyResult]:
+    """Replay once per policy; ``engine_url`` is a template such as ``http://{host}:9000``
+    (``host_urls`` maps hosts to URLs explicitly instead)."""
+    urls = dict(host_urls or {})
     prefills = topology.instances_with_role("prefill")
     results: dict[str, PolicyResult] = {}
     timeout = aiohttp.ClientTimeout(total=timeout_s)
@@ -65,8 +68,8 @@ async def replay(topology: Topology, engine_url: str, requests: Sequence[Request
                         "prompt_tokens": req.prompt_tokens, "output_tokens": req.output_tokens,
                         "block_hashes": list(req.block_hashes), "policy": policy}
                 try:
-                    async with http.post(engine_url.format(host=inst.host) + "/v1/generate",
-                                         json=body) as resp:
+                    base = urls.get(inst.host) or engine_url.format(host=inst.host)
+                    async with http.post(base + "/v1/generate", json=body) as resp:
                         data: dict[str, Any] = await resp.json()
                     if resp.status != 200:
                         return Outcome(rid, inst.name, policy=policy, error=str(data))

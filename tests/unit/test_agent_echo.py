@@ -36,6 +36,6 @@ def test_percentile_nearest_rank() -> None:
     assert percentile([7.0], 0.99) == 7.0
 
 
-def test_packet_layout_is_twenty_bytes() -> None:
-    packet = PACKET.pack(MAGIC, VERSION, REQUEST, 1, 2, 3)
-    assert len(packet) == 20 and packet[:2] == b"NK"
+def test_packet_layout_is_twenty_eight_bytes() -> None:
+    packet = PACKET.pack(MAGIC, VERSION, REQUEST, 1, 2, 3, 0)
+    assert len(packet) == 28 and packet[:2] == b"NK"
