@@ -332,10 +332,11 @@ class CongestionMap:
                 for k in ("srtt_s", "min_s", "p99_s", "loss", "ts")}
         if np.any(cols["loss"] > 1):
             raise SnapshotError("pairs.loss", "must be <= 1")
-        for i in range(len(a)):
-            cmap.pairs[_pair_key(int(a[i]), int(b[i]))] = PairState(
-                float(cols["srtt_s"][i]), float(cols["min_s"][i]), float(cols["p99_s"][i]),
-                float(cols["loss"][i]), float(cols["ts"][i]))
+        rows = zip(a.tolist(), b.tolist(), *(cols[k].tolist() for k in
+                                             ("srtt_s", "min_s", "p99_s", "loss", "ts")),
+                   strict=True)
+        cmap.pairs = {((x, y) if x <= y else (y, x)): PairState(srtt, lo, p99, loss, ts)
+                      for x, y, srtt, lo, p99, loss, ts in rows}
         return cmap
 
 
@@ -392,7 +393,7 @@ def _floats(raw: Any, where: str, n: int) -> FloatArray:
     if not isinstance(raw, list) or len(raw) != n:
         got = len(raw) if isinstance(raw, list) else type(raw).__name__
         raise SnapshotError(where, f"expected a list of {n} numbers, got {got}")
-    if any(isinstance(v, bool) or not isinstance(v, int | float) for v in raw):
+    if not set(map(type, raw)) <= {int, float}:  # one pass; bools and strings are out
         raise SnapshotError(where, "expected numbers only")
     arr = np.asarray(raw, dtype=np.float64)
     if arr.size and (not np.all(np.isfinite(arr)) or np.any(arr < 0)):
@@ -403,11 +404,14 @@ def _floats(raw: Any, where: str, n: int) -> FloatArray:
 def _indices(raw: Any, index: dict[str, int], where: str, *, unique: bool = True) -> IntArray:
     if not isinstance(raw, list):
         raise SnapshotError(where, "expected a list of names")
-    out = np.empty(len(raw), dtype=np.int64)
-    for i, name in enumerate(raw):
-        if not isinstance(name, str) or name not in index:
-            raise SnapshotError(f"{where}[{i}]", f"unknown name {name!r:.80} for this topology")
-        out[i] = index[name]
-    if unique and len(set(out.tolist())) != len(out):
+    try:
+        found = [index.get(name) if isinstance(name, str) else None for name in raw]
+    except TypeError:
+        found = [None]
+    if None in found:
+        i = found.index(None)
+        raise SnapshotError(f"{where}[{i}]", f"unknown name {raw[i]!r:.80} for this topology")
+    out = np.array(found, dtype=np.int64)
+    if unique and len(set(found)) != len(found):
         raise SnapshotError(where, "duplicate names")
     return out

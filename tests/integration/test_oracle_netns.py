@@ -107,7 +107,7 @@ async def test_saturated_veth_shows_in_map_and_estimates(
                   {"name": "h001", "leaf": "l0", "pod": "p0"}]})
     settings = oracle_settings(redis_server.url, mosquitto_server.port, oracle_id="n1",
                                sample_interval_s=INTERVAL_S, tomography=False)
-    up = topology.link_index["h000/nic/up"]
+    up, down = topology.link_index["h000/nic/up"], topology.link_index["h001/nic/down"]
     nbytes = "10000000"  # 10 MB: 4 s at the shaped rate when idle
     async with contextlib.AsyncExitStack() as stack:
         oracle = await stack.enter_async_context(OracleService(settings, topology))
@@ -124,7 +124,10 @@ async def test_saturated_veth_shows_in_map_and_estimates(
             result: dict[str, float] = body
             return result
 
-        await until(lambda: oracle.builder.map.link_confidence()[up] == 1.0, 10)
+        def both_measured() -> bool:
+            return bool((oracle.builder.map.link_confidence()[[up, down]] == 1.0).all())
+
+        await until(both_measured, 10)
         idle = await cost()
         assert idle["confidence"] > 0
         flood = await asyncio.create_subprocess_exec(
