@@ -51,7 +51,7 @@ from netkv.testbed.workload import replay, requests_for
 DEFAULT_TOPOLOGY: dict[str, Any] = {
     "fabric": {"nic_gbps": 400, "leaf_oversubscription": 1, "pod_oversubscription": 2},
     "fat_tree": {"pods": 2, "leaves_per_pod": 2, "hosts_per_leaf": 2, "gpus_per_host": 8,
-                 "instance_gpus": 4, "role_pattern": "PD"},
+                 "instance_gpus": 8, "role_pattern": "PD"},
 }
 DEFAULT_TRACE = "../shared/data/mooncake_conversation_trace.jsonl"
 WORK_ROOT = Path("/tmp/netkv-testbed")
@@ -61,7 +61,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action",
                         choices=("up", "run", "down", "engine", "workload", "bulk"))
     parser.add_argument("--topology", help="topology file (default: 2 pods x 2 leaves x 2 "
-                        "hosts, one prefill and one decode instance per host)")
+                        "hosts; prefill and decode hosts alternate, one 8-GPU instance each, so every KV "
+                        "transfer crosses the network)")
     parser.add_argument("--scale", type=float, default=DEFAULT_SCALE,
                         help=f"link-rate and KV-byte scale (default {DEFAULT_SCALE:g}: "
                         "400 Gb/s -> 40 Mb/s)")
