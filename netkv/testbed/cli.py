@@ -61,8 +61,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action",
                         choices=("up", "run", "down", "engine", "workload", "bulk"))
     parser.add_argument("--topology", help="topology file (default: 2 pods x 2 leaves x 2 "
-                        "hosts; prefill and decode hosts alternate, one 8-GPU instance each, so every KV "
-                        "transfer crosses the network)")
+                        "hosts; prefill and decode hosts alternate, one 8-GPU instance each, "
+                        "so every KV transfer crosses the network)")
     parser.add_argument("--scale", type=float, default=DEFAULT_SCALE,
                         help=f"link-rate and KV-byte scale (default {DEFAULT_SCALE:g}: "
                         "400 Gb/s -> 40 Mb/s)")
