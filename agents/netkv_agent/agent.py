@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import deque
 from types import TracebackType
 from typing import Any, Self
 
@@ -37,6 +38,7 @@ from netkv.adapters.redis_client import connect_redis
 from netkv.core.topology import Topology
 from netkv.errors import InputError
 from netkv.telemetry.names import RedisKeys
+from netkv_agent.bandwidth import BurstResult, bandwidth_sink, burst
 from netkv_agent.echo import Prober, echo_endpoint
 from netkv_agent.nic import NicReader
 from netkv_agent.pinglist import Endpoint, build_pinglist
@@ -118,6 +120,10 @@ class Agent:
         self.endpoint: tuple[str, int] | None = None
         self.started = time.time()
         self.peers: dict[str, Endpoint] = {}
+        self.bandwidth_ports: dict[str, int] = {}
+        self.bandwidth_results: deque[BurstResult] = deque(maxlen=16)
+        self.bandwidth_errors = 0
+        self._bandwidth_port = 0
         self.registry_rejected = 0
         self.counter_errors = 0
         self.samples_by_kind: dict[str, int] = {}
@@ -137,6 +143,9 @@ class Agent:
                 echo_endpoint(self.prober, s.listen_address, s.echo_port))
             if s.interfaces:
                 self._ipr = await stack.enter_async_context(AsyncIPRoute(netns=s.netns))
+            if s.bandwidth_probe_enabled:
+                _, self._bandwidth_port = await stack.enter_async_context(
+                    bandwidth_sink(s.listen_address, s.bandwidth_port))
             self.publisher = Publisher(
                 redis, self.keys, s.agent_id, registration=self.registration,
                 publish_interval_s=s.publish_interval_s,
@@ -150,6 +159,9 @@ class Agent:
                 "registry": group.create_task(self._registry_loop(redis), name="registry"),
                 "publish": group.create_task(self._publish_loop(), name="publish"),
             }
+            if s.bandwidth_probe_enabled:
+                self._tasks["bandwidth"] = group.create_task(self._bandwidth_loop(),
+                                                             name="bandwidth")
             if s.mqtt_enabled:
                 self._tasks["presence"] = group.create_task(self.presence.run(),
                                                             name="presence")
@@ -187,7 +199,7 @@ class Agent:
         """Ordered, bounded: stop measuring, publish the rest, say offline, then close."""
         self._stopping = True
         self.prober.stop()
-        await self._cancel("probe", "registry")
+        await self._cancel("probe", "registry", "bandwidth")
         if self.publisher is not None and "publish" in self._tasks:
             await self._cancel("publish")
             self.publisher.submit(self.prober.collect())
@@ -212,6 +224,7 @@ class Agent:
         return Registration(
             agent=self.settings.agent_id, address=self.settings.address, echo_port=port,
             version=netkv.__version__, started=self.started,
+            bandwidth_port=self._bandwidth_port,
             nics=tuple(self.settings.interfaces), links=dict(self.nic_links),
             rdma=dict(self.rdma_links))
 
@@ -278,8 +291,9 @@ class Agent:
         except (RedisError, OSError, TimeoutError) as exc:
             log.debug("registry refresh failed", error=str(exc))
             return False
-        self.peers = {r.agent: (r.address, r.echo_port)
-                      for r, beat in zip(regs, alive, strict=True) if beat is not None}
+        live = [r for r, beat in zip(regs, alive, strict=True) if beat is not None]
+        self.peers = {r.agent: (r.address, r.echo_port) for r in live}
+        self.bandwidth_ports = {r.agent: r.bandwidth_port for r in live if r.bandwidth_port}
         self.prober.set_peers(build_pinglist(self.settings, self.topology, self.peers,
                                              time.time()))
         return True
@@ -303,6 +317,29 @@ class Agent:
                           or time.monotonic() - start < 3.0)
             previous = current
             await asyncio.sleep(fast if converging else self.settings.registry_refresh_s)
+
+    async def _bandwidth_loop(self) -> None:
+        """Every interval, one rate-capped burst to the next pinglist peer with a sink."""
+        s = self.settings
+        turn = 0
+        while not self._stopping:
+            await asyncio.sleep(s.bandwidth_probe_interval_s)
+            candidates = sorted(n for n in self.prober.peers if n in self.bandwidth_ports)
+            if not candidates:
+                continue
+            peer = candidates[turn % len(candidates)]
+            turn += 1
+            try:
+                result = await burst(peer, self.peers[peer][0], self.bandwidth_ports[peer],
+                                     s.bandwidth_probe_bytes,
+                                     s.bandwidth_probe_rate_mbps * 1e6 / 8)
+            except (OSError, TimeoutError, KeyError) as exc:
+                self.bandwidth_errors += 1
+                log.warning("bandwidth probe failed", peer=peer, error=str(exc))
+                continue
+            self.bandwidth_results.append(result)
+            log.info("bandwidth probe", peer=peer, bytes_s=round(result.bytes_s),
+                     seconds=round(result.seconds, 3))
 
     # -- observability ---------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -329,6 +366,9 @@ class Agent:
             "counter_errors": self.counter_errors,
             "nic_missing": self.nics.missing, "nic_resets": self.nics.resets(),
             "rdma_resets": self.rdma.resets, "rdma_wraps": self.rdma.wraps,
+            "bandwidth_probes": [{"peer": r.peer, "bytes_s": r.bytes_s, "bytes": r.nbytes}
+                                 for r in self.bandwidth_results],
+            "bandwidth_errors": self.bandwidth_errors,
         }
 
 

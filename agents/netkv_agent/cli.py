@@ -56,7 +56,11 @@ def settings_from_args(args: argparse.Namespace) -> AgentSettings:
     redis = {"url": args.redis_url} if args.redis_url else {}
     mqtt = {k: v for k, v in (("host", args.mqtt_host), ("port", args.mqtt_port))
             if v is not None}
-    return load_agent_settings(args.config, args.environ, overrides | {
+    # Flags beat the environment: drop the variables the flags replace.
+    shadowed = {f"NETKV_REDIS__{k.upper()}" for k in redis} | \
+        {f"NETKV_MQTT__{k.upper()}" for k in mqtt}
+    environ = {k: v for k, v in args.environ.items() if k not in shadowed}
+    return load_agent_settings(args.config, environ, overrides | {
         "redis": _fields(base.redis) | redis, "mqtt": _fields(base.mqtt) | mqtt})
 
 

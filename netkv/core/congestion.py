@@ -237,13 +237,18 @@ class CongestionMap:
         counted = self.link_confidence(now) >= COUNTER_CONFIDENCE * 0.5
         counted &= self.source_confidence >= COUNTER_CONFIDENCE
         bound_s = np.full(self.topology.n_links, np.inf)
-        for (a, b), pair in self.pairs.items():
-            if a == b or now - pair.ts > self.params.fresh_s:
-                continue
-            inflation = max(pair.srtt_s - pair.min_s, 0.0)
-            for path in (self.topology.path(a, b), self.topology.path(b, a)):
-                idx = np.array(path, dtype=np.int64)
-                bound_s[idx] = np.minimum(bound_s[idx], inflation)
+        fresh = [(a, b, max(p.srtt_s - p.min_s, 0.0)) for (a, b), p in self.pairs.items()
+                 if a != b and now - p.ts <= self.params.fresh_s]
+        if fresh:
+            ends = np.array([(a, b) for a, b, _ in fresh], dtype=np.int64)
+            inflation = np.array([x for _, _, x in fresh])
+            # Both directions: RTT crosses the forward and the reverse path.
+            for src_col, dst_col in ((0, 1), (1, 0)):
+                for src in np.unique(ends[:, src_col]).tolist():
+                    rows = ends[:, src_col] == src
+                    _, links, mask = self.topology.path_matrix(src, ends[rows, dst_col])
+                    values = np.broadcast_to(inflation[rows][:, None], links.shape)
+                    np.minimum.at(bound_s, links[mask], values[mask])
         kinds = {LinkKind.LEAF_UP, LinkKind.LEAF_DOWN, LinkKind.POD_UP, LinkKind.POD_DOWN}
         found = 0
         for i, link in enumerate(self.topology.links):

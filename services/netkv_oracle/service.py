@@ -117,7 +117,7 @@ class OracleService:
 
     async def _publish_loop(self) -> None:
         s = self.settings
-        last = 0.0
+        last = last_tomography = 0.0
         while True:
             await asyncio.sleep(s.publish_interval_s)
             self._tick = time.monotonic()
@@ -134,7 +134,8 @@ class OracleService:
                 if self.builder.changed or now - last >= s.republish_s:
                     changed = self.builder.changed
                     self.builder.changed = False
-                    if s.tomography:
+                    if s.tomography and now - last_tomography >= s.sample_interval_s:
+                        last_tomography = now  # new RTT windows arrive once per interval
                         self.builder.map.localise_inflation()
                     if await self.publisher.publish(self.builder.map) is None:
                         self.builder.changed = changed

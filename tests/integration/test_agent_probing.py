@@ -152,6 +152,6 @@ async def test_interval_is_respected_and_pinglist_change_keeps_stats() -> None:
         a.counters.probes_sent = 0
         await asyncio.sleep(1.0)
         second = a.counters.probes_sent
-    assert 12 <= first <= 24  # ~20 at 50 ms
-    assert 6 <= second <= 13  # ~10 at 100 ms
+    assert 8 <= first <= 24  # ~20 at 50 ms (a loaded machine may skip rounds, never add)
+    assert 4 <= second <= 13 and second < first  # ~10 at 100 ms
     assert srtt is not None

@@ -64,9 +64,21 @@ async def oracle(redis_server: RedisServer, mosquitto_server: MosquittoServer,
         yield service
 
 
+@pytest.fixture
+async def steady_oracle(redis_server: RedisServer, mosquitto_server: MosquittoServer,
+                        topology: Topology) -> AsyncIterator[OracleService]:
+    """An oracle whose samples stay fresh for 3 x 5 s (for checks that take a while)."""
+    settings = oracle_settings(redis_server.url, mosquitto_server.port, oracle_id="o1",
+                               sample_interval_s=5.0)
+    async with OracleService(settings, topology) as service:
+        await until(lambda: service.leading, 5)
+        yield service
+
+
 async def test_samples_become_a_published_map(
-        oracle: OracleService, redis: aioredis.Redis, mosquitto_server: MosquittoServer,
+        steady_oracle: OracleService, redis: aioredis.Redis, mosquitto_server: MosquittoServer,
         topology: Topology) -> None:
+    oracle = steady_oracle
     hosts = [h.name for h in topology.hosts]
     for h in hosts:
         await xadd(redis, h, batch(h, nic(h, tx=0.9 * GB if h == "h001" else 0.0,
@@ -89,7 +101,7 @@ async def test_samples_become_a_published_map(
     # HTTP: a congested sender is slower than an idle one to the same place.
     status, busy = await get_json(oracle.port, "/v1/cost", src="h001", dst="h000",
                                   bytes="1e9")
-    assert status == 200 and busy["tier"] == 1 and busy["confidence"] > 0
+    assert status == 200 and busy["tier"] == 1 and busy["confidence"] == 1.0
     status, idle = await get_json(oracle.port, "/v1/cost", src="h003", dst="h000",
                                   bytes="1e9")
     assert status == 200 and busy["seconds"] > 3 * idle["seconds"]
@@ -205,38 +217,45 @@ async def test_acl_user_can_write_only_its_own_stream(redis_server: RedisServer,
     assert not await redis.exists(KEYS.samples_stream("h001"))
 
 
-async def test_standby_takes_over_and_claims_pending_entries(
+async def test_standby_takes_over_when_the_leader_dies(
         redis_server: RedisServer, mosquitto_server: MosquittoServer, topology: Topology,
         redis: aioredis.Redis) -> None:
-    first = OracleService(oracle_settings(redis_server.url, mosquitto_server.port,
-                                          oracle_id="o1"), topology)
-    second = OracleService(oracle_settings(redis_server.url, mosquitto_server.port,
-                                           oracle_id="o2"), topology)
-    async with second:
-        async with first:
-            await until(lambda: first.leading or second.leading)
-            leader, standby = (first, second) if first.leading else (second, first)
+    # Samples stay fresh for 3 x 2 s: the one written while nobody leads is still news.
+    leader = OracleService(oracle_settings(redis_server.url, mosquitto_server.port,
+                                           oracle_id="o1", sample_interval_s=2.0), topology)
+    standby = OracleService(oracle_settings(redis_server.url, mosquitto_server.port,
+                                            oracle_id="o2", sample_interval_s=2.0), topology)
+    up5, up6 = topology.link_index["h005/nic/up"], topology.link_index["h006/nic/up"]
+    await leader.__aenter__()
+    try:
+        await until(lambda: leader.leading)
+        async with standby:
             await xadd(redis, "h005", batch("h005", nic("h005", tx=0.25 * GB)))
-            await until(lambda: leader.publisher.version > 0 and standby.followed is not None
-                        and standby.followed.util[topology.link_index["h005/nic/up"]] > 0)
-            assert not standby.leading
+            await until(lambda: standby.followed is not None
+                        and standby.followed.util[up5] > 0)
+            assert not standby.leading and standby.current_map() is standby.followed
             status, _ = await get_json(standby.port, "/v1/cost", src="h005", dst="h000",
                                        bytes="1")
             assert status == 200  # the standby serves the published map
             v1 = leader.publisher.version
-            # A consumer that crashed holding entries: read them, never acknowledge.
+
+            # The leader dies without releasing its lock: the lease must run out first.
+            async def no_release() -> None:
+                return None
+
+            leader.leadership.release = no_release  # type: ignore[method-assign]
+            await leader.__aexit__(None, None, None)
+            died = time.monotonic()
             await xadd(redis, "h006", batch("h006", nic("h006", tx=0.75 * GB)))
-            await asyncio.sleep(0.3)
-        if leader is first:
-            await until(lambda: second.leading, 5)
-            survivor = second
-        else:
-            survivor = second  # the leader was `second`; keep checking it
-        await until(lambda: survivor.publisher.version > v1)
-        up6 = topology.link_index["h006/nic/up"]
-        await until(lambda: survivor.builder.map.util[up6] == 0.75 * GB)
-        # Continued from the predecessor's map, not from scratch.
-        assert survivor.builder.map.util[topology.link_index["h005/nic/up"]] == 0.25 * GB
+            await until(lambda: standby.leading, 5)
+            assert time.monotonic() - died <= leader.settings.leader_ttl_s + 1.0
+            await until(lambda: standby.builder.map.util[up6] == 0.75 * GB)
+            await until(lambda: standby.publisher.version > v1)
+            # Continued from the predecessor's map, not from scratch; versions kept rising.
+            assert standby.builder.map.util[up5] == 0.25 * GB
+            assert int(await redis.get(KEYS.map_version) or 0) >= standby.publisher.version
+    finally:
+        await leader.__aexit__(None, None, None)
 
 
 async def test_crashed_consumer_entries_are_claimed(

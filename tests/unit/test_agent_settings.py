@@ -111,3 +111,20 @@ def test_registration_rejects_garbage() -> None:
         decode_registration(b"\xc1\x00garbage")
     with pytest.raises(RegistrationError):
         decode_registration(msgpack.packb([1, 2, 3]))
+
+
+def test_cli_flags_beat_environment() -> None:
+    import argparse
+
+    from netkv_agent.cli import configure, settings_from_args
+
+    parser = argparse.ArgumentParser()
+    configure(parser)
+    args = parser.parse_args(["--agent-id", "h001", "--redis-url", "redis://127.0.0.1:7001/0",
+                              "--mqtt-port", "1999"])
+    args.environ = {"NETKV_REDIS__URL": "redis://127.0.0.1:9/0", "NETKV_MQTT__PORT": "9",
+                    "NETKV_MQTT__HOST": "127.0.0.5", "NETKV_AGENT_ID": "h002"}
+    s = settings_from_args(args)
+    assert s.agent_id == "h001"
+    assert s.redis.url == "redis://127.0.0.1:7001/0"
+    assert s.mqtt.port == 1999 and s.mqtt.host == "127.0.0.5"  # unflagged env still applies

@@ -25,6 +25,7 @@ def test_decision_bench_writes_table_and_json(tmp_path: Path,
         for size in ("16", "64"):
             cell = data["results"][policy][size]
             assert 0 < cell["p50_us"] <= cell["p99_us"]
+            assert 0 < cell["cpu_p50_us"] <= cell["cpu_p99_us"]
             assert cell["iterations"] == 20
     assert "netkv_p99_at_16" in data["targets"]
 

@@ -1,0 +1,173 @@
+"""From accepted samples to the congestion map: identity checks, registrations, the builder."""
+
+from __future__ import annotations
+
+import pytest
+from netkv_agent.registration import LinkPair, Registration, encode_registration
+from netkv_oracle.builder import MapBuilder
+from netkv_oracle.identity import (
+    Ownership,
+    RejectedError,
+    agent_acl_rules,
+    binding_from_registration,
+    stream_owner,
+)
+
+from netkv.core.congestion import MapParams
+from netkv.core.topology import Topology
+from netkv.core.topology_file import parse_topology
+from netkv.telemetry.names import RedisKeys
+from netkv.telemetry.samples import NicSample, QdiscSample, RdmaSample, RttSample, Sample
+from netkv.telemetry.wire import Batch
+
+pytestmark = pytest.mark.unit
+
+NOW = 1_700_000_000.0
+
+
+def topo() -> Topology:
+    return parse_topology({"fabric": {"nic_gbps": 8}, "fat_tree": {}})
+
+
+def nic(reporter: str, name: str = "eth0", *, tx: float = 1.0, rx: float = 2.0,
+        ts: float = NOW, speed: float = 0.0) -> NicSample:
+    return NicSample(reporter=reporter, nic=name, ts=ts, window_s=1.0, tx_bytes_s=tx,
+                     rx_bytes_s=rx, tx_packets_s=0.0, rx_packets_s=0.0, drops_s=0.0,
+                     errors_s=0.0, speed_bytes_s=speed)
+
+
+def rdma(reporter: str, tx: float, rx: float) -> RdmaSample:
+    return RdmaSample(reporter=reporter, device="mlx5_0", port=1, ts=NOW, window_s=1.0,
+                      tx_bytes_s=tx, rx_bytes_s=rx, cnp_sent_s=0.0, cnp_handled_s=0.0,
+                      ecn_marked_s=0.0, xmit_wait_s=0.0)
+
+
+def rtt(reporter: str, peer: str, sent: int = 10, lost: int = 0) -> RttSample:
+    return RttSample(reporter=reporter, peer=peer, ts=NOW, window_s=1.0, sent=sent,
+                     lost=lost, srtt_s=0.002, p50_s=0.002, p99_s=0.003, min_s=0.001)
+
+
+def batch(agent: str, *samples: Sample) -> Batch:
+    return Batch(agent, 1, NOW, samples)
+
+
+def registration(agent: str, links: dict[str, LinkPair],
+                 rdma_links: dict[str, LinkPair] | None = None) -> bytes:
+    return encode_registration(Registration(
+        agent=agent, address="127.0.0.1", echo_port=1, version="0", started=NOW,
+        nics=tuple(links), links=links, rdma=rdma_links or {}))
+
+
+@pytest.mark.parametrize(("agent", "b", "reason"), [
+    ("h001", batch("h000", nic("h000")), "wrong_agent"),
+    ("h000", batch("h000", nic("h001")), "wrong_reporter"),
+    ("h000", batch("h000", nic("h000", name="h001/nic/up")), "foreign_link"),
+    ("h000", batch("h000", rtt("h000", "h000")), "unknown_peer"),
+    ("h000", batch("h000", rtt("h000", "h999")), "unknown_peer"),
+    ("spine9", batch("spine9", nic("spine9", name="up")), "unknown_agent"),
+    ("leaf0.0", batch("leaf0.0", nic("leaf0.0", name="eth3")), "foreign_link"),
+    ("leaf0.0", batch("leaf0.0", rdma("leaf0.0", 1, 1)), "foreign_link"),
+    ("leaf0.0", batch("leaf0.0", rtt("leaf0.0", "h000")), "unknown_peer"),
+])
+def test_ownership_rejects_what_an_agent_does_not_own(agent: str, b: Batch,
+                                                      reason: str) -> None:
+    with pytest.raises(RejectedError) as info:
+        Ownership(topo()).check(b, agent)
+    assert info.value.reason == reason
+
+
+def test_ownership_accepts_own_links_and_switch_uplinks() -> None:
+    own = Ownership(topo())
+    own.check(batch("h000", nic("h000"), rtt("h000", "h007"), rdma("h000", 1, 1)), "h000")
+    own.check(batch("leaf0.0", nic("leaf0.0", name="up")), "leaf0.0")
+    strict = Ownership(topo(), require_registered_nics=True)
+    with pytest.raises(RejectedError):
+        strict.check(batch("h000", nic("h000")), "h000")
+
+
+def test_registration_binds_interfaces_and_refuses_foreign_links() -> None:
+    t = topo()
+    good = registration("h000", {"eth0": LinkPair("h000/nic/up", "h000/nic/down")})
+    binding = binding_from_registration(t, "h000", good)
+    assert binding.links["eth0"] == (t.link_index["h000/nic/up"],
+                                      t.link_index["h000/nic/down"])
+    steal = registration("h000", {"eth0": LinkPair("h001/nic/up", "h000/nic/down")})
+    with pytest.raises(RejectedError, match="h001/nic/up") as info:
+        binding_from_registration(t, "h000", steal)
+    assert info.value.reason == "bad_registration"
+    with pytest.raises(RejectedError, match="names"):
+        binding_from_registration(t, "h001", good)  # h000's entry under h001's field
+    with pytest.raises(RejectedError):
+        binding_from_registration(t, "h000", b"\xc1garbage")
+    own = Ownership(t, bindings={"h000": binding})
+    with pytest.raises(RejectedError):  # a registered agent reports only its interfaces
+        own.check(batch("h000", nic("h000", name="eth1")), "h000")
+
+
+def test_stream_owner_and_acl_rules() -> None:
+    keys = RedisKeys()
+    assert stream_owner(keys, keys.samples_stream("h003")) == "h003"
+    assert stream_owner(keys, "netkv:{s0}:samples:h003") in (None, "h003")
+    assert stream_owner(keys, "other:{s1}:samples:h003") is None
+    assert stream_owner(keys, keys.map_snapshot) is None
+    rules = agent_acl_rules(keys, "h003", "pw")
+    assert f"~{keys.samples_stream('h003')}" in rules and ">pw" in rules
+    assert not any(r.startswith("~") and "h004" in r for r in rules)
+
+
+def builder(t: Topology) -> MapBuilder:
+    return MapBuilder(t, MapParams(fresh_s=1.0, stale_s=3.0), clock=lambda: NOW)
+
+
+def test_builder_maps_nic_rdma_and_qdisc_samples_to_links() -> None:
+    t = topo()
+    b = builder(t)
+    own = Ownership(t)
+    up, down = t.link_index["h002/nic/up"], t.link_index["h002/nic/down"]
+    b.apply("h002", (nic("h002", tx=1e8, rx=2e8),), NOW, own)
+    assert (b.map.util[up], b.map.util[down]) == (1e8, 2e8)
+    # RDMA traffic bypasses the netdev counters: the link carries the larger of the two.
+    b.apply("h002", (rdma("h002", tx=5e8, rx=1e7),), NOW, own)
+    assert (b.map.util[up], b.map.util[down]) == (5e8, 2e8)
+    # Two interfaces on one link add up; a reported speed only lowers capacity.
+    b.apply("h002", (nic("h002", name="eth1", tx=3e8, rx=0.0, speed=5e8),), NOW, own)
+    assert b.map.util[up] == 5e8 and b.map.capacity[up] == 5e8
+    b.apply("h002", (QdiscSample(reporter="h002", nic="eth0", ts=NOW, window_s=1.0,
+                                 backlog_bytes=5e6, backlog_packets=10.0, drops_s=0.0),),
+            NOW, own)
+    assert b.map.queue_s[up] == pytest.approx(5e6 / 5e8)
+    assert b.changed and b.map.hosts_alive(NOW)[2]
+
+
+def test_builder_follows_registered_bindings() -> None:
+    t = topo()
+    b = builder(t)
+    binding = binding_from_registration(t, "h002", registration(
+        "h002", {"ens1": LinkPair("h002/nic/up", "h002/nic/down")}))
+    own = Ownership(t, bindings={"h002": binding})
+    b.apply("h002", (nic("h002", name="ens1", tx=7.0, rx=9.0),), NOW, own)
+    assert b.map.util[t.link_index["h002/nic/up"]] == 7.0
+    assert b.map.util[t.link_index["h002/nic/down"]] == 9.0
+
+
+def test_builder_clamps_future_timestamps_and_drops_stale_sources() -> None:
+    t = topo()
+    b = builder(t)
+    own = Ownership(t)
+    up = t.link_index["h001/nic/up"]
+    b.apply("h001", (nic("h001", tx=5.0, ts=NOW + 3600),), NOW, own)
+    assert b.map.updated_ts[up] == NOW  # a fast clock cannot buy freshness
+    b.apply("h001", (nic("h001", name="old", tx=100.0, ts=NOW - 10),), NOW, own)
+    assert b.map.util[up] == 5.0  # the stale interface no longer counts
+
+
+def test_builder_switch_agent_and_rtt_loss() -> None:
+    t = topo()
+    b = builder(t)
+    own = Ownership(t)
+    b.apply("leaf0.0", (nic("leaf0.0", name="up", tx=4e8),), NOW, own)
+    assert b.map.util[t.link_index["leaf0.0/up"]] == 4e8
+    b.apply("h000", (rtt("h000", "h005"),), NOW, own)
+    b.apply("h000", (rtt("h000", "h005", sent=5, lost=5),), NOW, own)
+    pair = b.map.pairs[(0, 5)]
+    assert pair.loss == 1.0 and pair.srtt_s == 0.002
