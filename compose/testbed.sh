@@ -9,21 +9,8 @@ cd "$(dirname "$0")/.."
 LOG_DIR=${LOG_DIR:-results/compose}
 mkdir -p "$LOG_DIR"
 
-if ! docker info >/dev/null 2>&1; then
-  echo "starting dockerd (log: $LOG_DIR/dockerd.log)"
-  dockerd >"$LOG_DIR/dockerd.log" 2>&1 &
-  for _ in $(seq 1 60); do docker info >/dev/null 2>&1 && break; sleep 0.5; done
-  docker info >/dev/null 2>&1 || { echo "dockerd did not start; see $LOG_DIR/dockerd.log" >&2; exit 1; }
-fi
-
-if [ -z "${NETKV_BASE_IMAGE:-}" ]; then
-  if docker image inspect python:3.11-slim >/dev/null 2>&1; then
-    export NETKV_BASE_IMAGE=python:3.11-slim
-  else
-    compose/build-base-image.sh
-    export NETKV_BASE_IMAGE=local/debian:bookworm
-  fi
-fi
+NETKV_BASE_IMAGE=$(compose/ensure-engine.sh | tail -n 1)
+export NETKV_BASE_IMAGE
 echo "base image: $NETKV_BASE_IMAGE"
 
 cleanup() { [ "${KEEP:-0}" = 1 ] || docker-compose down -v --remove-orphans -t 5; }

@@ -39,6 +39,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import numpy as np
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from netkv.core.topology import Topology
 from netkv.core.topology_file import load_topology
@@ -201,6 +202,32 @@ async def wait_ready(base: str, timeout_s: float) -> dict[str, Any] | None:
     return None
 
 
+async def server_decision_quantiles(base: str, policy: str = "netkv") -> dict[float, float]:
+    """p50/p99 of the scheduler's in-process decision time, from its histogram buckets
+    (upper bucket bounds: an over-estimate by at most one bucket)."""
+    buckets: list[tuple[float, float]] = []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as http:
+        try:
+            async with http.get(f"{base}/metrics") as resp:
+                text = await resp.text()
+        except (aiohttp.ClientError, TimeoutError):
+            return {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "netkv_decision_duration_seconds":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_bucket") and sample.labels.get("policy") == policy:
+                buckets.append((float(sample.labels["le"]), sample.value))
+    buckets.sort()
+    if not buckets or buckets[-1][1] <= 0:
+        return {}
+    total = buckets[-1][1]
+    out: dict[float, float] = {}
+    for q in (0.5, 0.99):
+        out[q] = next(b for b, count in buckets if count >= q * total) * 1e3
+    return out
+
+
 async def replay(base: str, requests: list[dict[str, Any]], prefills: list[str],
                  concurrency: int, open_window: int = 64) -> dict[str, Any]:
     """Send every request as ``POST /v1/select`` (closed loop) and release each one after
@@ -250,7 +277,9 @@ async def replay(base: str, requests: list[dict[str, Any]], prefills: list[str],
             async with http.post(f"{base}/v1/release", json={"request_id": rid}) as resp:
                 await resp.read()
     ms = np.array(latencies) * 1e3 if latencies else np.zeros(1)
-    return {"decisions": len(latencies), "errors": len(errors),
+    server = await server_decision_quantiles(base)
+    return {"server_p50_ms": server.get(0.5), "server_p99_ms": server.get(0.99),
+            "decisions": len(latencies), "errors": len(errors),
             "first_error": errors[0] if errors else None, "seconds": elapsed,
             "decisions_per_s": len(latencies) / elapsed if elapsed > 0 else 0.0,
             "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
@@ -268,6 +297,9 @@ def print_summary(summary: dict[str, Any], concurrency: int) -> None:
           f"({concurrency} connections), errors {summary['errors']}")
     print(f"decisions/s      {summary['decisions_per_s']:.0f}")
     print(f"latency (HTTP)   p50 {summary['p50_ms']:.2f} ms   p99 {summary['p99_ms']:.2f} ms")
+    if summary["server_p50_ms"] is not None:
+        print(f"decision (server) p50 <= {summary['server_p50_ms']:.2f} ms   "
+              f"p99 <= {summary['server_p99_ms']:.2f} ms   (histogram bucket bounds)")
     versions = summary["map_versions"]
     print(f"congestion map   versions {versions[0] if versions else '-'}.."
           f"{versions[-1] if versions else '-'}; {summary['stale']} answers used tier priors")

@@ -97,11 +97,15 @@ def _requests(count: int, decoders: int, seed: int) -> list[bytes]:
     for i in range(count):
         tokens = rng.randint(500, 16000)
         blocks = -(-tokens // 512)
+        # Prefix-chained block ids as in the Mooncake trace: one shared system block, then a
+        # conversation's history (shared by its turns), then blocks of this turn alone.
+        conversation = rng.randrange(200)
+        history = min(rng.randrange(blocks), 8)
+        hashes = [0] + [1_000 + conversation * 100 + k for k in range(history)]
+        hashes += [10**6 + seed * 10**8 + i * 64 + k for k in range(blocks - len(hashes))]
         body = json.dumps({"request_id": f"b{seed}-{i}",
                            "prefill": f"h{rng.randrange(decoders):03d}-p0",
-                           "prompt_tokens": tokens,
-                           "block_hashes": [rng.randrange(64) for _ in range(min(blocks, 4))]
-                           + list(range(i * 40, i * 40 + max(blocks - 4, 0)))},
+                           "prompt_tokens": tokens, "block_hashes": hashes[:blocks]},
                           separators=(",", ":")).encode()
         out.append(b"POST /v1/select HTTP/1.1\r\nHost: bench\r\nContent-Type: "
                    b"application/json\r\nContent-Length: " + str(len(body)).encode()

@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from netkv.core.policies import policy_names
 from netkv.core.topology import Topology
 from netkv.core.topology_file import load_topology, parse_topology
 from netkv.errors import InputError
@@ -51,7 +52,7 @@ from netkv.testbed.workload import replay, requests_for
 DEFAULT_TOPOLOGY: dict[str, Any] = {
     "fabric": {"nic_gbps": 400, "leaf_oversubscription": 1, "pod_oversubscription": 2},
     "fat_tree": {"pods": 2, "leaves_per_pod": 2, "hosts_per_leaf": 2, "gpus_per_host": 8,
-                 "instance_gpus": 4, "role_pattern": "PD"},
+                 "instance_gpus": 8, "role_pattern": "PD"},
 }
 DEFAULT_TRACE = "../shared/data/mooncake_conversation_trace.jsonl"
 WORK_ROOT = Path("/tmp/netkv-testbed")
@@ -61,7 +62,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action",
                         choices=("up", "run", "down", "engine", "workload", "bulk"))
     parser.add_argument("--topology", help="topology file (default: 2 pods x 2 leaves x 2 "
-                        "hosts, one prefill and one decode instance per host)")
+                        "hosts; prefill and decode hosts alternate, one 8-GPU instance each, "
+                        "so every KV transfer crosses the network)")
     parser.add_argument("--scale", type=float, default=DEFAULT_SCALE,
                         help=f"link-rate and KV-byte scale (default {DEFAULT_SCALE:g}: "
                         "400 Gb/s -> 40 Mb/s)")
@@ -177,9 +179,7 @@ def _run(args: argparse.Namespace) -> int:
     trace = Path(args.trace or args.environ.get("NETKV_TRACE", DEFAULT_TRACE))
     spec = ReplaySpec(start=args.start, count=args.count, speedup=args.speedup)
     requests = load_requests(trace, spec)
-    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    if not policies:
-        raise InputError("--policies", "name at least one policy")
+    policies = _policies(args.policies)
     if args.run:
         lab = Lab.resume(args.run)
         extra = lab.ledger.extra
@@ -261,7 +261,7 @@ def _workload(args: argparse.Namespace) -> int:
     trace_arg = args.trace or args.environ.get("NETKV_TRACE")
     spec = ReplaySpec(start=args.start, count=args.count, speedup=args.speedup)
     requests, source = requests_for(Path(trace_arg) if trace_arg else None, spec)
-    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    policies = _policies(args.policies)
     print(f"workload: {len(requests)} requests from {source}, policies {policies}",
           flush=True)
     results = asyncio.run(replay(topology, args.engine_url, requests, policies))
@@ -272,6 +272,17 @@ def _workload(args: argparse.Namespace) -> int:
     print(f"wrote {path}", flush=True)
     failed = sum(r.summary()["errors"] for r in results.values())
     return 1 if failed == sum(len(r.outcomes) for r in results.values()) else 0
+
+
+def _policies(text: str) -> list[str]:
+    names = [p.strip() for p in text.split(",") if p.strip()]
+    if not names:
+        raise InputError("--policies", "name at least one policy")
+    unknown = [n for n in names if n not in policy_names()]
+    if unknown:
+        raise InputError("--policies", f"unknown policy {unknown[0]!r}; known: "
+                         f"{', '.join(policy_names())}")
+    return names
 
 
 def _spot(h: HotSpot) -> dict[str, Any]:

@@ -123,9 +123,9 @@ class ControlPlane:
         ctl = self.plan.control_ns
         logs = self.workdir / "logs"
         redis = RedisServer(CONTROL_ADDRESS, REDIS_PORT, self.workdir / "redis")
-        self.lab.spawn(ctl, redis.command(), logs / "redis.log")
+        self.lab.spawn(ctl, redis.command(), logs / "redis.log", infrastructure=True)
         mosquitto = MosquittoServer(CONTROL_ADDRESS, MQTT_PORT, self.workdir / "mosquitto")
-        self.lab.spawn(ctl, mosquitto.command(), logs / "mosquitto.log")
+        self.lab.spawn(ctl, mosquitto.command(), logs / "mosquitto.log", infrastructure=True)
         await wait_for_port(CONTROL_ADDRESS, REDIS_PORT)
         await wait_for_port(CONTROL_ADDRESS, MQTT_PORT)
         self.oracle = self.lab.spawn(ctl, self._netkv("oracle", "--config",

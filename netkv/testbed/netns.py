@@ -146,6 +146,7 @@ class Lab:
         self.prefix = f"{NAME_PREFIX}{self.run}-"
         self.ledger = Ledger(self.run, ledger_dir / f"{self.run}.json")
         self.procs: list[subprocess.Popen[bytes]] = []
+        self._infrastructure: set[int] = set()
         self._logs: list[IO[bytes]] = []
 
     @classmethod
@@ -219,22 +220,32 @@ class Lab:
 
     # -- processes ------------------------------------------------------------------------
     def spawn(self, ns: str, argv: Sequence[str], log_path: Path,
-              env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        """Start ``argv`` inside ``ns`` in its own process group, logging to ``log_path``."""
+              env: dict[str, str] | None = None, *, infrastructure: bool = False
+              ) -> subprocess.Popen[bytes]:
+        """Start ``argv`` inside ``ns`` in its own process group, logging to ``log_path``.
+
+        ``infrastructure`` processes (Redis, the broker) are stopped last, so the others can
+        flush and say goodbye through them.
+        """
         log_path.parent.mkdir(parents=True, exist_ok=True)
         out = log_path.open("ab")
         self._logs.append(out)
         proc = subprocess.Popen(["ip", "netns", "exec", ns, *argv], stdout=out, stderr=out,
                                 stdin=subprocess.DEVNULL, env=env, start_new_session=True)
         self.procs.append(proc)
+        if infrastructure:
+            self._infrastructure.add(proc.pid)
         self.ledger.pids.append(proc.pid)
         self.ledger.save()
         return proc
 
     # -- teardown -------------------------------------------------------------------------
     def teardown(self, timeout_s: float = 5.0) -> None:
-        """Stop processes (TERM, then KILL), then delete namespaces; idempotent."""
-        stop_pids([p.pid for p in self.procs] + self.ledger.pids, timeout_s)
+        """Stop processes (TERM, then KILL; clients before infrastructure), then delete the
+        namespaces; idempotent."""
+        pids = list(dict.fromkeys([p.pid for p in self.procs] + self.ledger.pids))
+        stop_pids([p for p in pids if p not in self._infrastructure], timeout_s)
+        stop_pids(pids, timeout_s)
         for p in self.procs:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(0.5)

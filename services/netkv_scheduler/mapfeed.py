@@ -318,7 +318,11 @@ class MapFeed:
         async with connect_redis(settings, retries=0) as redis:
             while True:
                 self._wake.clear()
-                await self._catch_up(redis)
+                try:
+                    await self._catch_up(redis)
+                except Exception as exc:  # a bad map must not end the feed
+                    self.rejected_total += 1
+                    log.error("map catch-up failed", error=repr(exc))
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.poll_s)
 

@@ -375,3 +375,39 @@ async def test_pair_policy_chooses_prefill_and_decoder_jointly(
         assert pair["policy"] == "netkv_pair" and pair["tier"] == 0
         assert pair["prefill"].split("-")[0] == pair["decode"].split("-")[0] != "h000"
         assert pair["predicted_ttft_ms"] < single["predicted_ttft_ms"]
+
+
+async def test_bad_snapshot_and_announcement_are_rejected_not_fatal(
+        redis_server: RedisServer, mosquitto_server: MosquittoServer) -> None:
+    import redis.asyncio as aioredis
+    topo = load_topology(demo_topology_path())
+    settings = settings_for(redis_server, mosquitto_server, map_poll_s=0.3)
+    async with serving(settings, topo) as base, aiohttp.ClientSession() as http:
+        await publish_map(redis_server, mosquitto_server, measured_map(topo), 1)
+
+        async def version_is(v: int) -> Callable[[], Awaitable[bool]]:
+            async def check() -> bool:
+                return bool((await get(http, f"{base}/readyz"))[1]["map_version"] == v)
+            return check
+        await until(await version_is(1))
+        keys = RedisKeys()
+        client = aioredis.Redis.from_url(redis_server.url)
+        try:
+            await client.set(keys.map_snapshot, b"\x81\xa6schema\x63garbage")
+            await client.set(keys.map_version, 2)
+        finally:
+            await client.aclose()
+        async with mqtt_client(MqttSettings(port=mosquitto_server.port)) as mqtt:
+            await mqtt.publish(MqttTopics().map_version, b"not a version", qos=1)
+            await mqtt.publish(MqttTopics().map_version, b'{"version": 2}', qos=1)
+
+        async def rejected() -> bool:
+            async with http.get(f"{base}/metrics") as resp:
+                text = await resp.text()
+            line = next(x for x in text.splitlines() if x.startswith("netkv_map_rejected "))
+            return float(line.split()[1]) >= 2
+        await until(rejected, 10.0)
+        code, answer = await post(http, f"{base}/v1/select", select_body("z", "h001-p0"))
+        assert code == 200 and answer["map_version"] == 1
+        await publish_map(redis_server, mosquitto_server, measured_map(topo), 3)
+        await until(await version_is(3))  # the feed is still alive

@@ -89,6 +89,7 @@ def test_up_demo_prints_the_summary_and_exits(shared_trace: Path) -> None:
     assert proc.returncode == 0, out + proc.stderr
     assert "decisions        300 in" in out and "errors 0" in out
     assert "choices by tier:" in out and "decisions/s" in out
+    assert "decision (server) p50 <=" in out
     counts = [int(n) for n in re.findall(r"tier \d \w[\w ]+?\s+(\d+)\s", out)]
     assert sum(counts) == 300, out
     assert out.rstrip().endswith("netkv up: stopped")

@@ -17,7 +17,7 @@ from netkv.testbed.netns import Lab, list_namespaces
 SMALL_FAT_TREE = {
     "fabric": {"nic_gbps": 400, "leaf_oversubscription": 1, "pod_oversubscription": 2},
     "fat_tree": {"pods": 2, "leaves_per_pod": 2, "hosts_per_leaf": 2, "gpus_per_host": 8,
-                 "instance_gpus": 4, "role_pattern": "PD"},
+                 "instance_gpus": 8, "role_pattern": "PD"},
 }
 
 
@@ -51,6 +51,7 @@ def netns_available() -> None:
 
 @pytest.fixture
 def small_topology() -> Topology:
+    """8 hosts; prefill and decode hosts alternate (every transfer crosses the network)."""
     return parse_topology(SMALL_FAT_TREE, "test topology")
 
 

@@ -1,6 +1,8 @@
 """The agents' view of the namespace testbed: a link the background schedule congests shows
 up congested in the oracle's map within a couple of seconds, and the scheduler's decisions
-move away from it (fewer of a burst's transfers are routed across it)."""
+move away from it. The decoders on the prefill's side of the link report nearly full KV memory,
+so on a quiet network `netkv` sends the burst across the link; once the map shows the link
+congested, waiting for local memory beats crossing it."""
 
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from netkv.testbed.netns import Lab, inside
 pytestmark = [pytest.mark.netns, pytest.mark.testbed]
 HOT = "pod0/up"
 PREFILL = "h000-p0"  # in pod0: its transfers to pod1 cross pod0/up
-BURST = 16
+BURST = 8
 
 
 async def _map(redis: aioredis.Redis, topology: Topology) -> CongestionMap | None:
@@ -43,9 +45,22 @@ async def _congested(redis: aioredis.Redis, topology: Topology, link: int) -> bo
     return bool(cmap.available()[link] < 0.5 * cmap.capacity[link])
 
 
+async def _load_local_decoders(http: aiohttp.ClientSession, url: str, plan: FabricPlan) -> None:
+    """Report the decoders on PREFILL's side of the hot link as nearly out of KV memory (as
+    their vLLM metrics would), so that on a quiet network the best choice is across it."""
+    t = plan.topology
+    src = t.instance(PREFILL).host
+    for inst in t.instances_with_role("decode"):
+        if not plan.crosses(src, inst.host, HOT):
+            async with http.post(url + "/v1/instances", json={
+                    "name": inst.name, "running": 8, "waiting": 0, "kv_use": 0.999}) as resp:
+                assert resp.status == 200, await resp.text()
+
+
 async def _burst(http: aiohttp.ClientSession, url: str, tag: str, plan: FabricPlan
                  ) -> tuple[int, list[dict[str, Any]]]:
     """A burst of reserved decisions from PREFILL; how many would cross the hot link."""
+    await _load_local_decoders(http, url, plan)
     answers = []
     for i in range(BURST):
         async with http.post(url + "/v1/select", json={

@@ -262,3 +262,40 @@ def test_sweep_writes_table_json_and_plot(tmp_path: Path, trace_file: Path,
     data = json.loads((out / "sweep_staleness.json").read_text())
     assert data["values"] == [0.1, 10.0] and len(data["rows"]) == 4
     assert (out / "sweep_staleness.png").exists()
+
+
+@pytest.mark.parametrize(("name", "gpus", "hosts"), [
+    ("fat-tree-64", 64, 8), ("fat-tree-64-split", 64, 8),
+    ("fat-tree-64-split-downlinks", 64, 8), ("fat-tree-1024", 1024, 128)])
+def test_shipped_scenarios_parse_and_have_every_tier(name: str, gpus: int, hosts: int) -> None:
+    scenario = load_scenario(name)
+    topo = scenario.topology
+    assert sum(h.gpus for h in topo.hosts) == gpus and topo.n_hosts == hosts
+    assert scenario.model.bytes_per_token == 327680
+    decode_hosts = np.array(sorted({topo.host_index[i.host]
+                                    for i in topo.instances_with_role("decode")}))
+    prefill_host = topo.host_index[topo.instances_with_role("prefill")[0].host]
+    tiers = set(topo.tiers(prefill_host, decode_hosts).tolist())
+    assert {1, 2, 3} <= tiers  # same leaf, same pod, across the core
+    assert scenario.free_memory_bytes(4) > 0
+    for policy in scenario.spec.policies:
+        assert policy in {"cache_load", "llmd_weighted", "least_loaded"}
+
+
+def test_runs_are_deterministic_and_background_is_seeded(tmp_path: Path,
+                                                         trace_file: Path) -> None:
+    from netkv.sim.fabric import hot_spots
+
+    scenario = load_scenario(busy_scenario(tmp_path))
+    topo = scenario.topology
+    spec = scenario.spec.background
+    a = hot_spots(topo, spec, 600.0, seed=5)
+    assert a == hot_spots(topo, spec, 600.0, seed=5) and a != hot_spots(topo, spec, 600.0, 6)
+    assert hot_spots(topo, spec, 600.0, seed=5, intensity=0.0) == []
+    kinds = {topo.links[s.link].kind.value for s in a}
+    assert kinds <= set(spec.links) and all(0 <= s.start_s < s.end_s for s in a)
+    sim = Simulation(scenario, load_trace(trace_file).scaled(rate_scale=3.0))
+    first = sim.run(RunConfig("netkv"))
+    second = sim.run(RunConfig("netkv"))
+    np.testing.assert_array_equal(first.ttft_s, second.ttft_s)
+    np.testing.assert_array_equal(first.tier, second.tier)

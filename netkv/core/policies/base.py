@@ -41,24 +41,29 @@ class TieBreaker:
         self.rng = np.random.default_rng(seed)
 
     def argmin(self, values: FloatArray) -> int:
-        best = values.min()
-        ties = np.flatnonzero(values <= best + 1e-12 * max(abs(float(best)), 1.0))
-        if ties.shape[0] == 1:
-            return int(ties[0])
+        first = int(values.argmin())
+        best = float(values[first])
+        limit = best + 1e-12 * max(abs(best), 1.0)
+        if np.count_nonzero(values <= limit) == 1:  # the common case: no tie
+            return first
+        ties = np.flatnonzero(values <= limit)
         return int(ties[self.rng.integers(ties.shape[0])])
 
 
 def decision_from(pred: Prediction, at: int, chosen: int, scores: FloatArray | None,
                   **extra: Any) -> Decision:
     """A Decision for candidate ``chosen`` whose prediction sits at position ``at``."""
+    queue = float(pred.queue_s.item(at))
+    transfer = float(pred.transfer_s.item(at))
+    first = float(pred.first_token_s.item(at))
     return Decision(
         index=chosen,
-        ttft_s=float(pred.queue_s[at] + pred.transfer_s[at] + pred.first_token_s[at]),
-        queue_s=float(pred.queue_s[at]),
-        transfer_s=float(pred.transfer_s[at]),
-        first_token_s=float(pred.first_token_s[at]),
-        tier=int(pred.tier[at]),
-        transfer_bytes=float(pred.transfer_bytes[at]),
+        ttft_s=queue + transfer + first,
+        queue_s=queue,
+        transfer_s=transfer,
+        first_token_s=first,
+        tier=int(pred.tier.item(at)),
+        transfer_bytes=float(pred.transfer_bytes.item(at)),
         scores=scores,
         **extra,
     )

@@ -77,10 +77,12 @@ def decode_side(model: DecodeModel, request: RequestView, candidates: CandidateV
                 index: IntArray | None = None) -> tuple[FloatArray, FloatArray, FloatArray]:
     """``(queue_s, first_token_s, transfer_bytes)`` per candidate: everything but the path."""
     n = len(candidates) if index is None else index.shape[0]
-    delta = request.delta_tokens(len(candidates))
-    if index is not None:
-        delta = delta[index]
-    nbytes: FloatArray = delta * request.kv_bytes_per_token
+    if request.overlap_blocks is None:
+        nbytes: FloatArray = np.full(n, request.prompt_tokens * request.kv_bytes_per_token)
+    else:
+        overlap = request.overlap_blocks if index is None else request.overlap_blocks[index]
+        missing = np.maximum(request.prompt_tokens - overlap * request.block_tokens, 0)
+        nbytes = missing * request.kv_bytes_per_token
     if index is None:
         capacity = candidates.capacity_tokens
         use = candidates.kv_use
@@ -99,7 +101,7 @@ def decode_side(model: DecodeModel, request: RequestView, candidates: CandidateV
     else:
         pending = pend
     deficit = np.maximum(need + pending + used - capacity, 0.0)
-    if deficit.any():
+    if np.count_nonzero(deficit):
         queue = deficit / (np.maximum(used, float(request.block_tokens)) / model.residence_s)
     else:
         queue = deficit
@@ -172,7 +174,8 @@ def _link_state_transfer(oracle: LinkStateOracle, bookings: Bookings | None, src
     n = host.shape[0]
     if 6 * n < oracle.latency_s.shape[0]:  # few candidates: sum their path latencies directly
         links = np.take(paths.links, host, axis=1)
-        latency = (oracle.latency_s[links] * np.take(paths.on_path, host, axis=1)).sum(axis=0)
+        latency = np.add.reduce(oracle.latency_s[links] * np.take(paths.on_path, host, axis=1),
+                                axis=0)
         return latency + _transfer_part(oracle, bookings, links, nbytes), paths.tiers[host]
     latency = paths.path_latency(oracle.latency_s)[host]
     if n <= _CHUNK:
@@ -191,12 +194,13 @@ def _transfer_part(oracle: LinkStateOracle, bookings: Bookings | None, links: In
                    nbytes: FloatArray) -> FloatArray:
     """Seconds beyond latency for ``links`` (6, k), gathered C-contiguous with ``np.take``
     (``table[:, host]`` is column-major and makes the axis-0 reductions slow)."""
-    rate = oracle.available_bytes_s[links]
-    bw = np.maximum(rate.min(axis=0), 1.0)
-    transfer: FloatArray = nbytes / bw
+    # ufunc.reduce and count_nonzero: the ndarray methods (min, max, any) add ~1 µs of
+    # Python-level dispatch each, a third of a small decision's budget.
+    rate = np.maximum(oracle.available_bytes_s[links], 1.0)
+    transfer: FloatArray = nbytes / np.minimum.reduce(rate, axis=0)
     if bookings is not None and bookings.active:
         flows = bookings.flows_ext[links]
-        if flows.any():
+        if np.count_nonzero(flows):
             competing = np.minimum(bookings.bytes_ext[links], flows * nbytes)
-            transfer = transfer + (competing / np.maximum(rate, 1.0)).max(axis=0)
+            transfer = transfer + np.maximum.reduce(competing / rate, axis=0)
     return transfer
