@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import gc
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -33,3 +34,11 @@ def shared_trace() -> Path:
     if not SHARED_TRACE.exists():
         pytest.skip(f"shared trace not found at {SHARED_TRACE}")
     return SHARED_TRACE
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage_per_test() -> Iterator[None]:
+    """Collect after each test so a leaked socket or file fails the test that leaked it,
+    not whichever later test happens to trigger the garbage collector."""
+    yield
+    gc.collect()
