@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,169 +20,19 @@ from typing import Any
 
 import aiomqtt
 import msgpack
-import numpy as np
 import redis.asyncio as aioredis
 import structlog
 
 from netkv.adapters.mqtt_client import messages, reconnecting
 from netkv.adapters.redis_client import connect_redis
 from netkv.config import MqttSettings, RedisSettings
-from netkv.core.congestion import CongestionMap, PairState, SnapshotError, snapshot_header
-from netkv.core.oracle import CostEstimate, CostOracle, LinkStateOracle, static_tier_oracle
-from netkv.core.topology import FloatArray, IntArray, Topology
+from netkv.core.congestion import CongestionMap, SnapshotError, snapshot_header
+from netkv.core.oracle import CostOracle, static_tier_oracle
+from netkv.core.policies.paths import CachedOracle
+from netkv.core.topology import Topology
 from netkv.telemetry.names import MqttTopics, RedisKeys
 
 log = structlog.get_logger(__name__)
-
-
-class PathTables:
-    """Per-host prefix reductions of a link view, so one source's row costs O(hosts) numpy.
-
-    A path is the source's first ``tier`` up links then the destination's first ``tier`` down
-    links (or the host fabric alone at tier 0), so its bottleneck bandwidth, summed latency,
-    oldest age and lowest confidence are reductions of two per-host prefixes. This is
-    ``LinkStateOracle.estimate`` without building an (n, 6) path matrix per call.
-    """
-
-    def __init__(self, view: LinkStateOracle,
-                 tier_rows: dict[int, IntArray] | None = None) -> None:
-        topo = view.topology
-        self.topology = topo
-        self.tier_rows = {} if tier_rows is None else tier_rows  # static: shared across views
-        self.all_hosts: IntArray = np.arange(topo.n_hosts, dtype=np.int64)
-        up, down, fab = topo.up_chain, topo.down_chain, topo.fabric_link
-        bw, lat = view.available_bytes_s, view.latency_s
-        age, conf = view.age_s, view.confidence
-        self.up_bw = np.minimum.accumulate(bw[up], axis=1)
-        self.down_bw = np.minimum.accumulate(bw[down], axis=1)
-        self.up_lat = np.cumsum(lat[up], axis=1)
-        self.down_lat = np.cumsum(lat[down], axis=1)
-        self.up_age = np.maximum.accumulate(age[up], axis=1)
-        self.down_age = np.maximum.accumulate(age[down], axis=1)
-        self.up_conf = np.minimum.accumulate(conf[up], axis=1)
-        self.down_conf = np.minimum.accumulate(conf[down], axis=1)
-        self.fab_bw, self.fab_lat = bw[fab], lat[fab]
-        self.fab_age, self.fab_conf = age[fab], conf[fab]
-
-    def row(self, src: int) -> CostEstimate:
-        """Zero-byte estimate from ``src`` to every host."""
-        tier = self.tier_rows.get(src)
-        if tier is None:
-            tier = self.tier_rows[src] = self.topology.tiers(src, self.all_hosts)
-        k = np.maximum(tier - 1, 0)
-        hosts = self.all_hosts
-        same = tier == 0
-        bandwidth = np.minimum(self.up_bw[src, k], self.down_bw[hosts, k])
-        latency = self.up_lat[src, k] + self.down_lat[hosts, k]
-        age = np.maximum(self.up_age[src, k], self.down_age[hosts, k])
-        conf = np.minimum(self.up_conf[src, k], self.down_conf[hosts, k])
-        bandwidth[same] = self.fab_bw[src]
-        latency[same] = self.fab_lat[src]
-        age[same] = self.fab_age[src]
-        conf[same] = self.fab_conf[src]
-        bandwidth = np.maximum(bandwidth, 1.0)  # as LinkStateOracle: a dead link is slow
-        return CostEstimate(latency.copy(), latency, bandwidth, tier, age, conf)
-
-
-class CachedOracle:
-    """Per-source rows of a fixed oracle (the tier prior), computed once each.
-
-    Every oracle in NetKV predicts ``latency + bytes / bandwidth``, so a row computed with
-    zero bytes answers any byte count exactly, in O(|D|) numpy per decision.
-    """
-
-    def __init__(self, base: LinkStateOracle) -> None:
-        self.base = base
-        self.available_bytes_s = base.available_bytes_s  # per-link view, for bookings
-        self.tables = PathTables(base)
-        self._rows: dict[int, CostEstimate] = {}
-
-    def row(self, src: int) -> CostEstimate:
-        hit = self._rows.get(src)
-        if hit is None:
-            hit = self._rows[src] = self.tables.row(src)
-        return hit
-
-    def estimate(self, src: int, dsts: IntArray, nbytes: FloatArray | float) -> CostEstimate:
-        return _pick(self.row(src), dsts, nbytes)
-
-
-def _pick(row: CostEstimate, dsts: IntArray, nbytes: FloatArray | float) -> CostEstimate:
-    latency = row.latency_s[dsts]
-    bandwidth = row.bandwidth_bytes_s[dsts]
-    seconds = latency + np.asarray(nbytes, dtype=np.float64) / bandwidth
-    return CostEstimate(seconds, latency, bandwidth, row.tier[dsts], row.age_s[dsts],
-                        row.confidence[dsts])
-
-
-class MapOracle:
-    """The congestion map's estimate (``CongestionMap.estimate``), shaped for the hot path.
-
-    ``CongestionMap.estimate`` walks the destinations in Python to apply per-pair RTT and
-    loss; at |D| = 1,024 that is about a millisecond per decision. Here the link view is
-    recomputed at most every ``ttl_s``, per-source rows are cached within it, and pair
-    corrections touch only the pairs probed from that source (indexed once per map). The
-    formula is the map's own; ``tests/unit/test_scheduler_units.py`` checks they agree.
-    """
-
-    def __init__(self, cmap: CongestionMap, ttl_s: float,
-                 clock: Callable[[], float] = time.time) -> None:
-        self.cmap = cmap
-        self.ttl_s = ttl_s
-        self.clock = clock
-        self.all_hosts: IntArray = np.arange(cmap.topology.n_hosts, dtype=np.int64)
-        self._pairs: dict[int, list[tuple[int, PairState]]] = {}
-        for (a, b), pair in cmap.pairs.items():
-            if a != b:
-                self._pairs.setdefault(a, []).append((b, pair))
-                self._pairs.setdefault(b, []).append((a, pair))
-        self._view_at = -math.inf
-        self._view: LinkStateOracle | None = None
-        self._tables: PathTables | None = None
-        self._tier_rows: dict[int, IntArray] = {}
-        self._rows: dict[int, CostEstimate] = {}
-
-    def _fresh_view(self) -> tuple[LinkStateOracle, float]:
-        now = self.clock()
-        if self._view is None or now - self._view_at > self.ttl_s:
-            self._view = self.cmap.link_view(now)
-            self._tables = PathTables(self._view, self._tier_rows)
-            self._view_at = now
-            self._rows.clear()
-        return self._view, self._view_at
-
-    @property
-    def available_bytes_s(self) -> FloatArray:
-        return self._fresh_view()[0].available_bytes_s
-
-    def row(self, src: int) -> CostEstimate:
-        _, now = self._fresh_view()
-        hit = self._rows.get(src)
-        if hit is not None:
-            return hit
-        assert self._tables is not None
-        base = self._tables.row(src)
-        latency = base.latency_s.copy()
-        loss = np.zeros(latency.shape[0])
-        params = self.cmap.params
-        pairs = self._pairs.get(src, ())
-        if pairs:
-            dsts = np.array([d for d, _ in pairs], dtype=np.int64)
-            ts = np.array([p.ts for _, p in pairs])
-            weight = params.freshness(now - ts)
-            srtt = np.array([p.srtt_s for _, p in pairs])
-            ploss = np.minimum(np.array([p.loss for _, p in pairs]), params.max_loss)
-            live = weight > 0
-            dsts, weight, srtt, ploss = dsts[live], weight[live], srtt[live], ploss[live]
-            latency[dsts] = weight * srtt / 2 + (1 - weight) * latency[dsts]
-            loss[dsts] = weight * ploss
-        bandwidth = base.bandwidth_bytes_s * (1.0 - loss)
-        hit = self._rows[src] = CostEstimate(latency, latency, bandwidth, base.tier,
-                                             base.age_s, base.confidence)
-        return hit
-
-    def estimate(self, src: int, dsts: IntArray, nbytes: FloatArray | float) -> CostEstimate:
-        return _pick(self.row(src), dsts, nbytes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -260,7 +109,7 @@ class MapFeed:
         if self.version is not None and cmap.version <= self.version:
             return False
         self.map = cmap
-        self._oracle = MapOracle(cmap, self.cache_s, self.clock)
+        self._oracle = cmap.cached(self.cache_s, self.clock)
         self.version = cmap.version
         self.created_ts = cmap.created_ts
         log.info("map installed", version=cmap.version)

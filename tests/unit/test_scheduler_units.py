@@ -11,14 +11,15 @@ import numpy as np
 import pytest
 from netkv_scheduler import openapi
 from netkv_scheduler.instances import InstanceRegistry, Load, parse_vllm_metrics
-from netkv_scheduler.mapfeed import CachedOracle, MapFeed, MapOracle, parse_announcement
+from netkv_scheduler.mapfeed import MapFeed, parse_announcement
 from netkv_scheduler.prefixes import PrefixIndex
 from netkv_scheduler.reservations import Reservations
 from netkv_scheduler.settings import SchedulerSettings
 
-from netkv.core.congestion import CongestionMap
+from netkv.core.congestion import CachedMapView, CongestionMap
 from netkv.core.oracle import static_tier_oracle
 from netkv.core.policies import policy_names
+from netkv.core.policies.paths import CachedOracle
 from netkv.core.topology import Topology
 from netkv.core.topology_file import parse_topology
 from netkv.errors import InputError
@@ -186,7 +187,9 @@ def test_parse_announcement_forms() -> None:
             parse_announcement(bad)
 
 
-def test_map_oracle_matches_the_congestion_map(topo: Topology) -> None:
+def test_feed_decides_with_the_maps_own_estimate(topo: Topology) -> None:
+    """The feed holds no cost formula of its own: it decides with the map's cached view
+    (pinned to a reference computation in ``tests/unit/test_congestion.py``)."""
     now = 5000.0
     cmap = CongestionMap(topo, clock=lambda: now)
     rng = np.random.default_rng(3)
@@ -196,7 +199,11 @@ def test_map_oracle_matches_the_congestion_map(topo: Topology) -> None:
     for a, b in ((0, 1), (0, 5), (2, 7), (3, 3)):
         cmap.observe_rtt(a, b, srtt_s=2e-4 * (a + 1), min_s=1e-4, p99_s=5e-4, loss=0.02,
                          ts=now - 0.5 * b)
-    fast = MapOracle(cmap, ttl_s=10.0, clock=lambda: now)
+    cmap.version, cmap.created_ts = 1, now
+    feed = MapFeed(topo, None, None, cache_s=10.0, clock=lambda: now)
+    assert feed.install(cmap)
+    fast = feed.view().oracle
+    assert isinstance(fast, CachedMapView) and fast.cmap is cmap
     dsts = np.arange(topo.n_hosts, dtype=np.int64)
     nbytes = rng.uniform(1e6, 4e9, topo.n_hosts)
     for src in range(topo.n_hosts):
