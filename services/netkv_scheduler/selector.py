@@ -70,9 +70,9 @@ class Selector:
         self.engines: dict[str, DecisionEngine] = {}
         for name in policy_names():
             params: Mapping[str, Any] = settings.policy_params.get(name, {})
-            engine = DecisionEngine(make_policy(name, params), topology)
-            engine.bookings = self.bookings  # one ledger of in-flight transfers for all
-            self.engines[name] = engine
+            # One ledger of in-flight transfers for all engines.
+            self.engines[name] = DecisionEngine(make_policy(name, params), topology,
+                                                bookings=self.bookings)
         unknown = set(settings.policy_params) - set(self.engines)
         if unknown:
             raise InputError(f"scheduler.policy_params.{sorted(unknown)[0]}", "unknown policy")
