@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 
-from netkv.core.kvsize import model_spec
 from netkv.core.policies import (
     Booking,
     Bookings,
@@ -65,7 +64,7 @@ class Selector:
         self.reservations: Reservations[Booking] = Reservations(
             len(self.registry.decoders), settings.reservation_ttl_s, clock)
         self.prefixes = PrefixIndex(settings.prefix_blocks)
-        self.bytes_per_token = float(model_spec(settings.model).bytes_per_token)
+        self.bytes_per_token = settings.bytes_per_token
         self.bookings = Bookings(topology)
         self.engines: dict[str, DecisionEngine] = {}
         for name in policy_names():

@@ -3,7 +3,9 @@ metrics parsing, map announcements and the hot-path map oracle."""
 
 from __future__ import annotations
 
+import argparse
 import math
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -14,7 +16,7 @@ from netkv_scheduler.instances import InstanceRegistry, Load, parse_vllm_metrics
 from netkv_scheduler.mapfeed import MapFeed, parse_announcement
 from netkv_scheduler.prefixes import PrefixIndex
 from netkv_scheduler.reservations import Reservations
-from netkv_scheduler.settings import SchedulerSettings
+from netkv_scheduler.settings import SchedulerSettings, settings_from_args
 
 from netkv.core.congestion import CachedMapView, CongestionMap
 from netkv.core.oracle import static_tier_oracle
@@ -253,6 +255,24 @@ def test_settings_reject_bad_values() -> None:
         SchedulerSettings(model="gpt-9")
     with pytest.raises(InputError, match="token"):
         SchedulerSettings(token="")
+    for bad in (0.0, -33.0, math.inf, math.nan):
+        with pytest.raises(InputError, match="kv_bytes_per_token"):
+            SchedulerSettings(kv_bytes_per_token=bad)
+
+
+def test_kv_bytes_per_token_overrides_the_model_preset(tmp_path: Path) -> None:
+    assert SchedulerSettings().bytes_per_token == 327680.0  # llama3-70b's preset
+    assert SchedulerSettings(kv_bytes_per_token=33).bytes_per_token == 33.0
+    config = tmp_path / "netkv.yaml"
+    config.write_text("scheduler: {kv_bytes_per_token: 33}\n")
+    args = argparse.Namespace(config=str(config), environ={})
+    assert settings_from_args(args).bytes_per_token == 33.0
+    env = {"NETKV_KV_BYTES_PER_TOKEN": "65.5"}
+    assert settings_from_args(argparse.Namespace(config=None, environ=env)).bytes_per_token \
+        == 65.5
+    config.write_text("scheduler: {kv_bytes_per_token: -1}\n")
+    with pytest.raises(InputError, match="scheduler.kv_bytes_per_token"):
+        settings_from_args(args)
 
 
 @pytest.mark.parametrize("decoders", [1, 6, 16, 64, 1024])
