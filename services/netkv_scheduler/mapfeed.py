@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import aiomqtt
-import msgpack
 import redis.asyncio as aioredis
 import structlog
 
@@ -30,6 +27,7 @@ from netkv.core.congestion import CongestionMap, SnapshotError, snapshot_header
 from netkv.core.oracle import CostOracle, static_tier_oracle
 from netkv.core.policies.paths import CachedOracle
 from netkv.core.topology import Topology
+from netkv.telemetry.announcement import announced_version
 from netkv.telemetry.names import MqttTopics, RedisKeys
 
 log = structlog.get_logger(__name__)
@@ -43,24 +41,6 @@ class MapView:
     version: int | None  # None: no map held
     age_s: float | None
     stale: bool  # True: tier priors are in use (no map, or too old)
-
-
-def parse_announcement(payload: bytes) -> int:
-    """A map version from an MQTT announcement: JSON or msgpack ``{"version": n}``, or a bare
-    integer. Raises ValueError on anything else."""
-    data: Any
-    try:
-        data = json.loads(payload)
-    except (ValueError, UnicodeDecodeError):
-        try:
-            data = msgpack.unpackb(payload, raw=False)
-        except (ValueError, msgpack.UnpackException) as exc:
-            raise ValueError(f"not JSON or msgpack: {exc}") from None
-    if isinstance(data, dict):
-        data = data.get("version")
-    if isinstance(data, bool) or not isinstance(data, int) or data < 0:
-        raise ValueError(f"no non-negative integer version in {payload[:80]!r}")
-    return data
 
 
 class MapFeed:
@@ -78,8 +58,8 @@ class MapFeed:
         self.redis_timeout_s = redis_timeout_s
         self.cache_s = cache_s
         self.clock = clock
-        self.keys = RedisKeys(redis.prefix if redis else "netkv:")
-        self.topics = MqttTopics(mqtt.prefix if mqtt else "netkv/v1/")
+        self.keys = RedisKeys(redis.prefix) if redis else RedisKeys()
+        self.topics = MqttTopics(mqtt.prefix) if mqtt else MqttTopics()
         self.prior = CachedOracle(static_tier_oracle(topology))
         self.map: CongestionMap | None = None
         self._oracle: CostOracle = self.prior
@@ -154,7 +134,7 @@ class MapFeed:
             if not isinstance(payload, bytes | bytearray):
                 payload = str(payload).encode()
             try:
-                version = parse_announcement(bytes(payload))
+                version = announced_version(bytes(payload))
             except ValueError as exc:
                 self.rejected_total += 1
                 log.warning("bad map announcement", error=str(exc))

@@ -1,5 +1,5 @@
 """Scheduler building blocks without I/O: schema checkers, reservations, prefix index, vLLM
-metrics parsing, map announcements and the hot-path map oracle."""
+metrics parsing and the map feed (announcements: tests/unit/test_announcement.py)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import numpy as np
 import pytest
 from netkv_scheduler import openapi
 from netkv_scheduler.instances import InstanceRegistry, Load, parse_vllm_metrics
-from netkv_scheduler.mapfeed import MapFeed, parse_announcement
+from netkv_scheduler.mapfeed import MapFeed
 from netkv_scheduler.prefixes import PrefixIndex
 from netkv_scheduler.reservations import Reservations
 from netkv_scheduler.settings import SchedulerSettings, settings_from_args
@@ -180,15 +179,6 @@ def test_parse_vllm_metrics_sums_label_sets() -> None:
 
 
 # -- map feed ---------------------------------------------------------------------------------
-def test_parse_announcement_forms() -> None:
-    assert parse_announcement(b'{"version": 7, "created_ts": 1.0}') == 7
-    assert parse_announcement(b"12") == 12
-    assert parse_announcement(msgpack.packb({"version": 3})) == 3
-    for bad in (b'{"version": -1}', b'{"version": true}', b"\xc1", b'"7"', b"{}"):
-        with pytest.raises(ValueError, match="version|JSON"):
-            parse_announcement(bad)
-
-
 def test_feed_decides_with_the_maps_own_estimate(topo: Topology) -> None:
     """The feed holds no cost formula of its own: it decides with the map's cached view
     (pinned to a reference computation in ``tests/unit/test_congestion.py``)."""
