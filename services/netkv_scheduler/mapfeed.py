@@ -5,7 +5,9 @@ is read from Redis at start, on every announcement newer than the map held, and 
 poll of the version key, which also catches versions announced while the broker was away.
 Snapshots are decoded off the event loop. Decisions read :meth:`MapFeed.view`, a plain
 attribute read: if the map is missing or older than ``stale_s`` they use the tier priors and
-say so; broker and Redis trouble only shows up as ``degraded`` in ``/readyz``.
+say so; broker and Redis trouble only shows up as ``degraded`` in ``/readyz``. The cost model
+is the map's own (:meth:`CongestionMap.cached`, re-read every ``cache_s``); this module only
+decides which map, or the prior, a decision uses.
 """
 
 from __future__ import annotations
