@@ -110,8 +110,8 @@ def measure(topo: Topology, policy: str, size: int, *, iterations: int, n_prefil
             seed: int) -> dict[str, float]:
     rng = np.random.default_rng(seed + size)
     request, pair_request, cands, oracle, booked = _state(topo, size, n_prefill, rng)
-    engine = DecisionEngine(make_policy(policy), topo, history=iterations)
-    engine.bookings = booked.bookings
+    engine = DecisionEngine(make_policy(policy), topo, history=iterations,
+                            bookings=booked.bookings)
     req = pair_request if policy == "netkv_pair" else request
     for _ in range(min(200, iterations)):
         engine.decide(req, cands, oracle)

@@ -34,6 +34,7 @@ API for consumers::
     cmap.observe_link(link, util_bytes_s, ts)         # producers (the oracle service)
     cmap.observe_rtt(src, dst, srtt_s=.., min_s=.., p99_s=.., loss=.., ts=..)
     cmap.estimate(src, dsts, nbytes)                  # CostOracle protocol -> CostEstimate
+    cmap.cached(ttl_s)                                # the same, rows cached per source
     cmap.link_view(now)                               # a LinkStateOracle over the same state
     data = cmap.to_snapshot(version)                  # versioned msgpack bytes
     cmap2 = CongestionMap.from_snapshot(topology, data)   # strict; SnapshotError on bad data
@@ -57,6 +58,7 @@ import msgpack
 import numpy as np
 
 from netkv.core.oracle import CostEstimate, LinkStateOracle
+from netkv.core.policies.paths import link_state_paths, pick
 from netkv.core.topology import FloatArray, IntArray, LinkKind, Topology
 from netkv.fields import bound
 
@@ -127,7 +129,11 @@ class CongestionMap:
         self.updated_ts: FloatArray = np.zeros(n)  # 0 = never measured
         self.source_confidence: FloatArray = np.zeros(n)
         self.host_seen_ts: FloatArray = np.zeros(topology.n_hosts)
+        # Written only through observe_rtt / from_snapshot, which keep ``_peers`` (each
+        # host's probed peers, for vectorised pair corrections) in step.
         self.pairs: dict[tuple[int, int], PairState] = {}
+        self._peers: dict[int, dict[int, PairState]] = {}
+        self.generation = 0  # bumped by every observation; cached views re-read on change
         self.version = 0  # set by the publisher / from a snapshot
         self.created_ts = 0.0
 
@@ -142,6 +148,7 @@ class CongestionMap:
         """
         if ts < self.updated_ts[link]:
             return
+        self.generation += 1
         self.util[link] = util_bytes_s
         if capacity_bytes_s:
             self.capacity[link] = capacity_bytes_s
@@ -153,6 +160,7 @@ class CongestionMap:
     def observe_queue(self, link: int, queue_s: float, ts: float) -> None:
         """Queueing delay on a link (tc backlog / capacity); does not refresh utilisation."""
         if ts >= self.updated_ts[link] - self.params.stale_s:
+            self.generation += 1
             self.queue_s[link] = queue_s
 
     def observe_rtt(self, src: int, dst: int, *, srtt_s: float, min_s: float, p99_s: float,
@@ -162,10 +170,19 @@ class CongestionMap:
         if old is not None and ts < old.ts:
             return
         floor = min(min_s, old.min_s) if old is not None and old.min_s > 0 else min_s
-        self.pairs[key] = PairState(srtt_s, floor, p99_s, loss, ts)
+        self._set_pair(key, PairState(srtt_s, floor, p99_s, loss, ts))
+
+    def _set_pair(self, key: tuple[int, int], pair: PairState) -> None:
+        self.generation += 1
+        self.pairs[key] = pair
+        a, b = key
+        if a != b:  # a host's RTT to itself says nothing about the network
+            self._peers.setdefault(a, {})[b] = pair
+            self._peers.setdefault(b, {})[a] = pair
 
     def observe_host(self, host: int, ts: float) -> None:
         """The host's agent was heard from at ``ts`` (a batch or a heartbeat)."""
+        self.generation += 1
         self.host_seen_ts[host] = max(self.host_seen_ts[host], ts)
 
     # -- derived state --------------------------------------------------------------------
@@ -175,23 +192,26 @@ class CongestionMap:
                                    np.inf)
         return age
 
-    def link_confidence(self, now: float | None = None) -> FloatArray:
-        conf: FloatArray = self.params.freshness(self.link_age(now)) * self.source_confidence
+    def link_confidence(self, now: float | None = None,
+                        age: FloatArray | None = None) -> FloatArray:
+        age = self.link_age(now) if age is None else age
+        conf: FloatArray = self.params.freshness(age) * self.source_confidence
         return conf
 
-    def available(self, now: float | None = None) -> FloatArray:
+    def available(self, now: float | None = None,
+                  conf: FloatArray | None = None) -> FloatArray:
         """Per-link bandwidth a new transfer can expect, blended with the prior by freshness."""
-        conf = self.link_confidence(now)
+        conf = self.link_confidence(now) if conf is None else conf
         measured = np.maximum(self.capacity - self.util, self.capacity * self.params.min_share)
         blended: FloatArray = conf * measured + (1.0 - conf) * self.prior
         return blended
 
     def link_view(self, now: float | None = None) -> LinkStateOracle:
         """A plain :class:`LinkStateOracle` over the current state (no per-pair RTTs)."""
-        conf = self.link_confidence(now)
+        age = self.link_age(now)
+        conf = self.link_confidence(now, age)
         latency = self.topology.latency + conf * self.queue_s
-        return LinkStateOracle(self.topology, self.available(now), latency,
-                               self.link_age(now), conf)
+        return LinkStateOracle(self.topology, self.available(now, conf), latency, age, conf)
 
     def hosts_alive(self, now: float | None = None) -> np.ndarray[Any, np.dtype[np.bool_]]:
         now = self.clock() if now is None else now
@@ -200,28 +220,46 @@ class CongestionMap:
         return alive
 
     # -- CostOracle -----------------------------------------------------------------------
+    def pair_terms(self, src: int, now: float | None = None
+                   ) -> tuple[FloatArray, FloatArray, FloatArray]:
+        """Per host: the weight of ``src``'s pair RTT (its freshness; 0 if unprobed, stale,
+        the host itself or either agent silent), half the smoothed RTT and the capped loss.
+
+        A host whose agent went silent answers no probes: its peers' RTT windows show loss
+        that says nothing about the network, so its pairs count as unmeasured.
+        """
+        now = self.clock() if now is None else now
+        n = self.topology.n_hosts
+        weight, half_rtt, loss = np.zeros(n), np.zeros(n), np.zeros(n)
+        peers = self._peers.get(src)
+        if not peers:
+            return weight, half_rtt, loss
+        silent = (self.host_seen_ts > 0) & (now - self.host_seen_ts > self.params.stale_s)
+        if silent[src]:
+            return weight, half_rtt, loss
+        dst = np.fromiter(peers.keys(), dtype=np.int64, count=len(peers))
+        states = list(peers.values())
+        ts = np.fromiter((p.ts for p in states), dtype=np.float64, count=len(states))
+        w = self.params.freshness(now - ts)
+        w[silent[dst]] = 0.0
+        weight[dst] = w
+        half_rtt[dst] = np.fromiter((p.srtt_s for p in states), dtype=np.float64,
+                                    count=len(states)) / 2
+        loss[dst] = np.minimum(np.fromiter((p.loss for p in states), dtype=np.float64,
+                                           count=len(states)), self.params.max_loss)
+        return weight, half_rtt, loss
+
     def estimate(self, src: int, dsts: IntArray, nbytes: FloatArray | float,
                  now: float | None = None) -> CostEstimate:
         now = self.clock() if now is None else now
         dsts = np.asarray(dsts, dtype=np.int64)
-        base = self.link_view(now).estimate(src, dsts, 0.0)
-        latency = base.latency_s.copy()
-        loss = np.zeros(dsts.shape[0])
-        # A host whose agent went silent answers no probes: its peers' RTT windows show
-        # loss that says nothing about the network, so its pairs count as unmeasured.
-        silent = (self.host_seen_ts > 0) & (now - self.host_seen_ts > self.params.stale_s)
-        for i, dst in enumerate(dsts.tolist()):
-            pair = self.pairs.get(_pair_key(src, dst))
-            if pair is None or dst == src or silent[src] or silent[dst]:
-                continue
-            weight = float(self.params.freshness(np.array([now - pair.ts]))[0])
-            if weight > 0:
-                latency[i] = weight * pair.srtt_s / 2 + (1 - weight) * latency[i]
-                loss[i] = weight * min(pair.loss, self.params.max_loss)
-        bandwidth = base.bandwidth_bytes_s * (1.0 - loss)
-        seconds = latency + np.asarray(nbytes, dtype=np.float64) / bandwidth
-        return CostEstimate(seconds, latency, bandwidth, base.tier, base.age_s,
-                            base.confidence)
+        base = link_state_paths(self.link_view(now), src, dsts)
+        weight, half_rtt, loss = (x[dsts] for x in self.pair_terms(src, now))
+        return _with_pairs(base, weight, half_rtt, loss, nbytes)
+
+    def cached(self, ttl_s: float, clock: Callable[[], float] | None = None) -> CachedMapView:
+        """:meth:`estimate` for a decision hot path: see :class:`CachedMapView`."""
+        return CachedMapView(self, ttl_s, self.clock if clock is None else clock)
 
     # -- tomography -----------------------------------------------------------------------
     def localise_inflation(self, now: float | None = None, threshold_s: float = 1e-3) -> int:
@@ -335,9 +373,66 @@ class CongestionMap:
         rows = zip(a.tolist(), b.tolist(), *(cols[k].tolist() for k in
                                              ("srtt_s", "min_s", "p99_s", "loss", "ts")),
                    strict=True)
-        cmap.pairs = {((x, y) if x <= y else (y, x)): PairState(srtt, lo, p99, loss, ts)
-                      for x, y, srtt, lo, p99, loss, ts in rows}
+        for x, y, srtt, lo, p99, loss, ts in rows:
+            cmap._set_pair((x, y) if x <= y else (y, x), PairState(srtt, lo, p99, loss, ts))
         return cmap
+
+
+def _with_pairs(base: CostEstimate, weight: FloatArray, half_rtt: FloatArray,
+                loss: FloatArray, nbytes: FloatArray | float) -> CostEstimate:
+    """Blend per-pair RTT and loss (see :meth:`CongestionMap.pair_terms`) into a link-path
+    estimate: the module docstring's latency and bandwidth formulas."""
+    latency = weight * half_rtt + (1 - weight) * base.latency_s
+    bandwidth = base.bandwidth_bytes_s * (1.0 - weight * loss)
+    seconds = latency + np.asarray(nbytes, dtype=np.float64) / bandwidth
+    return CostEstimate(seconds, latency, bandwidth, base.tier, base.age_s, base.confidence)
+
+
+class CachedMapView:
+    """:meth:`CongestionMap.estimate` shaped for a decision hot path.
+
+    The link view (freshness, blended bandwidth) is re-read at most every ``ttl_s`` and
+    whenever the map changes; within it each source's row to every host is computed once
+    (path-table reductions plus that source's pair corrections), so a decision costs
+    O(|D|) numpy. Rows are exact for the time the view was taken.
+    """
+
+    def __init__(self, cmap: CongestionMap, ttl_s: float, clock: Callable[[], float]) -> None:
+        self.cmap = cmap
+        self.topology = cmap.topology
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self._view: LinkStateOracle | None = None
+        self._at = -math.inf
+        self._generation = -1
+        self._rows: dict[int, CostEstimate] = {}
+
+    def _fresh(self) -> tuple[LinkStateOracle, float]:
+        now = self.clock()
+        if (self._view is None or now - self._at > self.ttl_s
+                or self._generation != self.cmap.generation):
+            self._view = self.cmap.link_view(now)
+            self._at, self._generation = now, self.cmap.generation
+            self._rows.clear()
+        return self._view, self._at
+
+    @property
+    def available_bytes_s(self) -> FloatArray:
+        """Per-link bandwidth of the current view (the bookings' link rates)."""
+        return self._fresh()[0].available_bytes_s
+
+    def row(self, src: int) -> CostEstimate:
+        """Zero-byte estimate from ``src`` to every host."""
+        view, at = self._fresh()
+        hit = self._rows.get(src)
+        if hit is None:
+            base = link_state_paths(view, src)
+            hit = _with_pairs(base, *self.cmap.pair_terms(src, at), 0.0)
+            self._rows[src] = hit
+        return hit
+
+    def estimate(self, src: int, dsts: IntArray, nbytes: FloatArray | float) -> CostEstimate:
+        return pick(self.row(src), dsts, nbytes)
 
 
 def snapshot_header(data: bytes) -> dict[str, Any]:

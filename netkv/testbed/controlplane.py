@@ -8,7 +8,8 @@ receives (``<switch>/down``), standing in for the telemetry (port counters, queu
 real switch exports. Every interface's speed is configured to its emulated rate
 (sysfs says 10 Gb/s for a veth). All processes run via :meth:`Lab.spawn`, so teardown stops
 them. The control plane sees the *scaled* topology and a KV size per token scaled the same way
-(:mod:`netkv.testbed.scaled`), so its predicted seconds are the testbed's real seconds.
+(the scheduler's ``kv_bytes_per_token`` setting), so its predicted seconds are the testbed's
+real seconds.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ class ControlPlane:
             "oracle": {"http_host": CONTROL_ADDRESS, "http_port": ORACLE_PORT,
                        "sample_interval_s": self.tuning.publish_interval_s * 2},
             "scheduler": {"host": CONTROL_ADDRESS, "port": SCHEDULER_PORT,
-                          "model": scaled_model_name(self.bytes_per_token)},
+                          "kv_bytes_per_token": self.bytes_per_token},
         }
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
 
@@ -147,8 +148,7 @@ class ControlPlane:
     async def start_scheduler(self) -> None:
         ctl = self.plan.control_ns
         self.scheduler = self.lab.spawn(
-            ctl, [sys.executable, "-m", "netkv.testbed.scaled", str(self.bytes_per_token),
-                  "scheduler", "--config", str(self.config_path)],
+            ctl, self._netkv("scheduler", "--config", str(self.config_path)),
             self.workdir / "logs" / "scheduler.log")
         await self.wait_ready(self.scheduler_url + "/healthz", self.scheduler)
         try:  # ready = it holds a congestion map; without one it decides on tier priors
@@ -195,9 +195,6 @@ class ControlPlane:
                 await asyncio.sleep(0.25)
         raise RuntimeError(f"{url} not ready after {timeout_s:g}s: {last}")
 
-
-def scaled_model_name(bytes_per_token: int) -> str:
-    return f"testbed-{bytes_per_token}bpt"
 
 
 async def port_open(port: int) -> None:

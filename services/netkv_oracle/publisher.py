@@ -13,19 +13,18 @@ even if Redis restarted empty), and a second script stores the snapshot only if 
 the version are unchanged. The lock, the version and the snapshot share the ``{map}`` hash
 tag, so the scripts run on a Redis Cluster unchanged.
 
-**Announcement**: JSON ``{"version", "created_ts", "snapshot_key", "oracle"}`` on
-``MqttTopics.map_version``, retained, QoS 1: a scheduler that (re)connects gets the newest
-version at once and fetches the snapshot from Redis.
+**Announcement** (:mod:`netkv.telemetry.announcement`, shared with the scheduler): JSON
+``{"version", "created_ts", "snapshot_key", "oracle"}`` on ``MqttTopics.map_version``,
+retained, QoS 1: a scheduler that (re)connects gets the newest version at once and fetches
+the snapshot from Redis.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import aiomqtt
@@ -38,6 +37,7 @@ from netkv.adapters.mqtt_client import reconnecting
 from netkv.config import MqttSettings
 from netkv.core.congestion import CongestionMap, SnapshotError
 from netkv.core.topology import Topology
+from netkv.telemetry.announcement import Announcement
 from netkv.telemetry.names import MqttTopics, RedisKeys
 from netkv_oracle.metrics import OracleMetrics
 
@@ -71,39 +71,6 @@ if tonumber(redis.call('GET', KEYS[2])) ~= tonumber(ARGV[2]) then return 0 end
 redis.call('SET', KEYS[3], ARGV[3])
 return 1
 """
-
-
-@dataclass(frozen=True, slots=True)
-class Announcement:
-    """What a map-version message on MQTT says."""
-
-    version: int
-    created_ts: float
-    snapshot_key: str
-    oracle: str
-
-    def encode(self) -> bytes:
-        return json.dumps({"version": self.version, "created_ts": self.created_ts,
-                           "snapshot_key": self.snapshot_key, "oracle": self.oracle}).encode()
-
-    @classmethod
-    def decode(cls, payload: bytes) -> Announcement:
-        """Strict: raises ValueError naming the field."""
-        try:
-            raw = json.loads(payload)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ValueError(f"announcement: not JSON: {exc}") from None
-        if not isinstance(raw, dict) or set(raw) != {"version", "created_ts", "snapshot_key",
-                                                      "oracle"}:
-            raise ValueError("announcement: expected version, created_ts, snapshot_key, oracle")
-        v, ts = raw["version"], raw["created_ts"]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ValueError("announcement.version: expected a non-negative integer")
-        if isinstance(ts, bool) or not isinstance(ts, int | float):
-            raise ValueError("announcement.created_ts: expected a number")
-        if not isinstance(raw["snapshot_key"], str) or not isinstance(raw["oracle"], str):
-            raise ValueError("announcement.snapshot_key/oracle: expected strings")
-        return cls(v, float(ts), raw["snapshot_key"], raw["oracle"])
 
 
 class Leadership:

@@ -14,7 +14,6 @@ from typing import Any
 
 import numpy as np
 
-from netkv.core.kvsize import model_spec
 from netkv.core.policies import (
     Booking,
     Bookings,
@@ -65,14 +64,14 @@ class Selector:
         self.reservations: Reservations[Booking] = Reservations(
             len(self.registry.decoders), settings.reservation_ttl_s, clock)
         self.prefixes = PrefixIndex(settings.prefix_blocks)
-        self.bytes_per_token = float(model_spec(settings.model).bytes_per_token)
+        self.bytes_per_token = settings.bytes_per_token
         self.bookings = Bookings(topology)
         self.engines: dict[str, DecisionEngine] = {}
         for name in policy_names():
             params: Mapping[str, Any] = settings.policy_params.get(name, {})
-            engine = DecisionEngine(make_policy(name, params), topology)
-            engine.bookings = self.bookings  # one ledger of in-flight transfers for all
-            self.engines[name] = engine
+            # One ledger of in-flight transfers for all engines.
+            self.engines[name] = DecisionEngine(make_policy(name, params), topology,
+                                                bookings=self.bookings)
         unknown = set(settings.policy_params) - set(self.engines)
         if unknown:
             raise InputError(f"scheduler.policy_params.{sorted(unknown)[0]}", "unknown policy")

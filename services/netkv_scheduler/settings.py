@@ -7,6 +7,7 @@ The shared ``redis``, ``mqtt`` and ``topology`` sections of the config file are 
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -30,7 +31,9 @@ class SchedulerSettings:
 
     ``token`` (when set) is required as ``Authorization: Bearer <token>`` on the mutating
     endpoints (select, release, instance registration). ``map_stale_s`` is the age past which
-    the congestion map is ignored in favour of the tier priors.
+    the congestion map is ignored in favour of the tier priors. ``kv_bytes_per_token``, when
+    set, overrides the ``model`` preset's KV size (a deployment whose transfers move other
+    bytes: a quantised cache, or a testbed that scales bytes with its link rates).
     """
 
     host: str = "127.0.0.1"
@@ -43,6 +46,7 @@ class SchedulerSettings:
     capacity_tokens: float = field(default=500_000.0, metadata=bound(gt=0))
     prefix_blocks: int = field(default=200_000, metadata=bound(ge=0))
     model: str = "llama3-70b"
+    kv_bytes_per_token: float | None = field(default=None, metadata=bound(gt=0))
     token: str | None = None
     max_body_bytes: int = field(default=1 << 20, metadata=bound(ge=1024))
     max_block_hashes: int = field(default=65536, metadata=bound(ge=1))
@@ -59,8 +63,19 @@ class SchedulerSettings:
         if self.model not in PRESETS:
             raise InputError("scheduler.model", f"unknown model {self.model!r}; known: "
                              f"{', '.join(sorted(PRESETS))}")
+        if self.kv_bytes_per_token is not None and not (
+                math.isfinite(self.kv_bytes_per_token) and self.kv_bytes_per_token > 0):
+            raise InputError("scheduler.kv_bytes_per_token",
+                             f"must be a finite number > 0, got {self.kv_bytes_per_token!r}")
         if self.token is not None and not self.token:
             raise InputError("scheduler.token", "must not be empty (omit it to disable auth)")
+
+    @property
+    def bytes_per_token(self) -> float:
+        """KV bytes a transfer moves per prompt token (the override, else the preset's)."""
+        if self.kv_bytes_per_token is not None:
+            return float(self.kv_bytes_per_token)
+        return float(PRESETS[self.model].bytes_per_token)
 
     @property
     def topology_path(self) -> str:

@@ -59,10 +59,10 @@ async def test_workload_through_engine_hosts_and_the_real_scheduler(
         "redis": {"url": redis_server.url},
         "mqtt": {"host": "127.0.0.1", "port": mosquitto_server.port},
         "topology": str(topo_path),
-        "scheduler": {"host": "127.0.0.1", "port": port, "model": "testbed-33bpt"}}))
+        "scheduler": {"host": "127.0.0.1", "port": port, "kv_bytes_per_token": 33}}))
     log = (tmp_path / "scheduler.log").open("wb")
     sched = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "netkv.testbed.scaled", "33", "scheduler", "--config",
+        sys.executable, "-m", "netkv.cli", "scheduler", "--config",
         str(config), stdout=log, stderr=log)
     stop = asyncio.Event()
     hosts = []

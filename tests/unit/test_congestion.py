@@ -18,7 +18,7 @@ from netkv.core.congestion import (
     snapshot_header,
 )
 from netkv.core.oracle import CostOracle, static_tier_oracle
-from netkv.core.topology import Topology
+from netkv.core.topology import FloatArray, IntArray, Topology
 from netkv.core.topology_file import parse_topology
 
 pytestmark = pytest.mark.unit
@@ -235,6 +235,78 @@ def test_pairs_of_a_silent_agent_are_ignored() -> None:
     est = m.estimate(7, np.array([0]), 1e9)
     prior = static_tier_oracle(t).estimate(7, np.array([0]), 1e9)
     assert est.seconds[0] == pytest.approx(prior.seconds[0])
+
+
+
+def _reference(m: CongestionMap, src: int, dsts: IntArray, nbytes: FloatArray,
+               now: float) -> list[tuple[float, float, float, float, float, int]]:
+    """The module docstring's formulas, one destination at a time along ``Topology.path``."""
+    t, p = m.topology, m.params
+    age = m.link_age(now)
+    conf = m.link_confidence(now)
+    avail = m.available(now)
+    lat = t.latency + conf * m.queue_s
+    silent = [m.host_seen_ts[h] > 0 and now - m.host_seen_ts[h] > p.stale_s
+              for h in range(t.n_hosts)]
+    out = []
+    for dst, size in zip(dsts.tolist(), nbytes.tolist(), strict=True):
+        path = list(t.path(src, dst))
+        latency = float(sum(lat[path]))
+        bandwidth = max(float(min(avail[path])), 1.0)
+        loss = 0.0
+        pair = m.pairs.get((min(src, dst), max(src, dst)))
+        if pair is not None and dst != src and not silent[src] and not silent[dst]:
+            span = p.stale_s - p.fresh_s
+            w = min(max((p.stale_s - (now - pair.ts)) / span, 0.0), 1.0)
+            latency = w * pair.srtt_s / 2 + (1 - w) * latency
+            loss = w * min(pair.loss, p.max_loss)
+        bandwidth *= 1 - loss
+        out.append((latency + size / bandwidth, latency, bandwidth, float(max(age[path])),
+                    float(min(conf[path])), int(t.tier(src, dst))))
+    return out
+
+
+def test_estimate_and_its_cached_view_match_a_per_destination_reference() -> None:
+    t = topo()
+    m = cmap(t)
+    rng = np.random.default_rng(3)
+    for i, lk in enumerate(t.links):
+        m.observe_link(i, float(rng.uniform(0, 0.9)) * lk.capacity_bytes_s,
+                       NOW - float(rng.uniform(0, 4)), queue_s=float(rng.uniform(0, 1e-3)))
+    for h in range(t.n_hosts):
+        m.observe_host(h, NOW if h != 6 else NOW - 10)  # h006's agent went silent
+    for a, b, age in ((0, 1, 0.5), (0, 5, 1.5), (2, 7, 2.5), (3, 3, 0.0), (4, 6, 0.0),
+                      (1, 2, 4.0), (7, 0, 0.2)):
+        m.observe_rtt(a, b, srtt_s=2e-4 * (a + 1), min_s=1e-4, p99_s=5e-4, loss=0.02 * b,
+                      ts=NOW - age)
+    dsts = np.array([*range(t.n_hosts), 5, 0, 0], dtype=np.int64)  # repeats are allowed
+    nbytes = np.asarray(rng.uniform(1e6, 4e9, dsts.shape[0]), dtype=np.float64)
+    view = m.cached(ttl_s=10.0, clock=lambda: NOW)
+    for src in range(t.n_hosts):
+        want: FloatArray = np.array(_reference(m, src, dsts, nbytes, NOW), dtype=np.float64)
+        for got in (m.estimate(src, dsts, nbytes, now=NOW), view.estimate(src, dsts, nbytes)):
+            np.testing.assert_allclose(got.seconds, want[:, 0], rtol=1e-12)
+            np.testing.assert_allclose(got.latency_s, want[:, 1], rtol=1e-12)
+            np.testing.assert_allclose(got.bandwidth_bytes_s, want[:, 2], rtol=1e-12)
+            np.testing.assert_array_equal(got.age_s, want[:, 3])
+            np.testing.assert_array_equal(got.confidence, want[:, 4])
+            assert got.tier.tolist() == want[:, 5].astype(int).tolist()
+
+
+def test_cached_view_rereads_the_map_after_ttl_or_a_change() -> None:
+    t = topo()
+    m = cmap(t)
+    clock = [NOW]
+    view = m.cached(ttl_s=1.0, clock=lambda: clock[0])
+    dst = np.array([7])
+    before = view.estimate(0, dst, GB).seconds[0]
+    m.observe_rtt(0, 7, srtt_s=0.010, min_s=0.001, p99_s=0.02, loss=0.5, ts=NOW)
+    changed = view.estimate(0, dst, GB).seconds[0]
+    assert changed > before
+    assert changed == pytest.approx(m.estimate(0, dst, GB).seconds[0], rel=1e-12)
+    clock[0] += 2.5  # the pair ages (fresh_s=1, stale_s=3): the view is re-read after ttl
+    assert view.estimate(0, dst, GB).seconds[0] == pytest.approx(
+        m.estimate(0, dst, GB, now=clock[0]).seconds[0], rel=1e-12)
 
 
 _json_like = st.recursive(

@@ -9,6 +9,7 @@ import pytest
 
 from netkv.core.oracle import LinkStateOracle
 from netkv.core.policies import (
+    Bookings,
     CandidateView,
     DecisionEngine,
     PrefillView,
@@ -118,6 +119,31 @@ def test_bookings_spread_a_burst(topo: Topology) -> None:
     blind = make_policy("netkv", {"use_bookings": False}).decide(
         request(10_000), cands, oracle, engine.bookings)
     assert blind.scores is not None and blind.scores[0] == blind.scores[1]
+
+
+def test_a_booking_covers_exactly_the_topology_path(topo: Topology) -> None:
+    bookings = Bookings(topo)
+    for src in range(topo.n_hosts):
+        for dst in range(topo.n_hosts):
+            booking = bookings.reserve(src, dst, 1e6)
+            assert booking.links == topo.path(src, dst)
+            bookings.release(booking)
+    assert bookings.active == 0 and not bookings.bytes.any() and not bookings.flows.any()
+
+
+def test_engines_share_a_ledger_given_at_construction(topo: Topology) -> None:
+    ledger = Bookings(topo)
+    a = DecisionEngine.from_name("netkv", None, topo, bookings=ledger)
+    b = DecisionEngine(make_policy("least_loaded"), topo, bookings=ledger)
+    booking = a.reserve(5, 4, 1e9)
+    assert b.bookings is ledger and ledger.active == 1
+    assert ledger.bytes[list(topo.path(5, 4))].tolist() == [1e9] * len(topo.path(5, 4))
+    b.release(booking)
+    assert ledger.active == 0 and not ledger.bytes.any()
+    assert DecisionEngine(make_policy("netkv"), topo).bookings is not ledger
+    other = parse_topology({"fat_tree": {"pods": 1}})
+    with pytest.raises(ValueError, match="another topology"):
+        DecisionEngine(make_policy("netkv"), other, bookings=ledger)
 
 
 def test_same_source_bookings_share_the_source_nic(topo: Topology) -> None:

@@ -1,24 +1,26 @@
 """Scheduler building blocks without I/O: schema checkers, reservations, prefix index, vLLM
-metrics parsing, map announcements and the hot-path map oracle."""
+metrics parsing and the map feed (announcements: tests/unit/test_announcement.py)."""
 
 from __future__ import annotations
 
+import argparse
 import math
+from pathlib import Path
 from typing import Any
 
-import msgpack
 import numpy as np
 import pytest
 from netkv_scheduler import openapi
 from netkv_scheduler.instances import InstanceRegistry, Load, parse_vllm_metrics
-from netkv_scheduler.mapfeed import CachedOracle, MapFeed, MapOracle, parse_announcement
+from netkv_scheduler.mapfeed import MapFeed
 from netkv_scheduler.prefixes import PrefixIndex
 from netkv_scheduler.reservations import Reservations
-from netkv_scheduler.settings import SchedulerSettings
+from netkv_scheduler.settings import SchedulerSettings, settings_from_args
 
-from netkv.core.congestion import CongestionMap
+from netkv.core.congestion import CachedMapView, CongestionMap
 from netkv.core.oracle import static_tier_oracle
 from netkv.core.policies import policy_names
+from netkv.core.policies.paths import CachedOracle
 from netkv.core.topology import Topology
 from netkv.core.topology_file import parse_topology
 from netkv.errors import InputError
@@ -177,16 +179,9 @@ def test_parse_vllm_metrics_sums_label_sets() -> None:
 
 
 # -- map feed ---------------------------------------------------------------------------------
-def test_parse_announcement_forms() -> None:
-    assert parse_announcement(b'{"version": 7, "created_ts": 1.0}') == 7
-    assert parse_announcement(b"12") == 12
-    assert parse_announcement(msgpack.packb({"version": 3})) == 3
-    for bad in (b'{"version": -1}', b'{"version": true}', b"\xc1", b'"7"', b"{}"):
-        with pytest.raises(ValueError, match="version|JSON"):
-            parse_announcement(bad)
-
-
-def test_map_oracle_matches_the_congestion_map(topo: Topology) -> None:
+def test_feed_decides_with_the_maps_own_estimate(topo: Topology) -> None:
+    """The feed holds no cost formula of its own: it decides with the map's cached view
+    (pinned to a reference computation in ``tests/unit/test_congestion.py``)."""
     now = 5000.0
     cmap = CongestionMap(topo, clock=lambda: now)
     rng = np.random.default_rng(3)
@@ -196,7 +191,11 @@ def test_map_oracle_matches_the_congestion_map(topo: Topology) -> None:
     for a, b in ((0, 1), (0, 5), (2, 7), (3, 3)):
         cmap.observe_rtt(a, b, srtt_s=2e-4 * (a + 1), min_s=1e-4, p99_s=5e-4, loss=0.02,
                          ts=now - 0.5 * b)
-    fast = MapOracle(cmap, ttl_s=10.0, clock=lambda: now)
+    cmap.version, cmap.created_ts = 1, now
+    feed = MapFeed(topo, None, None, cache_s=10.0, clock=lambda: now)
+    assert feed.install(cmap)
+    fast = feed.view().oracle
+    assert isinstance(fast, CachedMapView) and fast.cmap is cmap
     dsts = np.arange(topo.n_hosts, dtype=np.int64)
     nbytes = rng.uniform(1e6, 4e9, topo.n_hosts)
     for src in range(topo.n_hosts):
@@ -246,6 +245,24 @@ def test_settings_reject_bad_values() -> None:
         SchedulerSettings(model="gpt-9")
     with pytest.raises(InputError, match="token"):
         SchedulerSettings(token="")
+    for bad in (0.0, -33.0, math.inf, math.nan):
+        with pytest.raises(InputError, match="kv_bytes_per_token"):
+            SchedulerSettings(kv_bytes_per_token=bad)
+
+
+def test_kv_bytes_per_token_overrides_the_model_preset(tmp_path: Path) -> None:
+    assert SchedulerSettings().bytes_per_token == 327680.0  # llama3-70b's preset
+    assert SchedulerSettings(kv_bytes_per_token=33).bytes_per_token == 33.0
+    config = tmp_path / "netkv.yaml"
+    config.write_text("scheduler: {kv_bytes_per_token: 33}\n")
+    args = argparse.Namespace(config=str(config), environ={})
+    assert settings_from_args(args).bytes_per_token == 33.0
+    env = {"NETKV_KV_BYTES_PER_TOKEN": "65.5"}
+    assert settings_from_args(argparse.Namespace(config=None, environ=env)).bytes_per_token \
+        == 65.5
+    config.write_text("scheduler: {kv_bytes_per_token: -1}\n")
+    with pytest.raises(InputError, match="scheduler.kv_bytes_per_token"):
+        settings_from_args(args)
 
 
 @pytest.mark.parametrize("decoders", [1, 6, 16, 64, 1024])

@@ -55,9 +55,11 @@ class Bookings:
         return out
 
     def reserve(self, src_host: int, dst_host: int, nbytes: float) -> Booking:
-        links = self.topology.path(src_host, dst_host)
-        booking = Booking(links, float(nbytes))
-        idx = list(links)
+        """Count a started transfer against the links of its path (``Topology.path``, read
+        from the cached path table)."""
+        paths = self.paths.from_src(src_host)
+        idx: list[int] = paths.links[:, dst_host][paths.on_path[:, dst_host] > 0].tolist()
+        booking = Booking(tuple(idx), float(nbytes))
         self.bytes_ext[idx] += booking.nbytes
         self.flows_ext[idx] += 1.0
         self.active += 1

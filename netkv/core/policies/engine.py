@@ -25,17 +25,21 @@ class DecisionEngine:
     """A named policy plus its bookings and decision-time record."""
 
     def __init__(self, policy: DecodePolicy, topology: Topology, *,
-                 history: int = 1 << 16) -> None:
+                 history: int = 1 << 16, bookings: Bookings | None = None) -> None:
+        """``bookings``: a ledger shared with other engines (a scheduler running several
+        policies books every transfer once); a fresh one when omitted."""
         self.policy = policy
-        self.bookings = Bookings(topology)
+        if bookings is not None and bookings.topology is not topology:
+            raise ValueError("bookings belong to another topology")
+        self.bookings = Bookings(topology) if bookings is None else bookings
         self.durations_s: FloatArray = np.zeros(history, dtype=np.float64)
         self.count = 0
         self.last_duration_s = 0.0
 
     @classmethod
     def from_name(cls, name: str, params: Mapping[str, Any] | None,
-                  topology: Topology) -> DecisionEngine:
-        return cls(make_policy(name, params), topology)
+                  topology: Topology, *, bookings: Bookings | None = None) -> DecisionEngine:
+        return cls(make_policy(name, params), topology, bookings=bookings)
 
     def decide(self, request: RequestView, candidates: CandidateView,
                oracle: CostOracle) -> Decision:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from netkv.core.oracle import CostEstimate, LinkStateOracle
 from netkv.core.topology import FloatArray, IntArray, Topology
 
 
@@ -83,3 +84,50 @@ def path_table(topology: Topology) -> PathTable:
         table = PathTable(topology)
         _TABLES[id(topology)] = table
     return table
+
+
+def link_state_paths(oracle: LinkStateOracle, src: int,
+                     dsts: IntArray | None = None) -> CostEstimate:
+    """Zero-byte ``oracle.estimate(src, dsts, 0)`` (every host if ``dsts`` is None), reduced
+    over the cached path table instead of a fresh ``(n, 6)`` path matrix."""
+    paths = path_table(oracle.topology).from_src(src)
+    links, on_path, tiers = paths.links, paths.on_path, paths.tiers
+    if dsts is not None:
+        links = np.take(links, dsts, axis=1)
+        on_path = np.take(on_path, dsts, axis=1)
+        tiers = tiers[dsts]
+    bandwidth = np.maximum(oracle.available_bytes_s[links].min(axis=0), 1.0)
+    latency = (oracle.latency_s[links] * on_path).sum(axis=0)
+    age = oracle.age_s[links].max(axis=0)
+    confidence = oracle.confidence[links].min(axis=0)
+    return CostEstimate(latency.copy(), latency, bandwidth, tiers, age, confidence)
+
+
+def pick(row: CostEstimate, dsts: IntArray, nbytes: FloatArray | float) -> CostEstimate:
+    """The estimate for ``dsts`` and ``nbytes`` from a zero-byte row to every host (every
+    oracle predicts ``latency + bytes / bandwidth``, so the row answers any byte count)."""
+    latency = row.latency_s[dsts]
+    bandwidth = row.bandwidth_bytes_s[dsts]
+    seconds = latency + np.asarray(nbytes, dtype=np.float64) / bandwidth
+    return CostEstimate(seconds, latency, bandwidth, row.tier[dsts], row.age_s[dsts],
+                        row.confidence[dsts])
+
+
+class CachedOracle:
+    """Per-source rows of a fixed :class:`LinkStateOracle` (e.g. the tier prior), each
+    computed once, so a decision costs O(|D|) numpy."""
+
+    def __init__(self, base: LinkStateOracle) -> None:
+        self.base = base
+        self.topology = base.topology
+        self.available_bytes_s = base.available_bytes_s  # per-link view, for bookings
+        self._rows: dict[int, CostEstimate] = {}
+
+    def row(self, src: int) -> CostEstimate:
+        hit = self._rows.get(src)
+        if hit is None:
+            hit = self._rows[src] = link_state_paths(self.base, src)
+        return hit
+
+    def estimate(self, src: int, dsts: IntArray, nbytes: FloatArray | float) -> CostEstimate:
+        return pick(self.row(src), dsts, nbytes)
