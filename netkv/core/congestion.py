@@ -58,7 +58,7 @@ import msgpack
 import numpy as np
 
 from netkv.core.oracle import CostEstimate, LinkStateOracle
-from netkv.core.policies.paths import link_state_paths, pick
+from netkv.core.paths import link_state_paths, pick
 from netkv.core.topology import FloatArray, IntArray, LinkKind, Topology
 from netkv.fields import bound
 

@@ -27,7 +27,7 @@ from netkv.adapters.redis_client import connect_redis
 from netkv.config import MqttSettings, RedisSettings
 from netkv.core.congestion import CongestionMap, SnapshotError, snapshot_header
 from netkv.core.oracle import CostOracle, static_tier_oracle
-from netkv.core.policies.paths import CachedOracle
+from netkv.core.paths import CachedOracle
 from netkv.core.topology import Topology
 from netkv.telemetry.announcement import announced_version
 from netkv.telemetry.names import MqttTopics, RedisKeys

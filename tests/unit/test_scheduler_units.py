@@ -19,8 +19,8 @@ from netkv_scheduler.settings import SchedulerSettings, settings_from_args
 
 from netkv.core.congestion import CachedMapView, CongestionMap
 from netkv.core.oracle import static_tier_oracle
+from netkv.core.paths import CachedOracle
 from netkv.core.policies import policy_names
-from netkv.core.policies.paths import CachedOracle
 from netkv.core.topology import Topology
 from netkv.core.topology_file import parse_topology
 from netkv.errors import InputError

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from netkv.core.policies.paths import path_table
+from netkv.core.paths import path_table
 from netkv.core.topology import FloatArray, IntArray, Topology
 
 

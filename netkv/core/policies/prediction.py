@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from netkv.core.oracle import CostOracle, LinkStateOracle
+from netkv.core.paths import path_table
 from netkv.core.policies.bookings import Bookings
-from netkv.core.policies.paths import path_table
 from netkv.core.policies.views import CandidateView, RequestView
 from netkv.core.topology import FloatArray, IntArray, Topology
 from netkv.fields import bound
