@@ -55,11 +55,6 @@ class Netkv:
 class NetkvPair(Netkv):
     name = "netkv_pair"
 
-    def __init__(self, params: Mapping[str, Any] | None = None) -> None:
-        self.params = parse_params(NetkvParams, params, self.name)
-        self.model = DecodeModel(self.params.tbt_s, self.params.residence_s)
-        self.ties = TieBreaker(self.params.seed)
-
     def decide(self, request: RequestView, candidates: CandidateView, oracle: CostOracle,
                bookings: Bookings | None = None) -> Decision:
         prefill = request.prefill
