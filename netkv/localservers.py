@@ -23,11 +23,18 @@ class ServerError(RuntimeError):
     """A local server could not be started."""
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+def free_port(host: str = "127.0.0.1", *, at_most: int = 65535) -> int:
+    """A TCP port that is free on ``host`` right now, no higher than ``at_most``.
+
+    (Redis Cluster needs ``port + 10000`` for its bus, so cluster nodes ask for <= 55535.)
+    """
+    for _ in range(200):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if port <= at_most:
+            return port
+    raise ServerError(f"no free port at or below {at_most} on {host}")
 
 
 async def wait_for_port(host: str, port: int, timeout_s: float = 10.0) -> None:

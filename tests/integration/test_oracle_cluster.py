@@ -22,10 +22,13 @@ from redis.asyncio.cluster import RedisCluster
 from netkv.core.congestion import CongestionMap
 from netkv.core.topology import Topology
 from netkv.core.topology_file import parse_topology
-from netkv.localservers import MosquittoServer, RedisServer
+from netkv.localservers import MosquittoServer, RedisServer, free_port
 from netkv.telemetry.names import shard_of
 
 pytestmark = [pytest.mark.cluster, pytest.mark.integration, pytest.mark.timeout(90)]
+
+
+CLUSTER_MAX_PORT = 65535 - 10000  # the cluster bus listens on port + 10000
 
 
 @pytest.fixture
@@ -35,7 +38,7 @@ async def cluster(tmp_path: Path) -> AsyncIterator[list[RedisServer]]:
         pytest.skip("redis-cli is not installed (Debian package redis-tools)")
     async with contextlib.AsyncExitStack() as stack:
         nodes = [await stack.enter_async_context(RedisServer(
-            workdir=tmp_path / f"node{i}",
+            port=free_port(at_most=CLUSTER_MAX_PORT), workdir=tmp_path / f"node{i}",
             extra_args=("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                         "--cluster-node-timeout", "2000"))) for i in range(3)]
         proc = await asyncio.create_subprocess_exec(
