@@ -61,27 +61,40 @@ STEP_TIMEOUT_S = 1.0
 
 def link_bindings(settings: AgentSettings, topology: Topology | None
                   ) -> tuple[dict[str, LinkPair], dict[str, LinkPair]]:
-    """Interface -> links and RDMA port -> links, validated against the topology's owners."""
+    """Interface -> links and RDMA port -> links, validated against the topology's owners.
+
+    Hosts and switches register the same way: ``fabric_nic`` (a host's KV interface) binds
+    ``<host>/nic/up|down``, ``uplink_nic`` (a switch's port to its parent) binds
+    ``<switch>/up|down``, ``nic_links`` binds anything else explicitly.
+    """
     me = settings.agent_id
     nics: dict[str, LinkPair] = {}
     rdma: dict[str, LinkPair] = {}
+    origin: dict[tuple[str, str], str] = {}  # (table, name) -> setting, for error messages
     fabric = LinkPair(f"{me}/nic/up", f"{me}/nic/down")
     if settings.fabric_nic:
         nics[settings.fabric_nic] = fabric
+        origin["nics", settings.fabric_nic] = "fabric_nic"
+    if settings.uplink_nic:
+        nics[settings.uplink_nic] = LinkPair(f"{me}/up", f"{me}/down")
+        origin["nics", settings.uplink_nic] = "uplink_nic"
     if settings.rdma_fabric_port:
         rdma[settings.rdma_fabric_port] = fabric
+        origin["rdma", settings.rdma_fabric_port] = "rdma_fabric_port"
     for name, binding in settings.nic_links.items():
         nics[name] = LinkPair(binding.tx, binding.rx)
+        origin["nics", name] = f"nic_links.{name}"
     if topology is not None:
-        for where, table in (("nic_links", nics), ("rdma_fabric_port", rdma)):
+        for kind, table in (("nics", nics), ("rdma", rdma)):
             for name, pair in table.items():
+                where = origin[kind, name]
                 for link in (pair.tx, pair.rx):
                     index = topology.link_index.get(link)
                     if index is None:
-                        raise InputError(f"{where}.{name}", f"unknown topology link {link!r}")
+                        raise InputError(where, f"unknown topology link {link!r}")
                     owner = topology.links[index].owner
                     if owner != me:
-                        raise InputError(f"{where}.{name}", f"link {link!r} belongs to "
+                        raise InputError(where, f"link {link!r} belongs to "
                                          f"{owner!r}, not to this agent ({me!r})")
     return nics, rdma
 
