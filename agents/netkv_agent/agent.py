@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import struct
 import time
 from collections import deque
 from types import TracebackType
 from typing import Any, Self
 
 import structlog
-from pyroute2 import AsyncIPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 from redis.exceptions import RedisError
 
 import netkv
@@ -52,6 +51,7 @@ from netkv_agent.registration import (
     RegistrationError,
     decode_registration,
 )
+from netkv_agent.rtnetlink import RouteSocket
 from netkv_agent.settings import AgentSettings
 
 log = structlog.get_logger(__name__)
@@ -142,7 +142,7 @@ class Agent:
         self.samples_by_kind: dict[str, int] = {}
         self._stack = contextlib.AsyncExitStack()
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._ipr: Any = None
+        self._route: RouteSocket | None = None
         self._closed = asyncio.Event()
         self._stopping = False
 
@@ -155,7 +155,7 @@ class Agent:
             self.endpoint = await stack.enter_async_context(
                 echo_endpoint(self.prober, s.listen_address, s.echo_port))
             if s.interfaces:
-                self._ipr = await stack.enter_async_context(AsyncIPRoute(netns=s.netns))
+                self._route = await stack.enter_async_context(RouteSocket(netns=s.netns))
             if s.bandwidth_probe_enabled:
                 _, self._bandwidth_port = await stack.enter_async_context(
                     bandwidth_sink(s.listen_address, s.bandwidth_port))
@@ -268,12 +268,12 @@ class Agent:
         """One round of NIC, qdisc and RDMA reads (each guarded: one failing reader does not
         stop the others)."""
         s = self.settings
-        if self._ipr is not None:
-            try:
-                self._submit(list(await self.nics.read(self._ipr)))
+        if self._route is not None:
+            try:  # synchronous: the kernel answers rtnetlink requests inside send()
+                self._submit(self.nics.read(self._route))
                 if s.qdisc_enabled:
-                    self._submit(list(await self.qdiscs.read(self._ipr, self.nics.index)))
-            except (OSError, ValueError, KeyError, NetlinkError) as exc:
+                    self._submit(self.qdiscs.read(self._route, self.nics.index))
+            except (OSError, ValueError, KeyError, struct.error) as exc:
                 self.counter_errors += 1
                 log.warning("netlink read failed", error=str(exc))
         if s.rdma_enabled:
