@@ -138,6 +138,7 @@ class Agent:
         self.bandwidth_errors = 0
         self._bandwidth_port = 0
         self.registry_rejected = 0
+        self._decoded: dict[bytes, Registration | None] = {}  # registry entry -> decoded
         self.counter_errors = 0
         self.samples_by_kind: dict[str, int] = {}
         self._stack = contextlib.AsyncExitStack()
@@ -289,14 +290,24 @@ class Agent:
             async with asyncio.timeout(self.settings.redis_op_timeout_s):
                 entries = await redis.hgetall(self.keys.registry)
             regs: list[Registration] = []
+            decoded: dict[bytes, Registration | None] = {}
             for field_name, raw in entries.items():
-                try:
-                    reg = decode_registration(raw)
-                except RegistrationError as exc:
-                    self.registry_rejected += 1
-                    log.warning("registry entry rejected", field=str(field_name), error=str(exc))
-                    continue
-                regs.append(reg)
+                # Entries are re-written unchanged with every heartbeat: decode each distinct
+                # entry once (a rejected one is counted and logged once, too).
+                if raw in self._decoded:
+                    reg = decoded[raw] = self._decoded[raw]
+                else:
+                    try:
+                        reg = decoded[raw] = decode_registration(raw)
+                    except RegistrationError as exc:
+                        decoded[raw] = None
+                        self.registry_rejected += 1
+                        log.warning("registry entry rejected", field=str(field_name),
+                                    error=str(exc))
+                        continue
+                if reg is not None:
+                    regs.append(reg)
+            self._decoded = decoded
             alive: list[Any] = []
             if regs:
                 async with asyncio.timeout(self.settings.redis_op_timeout_s):
