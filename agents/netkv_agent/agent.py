@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import struct
 import time
 from collections import deque
 from types import TracebackType
 from typing import Any, Self
 
 import structlog
-from pyroute2 import AsyncIPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 from redis.exceptions import RedisError
 
 import netkv
@@ -52,6 +51,7 @@ from netkv_agent.registration import (
     RegistrationError,
     decode_registration,
 )
+from netkv_agent.rtnetlink import RouteSocket
 from netkv_agent.settings import AgentSettings
 
 log = structlog.get_logger(__name__)
@@ -61,27 +61,40 @@ STEP_TIMEOUT_S = 1.0
 
 def link_bindings(settings: AgentSettings, topology: Topology | None
                   ) -> tuple[dict[str, LinkPair], dict[str, LinkPair]]:
-    """Interface -> links and RDMA port -> links, validated against the topology's owners."""
+    """Interface -> links and RDMA port -> links, validated against the topology's owners.
+
+    Hosts and switches register the same way: ``fabric_nic`` (a host's KV interface) binds
+    ``<host>/nic/up|down``, ``uplink_nic`` (a switch's port to its parent) binds
+    ``<switch>/up|down``, ``nic_links`` binds anything else explicitly.
+    """
     me = settings.agent_id
     nics: dict[str, LinkPair] = {}
     rdma: dict[str, LinkPair] = {}
+    origin: dict[tuple[str, str], str] = {}  # (table, name) -> setting, for error messages
     fabric = LinkPair(f"{me}/nic/up", f"{me}/nic/down")
     if settings.fabric_nic:
         nics[settings.fabric_nic] = fabric
+        origin["nics", settings.fabric_nic] = "fabric_nic"
+    if settings.uplink_nic:
+        nics[settings.uplink_nic] = LinkPair(f"{me}/up", f"{me}/down")
+        origin["nics", settings.uplink_nic] = "uplink_nic"
     if settings.rdma_fabric_port:
         rdma[settings.rdma_fabric_port] = fabric
+        origin["rdma", settings.rdma_fabric_port] = "rdma_fabric_port"
     for name, binding in settings.nic_links.items():
         nics[name] = LinkPair(binding.tx, binding.rx)
+        origin["nics", name] = f"nic_links.{name}"
     if topology is not None:
-        for where, table in (("nic_links", nics), ("rdma_fabric_port", rdma)):
+        for kind, table in (("nics", nics), ("rdma", rdma)):
             for name, pair in table.items():
+                where = origin[kind, name]
                 for link in (pair.tx, pair.rx):
                     index = topology.link_index.get(link)
                     if index is None:
-                        raise InputError(f"{where}.{name}", f"unknown topology link {link!r}")
+                        raise InputError(where, f"unknown topology link {link!r}")
                     owner = topology.links[index].owner
                     if owner != me:
-                        raise InputError(f"{where}.{name}", f"link {link!r} belongs to "
+                        raise InputError(where, f"link {link!r} belongs to "
                                          f"{owner!r}, not to this agent ({me!r})")
     return nics, rdma
 
@@ -125,11 +138,12 @@ class Agent:
         self.bandwidth_errors = 0
         self._bandwidth_port = 0
         self.registry_rejected = 0
+        self._decoded: dict[bytes, Registration | None] = {}  # registry entry -> decoded
         self.counter_errors = 0
         self.samples_by_kind: dict[str, int] = {}
         self._stack = contextlib.AsyncExitStack()
         self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._ipr: Any = None
+        self._route: RouteSocket | None = None
         self._closed = asyncio.Event()
         self._stopping = False
 
@@ -142,7 +156,7 @@ class Agent:
             self.endpoint = await stack.enter_async_context(
                 echo_endpoint(self.prober, s.listen_address, s.echo_port))
             if s.interfaces:
-                self._ipr = await stack.enter_async_context(AsyncIPRoute(netns=s.netns))
+                self._route = await stack.enter_async_context(RouteSocket(netns=s.netns))
             if s.bandwidth_probe_enabled:
                 _, self._bandwidth_port = await stack.enter_async_context(
                     bandwidth_sink(s.listen_address, s.bandwidth_port))
@@ -255,12 +269,12 @@ class Agent:
         """One round of NIC, qdisc and RDMA reads (each guarded: one failing reader does not
         stop the others)."""
         s = self.settings
-        if self._ipr is not None:
-            try:
-                self._submit(list(await self.nics.read(self._ipr)))
+        if self._route is not None:
+            try:  # synchronous: the kernel answers rtnetlink requests inside send()
+                self._submit(self.nics.read(self._route))
                 if s.qdisc_enabled:
-                    self._submit(list(await self.qdiscs.read(self._ipr, self.nics.index)))
-            except (OSError, ValueError, KeyError, NetlinkError) as exc:
+                    self._submit(self.qdiscs.read(self._route, self.nics.index))
+            except (OSError, ValueError, KeyError, struct.error) as exc:
                 self.counter_errors += 1
                 log.warning("netlink read failed", error=str(exc))
         if s.rdma_enabled:
@@ -276,14 +290,24 @@ class Agent:
             async with asyncio.timeout(self.settings.redis_op_timeout_s):
                 entries = await redis.hgetall(self.keys.registry)
             regs: list[Registration] = []
+            decoded: dict[bytes, Registration | None] = {}
             for field_name, raw in entries.items():
-                try:
-                    reg = decode_registration(raw)
-                except RegistrationError as exc:
-                    self.registry_rejected += 1
-                    log.warning("registry entry rejected", field=str(field_name), error=str(exc))
-                    continue
-                regs.append(reg)
+                # Entries are re-written unchanged with every heartbeat: decode each distinct
+                # entry once (a rejected one is counted and logged once, too).
+                if raw in self._decoded:
+                    reg = decoded[raw] = self._decoded[raw]
+                else:
+                    try:
+                        reg = decoded[raw] = decode_registration(raw)
+                    except RegistrationError as exc:
+                        decoded[raw] = None
+                        self.registry_rejected += 1
+                        log.warning("registry entry rejected", field=str(field_name),
+                                    error=str(exc))
+                        continue
+                if reg is not None:
+                    regs.append(reg)
+            self._decoded = decoded
             alive: list[Any] = []
             if regs:
                 async with asyncio.timeout(self.settings.redis_op_timeout_s):

@@ -38,6 +38,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mqtt-host", help="MQTT broker host")
     parser.add_argument("--mqtt-port", type=int, help="MQTT broker port")
     parser.add_argument("--fabric-nic", help="interface carrying KV traffic (<host>/nic/up|down)")
+    parser.add_argument("--uplink-nic",
+                        help="a switch agent's port to its parent switch (<switch>/up|down)")
     parser.add_argument("--run-for", type=float, metavar="SECONDS",
                         help="stop after SECONDS (default: run until SIGTERM/SIGINT)")
     parser.add_argument("--check", action="store_true",
@@ -49,6 +51,7 @@ def settings_from_args(args: argparse.Namespace) -> AgentSettings:
         "agent_id": args.agent_id, "listen_address": args.listen_address,
         "advertise_address": args.advertise_address, "echo_port": args.echo_port,
         "topology": args.topology, "fabric_nic": args.fabric_nic,
+        "uplink_nic": args.uplink_nic,
     }
     base = load_agent_settings(args.config, args.environ, overrides)
     if args.redis_url is None and args.mqtt_host is None and args.mqtt_port is None:

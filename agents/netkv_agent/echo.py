@@ -45,6 +45,7 @@ import zlib
 from collections import deque
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 import structlog
@@ -186,6 +187,7 @@ def drain(sock: socket.socket, prober: Prober) -> int:
 
 
 _REPLY_BYTE = bytes((REPLY,))
+_RTT = itemgetter(1)  # (clock s, rtt s) -> rtt s, without a Python-level generator
 _HOLD = struct.Struct("!Q")
 
 
@@ -349,7 +351,7 @@ class Prober:
             if state.sent == 0:
                 continue
             window = max(now - state.last_collect, 1e-6)
-            rtts = sorted(r for _, r in state.recent)
+            rtts = sorted(map(_RTT, state.recent))
             if rtts:
                 p50, p99, low = percentile(rtts, 0.5), percentile(rtts, 0.99), rtts[0]
             else:  # nothing came back in the window: the RTT is at least the timeout

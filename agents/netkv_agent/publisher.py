@@ -78,6 +78,7 @@ class Publisher:
         self._pending: list[Sample] = []
         self._buffer: deque[tuple[bytes, int]] = deque()  # (encoded batch, sample count)
         self._seq = 0
+        self._encoded: tuple[Registration, bytes] | None = None
         self._next_heartbeat = 0.0
         self._backoff = 0.0
         self._retry_at = 0.0
@@ -104,6 +105,13 @@ class Publisher:
                 self.stats.dropped_batches += 1
                 self.stats.dropped_samples += lost
 
+    def _registration_bytes(self) -> bytes:
+        """The encoded registry entry, re-encoded only when the registration changed."""
+        reg = self.registration()
+        if self._encoded is None or self._encoded[0] != reg:
+            self._encoded = (reg, encode_registration(reg))
+        return self._encoded[1]
+
     async def flush(self, *, force_heartbeat: bool = False) -> bool:
         """One attempt to write buffered batches (+ heartbeat when due). Returns success."""
         now = time.monotonic()
@@ -118,8 +126,7 @@ class Publisher:
         if heartbeat:
             pipe.set(self.keys.heartbeat(self.agent), f"{time.time():.3f}",
                      ex=self.heartbeat_ttl_s)
-            pipe.hset(self.keys.registry, self.agent,
-                      encode_registration(self.registration()))
+            pipe.hset(self.keys.registry, self.agent, self._registration_bytes())
         try:
             async with asyncio.timeout(self.op_timeout_s):
                 await pipe.execute()

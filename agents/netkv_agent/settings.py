@@ -8,9 +8,13 @@ How NICs map to topology links (the oracle translates with the agent's registrat
 
 * ``fabric_nic`` names the host's interface that carries KV traffic. Its transmit counters
   describe the directed link ``<host>/nic/up`` and its receive counters ``<host>/nic/down``.
-* ``nic_links`` binds any other interface explicitly, ``{ifname: {tx: LINK, rx: LINK}}``; a
-  switch agent whose identity is a leaf binds its uplink ports to ``<leaf>/up`` and
-  ``<leaf>/down`` this way. Every bound link must be owned by the agent's identity.
+* ``uplink_nic`` is the switch counterpart: a switch agent (identity a leaf or pod) names its
+  port toward the parent switch, whatever the interface is called. Its transmit counters
+  describe ``<switch>/up`` and its receive counters ``<switch>/down`` (the port receives
+  what the parent sends down), so one port reports both directions of the switch's links.
+* ``nic_links`` binds any other interface explicitly, ``{ifname: {tx: LINK, rx: LINK}}``
+  (e.g. a switch with a LAG of several uplink ports). Every bound link must be owned by the
+  agent's identity; the agent checks at start-up and the oracle again on every registration.
 * ``rdma_fabric_port`` (``mlx5_0/1``) says which RDMA port carries the same traffic as the
   fabric NIC; its samples map to the same two links.
 """
@@ -64,7 +68,8 @@ class AgentSettings:
     counter_interval_s: float = field(default=0.5, metadata=bound(gt=0, le=3600))  # read at
     # publish ticks, so at most as often as publish_interval_s
     nics: tuple[str, ...] = ()  # interfaces to read; the fabric NIC is always included
-    fabric_nic: str | None = None
+    fabric_nic: str | None = None  # a host's KV interface: <host>/nic/up|down
+    uplink_nic: str | None = None  # a switch's port to its parent: <switch>/up|down
     nic_links: dict[str, NicBinding] = field(default_factory=dict)
     nic_speed_gbps: dict[str, float] = field(default_factory=dict)  # overrides sysfs speed
     netns: str | None = None  # read netlink counters inside this named namespace
@@ -105,6 +110,9 @@ class AgentSettings:
                 raise InputError("rdma_fabric_port",
                                  f"expected DEVICE/PORT such as mlx5_0/1, got "
                                  f"{self.rdma_fabric_port!r}")
+        if self.fabric_nic and self.uplink_nic:
+            raise InputError("uplink_nic", "an agent is a host (fabric_nic) or a switch "
+                             "(uplink_nic), not both")
         for name, gbps in self.nic_speed_gbps.items():
             if not gbps > 0:
                 raise InputError(f"nic_speed_gbps.{name}", f"must be > 0, got {gbps!r}")
@@ -118,7 +126,7 @@ class AgentSettings:
     def interfaces(self) -> tuple[str, ...]:
         """Every interface whose counters are read (configured, fabric and bound ones)."""
         names = list(self.nics)
-        for extra in (self.fabric_nic, *self.nic_links):
+        for extra in (self.fabric_nic, self.uplink_nic, *self.nic_links):
             if extra and extra not in names:
                 names.append(extra)
         return tuple(names)

@@ -45,13 +45,23 @@ class Batch:
     samples: tuple[Sample, ...]
 
 
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}  # sample class -> its field names, in order
+
+
+def _field_names(cls: type) -> tuple[str, ...]:
+    names = _FIELD_NAMES.get(cls)
+    if names is None:  # dataclasses.fields() is slow enough to matter per sample
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls))
+    return names
+
+
 def encode_batch(batch: Batch) -> bytes:
     """Serialise a batch (the agent side)."""
     samples = []
     for s in batch.samples:
         body: dict[str, Any] = {"k": s.kind}
-        for f in dataclasses.fields(s):
-            body[f.name] = getattr(s, f.name)
+        for name in _field_names(type(s)):
+            body[name] = getattr(s, name)
         samples.append(body)
     out: bytes = msgpack.packb(
         {"v": SCHEMA_VERSION, "agent": batch.agent, "seq": batch.seq, "ts": batch.ts,

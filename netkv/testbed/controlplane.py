@@ -2,10 +2,10 @@
 in the control namespace; an agent in every host namespace and every switch namespace.
 
 Host agents read their ``eth0`` counters (``<host>/nic/up|down``) and probe their peers' data
-addresses; switch agents (identity ``<leaf>`` or ``<pod>``) read the switch's ``up`` port
-(transmit: ``<switch>/up``, and its tbf backlog) and the ifb ``down`` that counts what ``up``
-receives (``<switch>/down``), standing in for the telemetry (port counters, queue depth) a
-real switch exports. Every interface's speed is configured to its emulated rate
+addresses; switch agents (identity ``<leaf>`` or ``<pod>``) read the switch's uplink port,
+registered as ``uplink_nic`` (transmit: ``<switch>/up`` and its tbf backlog; receive:
+``<switch>/down``), standing in for the telemetry (port counters, queue depth) a real switch
+exports. Every interface's speed is configured to its emulated rate
 (sysfs says 10 Gb/s for a veth). All processes run via :meth:`Lab.spawn`, so teardown stops
 them. The control plane sees the *scaled* topology and a KV size per token scaled the same way
 (the scheduler's ``kv_bytes_per_token`` setting), so its predicted seconds are the testbed's
@@ -26,7 +26,7 @@ import structlog
 import yaml
 
 from netkv.localservers import MosquittoServer, RedisServer, wait_for_port
-from netkv.testbed.fabric import CONTROL_ADDRESS, FabricPlan
+from netkv.testbed.fabric import CONTROL_ADDRESS, UPLINK, FabricPlan
 from netkv.testbed.netns import Lab, stop_pids
 
 log = structlog.get_logger(__name__)
@@ -87,7 +87,7 @@ class ControlPlane:
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
 
     def agent_config(self, agent_id: str) -> dict[str, Any]:
-        """One agent's config: a host agent on ``eth0`` or a switch agent on ``up``/``down``."""
+        """One agent's config: a host agent on ``eth0`` or a switch agent on its uplink port."""
         t, plan = self.plan, self.plan
         tune = self.tuning
         base: dict[str, Any] = {
@@ -106,11 +106,8 @@ class ControlPlane:
         else:
             ns = plan.switch_ns[agent_id]
             rate = t.rate_bps(f"{agent_id}/up") / 1e9
-            up, down = f"{agent_id}/up", f"{agent_id}/down"
-            base |= {"listen_address": plan.mgmt_addr[ns],
-                     "nic_links": {"up": {"tx": up, "rx": down},
-                                   "down": {"tx": down, "rx": up}},
-                     "nic_speed_gbps": {"up": rate, "down": rate}}
+            base |= {"listen_address": plan.mgmt_addr[ns], "uplink_nic": UPLINK,
+                     "nic_speed_gbps": {UPLINK: rate}}
         return self.shared_config() | {"agent": base}
 
     # -- processes -------------------------------------------------------------------------

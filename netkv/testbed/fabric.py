@@ -4,9 +4,10 @@ Layout (a tree of Linux bridges, so no loops and no routing to configure):
 
 * one namespace per host, data interface ``eth0`` (198.18.0.0/16) to its leaf;
 * one namespace per leaf, pod and (with more than one pod) the core, each a bridge ``br0``
-  whose ports are veths: ``p<i>`` down to host/leaf/pod ``i``, ``up`` to the parent switch,
-  plus an ifb ``down`` counting what ``up`` receives (the switch agent reports ``up`` and
-  ``down`` as the oracle expects from a switch);
+  whose ports are veths: ``p<i>`` down to host/leaf/pod ``i``, ``uplink`` to the parent
+  switch (the switch agent registers that port as its ``uplink_nic``: its transmit counters
+  are ``<switch>/up``, its receive counters ``<switch>/down``, its tbf backlog the queue on
+  ``<switch>/up``);
 * one *tenant* namespace per switch (``t<switch>``): a server of another tenant attached to
   that leaf, pod or core switch by an unshaped veth. Background traffic runs between tenants
   of adjacent switches (leaf tenant -> pod tenant crosses exactly ``<leaf>/up``), so a hot spot
@@ -39,6 +40,7 @@ DATA_NET = ipaddress.IPv4Network("198.18.0.0/16")
 MGMT_NET = ipaddress.IPv4Network("198.19.0.0/24")
 CONTROL_ADDRESS = "198.19.0.1"
 DEFAULT_SCALE = 1e-4
+UPLINK = "uplink"  # a leaf's or pod's port toward its parent switch
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,14 +101,14 @@ class FabricPlan:
             self.link_ports[f"{h.name}/nic/down"] = leaf_port
         for i, leaf in enumerate(leaves):
             pod = leaf_pod[leaf]
-            up = Port(self.switch_ns[leaf], "up")
+            up = Port(self.switch_ns[leaf], UPLINK)
             down = Port(self.switch_ns[pod], f"p{i}")
             self.veths.append((up, down))
             self.link_ports[f"{leaf}/up"] = up
             self.link_ports[f"{leaf}/down"] = down
         if "core" in self.switch_ns:
             for i, pod in enumerate(pods):
-                up = Port(self.switch_ns[pod], "up")
+                up = Port(self.switch_ns[pod], UPLINK)
                 down = Port(self.switch_ns["core"], f"p{i}")
                 self.veths.append((up, down))
                 self.link_ports[f"{pod}/up"] = up
@@ -214,9 +216,6 @@ def build(lab: Lab, plan: FabricPlan) -> None:
         lab.add_veth(ns, "mgmt0", plan.control_ns, f"m{i}")
         lab.attach(plan.control_ns, f"m{i}", "mgmt")
         lab.address(ns, "mgmt0", f"{plan.mgmt_addr[ns]}/{MGMT_NET.prefixlen}")
-    for switch, ns in plan.switch_ns.items():
-        if switch != "core":
-            lab.add_ingress_counter(ns, "up", "down")
     for link, port in plan.link_ports.items():
         lab.shape(port.ns, port.ifname, Shaping.for_rate(plan.rate_bps(link)))
     for h, ns in plan.host_ns.items():

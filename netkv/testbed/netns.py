@@ -196,19 +196,6 @@ class Lab:
     def address(self, ns: str, ifname: str, cidr: str) -> None:
         ip("-n", ns, "addr", "add", cidr, "dev", ifname)
 
-    def add_ingress_counter(self, ns: str, ifname: str, ifb: str) -> None:
-        """An ifb device ``ifb`` whose transmit counters count what ``ifname`` receives.
-
-        Ingress traffic is redirected through the ifb and continues unchanged; this lets a
-        switch agent report a link's receive direction as a transmitting interface.
-        """
-        ip("-n", ns, "link", "add", "name", ifb, "type", "ifb")
-        ip("-n", ns, "link", "set", "dev", ifb, "up")
-        tc("-n", ns, "qdisc", "add", "dev", ifname, "handle", "ffff:", "ingress")
-        tc("-n", ns, "filter", "add", "dev", ifname, "parent", "ffff:", "protocol", "all",
-           "u32", "match", "u32", "0", "0", "action", "mirred", "egress", "redirect",
-           "dev", ifb)
-
     def set_mtu(self, ns: str, ifname: str, mtu: int) -> None:
         ip("-n", ns, "link", "set", "dev", ifname, "mtu", str(mtu))
 

@@ -2,8 +2,9 @@
 
 * ``NicSample``: the interface's transmit rate loads its ``tx`` link and its receive rate
   its ``rx`` link, as the agent's registration binds them (``links``; validated against the
-  topology's owners). An unregistered host's interfaces load ``<host>/nic/up`` and
-  ``/nic/down``; an unregistered switch agent's ``up``/``down`` load ``<switch>/up|down``.
+  topology's owners), for host and switch agents alike (a leaf's uplink port loads
+  ``<leaf>/up`` and ``<leaf>/down``). An unregistered host's interfaces load
+  ``<host>/nic/up`` and ``/nic/down``; an unregistered switch is refused at the check.
   Several interfaces on one link add up; a reported ``speed_bytes_s`` below the topology's
   capacity lowers it (a NIC that negotiated a lower rate).
 * ``RdmaSample``: RDMA traffic bypasses the kernel's netdev counters on RoCE NICs, so a

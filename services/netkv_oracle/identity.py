@@ -12,8 +12,13 @@ An agent may only report on its own host's links. Two layers enforce it:
 2. **The oracle checks every batch** (:meth:`Ownership.check`): the batch's ``agent`` must be
    the stream's owner, every sample's ``reporter`` must be that agent, and each sample's
    subject must belong to it: a host agent reports its own NICs, RDMA devices and probes to
-   known peers; a switch agent (a leaf or pod name) reports only ``up``/``down`` of its own
-   links. Anything else is rejected whole and counted by reason.
+   known peers; a switch agent (a leaf or pod name) reports the ports its registration binds
+   to its own ``<switch>/up|down`` links. Hosts and switches are translated the same way,
+   through the registration (interface -> tx link, rx link); the only difference is the
+   fallback before a registration is known: a host's interfaces are its NIC, while a switch
+   port's links cannot be guessed from its name, so its samples are refused
+   (``unregistered``) until the oracle has read its entry. Anything else is rejected whole
+   and counted by reason.
 
 We chose ACLs plus checks over signed batches: no key distribution to build, and Redis
 already authenticates every connection.
@@ -139,7 +144,11 @@ class Ownership:
                     raise RejectedError("unknown_peer", f"{where}.peer",
                                    f"{s.peer!r} is not another host of the topology")
             elif isinstance(s, NicSample | QdiscSample):
-                if self._foreign_nic(owner, is_host, s.nic, binding):
+                if binding is None and not is_host:
+                    raise RejectedError("unregistered", f"{where}.nic",
+                                        f"switch {owner!r} has no registration binding "
+                                        f"{s.nic!r} to its links")
+                if self._foreign_nic(s.nic, binding):
                     raise RejectedError("foreign_link", f"{where}.nic",
                                         f"{s.nic!r} is not an interface of {owner!r}")
             elif isinstance(s, RdmaSample) and (
@@ -147,22 +156,19 @@ class Ownership:
                 raise RejectedError("foreign_link", f"{where}.device",
                                     f"{s.device!r} is not an RDMA device of {owner!r}")
 
-    def _foreign_nic(self, owner: str, is_host: bool, nic: str,
-                     binding: Binding | None) -> bool:
-        # Another host's link name (h001/nic/up) is never an interface name.
+    def _foreign_nic(self, nic: str, binding: Binding | None) -> bool:
         if binding is not None:
             return nic not in binding.nics
-        if not is_host:  # an unregistered switch agent may name its own up/down links
-            return nic not in ("up", "down") or f"{owner}/{nic}" not in \
-                self.topology.link_index
+        # An unregistered host: another host's link name (h001/nic/up) is never an
+        # interface name.
         return "/" in nic or self.require_registered_nics
 
     def nic_links(self, agent: str, nic: str) -> tuple[int | None, int | None]:
         """The (tx, rx) links an accepted NIC sample loads; None where it loads nothing.
 
-        Registered agents: their bindings (an unbound interface describes no link). An
-        unregistered host: its own NIC links; an unregistered switch: ``<switch>/<nic>``
-        carries the transmit rate.
+        Registered agents, hosts and switches alike: their bindings (an unbound interface
+        describes no link). An unregistered host: its own NIC links. (An unregistered
+        switch's samples never get here: :meth:`check` refuses them.)
         """
         binding = self.bindings.get(agent)
         if binding is not None:
@@ -170,7 +176,7 @@ class Ownership:
         host = self.topology.host_index.get(agent)
         if host is not None:
             return int(self.topology.up_chain[host, 0]), int(self.topology.down_chain[host, 0])
-        return self.topology.link_index.get(f"{agent}/{nic}"), None
+        return None, None
 
     def rdma_links(self, agent: str, device: str, port: int) -> tuple[int | None, int | None]:
         binding = self.bindings.get(agent)

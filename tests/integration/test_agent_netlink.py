@@ -22,8 +22,8 @@ import pytest
 from netkv_agent.agent import Agent
 from netkv_agent.nic import NicReader
 from netkv_agent.publisher import STREAM_FIELD
+from netkv_agent.rtnetlink import RouteSocket
 from netkv_agent.settings import AgentSettings
-from pyroute2 import AsyncIPRoute
 
 from netkv.adapters.redis_client import connect_redis
 from netkv.config import RedisSettings
@@ -109,21 +109,23 @@ def send(pair: Pair, count: int, size: int, limit_s: float = 20.0) -> int:
 async def test_nic_rates_match_bytes_sent(veth_pair: Pair) -> None:
     reader_a = NicReader("hA", [veth_pair.if_a], {veth_pair.if_a: 10.0})
     reader_b = NicReader("hB", [veth_pair.if_b])
-    async with AsyncIPRoute(netns=veth_pair.ns_a) as ipr_a, \
-            AsyncIPRoute(netns=veth_pair.ns_b) as ipr_b:
-        assert await reader_a.read(ipr_a) == [] and await reader_b.read(ipr_b) == []
+    async with RouteSocket(netns=veth_pair.ns_a) as ipr_a, \
+            RouteSocket(netns=veth_pair.ns_b) as ipr_b:
+        before = time.monotonic()
+        assert reader_a.read(ipr_a) == [] and reader_b.read(ipr_b) == []
         start = time.monotonic()
         count, size = 3000, 1000
         sent = await asyncio.to_thread(send, veth_pair, count, size)
         await asyncio.sleep(0.05)
-        [a] = await reader_a.read(ipr_a)
-        [b] = await reader_b.read(ipr_b)
-        elapsed = time.monotonic() - start
+        mid = time.monotonic()
+        [a] = reader_a.read(ipr_a)
+        end = time.monotonic()
+        [b] = reader_b.read(ipr_b)
     assert sent == count
     wire = size + 8 + 20 + 14  # UDP, IPv4 and Ethernet headers, as veth counts them
     expected = count * wire
     assert isinstance(a, NicSample) and a.nic == veth_pair.if_a and a.reporter == "hA"
-    assert elapsed <= a.window_s <= elapsed + 0.5  # from the first read to the second
+    assert mid - start <= a.window_s <= end - before  # from the first read to the second
     # a few ARP frames may ride along; nothing else crosses this private link
     assert expected <= a.tx_bytes_s * a.window_s <= expected + 2000
     assert count <= a.tx_packets_s * a.window_s <= count + 5
@@ -167,3 +169,27 @@ async def _stream(url: str, agent: str) -> list[Batch]:
     async with connect_redis(RedisSettings(url=url)) as client:
         raw: Any = await client.xrange(RedisKeys().samples_stream(agent))
     return [decode_batch(fields[STREAM_FIELD.encode()]) for _, fields in raw]
+
+
+async def test_route_socket_agrees_with_pyroute2_inside_the_namespace(veth_pair: Pair) -> None:
+    """The hand-built requests read what pyroute2's generic ones read, in the right netns."""
+    from pyroute2 import AsyncIPRoute
+
+    shape(veth_pair, "20mbit", "16kb", "40kb")
+    async with RouteSocket(netns=veth_pair.ns_a) as route, \
+            AsyncIPRoute(netns=veth_pair.ns_a) as ipr:
+        index = route.link_index(veth_pair.if_a)
+        assert index is not None and [index] == await ipr.link_lookup(ifname=veth_pair.if_a)
+        assert route.link_index(veth_pair.if_b) is None  # B's end lives in the other netns
+        assert route.link_index("nosuch0") is None
+        stats = route.link_stats64(index)
+        [msg] = await ipr.stats("get", ifindex=index, filter_mask=1)
+        theirs = msg.get("IFLA_STATS_LINK_64")
+        assert stats is not None and {k: int(theirs[k]) for k in stats} == stats
+        roots = [m async for m in await ipr.get_qdiscs(index=index)
+                 if m["parent"] == 0xFFFFFFFF]
+        queue = roots[0].get(("stats2", "TCA_STATS_QUEUE"))
+        assert route.root_qdisc(index) == (roots[0]["handle"], queue["backlog"],
+                                           queue["qlen"], queue["drops"])
+        assert route.root_qdisc(index) is not None and route.root_qdisc(99999) is None
+        assert route.link_stats64(99999) is None

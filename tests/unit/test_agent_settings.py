@@ -15,6 +15,7 @@ from netkv_agent.registration import (
     encode_registration,
 )
 from netkv_agent.settings import AgentSettings, NicBinding, load_agent_settings
+from netkv_oracle.identity import binding_from_registration
 
 from netkv.core.topology_file import parse_topology
 from netkv.errors import InputError
@@ -71,12 +72,35 @@ def test_switch_agent_binds_its_leaf_links_but_not_others() -> None:
         link_bindings(unknown, TOPO)
 
 
+def test_switch_uplink_nic_registers_its_own_links_under_any_port_name() -> None:
+    s = AgentSettings(agent_id="leaf0.1", uplink_nic="swp49", nics=("swp1",))
+    assert s.interfaces == ("swp1", "swp49")
+    nics, rdma = link_bindings(s, TOPO)
+    assert nics == {"swp49": LinkPair("leaf0.1/up", "leaf0.1/down")} and rdma == {}
+    host = AgentSettings(agent_id="h000", uplink_nic="eth0")  # a host has no <h000>/up
+    with pytest.raises(InputError, match="uplink_nic"):
+        link_bindings(host, TOPO)
+    with pytest.raises(InputError, match="uplink_nic"):
+        AgentSettings(agent_id="leaf0.0", fabric_nic="eth0", uplink_nic="swp49")
+
+
 def test_agent_identity_must_be_a_topology_node() -> None:
     with pytest.raises(InputError, match="agent_id"):
         Agent(AgentSettings(agent_id="h999"), TOPO)
     with pytest.raises(InputError, match="agent_id"):
         Agent(AgentSettings(), TOPO)
     Agent(AgentSettings(agent_id="pod0"), TOPO)  # a pod-level switch agent is fine
+
+
+def test_switch_agent_registration_is_what_the_oracle_accepts() -> None:
+    """The switch agent's registry entry round-trips into an oracle binding of its port."""
+    agent = Agent(AgentSettings(agent_id="leaf0.1", uplink_nic="swp49"), TOPO)
+    reg = agent.registration()
+    assert reg.nics == ("swp49",)
+    assert reg.links == {"swp49": LinkPair("leaf0.1/up", "leaf0.1/down")}
+    binding = binding_from_registration(TOPO, "leaf0.1", encode_registration(reg))
+    assert binding.links["swp49"] == (TOPO.link_index["leaf0.1/up"],
+                                       TOPO.link_index["leaf0.1/down"])
 
 
 def _reg() -> Registration:

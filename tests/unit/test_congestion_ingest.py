@@ -72,7 +72,8 @@ def registration(agent: str, links: dict[str, LinkPair],
     ("h000", batch("h000", rtt("h000", "h000")), "unknown_peer"),
     ("h000", batch("h000", rtt("h000", "h999")), "unknown_peer"),
     ("spine9", batch("spine9", nic("spine9", name="up")), "unknown_agent"),
-    ("leaf0.0", batch("leaf0.0", nic("leaf0.0", name="eth3")), "foreign_link"),
+    ("leaf0.0", batch("leaf0.0", nic("leaf0.0", name="swp3")), "unregistered"),
+    ("leaf0.0", batch("leaf0.0", nic("leaf0.0", name="up")), "unregistered"),
     ("leaf0.0", batch("leaf0.0", rdma("leaf0.0", 1, 1)), "foreign_link"),
     ("leaf0.0", batch("leaf0.0", rtt("leaf0.0", "h000")), "unknown_peer"),
 ])
@@ -83,10 +84,9 @@ def test_ownership_rejects_what_an_agent_does_not_own(agent: str, b: Batch,
     assert info.value.reason == reason
 
 
-def test_ownership_accepts_own_links_and_switch_uplinks() -> None:
+def test_ownership_accepts_own_links() -> None:
     own = Ownership(topo())
     own.check(batch("h000", nic("h000"), rtt("h000", "h007"), rdma("h000", 1, 1)), "h000")
-    own.check(batch("leaf0.0", nic("leaf0.0", name="up")), "leaf0.0")
     strict = Ownership(topo(), require_registered_nics=True)
     with pytest.raises(RejectedError):
         strict.check(batch("h000", nic("h000")), "h000")
@@ -168,12 +168,58 @@ def test_builder_clamps_future_timestamps_and_drops_stale_sources() -> None:
     assert b.map.util[up] == 5.0  # the stale interface no longer counts
 
 
+def switch_ownership(t: Topology) -> Ownership:
+    """leaf0.0 registered with uplink port swp9 and pod0 with a LAG of two ports."""
+    leaf = registration("leaf0.0", {"swp9": LinkPair("leaf0.0/up", "leaf0.0/down")})
+    pod = registration("pod0", {"ae0": LinkPair("pod0/up", "pod0/down"),
+                                "ae1": LinkPair("pod0/up", "pod0/down")})
+    return Ownership(t, bindings={
+        "leaf0.0": binding_from_registration(t, "leaf0.0", leaf),
+        "pod0": binding_from_registration(t, "pod0", pod)})
+
+
+def test_switch_ports_are_translated_through_the_registration() -> None:
+    t = topo()
+    own = switch_ownership(t)
+    own.check(batch("leaf0.0", nic("leaf0.0", name="swp9"),
+                    QdiscSample(reporter="leaf0.0", nic="swp9", ts=NOW, window_s=1.0,
+                                backlog_bytes=1, backlog_packets=1, drops_s=0.0)),
+              "leaf0.0")
+    assert own.nic_links("leaf0.0", "swp9") == (t.link_index["leaf0.0/up"],
+                                                 t.link_index["leaf0.0/down"])
+    for name in ("up", "down", "swp1", "leaf0.0/up"):  # not registered: not its port
+        with pytest.raises(RejectedError) as info:
+            own.check(batch("leaf0.0", nic("leaf0.0", name=name)), "leaf0.0")
+        assert info.value.reason == "foreign_link"
+    with pytest.raises(RejectedError) as info:  # pod0's port on leaf0.0's stream
+        own.check(batch("leaf0.0", nic("leaf0.0", name="ae0")), "leaf0.0")
+    assert info.value.reason == "foreign_link"
+
+
+@pytest.mark.parametrize("links", [
+    {"swp9": LinkPair("leaf0.1/up", "leaf0.1/down")},  # a sibling leaf's links
+    {"swp9": LinkPair("leaf0.0/up", "pod0/down")},  # its parent's link as rx
+    {"swp9": LinkPair("leaf0.0/up", "h000/nic/up")},  # a host's link
+    {"swp9": LinkPair("leaf0.0/up", "leaf0.0/sideways")},  # no such link
+])
+def test_switch_registration_claiming_links_it_does_not_own_is_refused(
+        links: dict[str, LinkPair]) -> None:
+    with pytest.raises(RejectedError) as info:
+        binding_from_registration(topo(), "leaf0.0", registration("leaf0.0", links))
+    assert info.value.reason == "bad_registration"
+
+
 def test_builder_switch_agent_and_rtt_loss() -> None:
     t = topo()
     b = builder(t)
-    own = Ownership(t)
-    b.apply("leaf0.0", (nic("leaf0.0", name="up", tx=4e8),), NOW, own)
+    own = switch_ownership(t)
+    b.apply("leaf0.0", (nic("leaf0.0", name="swp9", tx=4e8, rx=3e8),), NOW, own)
     assert b.map.util[t.link_index["leaf0.0/up"]] == 4e8
+    assert b.map.util[t.link_index["leaf0.0/down"]] == 3e8
+    b.apply("pod0", (nic("pod0", name="ae0", tx=1e8, rx=2e8),
+                     nic("pod0", name="ae1", tx=1e8, rx=2e8)), NOW, own)  # a LAG adds up
+    assert b.map.util[t.link_index["pod0/up"]] == 2e8
+    assert b.map.util[t.link_index["pod0/down"]] == 4e8
     b.apply("h000", (rtt("h000", "h005"),), NOW, own)
     b.apply("h000", (rtt("h000", "h005", sent=5, lost=5),), NOW, own)
     pair = b.map.pairs[(0, 5)]
