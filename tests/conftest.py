@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
-from collections.abc import AsyncIterator, Iterator
+import os
+import secrets
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -42,3 +48,55 @@ def _collect_garbage_per_test() -> Iterator[None]:
     not whichever later test happens to trigger the garbage collector."""
     yield
     gc.collect()
+
+
+@dataclass(frozen=True)
+class VethPair:
+    """Two namespaces this test made, joined by a veth pair with a /30 between them."""
+
+    ns_a: str
+    ns_b: str
+    if_a: str
+    if_b: str
+    addr_a: str
+    addr_b: str
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
+
+
+@pytest.fixture
+def make_veth_pair() -> Iterator[Callable[[str, str], VethPair]]:
+    """Factory: ``make_veth_pair(label, "198.18.7")`` makes namespaces ``nkv-<label>-a/b-<tag>``
+    with addresses ``<prefix>.1`` and ``<prefix>.2`` (RFC 2544 range); all are deleted after
+    the test, also when it fails. Skips with the reason when not root or without iproute2."""
+    if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("tc") is None:
+        pytest.skip("needs root and iproute2 (ip, tc) to create network namespaces")
+    made: list[str] = []
+
+    def make(label: str, prefix: str) -> VethPair:
+        tag = secrets.token_hex(3)
+        pair = VethPair(f"nkv-{label}-a-{tag}", f"nkv-{label}-b-{tag}", f"{label[:2]}a{tag}",
+                        f"{label[:2]}b{tag}", f"{prefix}.1", f"{prefix}.2")
+        for ns in (pair.ns_a, pair.ns_b):
+            _ip("netns", "add", ns)
+            made.append(ns)
+        _ip("link", "add", pair.if_a, "netns", pair.ns_a, "type", "veth", "peer", "name",
+            pair.if_b, "netns", pair.ns_b)
+        for ns, ifname, addr in ((pair.ns_a, pair.if_a, pair.addr_a),
+                                 (pair.ns_b, pair.if_b, pair.addr_b)):
+            _ip("-n", ns, "link", "set", "lo", "up")
+            _ip("-n", ns, "addr", "add", f"{addr}/30", "dev", ifname)
+            _ip("-n", ns, "link", "set", ifname, "up")
+            subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw",
+                            "net.ipv6.conf.all.disable_ipv6=1"], check=False, timeout=10)
+        return pair
+
+    try:
+        yield make
+    finally:
+        for ns in made:
+            with contextlib.suppress(subprocess.SubprocessError):
+                subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True,
+                               timeout=10)

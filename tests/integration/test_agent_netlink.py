@@ -8,17 +8,14 @@ a finalizer deletes them even when the test fails. Needs root (CI runs as root).
 from __future__ import annotations
 
 import asyncio
-import os
-import secrets
-import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import pytest
+from conftest import VethPair
 from netkv_agent.agent import Agent
 from netkv_agent.nic import NicReader
 from netkv_agent.publisher import STREAM_FIELD
@@ -51,53 +48,19 @@ print(sent)
 """
 
 
-@dataclass(frozen=True)
-class Pair:
-    ns_a: str
-    ns_b: str
-    if_a: str
-    if_b: str
-    addr_a: str = "198.18.7.1"
-    addr_b: str = "198.18.7.2"
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
-
-
 @pytest.fixture
-def veth_pair() -> Iterator[Pair]:
-    if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("tc") is None:
-        pytest.skip("needs root and iproute2 (ip, tc) to create network namespaces")
-    tag = secrets.token_hex(3)
-    pair = Pair(f"nkv-agent-a-{tag}", f"nkv-agent-b-{tag}", f"nka{tag}", f"nkb{tag}")
-    try:
-        _ip("netns", "add", pair.ns_a)
-        _ip("netns", "add", pair.ns_b)
-        _ip("link", "add", pair.if_a, "netns", pair.ns_a, "type", "veth", "peer", "name",
-            pair.if_b, "netns", pair.ns_b)
-        for ns, ifname, addr in ((pair.ns_a, pair.if_a, pair.addr_a),
-                                 (pair.ns_b, pair.if_b, pair.addr_b)):
-            _ip("-n", ns, "link", "set", "lo", "up")
-            _ip("-n", ns, "addr", "add", f"{addr}/30", "dev", ifname)
-            _ip("-n", ns, "link", "set", ifname, "up")
-            subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw",
-                            "net.ipv6.conf.all.disable_ipv6=1"], check=False, timeout=10)
-        yield pair
-    finally:
-        for ns in (pair.ns_a, pair.ns_b):
-            subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True,
-                           timeout=10)
+def veth_pair(make_veth_pair: Callable[[str, str], VethPair]) -> VethPair:
+    return make_veth_pair("agent", "198.18.7")
 
 
-def shape(pair: Pair, rate: str, burst: str, limit: str) -> None:
+def shape(pair: VethPair, rate: str, burst: str, limit: str) -> None:
     """A tbf root qdisc on A's side of the pair."""
     subprocess.run(["ip", "netns", "exec", pair.ns_a, "tc", "qdisc", "add", "dev", pair.if_a,
                     "root", "tbf", "rate", rate, "burst", burst, "limit", limit],
                    check=True, capture_output=True, timeout=10)
 
 
-def send(pair: Pair, count: int, size: int, limit_s: float = 20.0) -> int:
+def send(pair: VethPair, count: int, size: int, limit_s: float = 20.0) -> int:
     """Send ``count`` UDP datagrams of ``size`` bytes from A to B; returns how many left."""
     out = subprocess.run(
         ["ip", "netns", "exec", pair.ns_a, sys.executable, "-c", SENDER, str(count),
@@ -106,7 +69,7 @@ def send(pair: Pair, count: int, size: int, limit_s: float = 20.0) -> int:
     return int(out.stdout.strip())
 
 
-async def test_nic_rates_match_bytes_sent(veth_pair: Pair) -> None:
+async def test_nic_rates_match_bytes_sent(veth_pair: VethPair) -> None:
     reader_a = NicReader("hA", [veth_pair.if_a], {veth_pair.if_a: 10.0})
     reader_b = NicReader("hB", [veth_pair.if_b])
     async with RouteSocket(netns=veth_pair.ns_a) as ipr_a, \
@@ -136,7 +99,7 @@ async def test_nic_rates_match_bytes_sent(veth_pair: Pair) -> None:
 
 
 async def test_agent_in_namespace_reports_shaped_rate_and_backlog(
-        veth_pair: Pair, redis_server: RedisServer) -> None:
+        veth_pair: VethPair, redis_server: RedisServer) -> None:
     rate_bit = 20_000_000  # tbf at 20 Mbit/s = 2.5 MB/s; its 40 kB queue is smaller than the
     # sender's socket buffer, so the qdisc (not the socket) overflows and counts drops
     shape(veth_pair, "20mbit", "16kb", "40kb")
@@ -171,7 +134,7 @@ async def _stream(url: str, agent: str) -> list[Batch]:
     return [decode_batch(fields[STREAM_FIELD.encode()]) for _, fields in raw]
 
 
-async def test_route_socket_agrees_with_pyroute2_inside_the_namespace(veth_pair: Pair) -> None:
+async def test_route_socket_agrees_with_pyroute2_inside_the_namespace(veth_pair: VethPair) -> None:
     """The hand-built requests read what pyroute2's generic ones read, in the right netns."""
     from pyroute2 import AsyncIPRoute
 

@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import secrets
-import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import pytest
+from conftest import VethPair
 from netkv_agent.agent import Agent
 from netkv_agent.settings import AgentSettings
 from netkv_oracle.service import OracleService
@@ -51,42 +48,14 @@ while time.monotonic() < deadline:
 """
 
 
-@dataclass(frozen=True)
-class Veth:
-    ns_a: str
-    ns_b: str
-    if_a: str
-    if_b: str
-    addr_a: str = "198.18.9.1"
-    addr_b: str = "198.18.9.2"
-
-
-def _run(*cmd: str) -> None:
-    subprocess.run(list(cmd), check=True, capture_output=True, timeout=10)
-
-
 @pytest.fixture
-def veth() -> Iterator[Veth]:
-    if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("tc") is None:
-        pytest.skip("needs root and iproute2 (ip, tc) to create network namespaces")
-    tag = secrets.token_hex(3)
-    v = Veth(f"nkv-orc-a-{tag}", f"nkv-orc-b-{tag}", f"noa{tag}", f"nob{tag}")
-    try:
-        _run("ip", "netns", "add", v.ns_a)
-        _run("ip", "netns", "add", v.ns_b)
-        _run("ip", "link", "add", v.if_a, "netns", v.ns_a, "type", "veth", "peer", "name",
-             v.if_b, "netns", v.ns_b)
-        for ns, ifname, addr in ((v.ns_a, v.if_a, v.addr_a), (v.ns_b, v.if_b, v.addr_b)):
-            _run("ip", "-n", ns, "link", "set", "lo", "up")
-            _run("ip", "-n", ns, "addr", "add", f"{addr}/30", "dev", ifname)
-            _run("ip", "-n", ns, "link", "set", ifname, "up")
-        _run("ip", "netns", "exec", v.ns_a, "tc", "qdisc", "add", "dev", v.if_a, "root", "tbf",
-             "rate", "20mbit", "burst", "16kb", "limit", "40kb")
-        yield v
-    finally:
-        for ns in (v.ns_a, v.ns_b):
-            subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True,
-                           timeout=10)
+def veth(make_veth_pair: Callable[[str, str], VethPair]) -> VethPair:
+    """A's side shaped with tbf to 20 Mbit/s."""
+    pair = make_veth_pair("orc", "198.18.9")
+    subprocess.run(["ip", "netns", "exec", pair.ns_a, "tc", "qdisc", "add", "dev", pair.if_a,
+                    "root", "tbf", "rate", "20mbit", "burst", "16kb", "limit", "40kb"],
+                   check=True, capture_output=True, timeout=10)
+    return pair
 
 
 def agent(host: str, address: str, *, ns: str, ifname: str, redis: RedisServer,
@@ -100,7 +69,7 @@ def agent(host: str, address: str, *, ns: str, ifname: str, redis: RedisServer,
 
 
 async def test_saturated_veth_shows_in_map_and_estimates(
-        veth: Veth, redis_server: RedisServer, mosquitto_server: MosquittoServer) -> None:
+        veth: VethPair, redis_server: RedisServer, mosquitto_server: MosquittoServer) -> None:
     topology = parse_topology({
         "fabric": {"nic_gbps": 0.02},
         "hosts": [{"name": "h000", "leaf": "l0", "pod": "p0"},
