@@ -12,10 +12,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
-from conftest import VethPair
 from netkv_agent.agent import Agent
 from netkv_agent.nic import NicReader
 from netkv_agent.publisher import STREAM_FIELD
@@ -29,10 +28,14 @@ from netkv.telemetry.names import RedisKeys
 from netkv.telemetry.samples import NicSample, QdiscSample
 from netkv.telemetry.wire import Batch, decode_batch
 
+if TYPE_CHECKING:  # tests/conftest.py cannot be imported by name: tests/testbed has one too
+    from conftest import VethPair
+
 pytestmark = pytest.mark.netns
 
 SENDER = """
 import socket, sys, time
+
 n, size, dst = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 payload = bytes(size)

@@ -17,9 +17,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import pytest
-from conftest import VethPair
 from netkv_agent.agent import Agent
 from netkv_agent.settings import AgentSettings
 from netkv_oracle.service import OracleService
@@ -29,6 +29,10 @@ from netkv.config import MqttSettings, RedisSettings
 from netkv.core.topology_file import parse_topology
 from netkv.localservers import MosquittoServer, RedisServer
 
+if TYPE_CHECKING:  # tests/conftest.py cannot be imported by name: tests/testbed has one too
+    from conftest import VethPair
+
+
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(90)]
 
 RATE_BYTES_S = 20e6 / 8  # tbf 20 Mbit/s
@@ -36,6 +40,7 @@ INTERVAL_S = 0.25
 
 FLOOD = """
 import socket, sys, time
+
 dst, seconds = sys.argv[1], float(sys.argv[2])
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 payload = bytes(1400)
