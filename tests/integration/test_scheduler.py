@@ -107,6 +107,15 @@ async def get(http: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
         return resp.status, await resp.json()
 
 
+def readyz_is(http: aiohttp.ClientSession, base: str, **want: Any) \
+        -> Callable[[], Awaitable[bool]]:
+    """A check for :func:`until`: ``/readyz`` reports every field of ``want``."""
+    async def check() -> bool:
+        body = (await get(http, f"{base}/readyz"))[1]
+        return all(body[key] == value for key, value in want.items())
+    return check
+
+
 def select_body(rid: str, prefill: str = "p0", tokens: int = 8000, **kw: Any) -> dict[str, Any]:
     return {"request_id": rid, "prefill": prefill, "prompt_tokens": tokens, **kw}
 
@@ -184,12 +193,7 @@ async def test_congestion_on_mqtt_moves_choice_nearer(
         status, _ = await post(http, f"{base}/v1/instances", {"name": "near", "kv_use": 0.99})
         assert status == 200
         await publish_map(redis_server, mosquitto_server, measured_map(topo), 1)
-
-        async def version(v: int) -> Callable[[], Awaitable[bool]]:
-            async def check() -> bool:
-                return bool((await get(http, f"{base}/readyz"))[1]["map_version"] == v)
-            return check
-        await until(await version(1))
+        await until(readyz_is(http, base, map_version=1))
         body = select_body("x", reserve=False)
         _, first = await post(http, f"{base}/v1/select", body)
         assert first["decode"] == "far" and first["tier"] == 3 and first["map_version"] == 1
@@ -197,7 +201,7 @@ async def test_congestion_on_mqtt_moves_choice_nearer(
         # Traffic saturates pod pa's core uplink: the far path slows ~10x.
         await publish_map(redis_server, mosquitto_server,
                           measured_map(topo, {"pa/up": 1.0}), 2)
-        await until(await version(2), 10.0)
+        await until(readyz_is(http, base, map_version=2), 10.0)
         _, second = await post(http, f"{base}/v1/select", body)
         assert second["decode"] == "near" and second["tier"] == 1
         assert second["map_version"] == 2
@@ -210,14 +214,9 @@ async def test_broker_down_keeps_answering_then_recovers(
     settings = settings_for(redis_server, mosquitto_server, map_poll_s=0.3)
     async with serving(settings, topo) as base, aiohttp.ClientSession() as http:
         await publish_map(redis_server, mosquitto_server, measured_map(topo), 1)
-
-        async def status_is(want: str) -> Callable[[], Awaitable[bool]]:
-            async def check() -> bool:
-                return bool((await get(http, f"{base}/readyz"))[1]["status"] == want)
-            return check
-        await until(await status_is("ready"))
+        await until(readyz_is(http, base, status="ready"))
         await mosquitto_server.stop()
-        await until(await status_is("degraded"))
+        await until(readyz_is(http, base, status="degraded"))
         code, ready = await get(http, f"{base}/readyz")
         assert code == 200 and any("mqtt" in r for r in ready["reasons"])
         code, answer = await post(http, f"{base}/v1/select", select_body("b1", "h001-p0"))
@@ -225,12 +224,9 @@ async def test_broker_down_keeps_answering_then_recovers(
         # A version published while the broker is away still arrives, via the Redis poll.
         await publish_map(redis_server, mosquitto_server, measured_map(topo), 2,
                           announce=False)
-
-        async def has_v2() -> bool:
-            return bool((await get(http, f"{base}/readyz"))[1]["map_version"] == 2)
-        await until(has_v2)
+        await until(readyz_is(http, base, map_version=2))
         await mosquitto_server.start()
-        await until(await status_is("ready"), 20.0)
+        await until(readyz_is(http, base, status="ready"), 20.0)
 
 
 async def test_redis_down_keeps_answering_then_recovers(
@@ -240,21 +236,10 @@ async def test_redis_down_keeps_answering_then_recovers(
                             redis_timeout_s=0.5)
     async with serving(settings, topo) as base, aiohttp.ClientSession() as http:
         await publish_map(redis_server, mosquitto_server, measured_map(topo), 1)
-
-        async def ready_state() -> tuple[str, Any]:
-            body = (await get(http, f"{base}/readyz"))[1]
-            return body["status"], body
-
-        async def is_(want: str, version: int | None = None) -> \
-                Callable[[], Awaitable[bool]]:
-            async def check() -> bool:
-                status, body = await ready_state()
-                return status == want and (version is None or body["map_version"] == version)
-            return check
-        await until(await is_("ready", 1))
+        await until(readyz_is(http, base, status="ready", map_version=1))
         await redis_server.stop()
-        await until(await is_("degraded"))
-        _, body = await ready_state()
+        await until(readyz_is(http, base, status="degraded"))
+        _, body = await get(http, f"{base}/readyz")
         assert any("redis" in r for r in body["reasons"]) and body["redis_ok"] is False
         started = time.monotonic()
         code, answer = await post(http, f"{base}/v1/select", select_body("r", "h002-p0"))
@@ -262,7 +247,7 @@ async def test_redis_down_keeps_answering_then_recovers(
         assert time.monotonic() - started < 0.5  # the decision never waits for Redis
         await redis_server.start()  # comes back empty (no persistence): the oracle re-publishes
         await publish_map(redis_server, mosquitto_server, measured_map(topo), 2)
-        await until(await is_("ready", 2), 20.0)
+        await until(readyz_is(http, base, status="ready", map_version=2), 20.0)
 
 
 async def test_burst_spreads_instead_of_herding(
@@ -384,12 +369,7 @@ async def test_bad_snapshot_and_announcement_are_rejected_not_fatal(
     settings = settings_for(redis_server, mosquitto_server, map_poll_s=0.3)
     async with serving(settings, topo) as base, aiohttp.ClientSession() as http:
         await publish_map(redis_server, mosquitto_server, measured_map(topo), 1)
-
-        async def version_is(v: int) -> Callable[[], Awaitable[bool]]:
-            async def check() -> bool:
-                return bool((await get(http, f"{base}/readyz"))[1]["map_version"] == v)
-            return check
-        await until(await version_is(1))
+        await until(readyz_is(http, base, map_version=1))
         keys = RedisKeys()
         client = aioredis.Redis.from_url(redis_server.url)
         try:
@@ -410,4 +390,4 @@ async def test_bad_snapshot_and_announcement_are_rejected_not_fatal(
         code, answer = await post(http, f"{base}/v1/select", select_body("z", "h001-p0"))
         assert code == 200 and answer["map_version"] == 1
         await publish_map(redis_server, mosquitto_server, measured_map(topo), 3)
-        await until(await version_is(3))  # the feed is still alive
+        await until(readyz_is(http, base, map_version=3))  # the feed is still alive
