@@ -76,6 +76,9 @@ def attributes(data: bytes | memoryview, offset: int, end: int) -> Iterator[tupl
         offset += _align(length)
 
 
+# Errors with which the kernel says the interface asked about does not exist (any more).
+_GONE = frozenset({errno.ENODEV, errno.ENOENT})
+
 class RouteSocket:
     """One NETLINK_ROUTE socket, opened in ``netns`` (a named namespace) when given."""
 
@@ -149,31 +152,32 @@ class RouteSocket:
                     if not flags & NLM_F_ACK:
                         return found
 
+    def request_if_present(self, kind: int, body: bytes, reply: int, flags: int = 0,
+                           absent: frozenset[int] = _GONE) -> bytes | None:
+        """:meth:`request`, with an object the kernel says is not there (an error in
+        ``absent``, e.g. a vanished interface) answered by None instead of an error."""
+        try:
+            return self.request(kind, body, reply, flags)
+        except OSError as exc:
+            if exc.errno in absent:
+                return None
+            raise
+
     def link_index(self, name: str) -> int | None:
         """The ifindex of interface ``name``, or None if there is none."""
         encoded = name.encode() + b"\0"
         attr = _RTATTR.pack(_RTATTR.size + len(encoded), IFLA_IFNAME) + encoded
         attr += b"\0" * (_align(len(attr)) - len(attr))
-        try:
-            reply = self.request(RTM_GETLINK, _IFINFOMSG.pack(0, 0, 0, 0, 0) + attr,
-                                 RTM_NEWLINK)
-        except OSError as exc:
-            if exc.errno in (errno.ENODEV, errno.ENOENT):
-                return None
-            raise
+        reply = self.request_if_present(RTM_GETLINK, _IFINFOMSG.pack(0, 0, 0, 0, 0) + attr,
+                                        RTM_NEWLINK)
         if reply is None:
             return None
         return int(_IFINFOMSG.unpack_from(reply)[2])
 
     def link_stats64(self, index: int) -> dict[str, int] | None:
         """The interface's 64-bit counters, or None if it is gone."""
-        try:
-            reply = self.request(RTM_GETSTATS, _IF_STATS_MSG.pack(0, index, 1 << (
-                IFLA_STATS_LINK_64 - 1)), RTM_NEWSTATS)
-        except OSError as exc:
-            if exc.errno in (errno.ENODEV, errno.ENOENT):
-                return None
-            raise
+        reply = self.request_if_present(RTM_GETSTATS, _IF_STATS_MSG.pack(0, index, 1 << (
+            IFLA_STATS_LINK_64 - 1)), RTM_NEWSTATS)
         if reply is None:
             return None
         for kind, start, end in attributes(reply, _IF_STATS_MSG.size, len(reply)):
@@ -184,13 +188,10 @@ class RouteSocket:
 
     def root_qdisc(self, index: int) -> tuple[int, int, int, int] | None:
         """(handle, backlog bytes, backlog packets, drops) of the interface's root qdisc."""
-        try:
-            reply = self.request(RTM_GETQDISC, _TCMSG.pack(0, index, 0, TC_H_ROOT, 0),
-                                 RTM_NEWQDISC, NLM_F_ECHO | NLM_F_ACK)
-        except OSError as exc:
-            if exc.errno in (errno.ENODEV, errno.ENOENT, errno.EINVAL):
-                return None
-            raise
+        # EINVAL too: the kernel's answer for an interface whose root qdisc it cannot show.
+        reply = self.request_if_present(RTM_GETQDISC, _TCMSG.pack(0, index, 0, TC_H_ROOT, 0),
+                                        RTM_NEWQDISC, NLM_F_ECHO | NLM_F_ACK,
+                                        absent=_GONE | {errno.EINVAL})
         if reply is None:
             return None
         handle = int(_TCMSG.unpack_from(reply)[2])
