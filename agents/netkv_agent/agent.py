@@ -36,6 +36,7 @@ import netkv
 from netkv.adapters.redis_client import connect_redis
 from netkv.core.topology import Topology
 from netkv.errors import InputError
+from netkv.tasks import cancel_and_wait
 from netkv.telemetry.names import RedisKeys
 from netkv_agent.bandwidth import BurstResult, bandwidth_sink, burst
 from netkv_agent.echo import Prober, echo_endpoint
@@ -199,15 +200,8 @@ class Agent:
         """Cancel tasks and wait (bounded) until they end. Cancellation is repeated: a
         library may swallow one (redis-py's asyncio client does, now and then), and each
         loop also checks ``_stopping``, so a task ends at its next iteration regardless."""
-        pending = {self._tasks[n] for n in names if n in self._tasks}
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + STEP_TIMEOUT_S
-        while pending and loop.time() < deadline:
-            for task in pending:
-                task.cancel()
-            _, pending = await asyncio.wait(pending, timeout=0.1)
-        if pending:
-            log.warning("tasks did not stop in time", tasks=[t.get_name() for t in pending])
+        await cancel_and_wait([self._tasks[n] for n in names if n in self._tasks],
+                              STEP_TIMEOUT_S)
 
     async def _shutdown(self) -> None:
         """Ordered, bounded: stop measuring, publish the rest, say offline, then close."""

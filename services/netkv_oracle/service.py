@@ -29,6 +29,7 @@ from netkv.adapters.redis_client import connect_redis
 from netkv.config import RedisSettings
 from netkv.core.congestion import CongestionMap, MapParams
 from netkv.core.topology import Topology
+from netkv.tasks import cancel_and_wait
 from netkv.telemetry.names import RedisKeys
 from netkv_oracle.api import ApiState, build_app
 from netkv_oracle.builder import MapBuilder
@@ -203,15 +204,7 @@ class OracleService:
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
                         tb: TracebackType | None) -> None:
-        # Cancel repeatedly (bounded): redis-py's asyncio client can swallow a cancellation.
-        pending = set(self._owned)
-        deadline = time.monotonic() + 5.0
-        while pending and time.monotonic() < deadline:
-            for t in pending:
-                t.cancel()
-            _, pending = await asyncio.wait(pending, timeout=0.1)
-        if pending:
-            log.warning("oracle tasks did not stop in time", tasks=[t.get_name() for t in pending])
+        await cancel_and_wait(self._owned, 5.0)
         self._owned.clear()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.leadership.release(), 2.0)

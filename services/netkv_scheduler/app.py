@@ -11,7 +11,6 @@ sweeper are background tasks owned by the app's cleanup context.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import json
 import re
@@ -26,6 +25,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from netkv.core.topology import Topology
 from netkv.core.topology_file import load_topology
 from netkv.errors import InputError
+from netkv.tasks import cancel_and_wait
 from netkv_scheduler import openapi
 from netkv_scheduler.instances import scrape_forever
 from netkv_scheduler.mapfeed import MapFeed
@@ -247,9 +247,7 @@ def _background(name: str, make: Callable[[web.Application], Coroutine[Any, Any,
     async def ctx(app: web.Application) -> AsyncIterator[None]:
         task = asyncio.create_task(make(app), name=name)
         yield
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-            await asyncio.wait_for(task, 5.0)
+        await cancel_and_wait([task], 5.0)
     return ctx
 
 

@@ -29,6 +29,7 @@ from netkv.core.congestion import CongestionMap, SnapshotError, snapshot_header
 from netkv.core.oracle import CostOracle, static_tier_oracle
 from netkv.core.paths import CachedOracle
 from netkv.core.topology import Topology
+from netkv.tasks import cancel_and_wait
 from netkv.telemetry.announcement import announced_version
 from netkv.telemetry.names import MqttTopics, RedisKeys
 
@@ -115,12 +116,20 @@ class MapFeed:
     # -- background -----------------------------------------------------------------------
     async def run(self) -> None:
         """Consume the map until cancelled (owned by the app's cleanup context)."""
-        async with asyncio.TaskGroup() as tg:
-            if self.redis_settings is not None:
-                tg.create_task(self._redis_loop(self.redis_settings))
-            if self.mqtt_settings is not None:
-                tg.create_task(reconnecting(self.mqtt_settings, self._mqtt_session,
-                                            on_state=self._on_mqtt_state))
+        tasks: list[asyncio.Task[None]] = []
+        if self.redis_settings is not None:
+            tasks.append(asyncio.create_task(self._redis_loop(self.redis_settings),
+                                             name="map-redis"))
+        if self.mqtt_settings is not None:
+            tasks.append(asyncio.create_task(reconnecting(
+                self.mqtt_settings, self._mqtt_session, on_state=self._on_mqtt_state),
+                name="map-mqtt"))
+        try:
+            await asyncio.gather(*tasks)  # the first failure or our cancellation ends both
+        finally:
+            # Not a TaskGroup: it cancels its children once, and a child that swallows that
+            # one (redis-py can) would hang the feed's shutdown.
+            await cancel_and_wait(tasks, 5.0)
 
     def _on_mqtt_state(self, up: bool) -> None:
         if up != self.mqtt_connected:
@@ -154,8 +163,11 @@ class MapFeed:
                 except Exception as exc:  # a bad map must not end the feed
                     self.rejected_total += 1
                     log.error("map catch-up failed", error=repr(exc))
+                # asyncio.timeout, not wait_for: 3.11's wait_for can lose a cancellation
+                # that races with the event being set.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self.poll_s)
+                    async with asyncio.timeout(self.poll_s):
+                        await self._wake.wait()
 
     async def _catch_up(self, redis: aioredis.Redis) -> None:
         """Read the version key and, if newer than the map held, the snapshot."""
