@@ -43,7 +43,7 @@ from netkv.sim.cli import DEFAULT_POLICIES, parse_policies
 from netkv.sim.runs import run_all
 from netkv.sim.scenario import load_scenario
 from netkv.sim.simulation import Simulation
-from netkv.sim.trace import load_trace
+from netkv.workload.trace import load_trace
 
 TARGETS_US = {16: 50.0, 4096: 500.0}  # netkv p99, from the issue
 

@@ -22,7 +22,7 @@ from netkv.sim.runs import run_all
 from netkv.sim.scenario import load_scenario
 from netkv.sim.simulation import RunConfig, Simulation
 from netkv.sim.sweep import SWEEPS, sweep, sweep_table, tune, tune_table
-from netkv.sim.trace import load_trace
+from netkv.workload.trace import load_trace
 
 DEFAULT_POLICIES = ("round_robin,least_loaded,cache_load,llmd_weighted,netkv,netkv_pair,"
                     "netkv@truth")

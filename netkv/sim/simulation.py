@@ -48,7 +48,7 @@ from netkv.core.topology import FloatArray, IntArray
 from netkv.sim.fabric import Fabric, hot_spots
 from netkv.sim.scenario import Scenario
 from netkv.sim.telemetry import BackgroundHistory, TelemetryView
-from netkv.sim.trace import BLOCK_TOKENS, Trace
+from netkv.workload.trace import BLOCK_TOKENS, Trace
 
 OracleKind = Literal["telemetry", "truth"]
 ARRIVAL, PREFILL_DONE, FLOW, DECODE, BACKGROUND = range(5)

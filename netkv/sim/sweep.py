@@ -28,7 +28,7 @@ from netkv.sim.report import summarise, sweep_plot, write_json
 from netkv.sim.runs import run_all
 from netkv.sim.scenario import Scenario
 from netkv.sim.simulation import RunConfig, Simulation
-from netkv.sim.trace import Trace
+from netkv.workload.trace import Trace
 
 SWEEPS: dict[str, tuple[str, tuple[float, ...], bool]] = {
     "length": ("context length scale (x prompt lengths, / arrival rate)", (0.5, 1.0, 2.0, 4.0),

@@ -17,7 +17,7 @@ from netkv.sim.fabric import Fabric
 from netkv.sim.scenario import TelemetrySection, load_scenario
 from netkv.sim.simulation import RunConfig, Simulation
 from netkv.sim.telemetry import BackgroundHistory, TelemetryView
-from netkv.sim.trace import load_trace
+from netkv.workload.trace import load_trace
 
 pytestmark = pytest.mark.unit
 

@@ -1,0 +1,1 @@
+"""Workloads: request traces in the Mooncake format, read strictly (and, later, synthesised)."""
