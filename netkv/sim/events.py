@@ -17,10 +17,12 @@ class Kind(enum.IntEnum):
     PREFILL_DONE = 1  # a = prefill instance, b = request
     FLOW = 2  # a = fabric version the completion estimate belongs to
     DECODE = 3  # a = decoder, b = decoder version
-    BACKGROUND = 4  # a = background episode, b = +1 start / -1 end
-    PREFILL_START = 5  # a = request (layer-wise streaming: KV starts to flow)
+    BACKGROUND = 4  # a = inelastic hot spot, b = +1 start / -1 end
+    HANDOVER = 5  # a = request: the fixed handover cost has elapsed, bytes may flow
     FAULT = 6  # a = fault episode, b = +1 start / -1 end
-    HANDOVER = 7  # a = request: the fixed handover cost has elapsed, bytes may flow
+    TENANT = 7  # a = tenant episode, b = +1 start / -1 end
+    WEIGHTS = 8  # a = instance restart: its weights load
+    SAMPLE = 9  # a = telemetry sample number
 
 
 class EventQueue:

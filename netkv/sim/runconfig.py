@@ -9,12 +9,16 @@ from typing import Literal
 from netkv.core.topology import FloatArray, IntArray
 from netkv.sim.scenario import TelemetrySection
 
-OracleKind = Literal["telemetry", "truth"]
+OracleKind = Literal["telemetry", "truth", "static"]
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    """One simulated run: the policy (name, params, which oracle it sees) and the knobs."""
+    """One simulated run: the policy (name, params, which oracle it sees) and the knobs.
+
+    ``oracle``: ``telemetry`` (the sampled view), ``truth`` (the exact link state) or
+    ``static`` (the per-tier nominal-share table, no measurement: Dynamo DEP #9118's QoS
+    table)."""
 
     policy: str
     params: dict[str, object] = field(default_factory=dict)
@@ -24,12 +28,19 @@ class RunConfig:
     telemetry_interval_s: float | None = None
     telemetry_delay_s: float | None = None
     telemetry_noise: float | None = None
+    seed: int | None = None  # background, noise and hashing seed (default: the scenario's)
+    dwell_scale: float = 1.0  # multiplier on the tenants' hot-spot dwell times
 
     def telemetry(self, base: TelemetrySection) -> TelemetrySection:
         """The scenario's telemetry with this run's overrides applied."""
-        return replace(base, **{k: v for k, v in (
-            ("interval_s", self.telemetry_interval_s), ("delay_s", self.telemetry_delay_s),
-            ("noise", self.telemetry_noise)) if v is not None})
+        out = base
+        if self.telemetry_interval_s is not None:
+            out = replace(out, interval_s=self.telemetry_interval_s)
+        if self.telemetry_delay_s is not None:
+            out = replace(out, delay_s=self.telemetry_delay_s)
+        if self.telemetry_noise is not None:
+            out = replace(out, noise=self.telemetry_noise)
+        return out
 
     @property
     def name(self) -> str:

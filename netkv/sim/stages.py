@@ -2,9 +2,12 @@
 
 :class:`Run` holds the run's state (event queue, fabric, telemetry view, instance pools and
 per-request arrays) and dispatches each event to its stage: ``arrival`` (choose a prefill
-instance), ``prefill_done`` (choose a decoder), ``admit`` (start the transfer), the fabric's
-``flow`` completions (``join`` the batch), ``decode`` completions, and ``background``
-changes. See :mod:`netkv.sim.simulation` for the models and the request life cycle.
+instance; with layer-wise streaming also the decoder), ``start_prefill`` (prefix fetches
+from the KV store; streaming starts), ``prefill_done`` (choose a decoder when pulling),
+``admit`` (memory at the decoder; the handover, then the transfer), the fabric's ``flow``
+completions (``join`` the batch), ``decode`` completions, and the background sources'
+and faults' changes. See :mod:`netkv.sim.simulation` for the models and the request life
+cycle.
 """
 
 from __future__ import annotations
@@ -15,11 +18,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from netkv.core.oracle import LinkStateOracle, static_tier_oracle
 from netkv.core.policies import Booking, DecisionEngine, PrefillView, make_policy
 from netkv.sim.events import EventQueue, Kind
-from netkv.sim.fabric import Fabric, hot_spots
+from netkv.sim.fabric import FETCH, INF, KV, TENANT, WEIGHTS, Fabric, hot_spots, nic_offsets
 from netkv.sim.pools import DecodePool, PrefillPool
 from netkv.sim.runconfig import RunConfig, RunResult
+from netkv.sim.sources import fault_episodes, restart_times, tenant_episodes
 from netkv.sim.telemetry import BackgroundHistory, TelemetryView
 from netkv.workload.trace import BLOCK_TOKENS
 
@@ -27,6 +32,7 @@ if TYPE_CHECKING:
     from netkv.sim.simulation import Simulation
 
 PROGRESS_EVERY = 256
+DRAIN_S = 300.0  # background keeps running this long after the last arrival
 
 
 class Run:
@@ -39,27 +45,63 @@ class Run:
         self.progress = progress
         spec = sim.scenario.spec
         self.spec = spec
-        self.topo = sim.topology
+        self.topo = topo = sim.topology
         self.trace = trace = sim.trace
         n = len(trace)
+        seed = spec.seed if config.seed is None else config.seed
         params = dict(spec.policies.get(config.policy, {}))
         params.update(config.params)
-        self.engine = DecisionEngine(make_policy(config.policy, params), self.topo,
+        self.engine = DecisionEngine(make_policy(config.policy, params), topo,
                                      history=max(2 * n, 16))
         self.joint = config.policy == "netkv_pair"
-        self.fabric = Fabric(self.topo)
-        self.history = BackgroundHistory(self.topo.n_links)
-        self.view = TelemetryView(self.topo, self.history, config.telemetry(spec.telemetry),
-                                  spec.seed, ground_truth=config.oracle == "truth")
-        horizon = float(trace.arrival_s[-1]) + 3600.0
-        self.spots = hot_spots(self.topo, spec.background, horizon, spec.seed,
-                               config.congestion)
-        self.events = EventQueue()
+        self.layerwise = spec.network.timing == "layerwise"
+        self.handover_s = spec.network.handover_s
+        net = spec.network
+        self.fabric = Fabric(topo, nics=net.nics_per_host, spines=net.spines_per_pod,
+                             salt=seed)
+        self.nic_first, self.nic_width = nic_offsets(topo, net.nics_per_host)
+        self.history = BackgroundHistory(topo.n_links)
+        self.tel = config.telemetry(spec.telemetry)
+        self.static: LinkStateOracle | None = (static_tier_oracle(topo)
+                                               if config.oracle == "static" else None)
+        self.view = TelemetryView(topo, self.history, self.tel, seed,
+                                  ground_truth=config.oracle == "truth")
+        horizon = float(trace.arrival_s[-1]) + DRAIN_S
+        self.horizon = horizon
+        bg = spec.background
+        self.elastic = bg.model == "elastic"
+        self.events = events = EventQueue()
+        self.spots = (hot_spots(topo, bg, horizon + 3300.0, seed, config.congestion)
+                      if not self.elastic else [])
         for i, s in enumerate(self.spots):
-            self.events.push(s.start_s, Kind.BACKGROUND, i, 1)
-            self.events.push(s.end_s, Kind.BACKGROUND, i, -1)
+            events.push(s.start_s, Kind.BACKGROUND, i, 1)
+            events.push(s.end_s, Kind.BACKGROUND, i, -1)
+        self.tenants = (tenant_episodes(topo, bg.tenants, horizon, seed,
+                                        intensity=config.congestion,
+                                        dwell_scale=config.dwell_scale) if self.elastic else [])
+        self.tenant_cap = bg.tenants.flow_gbps * 1e9 / 8.0
+        for i, e in enumerate(self.tenants):
+            events.push(e.start_s, Kind.TENANT, i, 1)
+            events.push(e.end_s, Kind.TENANT, i, -1)
+        self.prefill_instances = [topo.instance_index[i.name]
+                                  for i in topo.instances_with_role("prefill")]
+        self.decode_instances = [topo.instance_index[i.name]
+                                 for i in topo.instances_with_role("decode")]
+        everyone = self.prefill_instances + self.decode_instances
+        self.restarts = [(t, everyone[i]) for t, i in restart_times(
+            bg.weight_loads.per_hour if self.elastic else 0.0, horizon, len(everyone), seed)]
+        for i, (t, _) in enumerate(self.restarts):
+            events.push(t, Kind.WEIGHTS, i)
+        self.faults = fault_episodes(spec.faults, topo, self.fabric, horizon)
+        for i, f in enumerate(self.faults):
+            events.push(f.start_s, Kind.FAULT, i, 1)
+            events.push(f.end_s, Kind.FAULT, i, -1)
+        k = 0
+        while k * self.tel.interval_s <= horizon + self.tel.delay_s:
+            events.push(k * self.tel.interval_s, Kind.SAMPLE, k)
+            k += 1
         for r in range(n):
-            self.events.push(float(trace.arrival_s[r]), Kind.ARRIVAL, r)
+            events.push(float(trace.arrival_s[r]), Kind.ARRIVAL, r)
 
         # Per-request state.
         self.prefill_of = np.full(n, -1, np.int64)
@@ -69,17 +111,21 @@ class Run:
         self.hits = np.zeros(n, np.int64)
         self.kv_bytes = np.zeros(n)
         self.tier = np.full(n, -1, np.int64)
-        self.t_ready = np.zeros(n)
+        self.t_ready = np.full(n, np.nan)
         self.t_admit = np.zeros(n)
         self.t_join = np.zeros(n)
+        self.t_start = np.full(n, np.nan)  # prefill compute start
         self.ttft = np.full(n, np.nan)
         self.tbt = np.full(n, np.nan)
         self.completions = np.zeros(n, np.int64)
         self.predicted = np.full(n, np.nan)
+        self.pending = np.full(n, -1, np.int64)  # subflows in flight (-1: not started)
+        self.admitted = np.zeros(n, np.bool_)
         self.bookings: dict[int, Booking] = {}
         self.requested = 0.0
         self.finished = 0
         self.reported = 0
+        self.store: dict[int, int] = {}  # block hash -> host that first computed it
 
         self.prefills = PrefillPool(sim.prefill_host, sim.prefill_cache_blocks, n)
         cache_blocks = [int(c * spec.decode.prefix_cache_fraction / BLOCK_TOKENS)
@@ -92,8 +138,10 @@ class Run:
         wall = time.perf_counter()
         handlers = {Kind.ARRIVAL: self.arrival, Kind.PREFILL_DONE: self.prefill_done,
                     Kind.FLOW: self.flow, Kind.DECODE: self.decode,
-                    Kind.BACKGROUND: self.background}
-        table = [handlers[Kind(k)] for k in range(len(handlers))]
+                    Kind.BACKGROUND: self.background, Kind.HANDOVER: self.handover,
+                    Kind.FAULT: self.fault, Kind.TENANT: self.tenant,
+                    Kind.WEIGHTS: self.weights, Kind.SAMPLE: self.sample}
+        table = [handlers[Kind(k)] for k in range(len(Kind))]
         events = self.events
         while events:
             now, kind, a, b = events.pop()
@@ -102,16 +150,26 @@ class Run:
             self.progress(self.finished - self.reported)
         self.fabric.advance(self.fabric.now)
         trace = self.trace
+        # Only the part of the transfer prefill did not hide counts (all of it when pulling).
+        exposed = self.t_join - np.maximum(self.t_admit, self.t_ready)
         return RunResult(
             name=self.config.name, ttft_s=self.ttft, tbt_s=self.tbt,
-            slo_ttft_s=self.sim.slo_ttft, transfer_s=self.t_join - self.t_admit,
-            queue_s=self.t_admit - self.t_ready, prefill_s=self.t_ready - trace.arrival_s,
+            slo_ttft_s=self.sim.slo_ttft, transfer_s=exposed,
+            queue_s=np.maximum(self.t_admit - self.t_ready, 0.0),
+            prefill_s=self.t_ready - trace.arrival_s,
             kv_bytes=self.kv_bytes, tier=self.tier, completions=self.completions,
             decision_s=self.engine.recorded().copy(), predicted_ttft_s=self.predicted,
             requested_bytes=self.requested, delivered_bytes=self.fabric.delivered_bytes,
             wall_s=time.perf_counter() - wall)
 
-    # -- stage 1: arrival, prefill choice -------------------------------------------------
+    def oracle(self, now: float) -> LinkStateOracle:
+        if self.static is not None:
+            return self.static
+        self.fabric.advance(now)
+        exact = self.fabric.truth_unavailable() if self.view.ground_truth else None
+        return self.view.refresh(now, exact)
+
+    # -- stage 1: arrival, prefill choice (and the decoder when streaming) -----------------
     def arrival(self, now: float, r: int, _: int) -> None:
         sim, trace, pool = self.sim, self.trace, self.prefills
         tokens = int(trace.input_tokens[r])
@@ -120,14 +178,19 @@ class Run:
                             for p in range(len(pool))])
         ready = pool.wait(now) + compute
         p = int(np.argmin(ready))
+        d = -1
         if self.joint:
-            self.fabric.advance(now)
-            oracle = self.view.refresh(now, self.fabric.background)
             req = sim.request_view(r, self.decodes.decoders, PrefillView(pool.host, ready))
-            decision = self.engine.decide(req, self.decodes.view(), oracle)
+            decision = self.engine.decide(req, self.decodes.view(), self.oracle(now))
             p = int(decision.prefill_index if decision.prefill_index is not None else p)
+            d = decision.index
+        elif self.layerwise:
+            req = sim.request_view(r, self.decodes.decoders, None, src=int(pool.host[p]))
+            d = self.engine.decide(req, self.decodes.view(), self.oracle(now)).index
         self.prefill_of[r] = p
         pool.enqueue(p, r, float(compute[p]))
+        if self.layerwise:
+            self.choose_decoder(r, d, float(ready[p]), now)
         self.start_prefill(p, now)
 
     def start_prefill(self, p: int, now: float) -> None:
@@ -135,60 +198,132 @@ class Run:
         r = pool.next_to_start(p)
         if r < 0:
             return
-        hit = pool.caches[p].match(self.trace.hash_ids[r])
+        hashes = self.trace.hash_ids[r]
+        hit = pool.caches[p].match(hashes)
         self.hits[r] = hit
-        done = now + self.sim.prefill_time(p, int(self.trace.input_tokens[r]), hit)
+        compute = self.sim.prefill_time(p, int(self.trace.input_tokens[r]), hit)
+        done = now + compute
         pool.busy_until[p] = done
         pool.active[p] = r
+        self.t_start[r] = now
         self.events.push(done, Kind.PREFILL_DONE, p, r)
+        if self.elastic and self.spec.background.prefix_fetch:
+            self.fetch_prefix(r, int(pool.host[p]), hashes[hit:])
+        if self.layerwise and self.admitted[r]:
+            self.begin_handover(r, now)
 
-    # -- stage 2: prefill done, decode choice ---------------------------------------------
+    def fetch_prefix(self, r: int, dst: int, missing: tuple[int, ...]) -> None:
+        """Blocks the instance lacks but the KV store holds (computed before, anywhere) are
+        fetched from the host that computed them (Mooncake Store / LMCache style); only
+        their load on the fabric is modelled, not a compute saving."""
+        by_host: dict[int, int] = {}
+        for h in missing:
+            src = self.store.get(h)
+            if src is not None and src != dst:
+                by_host[src] = by_host.get(src, 0) + 1
+        if not by_host:
+            return
+        for src, blocks in by_host.items():
+            links = self.topo.path(src, dst)
+            phys = self.fabric.resolve(links, r, src, src_host=src, dst_host=dst)
+            self.fabric.add(r, phys, blocks * BLOCK_TOKENS * self.sim.bpt, kind=FETCH,
+                            sub=src, physical=True)
+        self.reallocate()
+
+    # -- stage 2: prefill done, decode choice when pulling ---------------------------------
     def prefill_done(self, now: float, p: int, r: int) -> None:
         pool = self.prefills
-        pool.caches[p].insert(self.trace.hash_ids[r])
+        hashes = self.trace.hash_ids[r]
+        pool.caches[p].insert(hashes)
+        host = int(pool.host[p])
+        for h in hashes:
+            self.store.setdefault(h, host)
         pool.active[p] = -1
         self.start_prefill(p, now)
         self.t_ready[r] = now
-        self.fabric.advance(now)
-        oracle = self.view.refresh(now, self.fabric.background)
-        req = self.sim.request_view(r, self.decodes.decoders, None,
-                                    src=int(pool.host[p]))
-        decision = self.engine.decide(req, self.decodes.view(), oracle)
-        d = decision.index
+        if self.layerwise:
+            self.streaming_done(r, now)
+            return
+        req = self.sim.request_view(r, self.decodes.decoders, None, src=host)
+        decision = self.engine.decide(req, self.decodes.view(), self.oracle(now))
         self.predicted[r] = decision.ttft_s
+        self.choose_decoder(r, decision.index, 0.0, now)
+
+    def choose_decoder(self, r: int, d: int, ready_in_s: float, now: float) -> None:
         self.decode_of[r] = d
         self.decodes.enqueue(d, r, float(self.need[r]))
         self.admit(d, now)
 
-    # -- stage 3: admission at the decoder, transfer start ---------------------------------
+    # -- stage 3: admission at the decoder, handover, transfer start -----------------------
     def admit(self, d: int, now: float) -> None:
         pool = self.decodes
         dec = pool.decoders[d]
-        changed = False
         while True:
             r = pool.admit_next(d, self.need)
             if r < 0:
                 break
             self.t_admit[r] = now
+            self.admitted[r] = True
             src, dst = int(self.prefills.host[self.prefill_of[r]]), dec.host
             overlap = dec.cache.match(self.trace.hash_ids[r])
             tokens = int(self.trace.input_tokens[r])
             nbytes = (tokens - min(overlap * BLOCK_TOKENS, tokens)) * self.sim.bpt
             self.kv_bytes[r] = nbytes
             self.tier[r] = int(self.topo.tier(src, dst))
-            if nbytes <= 0:
-                self.join(r, d, now)
-                continue
-            self.requested += nbytes
-            self.bookings[r] = self.engine.reserve(src, dst, nbytes)
-            self.fabric.add(r, self.topo.path(src, dst), nbytes)
-            changed = True
-        if changed:
+            if not self.layerwise or not np.isnan(self.t_start[r]):
+                self.begin_handover(r, now)
+
+    def begin_handover(self, r: int, now: float) -> None:
+        if self.handover_s > 0:
+            self.events.push(now + self.handover_s, Kind.HANDOVER, r)
+        else:
+            self.handover(now, r, 0)
+
+    def handover(self, now: float, r: int, _: int) -> None:
+        """The fixed per-transfer cost has elapsed: the bytes start to flow (striped over the
+        NICs both instances are bound to, one subflow per NIC)."""
+        d = int(self.decode_of[r])
+        nbytes = float(self.kv_bytes[r])
+        if nbytes <= 0:
+            self.pending[r] = 0
+            self.maybe_join(r, now)
+            return
+        p = int(self.prefill_of[r])
+        src, dst = int(self.prefills.host[p]), int(self.decodes.host[d])
+        self.requested += nbytes
+        self.bookings[r] = self.engine.reserve(src, dst, nbytes)
+        pi = self.prefill_instances[p]
+        di = self.decode_instances[d]
+        width = int(max(min(self.nic_width[pi], self.nic_width[di]), 1)) if src != dst else 1
+        links = self.topo.path(src, dst)
+        cap = INF
+        if self.layerwise and np.isnan(self.t_ready[r]):
+            # Streaming: the bytes cannot leave faster than prefill produces them.
+            left = max(float(self.prefills.busy_until[p]) - now, 1e-6)
+            cap = nbytes / width / left
+        self.fabric.advance(now)
+        for j in range(width):
+            phys = self.fabric.resolve(links, r, j, nic_src=int(self.nic_first[pi]),
+                                       nic_dst=int(self.nic_first[di]), src_host=src,
+                                       dst_host=dst)
+            self.fabric.add(r, phys, nbytes / width, sub=j, cap=cap, physical=True)
+        self.pending[r] = width
+        self.reallocate()
+
+    def streaming_done(self, r: int, now: float) -> None:
+        """Prefill finished: a streamed transfer is no longer held back by production."""
+        if self.pending[r] > 0:
+            self.fabric.advance(now)
+            for f in self.fabric.flows.values():
+                if f.kind == KV and f.request == r:
+                    f.cap = INF
             self.reallocate()
+        else:
+            self.maybe_join(r, now)
 
     def reallocate(self) -> None:
         nxt = self.fabric.reallocate()
-        if nxt < float("inf"):
+        if nxt < INF:
             self.events.push(nxt, Kind.FLOW, self.fabric.version)
 
     # -- stage 4: transfer done, join the batch ---------------------------------------------
@@ -198,12 +333,21 @@ class Run:
             return
         fabric.advance(now)
         for f in fabric.finished():
+            if f.kind != KV:
+                continue
             r = f.request
-            self.engine.release(self.bookings.pop(r))
-            self.join(r, int(self.decode_of[r]), now)
+            self.pending[r] -= 1
+            if self.pending[r] == 0:
+                self.engine.release(self.bookings.pop(r))
+                self.maybe_join(r, now)
         self.reallocate()
 
+    def maybe_join(self, r: int, now: float) -> None:
+        if self.pending[r] == 0 and not np.isnan(self.t_ready[r]):
+            self.join(r, int(self.decode_of[r]), now)
+
     def join(self, r: int, d: int, now: float) -> None:
+        self.pending[r] = -2
         dec = self.decodes.decoders[d]
         dec.advance(now)
         dec.batch[r] = float(self.trace.output_tokens[r])
@@ -242,12 +386,59 @@ class Run:
             self.progress(self.finished - self.reported)
             self.reported = self.finished
 
-    # -- background -------------------------------------------------------------------------
+    # -- background sources, faults and telemetry samples ---------------------------------
     def background(self, now: float, i: int, sign: int) -> None:
+        """Inelastic hot spots (the sensitivity model)."""
         s = self.spots[i]
         fabric = self.fabric
         fabric.advance(now)
         fabric.set_background(s.link, sign * s.load)
-        self.history.record(now, fabric.background)
         if fabric.flows:
             self.reallocate()
+
+    def tenant(self, now: float, i: int, sign: int) -> None:
+        """Another tenant's elephants on one link start (+1) or stop (-1)."""
+        e = self.tenants[i]
+        fabric = self.fabric
+        fabric.advance(now)
+        for j in range(e.flows):
+            if sign > 0:
+                phys = fabric.resolve((e.link,), i, j)
+                fabric.add(i, phys, INF, kind=TENANT, sub=j, cap=self.tenant_cap,
+                           physical=True)
+            else:
+                fabric.remove((TENANT, i, j))
+        self.reallocate()
+
+    def weights(self, now: float, i: int, _: int) -> None:
+        """An instance (re)starts: its weights come from storage behind the core, striped
+        over its NICs."""
+        inst = self.restarts[i][1]
+        h = int(self.topo.instance_host[inst])
+        links = tuple(int(x) for x in self.topo.down_chain[h, ::-1])
+        width = int(self.nic_width[inst])
+        fabric = self.fabric
+        fabric.advance(now)
+        for j in range(width):
+            phys = fabric.resolve(links, i, j, nic_dst=int(self.nic_first[inst]), dst_host=h)
+            fabric.add(i, phys, self.sim.scenario.weights_bytes / width, kind=WEIGHTS, sub=j,
+                       physical=True)
+        self.reallocate()
+
+    def fault(self, now: float, i: int, sign: int) -> None:
+        f = self.faults[i]
+        fabric = self.fabric
+        fabric.advance(now)
+        if f.skew_host >= 0:
+            if sign > 0:
+                fabric.skewed.add(f.skew_host)
+            else:
+                fabric.skewed.discard(f.skew_host)
+            return
+        fabric.scale_capacity(f.phys, f.factor if sign > 0 else 1.0)
+        if fabric.flows:
+            self.reallocate()
+
+    def sample(self, now: float, k: int, _: int) -> None:
+        """What the link counters show at a sampling instant."""
+        self.history.record(now, self.fabric.unavailable(self.tel.own_flows))
