@@ -20,7 +20,7 @@ from netkv.errors import InputError
 from netkv.sim.report import cdf_plot, comparisons, summarise, table, write_json
 from netkv.sim.runs import run_all
 from netkv.sim.scenario import load_scenario
-from netkv.sim.simulation import RunConfig, Simulation
+from netkv.sim.simulation import OracleKind, RunConfig, Simulation
 from netkv.sim.sweep import SWEEPS, sweep, sweep_table, tune, tune_table
 from netkv.workload.trace import load_trace
 
@@ -66,11 +66,13 @@ def parse_policies(text: str) -> list[RunConfig]:
             raise InputError(f"--policies[{i}]", "empty policy name")
         name, _, oracle = item.partition("@")
         make_policy(name)  # validates the name now, before any work
-        if oracle not in ("", "telemetry", "truth"):
+        if oracle not in ("", "telemetry", "truth", "static"):
             raise InputError(f"--policies[{i}]",
-                             f"unknown oracle {oracle!r} in {item!r}; known: telemetry, truth")
-        configs.append(RunConfig(name, oracle="truth" if oracle == "truth" else "telemetry",
-                                 label=item))
+                             f"unknown oracle {oracle!r} in {item!r}; known: telemetry, truth, "
+                             "static")
+        kind: OracleKind = ("truth" if oracle == "truth" else
+                            "static" if oracle == "static" else "telemetry")
+        configs.append(RunConfig(name, oracle=kind, label=item))
     if len({c.name for c in configs}) != len(configs):
         raise InputError("--policies", "a policy is listed twice")
     return configs
