@@ -36,6 +36,7 @@ from netkv.core.topology import FloatArray, IntArray, LinkKind, Topology
 from netkv.sim.scenario import BackgroundSection
 
 MAX_BACKGROUND = 0.99
+SMALL = 12  # up to this many flows the dict-based filling beats numpy
 DEAD = 0.05  # a member below this share of its capacity is skipped by new flows (re-route)
 KV, TENANT, FETCH, WEIGHTS = range(4)  # flow kinds
 INF = float("inf")
@@ -138,6 +139,8 @@ class Fabric:
         self.version = 0
         self.skewed: set[int] = set()  # hosts whose transfers all use their first NIC
         self._kinds = [link.kind for link in topology.links]
+        self._member_lists = [[int(x) for x in ids] for ids in members]
+        self._alive_cache: dict[int, list[int]] = {}
         self._owner_list = owner
 
     # -- background and faults -----------------------------------------------------------
@@ -149,11 +152,17 @@ class Fabric:
     def scale_capacity(self, phys: IntArray, factor: float) -> None:
         """Faults: set physical links to ``factor`` of their nominal capacity."""
         self.capacity[phys] = self.nominal[phys] * max(factor, 1.0 - MAX_BACKGROUND)
+        self._alive_cache.clear()
 
     # -- paths -----------------------------------------------------------------------------
-    def _alive(self, ids: IntArray) -> IntArray:
-        ok = ids[self.capacity[ids] >= DEAD * self.nominal[ids]]
-        return ok if ok.shape[0] else ids
+    def _alive(self, link: int) -> list[int]:
+        """Members of topology ``link`` new flows may use (cached until a capacity changes)."""
+        hit = self._alive_cache.get(link)
+        if hit is None:
+            ids = self._member_lists[link]
+            ok = [i for i in ids if self.capacity[i] >= DEAD * self.nominal[i]]
+            hit = self._alive_cache[link] = ok or ids
+        return hit
 
     def resolve(self, links: tuple[int, ...], key: int, j: int, *, nic_src: int = -1,
                 nic_dst: int = -1, src_host: int = -1, dst_host: int = -1) -> tuple[int, ...]:
@@ -164,30 +173,29 @@ class Fabric:
         NIC. Leaf bundles: one hashed spine for both hops. Dead members are skipped.
         """
         out: list[int] = []
-        spine = mix(key, j, self.salt)
+        spine = -1
         for link in links:
-            ids = self.members[link]
-            if ids.shape[0] == 1:
-                out.append(int(ids[0]))
+            ids = self._member_lists[link]
+            if len(ids) == 1:
+                out.append(ids[0])
                 continue
             kind = self._kinds[link]
+            alive = self._alive(link)
             if kind is LinkKind.NIC_UP or kind is LinkKind.NIC_DOWN:
-                offset = nic_src if kind is LinkKind.NIC_UP else nic_dst
-                skewed = src_host if kind is LinkKind.NIC_UP else dst_host
+                up = kind is LinkKind.NIC_UP
+                offset, jj = (nic_src if up else nic_dst), j
+                skewed = src_host if up else dst_host
                 if skewed >= 0 and skewed in self.skewed:
                     offset, jj = 0, 0
-                else:
-                    jj = j
-                alive = self._alive(ids)
                 if offset < 0:
-                    out.append(int(alive[mix(key, j, link, self.salt) % alive.shape[0]]))
+                    out.append(alive[mix(key, j, link, self.salt) % len(alive)])
                 else:
-                    want = int(ids[(offset + jj) % ids.shape[0]])
-                    out.append(want if want in alive else int(alive[(offset + jj)
-                                                                     % alive.shape[0]]))
+                    want = ids[(offset + jj) % len(ids)]
+                    out.append(want if want in alive else alive[(offset + jj) % len(alive)])
             else:
-                alive = self._alive(ids)
-                out.append(int(alive[spine % alive.shape[0]]))
+                if spine < 0:
+                    spine = mix(key, j, self.salt)
+                out.append(alive[spine % len(alive)])
         return tuple(out)
 
     # -- flows -----------------------------------------------------------------------------
@@ -228,13 +236,67 @@ class Fabric:
         return done
 
     def reallocate(self) -> float:
-        """Max-min fair rates by progressive filling (a flow's cap acts as a private link);
-        returns the next completion time of a finite flow."""
+        """Max-min fair rates by progressive filling (water-filling) over the links the flows
+        use, vectorised; a flow's cap acts as a private link. Returns the next completion
+        time of a finite flow.
+
+        Each round either freezes every unfrozen flow whose cap is below the lowest fair
+        share of any link (a flow held below a link's share only raises that share for the
+        others), or freezes the flows of the link with the lowest fair share at that share.
+        """
         self.version += 1
-        mark = self.version
         flows = list(self.flows.values())
         if not flows:
             return INF
+        if len(flows) <= SMALL:
+            self._fill_small(flows)
+        else:
+            self._fill(flows)
+        soonest = INF
+        for f in flows:
+            if f.remaining < INF and f.rate > 0:
+                soonest = min(soonest, f.remaining / f.rate)
+        return self.now + soonest
+
+    def _fill(self, flows: list[Flow]) -> None:
+        col: dict[int, int] = {}
+        rows: list[int] = []
+        cols: list[int] = []
+        for i, f in enumerate(flows):
+            for link in f.links:
+                rows.append(i)
+                cols.append(col.setdefault(link, len(col)))
+        incidence = np.zeros((len(flows), len(col)))
+        incidence[rows, cols] = 1.0
+        links = np.fromiter(col, dtype=np.int64, count=len(col))
+        cap = self.capacity[links]
+        owner = self.owner[links]
+        taken = self.background[owner] * cap / self.topology.capacity[owner]
+        left = np.maximum(cap - taken, cap * (1.0 - MAX_BACKGROUND))
+        count = incidence.sum(axis=0)
+        caps = np.array([f.cap for f in flows])
+        rate = np.zeros(len(flows))
+        active = np.ones(len(flows), dtype=np.bool_)
+        while active.any():
+            share = np.full(left.shape, INF)
+            np.divide(left, count, out=share, where=count > 0.5)
+            level = float(share.min())
+            group = active & (caps < level)
+            if group.any():
+                rate[group] = caps[group]
+            else:
+                group = active & (incidence[:, int(share.argmin())] > 0)
+                rate[group] = max(level, 0.0)
+            active &= ~group
+            part = incidence[group]
+            left -= rate[group] @ part
+            count -= part.sum(axis=0)
+        for f, r in zip(flows, rate.tolist(), strict=True):
+            f.rate = r
+
+    def _fill_small(self, flows: list[Flow]) -> None:
+        """The same water-filling with dicts: faster than numpy for a handful of flows."""
+        mark = self.version
         on_link: dict[int, list[Flow]] = {}
         for f in flows:
             for link in f.links:
@@ -255,11 +317,10 @@ class Fabric:
             share = max(left[link] / count[link], 0.0)
             while ci < len(capped) and capped[ci].mark == mark:
                 ci += 1
+            group = on_link[link]
             if ci < len(capped) and capped[ci].cap < share:
                 group = [capped[ci]]
                 share = capped[ci].cap
-            else:
-                group = on_link[link]
             for f in group:
                 if f.mark == mark:
                     continue
@@ -270,11 +331,6 @@ class Fabric:
                     count[other] -= 1
                     if count[other] == 0:
                         del count[other]
-        soonest = INF
-        for f in flows:
-            if f.remaining < INF and f.rate > 0:
-                soonest = min(soonest, f.remaining / f.rate)
-        return self.now + soonest
 
     # -- what telemetry and the ground truth see ------------------------------------------
     def link_load(self) -> tuple[FloatArray, FloatArray]:

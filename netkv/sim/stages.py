@@ -126,6 +126,7 @@ class Run:
         self.finished = 0
         self.reported = 0
         self.store: dict[int, int] = {}  # block hash -> host that first computed it
+        self._paths: dict[tuple[int, int], tuple[tuple[int, ...], int]] = {}
 
         self.prefills = PrefillPool(sim.prefill_host, sim.prefill_cache_blocks, n)
         cache_blocks = [int(c * spec.decode.prefix_cache_fraction / BLOCK_TOKENS)
@@ -162,6 +163,14 @@ class Run:
             requested_bytes=self.requested, delivered_bytes=self.fabric.delivered_bytes,
             wall_s=time.perf_counter() - wall)
 
+    def path(self, src: int, dst: int) -> tuple[tuple[int, ...], int]:
+        """Topology links and tier from ``src`` to ``dst`` (cached)."""
+        hit = self._paths.get((src, dst))
+        if hit is None:
+            hit = self._paths[(src, dst)] = (self.topo.path(src, dst),
+                                             int(self.topo.tier(src, dst)))
+        return hit
+
     def oracle(self, now: float) -> LinkStateOracle:
         if self.static is not None:
             return self.static
@@ -179,13 +188,17 @@ class Run:
         ready = pool.wait(now) + compute
         p = int(np.argmin(ready))
         d = -1
+        layers = self.sim.layers if self.layerwise else 0
         if self.joint:
-            req = sim.request_view(r, self.decodes.decoders, PrefillView(pool.host, ready))
+            req = sim.request_view(r, self.decodes.decoders,
+                                   PrefillView(pool.host, ready, compute),
+                                   stream_layers=layers)
             decision = self.engine.decide(req, self.decodes.view(), self.oracle(now))
             p = int(decision.prefill_index if decision.prefill_index is not None else p)
             d = decision.index
         elif self.layerwise:
-            req = sim.request_view(r, self.decodes.decoders, None, src=int(pool.host[p]))
+            req = sim.request_view(r, self.decodes.decoders, None, src=int(pool.host[p]),
+                                   stream_layers=layers, compute_s=float(compute[p]))
             d = self.engine.decide(req, self.decodes.view(), self.oracle(now)).index
         self.prefill_of[r] = p
         pool.enqueue(p, r, float(compute[p]))
@@ -224,7 +237,7 @@ class Run:
         if not by_host:
             return
         for src, blocks in by_host.items():
-            links = self.topo.path(src, dst)
+            links = self.path(src, dst)[0]
             phys = self.fabric.resolve(links, r, src, src_host=src, dst_host=dst)
             self.fabric.add(r, phys, blocks * BLOCK_TOKENS * self.sim.bpt, kind=FETCH,
                             sub=src, physical=True)
@@ -269,7 +282,7 @@ class Run:
             tokens = int(self.trace.input_tokens[r])
             nbytes = (tokens - min(overlap * BLOCK_TOKENS, tokens)) * self.sim.bpt
             self.kv_bytes[r] = nbytes
-            self.tier[r] = int(self.topo.tier(src, dst))
+            self.tier[r] = self.path(src, dst)[1]
             if not self.layerwise or not np.isnan(self.t_start[r]):
                 self.begin_handover(r, now)
 
@@ -295,7 +308,7 @@ class Run:
         pi = self.prefill_instances[p]
         di = self.decode_instances[d]
         width = int(max(min(self.nic_width[pi], self.nic_width[di]), 1)) if src != dst else 1
-        links = self.topo.path(src, dst)
+        links = self.path(src, dst)[0]
         cap = INF
         if self.layerwise and np.isnan(self.t_ready[r]):
             # Streaming: the bytes cannot leave faster than prefill produces them.

@@ -20,7 +20,13 @@ import numpy as np
 from netkv.core.oracle import CostOracle
 from netkv.core.policies.base import TieBreaker, decision_from, parse_params
 from netkv.core.policies.bookings import Bookings
-from netkv.core.policies.prediction import DecodeModel, decode_side, predict, transfer_matrix
+from netkv.core.policies.prediction import (
+    DecodeModel,
+    decode_side,
+    exposed,
+    predict,
+    transfer_matrix,
+)
 from netkv.core.policies.views import CandidateView, Decision, RequestView
 from netkv.fields import bound
 
@@ -65,11 +71,15 @@ class NetkvPair(Netkv):
         # Prefill hosts repeat (several instances per host): price each host's paths once.
         hosts, inverse = np.unique(prefill.host, return_inverse=True)
         by_host, tiers = transfer_matrix(oracle, booked, hosts, candidates.host, nbytes)
-        totals = by_host[inverse] + (queue + first) + prefill.ready_s[:, None]
+        transfer = by_host[inverse]
+        if request.stream_layers > 0 and prefill.compute_s is not None:
+            transfer = exposed(transfer, prefill.compute_s[:, None], request.stream_layers)
+        totals = transfer + (queue + first) + prefill.ready_s[:, None]
         p, d = divmod(self.ties.argmin(totals.ravel()), len(candidates))
         k = int(inverse[p])
         return Decision(
-            index=d, ttft_s=float(queue[d] + by_host[k, d] + first[d]), queue_s=float(queue[d]),
-            transfer_s=float(by_host[k, d]), first_token_s=float(first[d]),
-            tier=int(tiers[k][d]), transfer_bytes=float(nbytes[d]), prefill_index=p,
+            index=d, ttft_s=float(queue[d] + transfer[p, d] + first[d]),
+            queue_s=float(queue[d]), transfer_s=float(transfer[p, d]),
+            first_token_s=float(first[d]), tier=int(tiers[k][d]),
+            transfer_bytes=float(nbytes[d]), prefill_index=p,
             prefill_s=float(prefill.ready_s[p]))

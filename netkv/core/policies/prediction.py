@@ -70,7 +70,17 @@ def predict(
     src = request.prefill_host if src_host is None else src_host
     queue, first, nbytes = decode_side(model, request, candidates, index)
     transfer, tier = transfer_times(oracle, bookings, src, host, nbytes)
+    if request.stream_layers > 0:
+        transfer = exposed(transfer, request.prefill_compute_s, request.stream_layers)
     return Prediction(queue, transfer, first, tier, nbytes)
+
+
+def exposed(transfer_s: FloatArray, compute_s: FloatArray | float, layers: int) -> FloatArray:
+    """The part of a layer-wise streamed transfer that prefill cannot hide, vectorised
+    (:func:`netkv.core.policies.timing.layerwise_exposed_s`)."""
+    out: FloatArray = np.maximum(transfer_s / layers,
+                                 transfer_s - np.asarray(compute_s) * (layers - 1) / layers)
+    return out
 
 
 def decode_side(model: DecodeModel, request: RequestView, candidates: CandidateView,

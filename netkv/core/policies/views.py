@@ -20,11 +20,14 @@ class PrefillView:
     """Prefill candidates for a joint choice (``netkv_pair``).
 
     ``ready_s[i]`` is the predicted time from now until prefill instance ``i`` would have this
-    request's KV ready (its queue plus its compute, given its own prefix-cache hit).
+    request's KV ready (its queue plus its compute, given its own prefix-cache hit);
+    ``compute_s[i]`` (optional) the compute part alone, which a layer-wise streamed transfer
+    can overlap (see ``RequestView.stream_layers``).
     """
 
     host: IntArray
     ready_s: FloatArray
+    compute_s: FloatArray | None = None
 
     def __post_init__(self) -> None:
         if self.host.ndim != 1 or self.host.shape != self.ready_s.shape or self.host.size == 0:
@@ -38,7 +41,10 @@ class RequestView:
     ``overlap_blocks[i]`` is how many leading prefix blocks (``block_tokens`` tokens each) of
     this prompt decode candidate ``i`` already holds: only the rest is transferred (delta
     transfer). ``output_tokens`` is what the decoder must reserve for the answer (max_tokens
-    or an expectation; 0 if unknown).
+    or an expectation; 0 if unknown). ``stream_layers`` > 0 says the KV will be streamed layer
+    by layer while prefill computes for ``prefill_compute_s`` (pair chosen before prefill),
+    so only the part of the transfer prefill cannot hide counts; 0 (default) is a pull after
+    prefill.
     """
 
     prefill_host: int
@@ -48,6 +54,8 @@ class RequestView:
     block_tokens: int = 512
     output_tokens: int = 0
     prefill: PrefillView | None = None
+    stream_layers: int = 0
+    prefill_compute_s: float = 0.0
 
     @property
     def prompt_blocks(self) -> int:
