@@ -76,9 +76,10 @@ class DecodePool:
     """Decoders and the load counters a router keeps for them."""
 
     def __init__(self, host: IntArray, capacity: FloatArray, cache_blocks: list[int],
-                 step_s: FloatArray) -> None:
+                 step_s: FloatArray, nic_bytes_s: FloatArray | None = None) -> None:
         n = host.shape[0]
         self.host = host
+        self.nic_bytes_s = nic_bytes_s
         self.capacity = capacity
         self.decoders = [Decoder(int(h), float(c), b)
                          for h, c, b in zip(host, capacity, cache_blocks, strict=True)]
@@ -97,7 +98,7 @@ class DecodePool:
         return CandidateView(host=self.host, running=self.running, waiting=self.waiting,
                              kv_use=self.used / self.capacity,
                              capacity_tokens=self.capacity, tbt_s=self.step_s,
-                             waiting_tokens=self.waiting_tokens)
+                             waiting_tokens=self.waiting_tokens, nic_bytes_s=self.nic_bytes_s)
 
     def enqueue(self, d: int, r: int, need: float) -> None:
         self.decoders[d].queue.append(r)

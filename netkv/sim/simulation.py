@@ -94,7 +94,7 @@ class Simulation:
 
     def request_view(self, r: int, decoders: list[Decoder], prefill: PrefillView | None,
                      src: int = 0, *, stream_layers: int = 0,
-                     compute_s: float = 0.0) -> RequestView:
+                     compute_s: float = 0.0, src_nic: float = 0.0) -> RequestView:
         """What the policy is told about request ``r`` (overlap per decoder from its cache)."""
         hashes = self.trace.hash_ids[r]
         overlap = np.array([dec.cache.match(hashes) for dec in decoders], np.int64)
@@ -102,4 +102,5 @@ class Simulation:
                            kv_bytes_per_token=self.bpt, overlap_blocks=overlap,
                            block_tokens=BLOCK_TOKENS,
                            output_tokens=int(self.trace.output_tokens[r]), prefill=prefill,
-                           stream_layers=stream_layers, prefill_compute_s=compute_s)
+                           stream_layers=stream_layers, prefill_compute_s=compute_s,
+                           src_nic_bytes_s=src_nic)

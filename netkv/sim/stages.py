@@ -51,6 +51,9 @@ class Run:
         seed = spec.seed if config.seed is None else config.seed
         params = dict(spec.policies.get(config.policy, {}))
         params.update(config.params)
+        if config.policy in ("netkv", "netkv_pair") and spec.network.timing == "pull":
+            # The deployment's fixed transfer cost is a measured input (vllm:nixl metrics).
+            params.setdefault("handover_s", spec.network.handover_s)
         self.engine = DecisionEngine(make_policy(config.policy, params), topo,
                                      history=max(2 * n, 16))
         self.joint = config.policy == "netkv_pair"
@@ -132,7 +135,13 @@ class Run:
         cache_blocks = [int(c * spec.decode.prefix_cache_fraction / BLOCK_TOKENS)
                         for c in sim.decode_capacity]
         step_s = np.array([sim.step_time(d, 0.0) for d in range(len(sim.decode_host))])
-        self.decodes = DecodePool(sim.decode_host, sim.decode_capacity, cache_blocks, step_s)
+        # The rate of the NICs each instance is bound to: known to the operator (the
+        # engine's UCX_NET_DEVICES), so the policies are told it.
+        per_nic = topo.capacity[topo.up_chain[:, 0]] / net.nics_per_host
+        inst_nic = per_nic[topo.instance_host] * self.nic_width
+        self.prefill_nic = inst_nic[self.prefill_instances]
+        self.decodes = DecodePool(sim.decode_host, sim.decode_capacity, cache_blocks, step_s,
+                                  inst_nic[self.decode_instances])
 
     # -- the loop ---------------------------------------------------------------------------
     def execute(self) -> RunResult:
@@ -191,14 +200,15 @@ class Run:
         layers = self.sim.layers if self.layerwise else 0
         if self.joint:
             req = sim.request_view(r, self.decodes.decoders,
-                                   PrefillView(pool.host, ready, compute),
+                                   PrefillView(pool.host, ready, compute, self.prefill_nic),
                                    stream_layers=layers)
             decision = self.engine.decide(req, self.decodes.view(), self.oracle(now))
             p = int(decision.prefill_index if decision.prefill_index is not None else p)
             d = decision.index
         elif self.layerwise:
             req = sim.request_view(r, self.decodes.decoders, None, src=int(pool.host[p]),
-                                   stream_layers=layers, compute_s=float(compute[p]))
+                                   stream_layers=layers, compute_s=float(compute[p]),
+                                   src_nic=float(self.prefill_nic[p]))
             d = self.engine.decide(req, self.decodes.view(), self.oracle(now)).index
         self.prefill_of[r] = p
         pool.enqueue(p, r, float(compute[p]))
@@ -257,7 +267,8 @@ class Run:
         if self.layerwise:
             self.streaming_done(r, now)
             return
-        req = self.sim.request_view(r, self.decodes.decoders, None, src=host)
+        req = self.sim.request_view(r, self.decodes.decoders, None, src=host,
+                                    src_nic=float(self.prefill_nic[p]))
         decision = self.engine.decide(req, self.decodes.view(), self.oracle(now))
         self.predicted[r] = decision.ttft_s
         self.choose_decoder(r, decision.index, 0.0, now)
@@ -287,7 +298,8 @@ class Run:
                 self.begin_handover(r, now)
 
     def begin_handover(self, r: int, now: float) -> None:
-        if self.handover_s > 0:
+        """The fixed per-transfer cost, then the bytes; nothing to pull costs nothing."""
+        if self.handover_s > 0 and self.kv_bytes[r] > 0:
             self.events.push(now + self.handover_s, Kind.HANDOVER, r)
         else:
             self.handover(now, r, 0)
