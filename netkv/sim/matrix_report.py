@@ -32,7 +32,8 @@ def summary_table(report: dict[str, Any]) -> list[str]:
     lines.append("")
     lines.append("Cells: netkv's reduction of mean TTFT / of p99 TTFT / SLO-attainment points, "
                  "each the mean ± 95% CI of the per-seed paired difference (positive = netkv "
-                 "better); the verdict (mean TTFT) is a win or loss only beyond the interval.")
+                 "better); the verdict (mean TTFT) is a win or loss only beyond the interval "
+                 "and beyond 0.1%, else a tie.")
     return lines
 
 
