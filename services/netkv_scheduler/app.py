@@ -22,6 +22,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from netkv.config import reveal
 from netkv.core.topology import Topology
 from netkv.core.topology_file import load_topology
 from netkv.errors import InputError
@@ -133,7 +134,7 @@ def _reject_constant(name: str) -> Any:
 async def _body(request: web.Request, operation: str) -> Any:
     """Read, parse and validate a body; raises InputError / web.HTTPException subclasses."""
     app = request.app
-    token = app[SETTINGS].token
+    token = reveal(app[SETTINGS].token)
     if token is not None:
         given = request.headers.get("Authorization", "")
         if not (given.startswith("Bearer ")

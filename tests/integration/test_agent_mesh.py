@@ -5,7 +5,6 @@ the CPU footprint tool."""
 from __future__ import annotations
 
 import asyncio
-from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -76,7 +75,7 @@ async def test_a_leaving_peer_is_dropped_from_pinglists(redis_server: RedisServe
 
 
 async def test_footprint_tool_measures_a_child_agent(redis_server: RedisServer) -> None:
-    base = replace(AgentSettings(), probe_interval_leaf_s=0.1)
+    base = AgentSettings(probe_interval_leaf_s=0.1)
     result = await measure_agent_cpu(4, 1.0, redis_url=redis_server.url, warmup_s=1.5,
                                      base=base)
     assert result["peers"] == 4 and result["pinglist"] == 4  # 5 hosts in one leaf of 8
