@@ -196,28 +196,6 @@ class Selector:
         self.reservations.resize(len(self.registry.decoders))
         return info
 
-    def describe(self) -> dict[str, Any]:
-        """The ``GET /v1/instances`` answer."""
-        self.sweep()
-        out: list[dict[str, Any]] = []
-        for info in self.registry.by_name.values():
-            entry: dict[str, Any] = {"name": info.name, "role": info.role, "host": info.host,
-                                     "source": info.source}
-            if info.role == "decode":
-                load = self.registry.load_of(info)
-                entry.update(running=load.running, waiting=load.waiting, kv_use=load.kv_use,
-                             capacity_tokens=load.capacity_tokens,
-                             reservations=int(self.reservations.pending[info.index]))
-            if info.metrics_url:
-                entry.update(metrics_url=info.metrics_url, scrape_error=info.scrape_error)
-            if info.updated_ts:
-                entry["load_age_s"] = round(max(self.clock() - info.updated_ts, 0.0), 3)
-            out.append(entry)
-        return {"instances": out, "open_reservations": len(self.reservations.open),
-                "transfers_in_flight": self.bookings.active,
-                "expired_total": self.reservations.expired_total,
-                "released_total": self.reservations.released_total}
-
 
 def _given(value: float | None, current: float) -> float:
     return current if value is None else float(value)

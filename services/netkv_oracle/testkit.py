@@ -83,7 +83,8 @@ async def get_json(port: int, path: str, **params: str) -> tuple[int, Any]:
 async def post_json(port: int, path: str, body: Any) -> tuple[int, Any]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     async with aiohttp.ClientSession() as s, \
-            s.post(f"http://127.0.0.1:{port}{path}", data=data) as r:
+            s.post(f"http://127.0.0.1:{port}{path}", data=data,
+                   headers={"Content-Type": "application/json"}) as r:
         return r.status, await r.json(content_type=None)
 
 

@@ -25,6 +25,7 @@ from netkv.config import (
 )
 from netkv.core.kvsize import PRESETS
 from netkv.core.policies import policy_names
+from netkv.http.server import HttpLimits
 from netkv.routing.selector import SelectorConfig
 
 Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
@@ -66,6 +67,10 @@ class SchedulerSettings(ServiceSettings):
     token: SecretStr | None = None
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     max_block_hashes: int = Field(default=65536, ge=1)
+    body_timeout_s: Positive = 10.0  # a body must arrive within this (else 408)
+    header_timeout_s: Positive = 5.0  # a request head must arrive within this of connecting
+    keepalive_timeout_s: Positive = 15.0  # an idle keep-alive connection is closed after
+    max_connections: int = Field(default=4096, ge=16)  # capped below the file limit
     reservation_ttl_s: Positive = 60.0
     map_stale_s: Positive = 10.0
     map_poll_s: Positive = 2.0
@@ -105,6 +110,12 @@ class SchedulerSettings(ServiceSettings):
                               capacity_tokens=self.capacity_tokens,
                               prefix_blocks=self.prefix_blocks,
                               reservation_ttl_s=self.reservation_ttl_s)
+
+    def http_limits(self) -> HttpLimits:
+        return HttpLimits(max_connections=self.max_connections,
+                          header_timeout_s=self.header_timeout_s,
+                          keepalive_timeout_s=self.keepalive_timeout_s,
+                          body_timeout_s=self.body_timeout_s)
 
     @property
     def topology_path(self) -> str:
