@@ -7,6 +7,7 @@ is let through says how many were suppressed.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import Any
@@ -51,3 +52,20 @@ class RateLimitedLog:
 
     def warning(self, event: str, **kw: Any) -> bool:
         return self._emit("warning", event, kw)
+
+
+_loop_log = RateLimitedLog("asyncio")
+
+
+def limit_loop_errors(loop: asyncio.AbstractEventLoop) -> None:
+    """Route the loop's error reports (e.g. ``accept() out of system resource``, logged with
+    a traceback each time) through a per-message budget; idempotent."""
+    if getattr(loop.get_exception_handler(), "_netkv_limited", False):
+        return
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+        exc = context.get("exception")
+        _loop_log.error(str(context.get("message", "event loop error"))[:200],
+                        error=repr(exc)[:300] if exc is not None else None)
+    handler._netkv_limited = True  # type: ignore[attr-defined]
+    loop.set_exception_handler(handler)

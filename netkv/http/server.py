@@ -31,7 +31,7 @@ from typing import Any
 
 from aiohttp import web
 
-from netkv.http.ratelimit import RateLimitedLog
+from netkv.http.ratelimit import RateLimitedLog, limit_loop_errors
 
 _log = RateLimitedLog(__name__)
 
@@ -46,7 +46,7 @@ class HttpLimits:
     body_timeout_s: float = 10.0
     max_line_size: int = 8190
     max_field_size: int = 8190
-    backlog: int = 1024
+    backlog: int = 128
     shutdown_timeout_s: float = 3.0
 
 
@@ -66,9 +66,12 @@ class ConnectionGuard:
     def __init__(self, server: web.Server, limits: HttpLimits) -> None:
         self.server = server
         self.limits = limits
-        # Room for the listening socket, Redis/MQTT clients, scrapes and log files.
-        room = raise_file_limit(limits.max_connections + 256) - 128
-        self.cap = max(16, min(limits.max_connections, room))
+        # One accept burst takes up to ``backlog`` descriptors before the guard can close
+        # any (and closes land one loop turn later), so the cap leaves twice that, plus room
+        # for the listening socket, Redis/MQTT clients, scrapes and log files.
+        reserve = 2 * limits.backlog + 128
+        soft = raise_file_limit(limits.max_connections + reserve)
+        self.cap = max(16, min(limits.max_connections, soft - reserve))
         self.open: dict[_Guarded, None] = {}
         self.waiting: OrderedDict[_Guarded, None] = OrderedDict()  # no request head yet
         self.by_handler: dict[Any, _Guarded] = {}
@@ -200,6 +203,7 @@ async def serving(app: web.Application, host: str, port: int,
         assert runner.server is not None
         guard = ConnectionGuard(runner.server, limits)
         loop = asyncio.get_running_loop()
+        limit_loop_errors(loop)
         server = await loop.create_server(guard, host, port, backlog=limits.backlog,
                                           reuse_address=True)
         try:
