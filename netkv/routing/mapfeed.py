@@ -95,7 +95,8 @@ class MapFeed:
         self._oracle = cmap.cached(self.cache_s, self.clock)
         self.version = cmap.version
         self.created_ts = cmap.created_ts
-        log.info("map installed", version=cmap.version)
+        # debug: one line per version is ~100 MB of log a day at info (issue 9)
+        log.debug("map installed", version=cmap.version)
         return True
 
     def health(self) -> tuple[bool, list[str]]:

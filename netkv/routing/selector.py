@@ -46,8 +46,9 @@ class SelectorConfig:
 
     ``policy`` is the default policy; ``policy_params`` maps policy name -> its parameters;
     ``capacity_tokens`` is a decoder's KV memory until it reports one; ``prefix_blocks``
-    bounds the prefix index; ``bytes_per_token`` is the KV size a transfer moves per prompt
-    token; an open booking expires after ``reservation_ttl_s``.
+    bounds the prefix index (which is also never larger than the blocks the decoders' KV
+    memory can hold: more could not be resident anyway); ``bytes_per_token`` is the KV size
+    a transfer moves per prompt token; an open booking expires after ``reservation_ttl_s``.
     """
 
     bytes_per_token: float
@@ -85,7 +86,8 @@ class Selector:
             raise InputError("topology", "no decode instances in the topology")
         self.reservations: Reservations[Booking] = Reservations(
             len(self.registry.decoders), settings.reservation_ttl_s, clock)
-        self.prefixes = PrefixIndex(settings.prefix_blocks)
+        resident = len(self.registry.decoders) * settings.capacity_tokens / BLOCK_TOKENS
+        self.prefixes = PrefixIndex(min(settings.prefix_blocks, max(1024, int(resident))))
         self.bytes_per_token = settings.bytes_per_token
         self.bookings = Bookings(topology)
         self.engines: dict[str, DecisionEngine] = {}

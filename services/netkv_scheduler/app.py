@@ -64,7 +64,7 @@ BODIES: tuple[type[msgspec.Struct], ...] = (SelectRequest, ReleaseRequest, Insta
 class Metrics:
     """The service's Prometheus metrics, in a registry of its own (one per app)."""
 
-    def __init__(self, policies: tuple[str, ...], feed: MapFeed) -> None:
+    def __init__(self, policies: tuple[str, ...], feed: MapFeed, selector: Selector) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.decision = Histogram(
@@ -101,6 +101,12 @@ class Metrics:
             .set_function(lambda: float(bool(feed.redis_ok)))
         Gauge("netkv_map_rejected", "map snapshots/announcements rejected", registry=r) \
             .set_function(lambda: float(feed.rejected_total))
+        Gauge("netkv_prefix_blocks", "blocks in the prefix index (bounded)", registry=r) \
+            .set_function(lambda: float(len(selector.prefixes)))
+        Gauge("netkv_open_reservations", "open bookings", registry=r) \
+            .set_function(lambda: float(len(selector.reservations.open)))
+        Gauge("netkv_instances", "instances known (topology and registered)", registry=r) \
+            .set_function(lambda: float(len(selector.registry.by_name)))
 
     def bad_request(self, where: str) -> None:
         label = _INDEX.sub("[]", where)
@@ -294,7 +300,7 @@ def create_app(settings: SchedulerSettings, topology: Topology | None = None,
                        poll_s=settings.map_poll_s, redis_timeout_s=settings.redis_timeout_s,
                        cache_s=settings.oracle_cache_s)
     selector = Selector(settings.selector_config(), topology, feed)
-    metrics = Metrics(selector.policies, feed)
+    metrics = Metrics(selector.policies, feed, selector)
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=middlewares(
         token=settings.token, max_body_bytes=settings.max_body_bytes,
         on_bad=metrics.bad_request))
