@@ -9,6 +9,7 @@ are written in OpenAPI 3.0's dialect (``nullable`` instead of a ``null`` branch)
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,6 +58,11 @@ def document(title: str, description: str, operations: Sequence[Operation], *,
         if op.response is not None:
             entry["responses"]["200"]["content"] = {
                 "application/json": {"schema": by_type[op.response]}}
+        names = re.findall(r"\{(\w+)\}", op.path)
+        if names:
+            entry["parameters"] = [{"name": n, "in": "path", "required": True,
+                                    "schema": {"type": "string", "maxLength": 256}}
+                                   for n in names]
         if op.request is not None:
             entry["requestBody"] = {"required": True, "content": {
                 "application/json": {"schema": by_type[op.request]}}}

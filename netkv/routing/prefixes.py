@@ -57,6 +57,12 @@ class PrefixIndex:
             out += count * bits[:n_decoders].astype(np.int64)
         return out
 
+    def clear(self) -> None:
+        """Forget every holding (after the decoder set was compacted: bits would shift). The
+        index is a cache of our own placements: an empty one costs full-transfer estimates
+        until it refills, nothing else."""
+        self._holders.clear()
+
     def add(self, hashes: Sequence[int], decoder: int) -> None:
         holders = self._holders
         bit = 1 << decoder

@@ -57,6 +57,9 @@ class SelectorConfig:
     capacity_tokens: float = 500_000.0
     prefix_blocks: int = 200_000
     reservation_ttl_s: float = 60.0
+    max_registered: int = 256
+    registration_ttl_s: float = 60.0
+    scrape_allow: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +84,10 @@ class Selector:
         self.topology = topology
         self.feed = feed
         self.clock = clock
-        self.registry = InstanceRegistry(topology, settings.capacity_tokens)
+        self.registry = InstanceRegistry(topology, settings.capacity_tokens,
+                                         max_registered=settings.max_registered,
+                                         ttl_s=settings.registration_ttl_s, clock=clock,
+                                         scrape_allow=settings.scrape_allow)
         if not self.registry.decoders:
             raise InputError("topology", "no decode instances in the topology")
         self.reservations: Reservations[Booking] = Reservations(
@@ -103,6 +109,7 @@ class Selector:
             raise InputError("scheduler.policy", f"unknown policy {settings.policy!r}; "
                              f"known: {', '.join(self.engines)}")
         self._swept_at = -1.0
+        self._expiry_check_at = -1.0
 
     @property
     def policies(self) -> tuple[str, ...]:
@@ -117,6 +124,21 @@ class Selector:
         self._swept_at = now
         for booking in self.reservations.sweep(now):
             self.bookings.release(booking)
+        if now >= self._expiry_check_at:  # at most once a second
+            self._expiry_check_at = now + 1.0
+            expired = self.registry.expired(now)
+            if expired:
+                self.remove(expired)
+
+    def remove(self, names: list[str]) -> list[str]:
+        """Remove registered instances (their bookings end); returns the names removed."""
+        known = [n for n in names if n in self.registry.by_name]
+        mapping = self.registry.remove(known)
+        if mapping is not None:
+            for booking in self.reservations.remap(mapping):
+                self.bookings.release(booking)
+            self.prefixes.clear()
+        return known
 
     def candidates(self) -> CandidateView:
         reg = self.registry

@@ -26,7 +26,7 @@ from netkv.core.topology import Topology
 from netkv.core.topology_file import load_topology
 from netkv.errors import InputError
 from netkv.http.bodies import encode, json_response, read_body
-from netkv.http.middlewares import middlewares
+from netkv.http.middlewares import error_response, middlewares
 from netkv.http.openapi import JSON, Operation, document
 from netkv.routing import (
     InstanceReport,
@@ -36,6 +36,7 @@ from netkv.routing import (
     SelectRequest,
     spawn_routing,
 )
+from netkv.routing.instances import RegistryFullError
 from netkv.supervisor import Supervisor
 from netkv_scheduler.schema import (
     Breakdown,
@@ -45,6 +46,7 @@ from netkv_scheduler.schema import (
     ReadyResponse,
     RegisterResponse,
     ReleaseResponse,
+    RemoveResponse,
     SelectResponse,
 )
 from netkv_scheduler.settings import SchedulerSettings
@@ -175,9 +177,24 @@ async def _release(request: web.Request) -> web.Response:
 async def _register(request: web.Request) -> web.Response:
     body = await read_body(request, InstanceReport,
                            timeout_s=request.app[SETTINGS].body_timeout_s)
-    info = request.app[SELECTOR].register(body)
+    selector = request.app[SELECTOR]
+    try:
+        info = selector.register(body)
+    except RegistryFullError as exc:
+        request.app[METRICS].bad_request(exc.where)
+        return error_response(429, exc.where, exc.message)
+    expires = None if info.expires_ts is None else round(info.expires_ts - selector.clock(), 3)
     return json_response(RegisterResponse(name=info.name, role=info.role, host=info.host,
-                                          source=info.source))
+                                          source=info.source, expires_in_s=expires))
+
+
+async def _remove(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    try:
+        removed = request.app[SELECTOR].remove([name])
+    except InputError as exc:
+        raise InputError("name", exc.message) from None
+    return json_response(RemoveResponse(name=name, removed=bool(removed)))
 
 
 def _describe(selector: Selector) -> InstancesResponse:
@@ -198,6 +215,8 @@ def _describe(selector: Selector) -> InstancesResponse:
             entry.scrape_error = info.scrape_error
         if info.updated_ts:
             entry.load_age_s = round(max(now - info.updated_ts, 0.0), 3)
+        if info.expires_ts is not None:
+            entry.expires_in_s = round(max(info.expires_ts - now, 0.0), 3)
         out.append(entry)
     return InstancesResponse(
         instances=out, open_reservations=len(selector.reservations.open),
@@ -250,7 +269,11 @@ def operations() -> list[Operation]:
         Operation("GET", "/v1/instances", "instances", "instances, load, bookings",
                   response=InstancesResponse),
         Operation("POST", "/v1/instances", "register", "register an instance or refresh "
-                  "its load", InstanceReport, RegisterResponse, MUTATING_ERRORS, secured=True),
+                  "its load", InstanceReport, RegisterResponse, (*MUTATING_ERRORS, 429),
+                  secured=True),
+        Operation("DELETE", "/v1/instances/{name}", "remove", "remove a registered "
+                  "instance (its bookings end)", response=RemoveResponse, errors=(400,),
+                  secured=True),
         Operation("GET", "/healthz", "healthz", response=HealthResponse),
         Operation("GET", "/readyz", "readyz", "ready (maybe degraded: see reasons)",
                   response=ReadyResponse, responses={
@@ -287,7 +310,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     s = app[SETTINGS]
     async with app[SUPERVISOR] as supervisor:
         spawn_routing(supervisor, app[SELECTOR], scrape_interval_s=s.scrape_interval_s,
-                      scrape_timeout_s=s.scrape_timeout_s)
+                      scrape_timeout_s=s.scrape_timeout_s, max_scrape_bytes=s.max_scrape_bytes)
         yield
 
 
@@ -315,6 +338,7 @@ def create_app(settings: SchedulerSettings, topology: Topology | None = None,
     app.router.add_post("/v1/release", _release)
     app.router.add_post("/v1/instances", _register)
     app.router.add_get("/v1/instances", _instances)
+    app.router.add_delete("/v1/instances/{name}", _remove)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)

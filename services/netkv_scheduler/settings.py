@@ -8,12 +8,13 @@ variables and CLI flags override the file.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from netkv.config import (
     LogLevel,
@@ -25,10 +26,21 @@ from netkv.config import (
 )
 from netkv.core.kvsize import PRESETS
 from netkv.core.policies import policy_names
+from netkv.errors import InputError
 from netkv.http.server import HttpLimits
 from netkv.routing.selector import SelectorConfig
 
 Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+def is_loopback(host: str) -> bool:
+    """True for a loopback address or ``localhost`` (a name that resolves elsewhere is not)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _not_empty_token(value: SecretStr | None) -> SecretStr | None:
@@ -71,6 +83,13 @@ class SchedulerSettings(ServiceSettings):
     header_timeout_s: Positive = 5.0  # a request head must arrive within this of connecting
     keepalive_timeout_s: Positive = 15.0  # an idle keep-alive connection is closed after
     max_connections: int = Field(default=4096, ge=16)  # capped below the file limit
+    # Listening off loopback without a token is refused unless this says so explicitly (a
+    # testbed's private namespace network, say); never the default.
+    allow_unauthenticated: bool = False
+    max_registered: int = Field(default=256, ge=0)  # instances registered over HTTP, at most
+    registration_ttl_s: Positive = 60.0  # a registered instance expires unless refreshed
+    scrape_allow: tuple[str, ...] = ()  # metrics_url hosts allowed besides the instance's own
+    max_scrape_bytes: int = Field(default=1 << 20, ge=1024)
     reservation_ttl_s: Positive = 60.0
     map_stale_s: Positive = 10.0
     map_poll_s: Positive = 2.0
@@ -81,6 +100,17 @@ class SchedulerSettings(ServiceSettings):
     log_level: LogLevel = "info"
 
     _token = field_validator("token")(_not_empty_token)
+
+    @model_validator(mode="after")
+    def _credential_off_loopback(self) -> SchedulerSettings:
+        if self.token is None and not is_loopback(self.host) \
+                and not self.allow_unauthenticated:
+            raise InputError("token", f"required when listening on {self.host!r} (anything "
+                             "but loopback): anyone who can reach the port could register "
+                             "decoders and steer decisions; set NETKV_TOKEN, listen on "
+                             "127.0.0.1, or (a private test network only) set "
+                             "allow_unauthenticated")
+        return self
 
     @field_validator("model")
     @classmethod
@@ -109,7 +139,10 @@ class SchedulerSettings(ServiceSettings):
                               policy_params=self.policy_params,
                               capacity_tokens=self.capacity_tokens,
                               prefix_blocks=self.prefix_blocks,
-                              reservation_ttl_s=self.reservation_ttl_s)
+                              reservation_ttl_s=self.reservation_ttl_s,
+                              max_registered=self.max_registered,
+                              registration_ttl_s=self.registration_ttl_s,
+                              scrape_allow=self.scrape_allow)
 
     def http_limits(self) -> HttpLimits:
         return HttpLimits(max_connections=self.max_connections,

@@ -319,7 +319,8 @@ async def test_scrapes_engine_load_from_prometheus(
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     engine_url = "http://{}:{}/metrics".format(*runner.addresses[0][:2])
     topo = load_topology(demo_topology_path())
-    settings = settings_for(redis_server, mosquitto_server, scrape_interval_s=0.2)
+    settings = settings_for(redis_server, mosquitto_server, scrape_interval_s=0.2,
+                            scrape_allow=("127.0.0.1",))  # the emulated engine is local
     try:
         async with serving(settings, topo) as base, aiohttp.ClientSession() as http:
             status, _ = await post(http, f"{base}/v1/instances",

@@ -89,7 +89,7 @@ def test_number_checker_rejects_non_finite() -> None:
 def test_document_lists_every_endpoint_and_the_policies() -> None:
     doc = openapi_document(policy_names(), auth=True)
     assert set(doc["paths"]) == {"/v1/select", "/v1/release", "/v1/instances", "/healthz",
-                                 "/readyz", "/metrics"}
+                                 "/readyz", "/metrics", "/v1/instances/{name}"}
     schema = doc["paths"]["/v1/select"]["post"]["requestBody"]["content"][
         "application/json"]["schema"]
     assert schema["properties"]["policy"]["enum"] == list(policy_names())
@@ -159,7 +159,7 @@ def test_registry_registers_and_refreshes(topo: Topology) -> None:
     info = reg.register("extra-d", "decode", "h003", Load(2, 1, 0.5, 2000.0), None)
     assert len(reg.decoders) == n + 1 and reg.decode_host[-1] == topo.host_id("h003")
     assert reg.capacity_tokens[-1] == 2000.0 and reg.running[-1] == 2
-    reg.register("extra-d", None, None, Load(0, 0, 0.1), "http://127.0.0.1:1/metrics")
+    reg.register("extra-d", None, None, Load(0, 0, 0.1), "http://h003:1/metrics")
     assert reg.load_of(info) == Load(0, 0, 0.1, 2000.0)
     with pytest.raises(InputError) as bad:
         reg.register("new", "decode", "nowhere", None, None)
