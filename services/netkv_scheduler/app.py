@@ -14,13 +14,15 @@ sweeper run under the app's :class:`~netkv.supervisor.Supervisor`, and a dead on
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator, Collection, Iterable
 
 import msgspec
 import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 from netkv.core.topology import Topology
 from netkv.core.topology_file import load_topology
@@ -103,6 +105,7 @@ class Metrics:
             .set_function(lambda: float(bool(feed.redis_ok)))
         Gauge("netkv_map_rejected", "map snapshots/announcements rejected", registry=r) \
             .set_function(lambda: float(feed.rejected_total))
+        r.register(_FeedErrors(feed))
         Gauge("netkv_prefix_blocks", "blocks in the prefix index (bounded)", registry=r) \
             .set_function(lambda: float(len(selector.prefixes)))
         Gauge("netkv_open_reservations", "open bookings", registry=r) \
@@ -113,6 +116,20 @@ class Metrics:
     def bad_request(self, where: str) -> None:
         label = _INDEX.sub("[]", where)
         self.bad.labels(label if label in self.fields else "other").inc()
+
+
+class _FeedErrors(Collector):
+    """``netkv_map_feed_errors_total{reason}``: every kind of map-feed failure, counted."""
+
+    def __init__(self, feed: MapFeed) -> None:
+        self.feed = feed
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily("netkv_map_feed_errors", "map feed failures by reason",
+                                     labels=["reason"])
+        for reason, count in sorted(self.feed.errors_by_reason.items()):
+            family.add_metric([reason], count)
+        yield family
 
 
 METRICS = web.AppKey("metrics", Metrics)
@@ -243,7 +260,8 @@ async def _readyz(request: web.Request) -> web.Response:
     return json_response(ReadyResponse(
         status=status, reasons=reasons, map_version=view.version, map_age_s=view.age_s,
         map_stale=view.stale, mqtt_connected=feed.mqtt_connected, redis_ok=feed.redis_ok,
-        feed_alive=request.app[SUPERVISOR].healthy), 200 if ready else 503)
+        feed_alive=request.app[SUPERVISOR].healthy and not feed.loop_failures_recent(),
+        silent_agents=feed.silent_agents()), 200 if ready else 503)
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -321,7 +339,7 @@ def create_app(settings: SchedulerSettings, topology: Topology | None = None,
     if feed is None:
         feed = MapFeed(topology, settings.redis, settings.mqtt, stale_s=settings.map_stale_s,
                        poll_s=settings.map_poll_s, redis_timeout_s=settings.redis_timeout_s,
-                       cache_s=settings.oracle_cache_s)
+                       cache_s=settings.oracle_cache_s, silent_s=settings.agent_silent_s)
     selector = Selector(settings.selector_config(), topology, feed)
     metrics = Metrics(selector.policies, feed, selector)
     app = web.Application(client_max_size=settings.max_body_bytes, middlewares=middlewares(

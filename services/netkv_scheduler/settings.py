@@ -88,6 +88,7 @@ class SchedulerSettings(ServiceSettings):
     allow_unauthenticated: bool = False
     max_registered: int = Field(default=256, ge=0)  # instances registered over HTTP, at most
     registration_ttl_s: Positive = 60.0  # a registered instance expires unless refreshed
+    agent_silent_s: Positive = 10.0  # an agent heard before, silent this long: degraded
     scrape_allow: tuple[str, ...] = ()  # metrics_url hosts allowed besides the instance's own
     max_scrape_bytes: int = Field(default=1 << 20, ge=1024)
     reservation_ttl_s: Positive = 60.0
