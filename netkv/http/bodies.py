@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import select
 from typing import Any, TypeVar
 
 import msgspec
@@ -64,6 +65,26 @@ async def read_body(request: web.Request, type_: type[T], *, timeout_s: float = 
     except TimeoutError:
         raise BodyTimeoutError("body", f"not received within {timeout_s:g} s") from None
     return decode(raw, type_)
+
+
+_GONE = select.POLLRDHUP | select.POLLHUP | select.POLLERR
+
+
+def peer_gone(request: web.Request) -> bool:
+    """True when the client has closed its side (or the connection broke) before we answer.
+
+    An HTTP/1.1 client that waits for an answer does not half-close, so a FIN (POLLRDHUP)
+    means it gave up (timed out during a stall, say). One non-blocking poll(2), no data read.
+    """
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        return True
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return False
+    poller = select.poll()
+    poller.register(sock.fileno(), _GONE)
+    return any(events & _GONE for _, events in poller.poll(0))
 
 
 def encode(obj: Any) -> bytes:

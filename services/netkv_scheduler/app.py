@@ -27,7 +27,7 @@ from prometheus_client.registry import Collector
 from netkv.core.topology import Topology
 from netkv.core.topology_file import load_topology
 from netkv.errors import InputError
-from netkv.http.bodies import encode, json_response, read_body
+from netkv.http.bodies import encode, json_response, peer_gone, read_body
 from netkv.http.middlewares import error_response, middlewares
 from netkv.http.openapi import JSON, Operation, document
 from netkv.routing import (
@@ -165,6 +165,11 @@ async def _select(request: web.Request) -> web.Response:
     choice = app[SELECTOR].select(body)
     d = choice.decision
     metrics = app[METRICS]
+    if choice.reserved and peer_gone(request):
+        # The client gave up before its answer (e.g. it timed out during a stall): its
+        # booking would count as invisible load until it expired.
+        app[SELECTOR].release(body.request_id)
+        metrics.releases.labels("client_gone").inc()
     metrics.decision_by_policy[choice.policy].observe(choice.duration_s)
     metrics.transfer_by_tier[d.tier].observe(d.transfer_s)
     view = choice.view

@@ -190,3 +190,35 @@ async def test_big_metrics_pages_do_not_stall_decisions(page_server: dict[str, A
               f"40 x 4 MiB pages; scrape_error {entry.get('scrape_error')!r}")
         assert entry.get("scrape_error") == "too large"
         assert busy < max(50.0, 2 * quiet + 10.0)
+
+
+@pytest.mark.faults
+async def test_bookings_of_clients_that_gave_up_are_released() -> None:
+    """The scheduler stalls (SIGSTOP); 16 clients send a select and give up (close) before
+    the answer; after the stall their bookings must not stay counted for the full TTL."""
+    import os
+    import signal
+    async with scheduler_process(QUIET) as (base, proc), aiohttp.ClientSession() as http:
+        host, port = base.removeprefix("http://").split(":")
+        body = (b'{"request_id": "gone-%d", "prefill": "h000-p0", "prompt_tokens": 8000}')
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            for i in range(16):
+                reader, writer = await asyncio.open_connection(host, int(port))
+                payload = body % i
+                writer.write(b"POST /v1/select HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                             b"application/json\r\nContent-Length: %d\r\n\r\n%s"
+                             % (len(payload), payload))
+                await writer.drain()
+                writer.close()  # gave up: closed before reading any answer
+                await writer.wait_closed()
+            await asyncio.sleep(0.5)
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        await asyncio.sleep(1.0)
+        status, ok = await post(http, f"{base}/v1/select",
+                                {"request_id": "alive", "prefill": "h000-p0",
+                                 "prompt_tokens": 8000})
+        assert status == 200
+        state = await listing(http, base)
+        assert state["open_reservations"] == 1, state["open_reservations"]  # "alive" only
