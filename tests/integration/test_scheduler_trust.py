@@ -204,7 +204,7 @@ async def test_bookings_of_clients_that_gave_up_are_released() -> None:
         os.kill(proc.pid, signal.SIGSTOP)
         try:
             for i in range(16):
-                reader, writer = await asyncio.open_connection(host, int(port))
+                _, writer = await asyncio.open_connection(host, int(port))
                 payload = body % i
                 writer.write(b"POST /v1/select HTTP/1.1\r\nHost: x\r\nContent-Type: "
                              b"application/json\r\nContent-Length: %d\r\n\r\n%s"
@@ -216,7 +216,7 @@ async def test_bookings_of_clients_that_gave_up_are_released() -> None:
         finally:
             os.kill(proc.pid, signal.SIGCONT)
         await asyncio.sleep(1.0)
-        status, ok = await post(http, f"{base}/v1/select",
+        status, _ = await post(http, f"{base}/v1/select",
                                 {"request_id": "alive", "prefill": "h000-p0",
                                  "prompt_tokens": 8000})
         assert status == 200
