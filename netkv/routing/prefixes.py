@@ -49,12 +49,13 @@ class PrefixIndex:
                 runs[-1][1] += 1
             else:
                 runs.append([alive, 1])
-        out = np.zeros(n_decoders, dtype=np.int64)
+        # One unpack for all runs: row r holds the bits of run r's holder set.
         width = (n_decoders + 7) // 8
-        for mask, count in runs:
-            raw = (mask & ((1 << n_decoders) - 1)).to_bytes(width, "little")
-            bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
-            out += count * bits[:n_decoders].astype(np.int64)
+        low = (1 << n_decoders) - 1
+        raw = b"".join((mask & low).to_bytes(width, "little") for mask, _ in runs)
+        bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
+        counts = np.fromiter((count for _, count in runs), dtype=np.int64, count=len(runs))
+        out: IntArray = counts @ bits.reshape(len(runs), width * 8)[:, :n_decoders]
         return out
 
     def clear(self) -> None:
