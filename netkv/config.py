@@ -157,7 +157,7 @@ class ServiceSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter="__",
                                       extra="forbid", frozen=True, env_ignore_empty=False,
-                                      case_sensitive=False)
+                                      case_sensitive=False, validate_default=False)
     SECTION: ClassVar[str] = ""
 
     def __init__(self, **values: Any) -> None:

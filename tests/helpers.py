@@ -4,22 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import os
 import resource
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
 
 
-async def until(check: Callable[[], Awaitable[bool]], timeout_s: float = 15.0,
-                every_s: float = 0.1, what: str = "condition") -> None:
-    """Poll the async ``check`` until it is true; fail after ``timeout_s`` (bounded)."""
+async def until(check: Callable[[], Any], timeout_s: float = 15.0, step_s: float = 0.05,
+                what: str = "condition") -> Any:
+    """Poll ``check`` (sync or async) until it returns something truthy, and return that;
+    fail after ``timeout_s`` (every test's polling loop is bounded by this one helper)."""
     deadline = time.monotonic() + timeout_s
-    while not await check():
+    while True:
+        value = check()
+        if inspect.isawaitable(value):
+            value = await value
+        if value:
+            return value
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not reached in {timeout_s:g} s")
-        await asyncio.sleep(every_s)
+        await asyncio.sleep(step_s)
 
 
 def raise_nofile() -> int:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -57,21 +56,6 @@ def batch(agent: str, *samples: Sample) -> bytes:
 async def xadd(redis: Any, agent: str, payload: bytes | dict[str, bytes]) -> None:
     fields = payload if isinstance(payload, dict) else {"b": payload}
     await redis.xadd(KEYS.samples_stream(agent), fields, maxlen=1000, approximate=True)
-
-
-async def until(predicate: Callable[[], Any], timeout_s: float = 5.0,
-                step_s: float = 0.05) -> Any:
-    """Poll ``predicate`` (sync or async) until truthy; fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout_s} s")
-        await asyncio.sleep(step_s)
 
 
 async def get_json(port: int, path: str, **params: str) -> tuple[int, Any]:

@@ -17,10 +17,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers import until
 from netkv_agent.agent import Agent
 from netkv_agent.settings import AgentSettings
 from netkv_oracle.service import OracleService
-from netkv_oracle.testkit import KEYS, get_json, oracle_settings, retained_version, until
+from netkv_oracle.testkit import KEYS, get_json, oracle_settings, retained_version
 
 from netkv.adapters.redis_client import connect_redis
 from netkv.config import MqttSettings, RedisSettings
