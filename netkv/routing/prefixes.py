@@ -12,6 +12,7 @@ is one AND per block whatever the number of decoders.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
@@ -23,11 +24,13 @@ class PrefixIndex:
     """Block hash -> bit mask of decoder indices, least recently used blocks evicted first.
 
     A plain dict (insertion-ordered; a touched block is re-inserted at the end) costs about
-    half the memory of an OrderedDict per block: ~100 bytes with its two ints.
+    half the memory of an OrderedDict per block: ~100 bytes with its two ints. It may hold
+    up to 1/16th more than ``max_blocks`` between two eviction batches.
     """
 
     def __init__(self, max_blocks: int = 200_000) -> None:
         self.max_blocks = max_blocks
+        self._slack = max_blocks // 16
         self._holders: dict[int, int] = {}
 
     def __len__(self) -> int:
@@ -70,7 +73,8 @@ class PrefixIndex:
         for h in hashes:
             mask = holders.pop(h, None)  # re-inserted last: the most recently used
             holders[h] = bit if mask is None else mask | bit
-        excess = len(holders) - self.max_blocks
-        if excess > 0:
-            for h in [h for h, _ in zip(holders, range(excess), strict=False)]:
+        if len(holders) > self.max_blocks + self._slack:
+            # Evict in batches (the oldest 1/16th at once): deleting from the front of a
+            # dict one key per call would rescan the deleted slots every time.
+            for h in list(itertools.islice(holders, len(holders) - self.max_blocks)):
                 del holders[h]
