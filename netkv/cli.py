@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sim": ("netkv.sim.cli", "trace-driven simulation of the scheduling policies"),
     "testbed": ("netkv.testbed.cli", "network-namespace testbed that moves real bytes"),
     "bench": ("netkv.bench.cli", "benchmarks: decision, telemetry, scheduler"),
+    "engine": ("netkv.engine.cli", "an emulated engine that speaks vLLM's P/D protocol"),
+    "proxy": ("netkv_proxy.cli", "the OpenAI-compatible P/D proxy that places decodes"),
 }
 
 
