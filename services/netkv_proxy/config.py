@@ -1,0 +1,176 @@
+"""Typed, frozen proxy settings, loaded once from the ``proxy`` config section, the shared
+``redis``/``mqtt``/``topology`` sections, ``NETKV_PROXY__*`` variables and the flags.
+
+Workers come from ``--prefill`` / ``--decode`` flags or the config file::
+
+    proxy:
+      mode: pull                 # pull (vLLM NixlConnector), push (vLLM WRITE), bootstrap
+      prefill:
+        - {url: "http://10.0.0.1:8100", host: gpu-a1, bootstrap_port: 8998}
+      decode:
+        - {url: "http://10.0.0.2:8200", host: gpu-a2}
+
+A flag is ``URL[=HOST][,bootstrap_port=N][,bootstrap_host=ADDR]``; ``HOST`` is a host (or
+instance) name of the topology file; without a topology every worker host sits on one leaf.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from netkv.config import MqttSettings, RedisSettings, load_settings
+from netkv.core.kvsize import PRESETS
+from netkv.errors import InputError
+from netkv.fields import bound
+from netkv.prompts import VLLM_BLOCK_TOKENS
+
+Mode = Literal["pull", "push", "bootstrap"]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerEntry:
+    url: str
+    host: str | None = None
+    bootstrap_port: int | None = field(default=None, metadata=bound(ge=1, le=65535))
+    bootstrap_host: str | None = None
+
+    def __post_init__(self) -> None:
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise InputError("url", f"expected http(s)://HOST:PORT, got {self.url!r}")
+
+    @property
+    def base(self) -> str:
+        return self.url.rstrip("/").removesuffix("/v1")
+
+    @property
+    def host_name(self) -> str:
+        return self.host or (urlsplit(self.url).hostname or "")
+
+
+@dataclass(frozen=True, slots=True)
+class ProxySettings:
+    """Everything the proxy needs. ``map_stale_s``: past this age the congestion map is
+    ignored and decisions use the tier priors (said in ``x-netkv-map`` and the metrics)."""
+
+    host: str = "127.0.0.1"
+    port: int = field(default=8000, metadata=bound(ge=0, le=65535))
+    prefill: tuple[WorkerEntry, ...] = ()
+    decode: tuple[WorkerEntry, ...] = ()
+    mode: Mode = "pull"
+    policy: str = "netkv"
+    policy_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    topology: str | None = None
+    redis: RedisSettings | None = None
+    mqtt: MqttSettings | None = None
+    model: str = "llama3-70b"
+    kv_bytes_per_token: float | None = field(default=None, metadata=bound(gt=0))
+    capacity_tokens: float = field(default=500_000.0, metadata=bound(gt=0))
+    block_size: int = field(default=VLLM_BLOCK_TOKENS, metadata=bound(ge=1, le=65536))
+    tokenizer: str | None = None
+    prefix_blocks: int = field(default=200_000, metadata=bound(ge=0))
+    default_max_tokens: int = field(default=16, metadata=bound(ge=1))
+    prefill_timeout_s: float = field(default=30.0, metadata=bound(gt=0))
+    prefill_retries: int = field(default=2, metadata=bound(ge=0, le=10))
+    connect_timeout_s: float = field(default=3.0, metadata=bound(gt=0))
+    decode_read_timeout_s: float = field(default=120.0, metadata=bound(gt=0))
+    health_interval_s: float = field(default=1.0, metadata=bound(gt=0))
+    health_timeout_s: float = field(default=1.0, metadata=bound(gt=0))
+    eject_after: int = field(default=2, metadata=bound(ge=1))
+    readmit_after: int = field(default=2, metadata=bound(ge=1))
+    map_stale_s: float = field(default=10.0, metadata=bound(gt=0))
+    map_poll_s: float = field(default=2.0, metadata=bound(gt=0))
+    redis_timeout_s: float = field(default=1.0, metadata=bound(gt=0))
+    oracle_cache_s: float = field(default=0.5, metadata=bound(ge=0))
+    max_body_bytes: int = field(default=32 << 20, metadata=bound(ge=1024))
+    max_connections: int = field(default=1000, metadata=bound(ge=1))
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if not self.prefill:
+            raise InputError("proxy.prefill", "name at least one prefill worker")
+        if not self.decode:
+            raise InputError("proxy.decode", "name at least one decode worker")
+        if self.model not in PRESETS:
+            raise InputError("proxy.model", f"unknown model {self.model!r}; known: "
+                             f"{', '.join(sorted(PRESETS))}")
+        if self.mode == "bootstrap":
+            for i, w in enumerate(self.prefill):
+                if w.bootstrap_port is None:
+                    raise InputError(f"proxy.prefill[{i}].bootstrap_port",
+                                     "bootstrap mode needs every prefill's bootstrap port")
+        urls = [w.base for w in (*self.prefill, *self.decode)]
+        if len(set(urls)) != len(urls):
+            raise InputError("proxy.prefill", "a worker URL is given twice")
+
+    @property
+    def bytes_per_token(self) -> float:
+        if self.kv_bytes_per_token is not None:
+            return float(self.kv_bytes_per_token)
+        return float(PRESETS[self.model].bytes_per_token)
+
+
+def parse_worker(text: str, flag: str) -> dict[str, Any]:
+    """``URL[=HOST][,bootstrap_port=N][,bootstrap_host=ADDR]`` as a config entry."""
+    head, *opts = text.split(",")
+    url, _, host = head.partition("=")
+    entry: dict[str, Any] = {"url": url}
+    if host:
+        entry["host"] = host
+    for opt in opts:
+        key, _, value = opt.partition("=")
+        if key == "bootstrap_port" and value.isdigit():
+            entry["bootstrap_port"] = int(value)
+        elif key == "bootstrap_host" and value:
+            entry["bootstrap_host"] = value
+        else:
+            raise InputError(flag, f"unknown worker option {opt!r} in {text!r} (known: "
+                             "bootstrap_port=N, bootstrap_host=ADDR)")
+    return entry
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="config file (YAML/JSON) with a proxy section")
+    parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to bind (default 8000; 0 = any free)")
+    parser.add_argument("--prefill", action="append", metavar="URL[=HOST]",
+                        help="a prefill worker (repeat the flag for more)")
+    parser.add_argument("--decode", action="append", metavar="URL[=HOST]",
+                        help="a decode worker (repeat the flag for more)")
+    parser.add_argument("--mode", choices=("pull", "push", "bootstrap"),
+                        help="pull: vLLM NixlConnector (default); push: vLLM WRITE; "
+                        "bootstrap: SGLang (the pair is chosen before prefill)")
+    parser.add_argument("--policy", help="decode policy (default netkv; netkv_pair in "
+                        "bootstrap mode chooses the pair)")
+    parser.add_argument("--topology", help="topology file naming the workers' hosts")
+    parser.add_argument("--block-size", type=int, help="prefix block size in tokens (vLLM "
+                        f"default {VLLM_BLOCK_TOKENS})")
+    parser.add_argument("--tokenizer", help="a local tokenizer.json for text prompts")
+    parser.add_argument("--kv-bytes-per-token", type=float,
+                        help="KV bytes per prompt token (default: the model preset's)")
+    parser.add_argument("--redis-url", help="the congestion map's Redis (enables the map)")
+    parser.add_argument("--mqtt-host", help="the map announcements' broker")
+
+
+def settings_from(args: argparse.Namespace) -> ProxySettings:
+    overrides: dict[str, Any] = {k: getattr(args, k, None) for k in (
+        "host", "port", "mode", "policy", "topology", "block_size", "tokenizer",
+        "kv_bytes_per_token")}
+    for role in ("prefill", "decode"):
+        given: Sequence[str] | None = getattr(args, role, None)
+        if given:
+            overrides[role] = [parse_worker(t, f"--{role}") for t in given]
+    if getattr(args, "redis_url", None):
+        overrides["redis"] = {"url": args.redis_url}
+    if getattr(args, "mqtt_host", None):
+        host, _, port = str(args.mqtt_host).partition(":")
+        overrides["mqtt"] = {"host": host, **({"port": int(port)} if port.isdigit() else {})}
+    config = getattr(args, "config", None)
+    env: Mapping[str, str] = getattr(args, "environ", {})
+    return load_settings(ProxySettings, "proxy", Path(config) if config else None, env,
+                         overrides)
