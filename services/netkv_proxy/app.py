@@ -441,9 +441,8 @@ class Proxy:
                         502, f"decode {decode.name} answered HTTP {resp.status}: "
                         f"{payload[:200].decode(errors='replace')}", "BadGatewayError",
                         headers=headers), "decode_failed")
-                if not job.stream:
+                if not job.stream:  # TTFT and handover are observed on streams only
                     payload = await resp.read()
-                    self._first_byte(job, placed, handover_from)
                     return web.Response(body=payload, content_type="application/json",
                                         headers=headers)
                 return await self._relay(request, job, placed, resp, headers=headers,

@@ -20,7 +20,8 @@ class ProxyMetrics:
                                 ("endpoint", "outcome"), registry=r)
         self.ttft = Histogram("netkv_proxy_ttft_seconds", "Arrival at the proxy to the first "
                               "byte of the decode's answer sent to the client (end to end "
-                              "as the proxy sees it)", buckets=LATENCY_BUCKETS, registry=r)
+                              "as the proxy sees it; streaming requests)",
+                              buckets=LATENCY_BUCKETS, registry=r)
         self.prefill = Histogram("netkv_proxy_prefill_seconds", "Prefill leg: request sent "
                                  "to the prefill's answer", buckets=LATENCY_BUCKETS,
                                  registry=r)
