@@ -187,6 +187,8 @@ class Prepared:
     params: KVTransferParams | None
     bootstrap: tuple[str, int, int] | None  # host, port, room
     model: str
+    kv: kvchannel.Transfer | None = None  # the KV this decode received
+    kv_start: float = 0.0  # time.monotonic() when the transfer began
 
 
 class Engine:
@@ -226,9 +228,11 @@ class Engine:
         await self._supervisor.__aenter__()
         try:
             if s.role == "prefill":
+                # in a namespace the side channel sits on the host's data address; else
+                # beside the HTTP port (a container binds 0.0.0.0 and announces its address)
                 self.channel = kvchannel.SideChannel(
-                    self.store, self.model.bytes_per_token, ns=s.ns, host=s.host
-                    if s.host != "0.0.0.0" or not s.side_channel_host else "0.0.0.0",
+                    self.store, self.model.bytes_per_token, ns=s.ns,
+                    host=s.announced_host if s.ns is not None else s.host,
                     port=s.side_channel_port, on_served=self._served)
                 await self.channel.__aenter__()
                 self._supervisor.spawn(self._sweep_leases(), name="leases")
@@ -410,6 +414,7 @@ class Engine:
         hashes = block_hashes(prep.tokens, s.block_size)
         hit = self.prefix.match(hashes)
         params = prep.params
+        start = time.monotonic()
         try:
             if prep.bootstrap is not None:
                 host, port, room = prep.bootstrap
@@ -431,6 +436,7 @@ class Engine:
             await self._prefill(prep.tokens)
             return
         self.prefix.insert(hashes)
+        prep.kv, prep.kv_start = done, start
         self.metrics.kv_pulled.inc(done.nbytes)
         self.metrics.kv_transfers.labels("pulled").inc()
         self.metrics.kv_transfer_s.observe(done.seconds)
@@ -524,13 +530,12 @@ class Engine:
                                                       finish_reason="length")],
                                   usage=usage, kv_transfer_params=extra)
         return web.Response(body=msgspec.json.encode(body), content_type="application/json",
-                            headers={"x-request-id": prep.request_id})
+                            headers=_headers(prep))
 
     async def _stream(self, request: web.Request, prep: Prepared, n_out: int, step: float,
                       extra: dict[str, Any] | None) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                           "Cache-Control": "no-cache",
-                                           "x-request-id": prep.request_id})
+                                           "Cache-Control": "no-cache", **_headers(prep)})
         await resp.prepare(request)
         created = now_s()
         for chunk in self._chunks(prep, n_out, created):
@@ -567,6 +572,17 @@ class Engine:
                 chunk = CompletionChunk(id=rid, created=created, model=model, choices=[],
                                         usage=usage)
             yield sse(chunk)
+
+
+def _headers(prep: Prepared) -> dict[str, str]:
+    """The request id, and where the KV came from (bytes; start and end on this host's
+    monotonic clock, which the testbeds share with their clients)."""
+    out = {"x-request-id": prep.request_id}
+    if prep.kv is not None:
+        out["x-netkv-kv-bytes"] = str(prep.kv.nbytes)
+        out["x-netkv-kv-start"] = f"{prep.kv_start:.6f}"
+        out["x-netkv-kv-end"] = f"{prep.kv_start + prep.kv.seconds:.6f}"
+    return out
 
 
 def _error(status: int, message: str, type_: str, param: str | None = None) -> web.Response:

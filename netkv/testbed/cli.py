@@ -40,13 +40,13 @@ from netkv.testbed.engines import EngineModel
 from netkv.testbed.fabric import DEFAULT_SCALE, FabricPlan, build
 from netkv.testbed.netns import Lab, LabError, inside, sweep
 from netkv.testbed.runner import (
+    MapEndpoints,
     ReplaySpec,
     format_table,
     load_requests,
     run_policies,
     write_summary,
 )
-from netkv.testbed.selection import HttpSelector
 from netkv.testbed.workload import replay, requests_for
 
 DEFAULT_TOPOLOGY: dict[str, Any] = {
@@ -302,11 +302,7 @@ def _schedule(args: argparse.Namespace, plan: FabricPlan, duration_s: float) -> 
 async def _replay(plan: FabricPlan, control: ControlPlane, *, model: EngineModel,
                   schedule: Schedule, spec: ReplaySpec, requests: list[Any],
                   policies: list[str]) -> Any:
-    async with HttpSelector(control.scheduler_url) as selector:
-        async def reset(policy: str) -> None:
-            await control.restart_scheduler()
-
-        return await run_policies(plan, model, selector, schedule=schedule, spec=spec,
-                                  requests=requests, policies=policies, before_each=reset)
-
-
+    # through `netkv proxy`, which follows the control plane's map as the scheduler does
+    return await run_policies(plan, model, schedule=schedule, spec=spec, requests=requests,
+                              policies=policies,
+                              endpoints=MapEndpoints.from_config(control.shared_config()))

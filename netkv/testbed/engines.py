@@ -24,31 +24,16 @@ from typing import Any, Protocol
 
 import structlog
 
-from netkv.fields import bound
+from netkv.engine.model import EngineModel
 from netkv.testbed.netns import inside
 
 log = structlog.get_logger(__name__)
 
+__all__ = ["EngineModel", "Outcome", "Request"]
+
 CHUNK = 64 * 1024
 _ZEROS = bytes(CHUNK)
 HEADER_LIMIT = 4096
-
-
-@dataclass(frozen=True, slots=True)
-class EngineModel:
-    """Modelled compute (real seconds) and the KV size per token as moved on the testbed."""
-
-    prefill_tokens_per_s: float = field(default=32000.0, metadata=bound(gt=0))
-    prefill_overhead_s: float = field(default=0.02, metadata=bound(ge=0))
-    decode_step_s: float = field(default=0.03, metadata=bound(ge=0))
-    tpot_s: float = field(default=0.002, metadata=bound(ge=0))
-    max_decode_hold_s: float = field(default=3.0, metadata=bound(ge=0))
-    decode_slots: int = field(default=8, metadata=bound(ge=1))
-    bytes_per_token: float = field(default=327680.0, metadata=bound(gt=0))  # as moved here
-    capacity_tokens: float = field(default=500_000.0, metadata=bound(gt=0))  # decode KV memory
-
-    def prefill_s(self, tokens: int) -> float:
-        return self.prefill_overhead_s + tokens / self.prefill_tokens_per_s
 
 
 @dataclass(frozen=True, slots=True)

@@ -441,6 +441,8 @@ class Proxy:
                         502, f"decode {decode.name} answered HTTP {resp.status}: "
                         f"{payload[:200].decode(errors='replace')}", "BadGatewayError",
                         headers=headers), "decode_failed")
+                headers.update((k, v) for k, v in resp.headers.items()
+                               if k.lower().startswith("x-netkv-kv-"))
                 if not job.stream:  # TTFT and handover are observed on streams only
                     payload = await resp.read()
                     return web.Response(body=payload, content_type="application/json",
