@@ -15,7 +15,8 @@ import asyncio
 import contextlib
 import json
 import math
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from netkv_proxy.cli import serving
 from netkv_proxy.config import ProxySettings, WorkerEntry
 
 from netkv.config import MqttSettings, RedisSettings
-from netkv.core.topology import Instance, Tier
+from netkv.core.topology import Instance, Tier, Topology
 from netkv.engine.model import EngineModel
 from netkv.engine.server import Engine, EngineSettings
 from netkv.errors import InputError
@@ -176,16 +177,16 @@ class ProxyReplay:
             record_requests=0, model=self.model)
 
     def _proxy_settings(self, policy: str, engines: dict[str, Engine]) -> ProxySettings:
-        t = self.plan.topology
-        entries = {role: tuple(WorkerEntry(url=engines[i.name].url, host=i.name)
-                               for i in t.instances_with_role(role))
-                   for role in ("prefill", "decode")}
+        entries = worker_entries(self.plan.topology, {n: e.url for n, e in engines.items()})
         return ProxySettings(
             port=0, prefill=entries["prefill"], decode=entries["decode"], policy=policy,
             redis=self.endpoints.redis, mqtt=self.endpoints.mqtt,
             kv_bytes_per_token=self.model.bytes_per_token,
             capacity_tokens=self.model.capacity_tokens, block_size=TRACE_BLOCK_TOKENS,
-            prefill_timeout_s=self.request_timeout_s, health_interval_s=0.5,
+            # engines, proxy and client share one event loop on a loaded machine: generous
+            # health timeouts, so a slow loop is not taken for a dead engine
+            prefill_timeout_s=self.request_timeout_s, health_interval_s=1.0,
+            health_timeout_s=5.0, eject_after=3,
             map_poll_s=0.5, oracle_cache_s=0.1)
 
     async def replay(self, policy: str, requests: Sequence[Request]) -> PolicyResult:
@@ -220,35 +221,8 @@ class ProxyReplay:
     async def _at(self, http: aiohttp.ClientSession, url: str, when: float, req: Request,
                   *, prompt: list[int], policy: str) -> Outcome:
         await asyncio.sleep(max(when - self.clock(), 0.0))
-        body = msgspec.json.encode({"model": MODEL_NAME, "prompt": prompt,
-                                    "max_tokens": max(req.output_tokens, 1), "stream": True})
-        out = Outcome(req.request_id, "", policy=policy, prompt_tokens=req.prompt_tokens,
-                      arrival_s=self.clock())
-        out.prefill_start_s = out.arrival_s
-        try:
-            async with http.post(url + "/v1/completions", data=body, headers={
-                    "Content-Type": "application/json",
-                    "x-request-id": f"{policy}-{req.request_id}"}) as resp:
-                if resp.status != 200:
-                    out.error = f"HTTP {resp.status}: {(await resp.text())[:300]}"
-                    return out
-                await resp.content.readany()  # the first token, as the proxy passed it on
-                out.first_token_s = self.clock()
-                h = resp.headers
-                out.prefill, out.decode = h.get("x-netkv-prefill", ""), h.get(
-                    "x-netkv-decode", "")
-                if "x-netkv-predicted-ms" in h:
-                    out.predicted_ttft_s = float(h["x-netkv-predicted-ms"]) / 1e3
-                if "x-netkv-kv-bytes" in h:
-                    out.kv_bytes = int(h["x-netkv-kv-bytes"])
-                    out.transfer_start_s = float(h["x-netkv-kv-start"]) - self._t0
-                    out.transfer_end_s = float(h["x-netkv-kv-end"]) - self._t0
-                async for _ in resp.content.iter_any():
-                    pass  # the rest of the answer (the booking ends with it)
-        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
-            out.error = f"{type(exc).__name__}: {exc}"
-            log.warning("replay request failed", request=req.request_id, error=out.error)
-        return out
+        return await stream_request(http, url, req, prompt=prompt, policy=policy,
+                                    t0=self._t0)
 
     def _classify(self, result: PolicyResult, schedule_t0: float) -> None:
         t = self.plan.topology
@@ -262,6 +236,50 @@ class ProxyReplay:
             hot = self.schedule.links(o.transfer_start_s - schedule_t0)
             if any(self.plan.crosses(src, dst, link) for link in hot):
                 result.hot_crossings += 1
+
+
+async def stream_request(http: aiohttp.ClientSession, url: str, req: Request, *,
+                         prompt: list[int], policy: str, t0: float) -> Outcome:
+    """One replayed request through the proxy at ``url``, streamed; times are seconds since
+    ``t0`` on this host's monotonic clock (which the engines' ``x-netkv-kv-*`` headers use;
+    containers on one kernel share it)."""
+    body = msgspec.json.encode({"model": MODEL_NAME, "prompt": prompt,
+                                "max_tokens": max(req.output_tokens, 1), "stream": True})
+    out = Outcome(req.request_id, "", policy=policy, prompt_tokens=req.prompt_tokens,
+                  arrival_s=time.monotonic() - t0)
+    out.prefill_start_s = out.arrival_s
+    try:
+        async with http.post(url + "/v1/completions", data=body, headers={
+                "Content-Type": "application/json",
+                "x-request-id": f"{policy}-{req.request_id}"}) as resp:
+            if resp.status != 200:
+                out.error = f"HTTP {resp.status}: {(await resp.text())[:300]}"
+                return out
+            await resp.content.readany()  # the first token, as the proxy passed it on
+            out.first_token_s = time.monotonic() - t0
+            h = resp.headers
+            out.prefill, out.decode = h.get("x-netkv-prefill", ""), h.get("x-netkv-decode", "")
+            if "x-netkv-predicted-ms" in h:
+                out.predicted_ttft_s = float(h["x-netkv-predicted-ms"]) / 1e3
+            if "x-netkv-kv-bytes" in h:
+                out.kv_bytes = int(h["x-netkv-kv-bytes"])
+                out.transfer_start_s = float(h["x-netkv-kv-start"]) - t0
+                out.transfer_end_s = float(h["x-netkv-kv-end"]) - t0
+            async for _ in resp.content.iter_any():
+                pass  # the rest of the answer (the booking ends with it)
+    except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+        out.error = f"{type(exc).__name__}: {exc}"
+        log.warning("replay request failed", request=req.request_id, error=out.error)
+    return out
+
+
+def worker_entries(topology: Topology, urls: Mapping[str, str]
+                   ) -> dict[str, tuple[WorkerEntry, ...]]:
+    """Proxy workers for every instance of ``topology`` (``urls``: instance -> base URL),
+    named by instance so the proxy's answers say which instance served."""
+    return {role: tuple(WorkerEntry(url=urls[i.name], host=i.name)
+                        for i in topology.instances_with_role(role))
+            for role in ("prefill", "decode")}
 
 
 def _mean_of(histogram: Any) -> float:

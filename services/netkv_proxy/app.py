@@ -179,7 +179,8 @@ class Proxy:
                             content_type="application/json")
 
     async def health(self, request: web.Request) -> web.Response:
-        p, d = self.pool.healthy("prefill"), self.pool.healthy("decode")
+        p = [w for w in self.pool.prefills if w.healthy]
+        d = [w for w in self.pool.decodes if w.healthy]
         ok = bool(p and d) and self.supervisor.healthy
         body = {"status": "ok" if ok else "unavailable", "prefill_healthy": len(p),
                 "decode_healthy": len(d), "map": self.placement.map_state().source,

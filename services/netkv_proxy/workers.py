@@ -3,7 +3,8 @@
 Every ``health_interval_s`` each worker's ``GET /health`` and ``GET /metrics`` are read (one
 supervised loop). ``eject_after`` failed checks in a row eject a worker (no new requests);
 ``readmit_after`` good checks in a row bring it back. A request that cannot even connect to a
-worker ejects it at once (a passive check), so the next request does not try it again.
+worker ejects it at once (a passive check), so the next request does not try it again. When
+every worker of a role is ejected, requests go to all of them rather than to none.
 
 Load is vLLM's own gauges (``vllm:num_requests_running``, ``vllm:num_requests_waiting``,
 ``vllm:kv_cache_usage_perc``) from the scrape, plus the proxy's own count of requests in
@@ -112,11 +113,15 @@ class WorkerPool:
         return [*self.prefills, *self.decodes]
 
     def healthy(self, role: Role) -> list[Worker]:
-        return [w for w in (self.prefills if role == "prefill" else self.decodes) if w.healthy]
+        """The admitted workers of ``role``; all of them when every one is ejected (a
+        "panic" fallback, as Envoy's: trying a worker that failed its checks beats refusing
+        every request, and a request that cannot connect still ejects at once)."""
+        pool = self.prefills if role == "prefill" else self.decodes
+        return [w for w in pool if w.healthy] or list(pool)
 
     def pick_prefill(self, exclude: set[int]) -> Worker | None:
         """The healthy prefill with the shortest queue (ties in turn), not in ``exclude``."""
-        options = [w for w in self.prefills if w.healthy and w.index not in exclude]
+        options = [w for w in self.healthy("prefill") if w.index not in exclude]
         if not options:
             return None
         best = min(w.queue for w in options)
