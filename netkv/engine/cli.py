@@ -49,6 +49,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                        help="time per further output token")
     model.add_argument("--decode-slots", type=int, default=defaults.decode_slots)
     model.add_argument("--capacity-tokens", type=float, default=defaults.capacity_tokens)
+    parser.add_argument("--stream-interval", type=int, default=1,
+                        help="tokens per streamed write after the first (vLLM's "
+                        "--stream-interval; default 1)")
     parser.add_argument("--test-hooks", action="store_true",
                         help="enable POST /netkv/faults and GET /netkv/requests (tests only)")
 
@@ -65,7 +68,8 @@ def settings_from(args: argparse.Namespace) -> EngineSettings:
         side_channel_host=args.side_channel_host, side_channel_port=args.side_channel_port,
         engine_id=args.engine_id or str(uuid.uuid4()), block_size=args.block_size,
         lease_s=args.kv_lease_s, tokenizer=args.tokenizer, test_hooks=args.test_hooks,
-        record_requests=64 if args.test_hooks else 0, model=replace(model))
+        record_requests=64 if args.test_hooks else 0, stream_interval=args.stream_interval,
+        model=replace(model))
 
 
 async def serve(settings: EngineSettings) -> None:

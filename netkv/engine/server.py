@@ -99,6 +99,7 @@ class EngineSettings:
     test_hooks: bool = False
     record_requests: int = 64
     pull_timeout_s: float = 60.0
+    stream_interval: int = 1  # tokens per streamed write (vLLM's --stream-interval)
     ns: str | None = None  # network namespace for the sockets (testbed only)
     model: EngineModel = EngineModel()
 
@@ -110,6 +111,8 @@ class EngineSettings:
                 raise InputError(f"--{name.replace('_', '-')}", "must be in 0..65535")
         if not 1 <= self.block_size <= 65536:
             raise InputError("--block-size", "must be in 1..65536")
+        if not 1 <= self.stream_interval <= 1024:
+            raise InputError("--stream-interval", "must be in 1..1024")
         if not 0 < self.lease_s <= 3600:
             raise InputError("--kv-lease-s", "must be in (0, 3600]")
 
@@ -538,11 +541,22 @@ class Engine:
                                            "Cache-Control": "no-cache", **_headers(prep)})
         await resp.prepare(request)
         created = now_s()
-        for chunk in self._chunks(prep, n_out, created):
-            await resp.write(chunk)
-            if step:
-                await asyncio.sleep(step)
-        await resp.write(SSE_DONE)
+        every = self.settings.stream_interval
+        buf: list[bytes] = []
+        owed = 0.0  # generation time of the tokens in buf, not yet slept
+        for i, chunk in enumerate(self._chunks(prep, n_out, created)):
+            if i > 0:
+                owed += step
+            buf.append(chunk)
+            if i <= 1 or len(buf) >= every:  # the first token goes out at once
+                if owed:
+                    await asyncio.sleep(owed)
+                    owed = 0.0
+                await resp.write(b"".join(buf))
+                buf.clear()
+        if owed:
+            await asyncio.sleep(owed)
+        await resp.write(b"".join(buf) + SSE_DONE)
         await resp.write_eof()
         return resp
 

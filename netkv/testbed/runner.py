@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import math
+import re
+import sys
+import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +29,7 @@ import aiohttp
 import msgspec
 import numpy as np
 import structlog
-from netkv_proxy.cli import serving
+import yaml
 from netkv_proxy.config import ProxySettings, WorkerEntry
 
 from netkv.config import MqttSettings, RedisSettings
@@ -124,6 +128,9 @@ class PolicyResult:
 
 MODEL_NAME = "netkv/emulated"
 TRACE_BLOCK_TOKENS = 512  # the Mooncake trace's prefix-block size
+# Engines, proxy and client share one process here: tokens are streamed 16 per write after
+# the first (vLLM's --stream-interval), which leaves TTFT and the decode's occupancy alone.
+STREAM_INTERVAL = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,7 +181,7 @@ class ProxyReplay:
             role=inst.role, host="127.0.0.1", port=0,
             side_channel_host=self.plan.host_addr[inst.host], side_channel_port=0,
             engine_id=inst.name, block_size=TRACE_BLOCK_TOKENS, ns=self.plan.host_ns[inst.host],
-            record_requests=0, model=self.model)
+            record_requests=0, model=self.model, stream_interval=STREAM_INTERVAL)
 
     def _proxy_settings(self, policy: str, engines: dict[str, Engine]) -> ProxySettings:
         entries = worker_entries(self.plan.topology, {n: e.url for n, e in engines.items()})
@@ -187,7 +194,7 @@ class ProxyReplay:
             # health timeouts, so a slow loop is not taken for a dead engine
             prefill_timeout_s=self.request_timeout_s, health_interval_s=1.0,
             health_timeout_s=5.0, eject_after=3,
-            map_poll_s=0.5, oracle_cache_s=0.1)
+            map_poll_s=0.5, oracle_cache_s=0.1, log_level="warning")
 
     async def replay(self, policy: str, requests: Sequence[Request]) -> PolicyResult:
         """Every request once under ``policy``; background flows run from ``warmup_s``
@@ -200,8 +207,11 @@ class ProxyReplay:
             for inst in self.plan.topology.instances:
                 engines[inst.name] = await stack.enter_async_context(
                     Engine(self._engine_settings(inst)))
-            proxy, url = await stack.enter_async_context(
-                serving(self._proxy_settings(policy, engines), self.plan.topology))
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(
+                prefix="netkv-replay-")))
+            url = await stack.enter_async_context(proxy_process(
+                self._proxy_settings(policy, engines),
+                self.plan.write_topology(workdir / "topology.yaml"), workdir))
             http = await stack.enter_async_context(aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0),
                 timeout=aiohttp.ClientTimeout(total=self.request_timeout_s)))
@@ -214,7 +224,7 @@ class ProxyReplay:
                     for r, p in zip(requests, prompts, strict=True))))
                 await background.stop()
             await asyncio.sleep(self.spec.drain_s)
-            result.proxy_ttft_mean_s = _mean_of(proxy.metrics.ttft)
+            result.proxy_ttft_mean_s = await _proxy_ttft_mean(http, url)
         self._classify(result, start - self.spec.warmup_s)
         return result
 
@@ -282,16 +292,64 @@ def worker_entries(topology: Topology, urls: Mapping[str, str]
             for role in ("prefill", "decode")}
 
 
-def _mean_of(histogram: Any) -> float:
-    """Sum / count of a prometheus_client Histogram (NaN when empty)."""
-    total = count = 0.0
-    for metric in histogram.collect():
-        for sample in metric.samples:
-            if sample.name.endswith("_sum"):
-                total = sample.value
-            elif sample.name.endswith("_count"):
-                count = sample.value
-    return total / count if count else float("nan")
+def _plain(value: Any) -> Any:
+    """Settings as YAML-ready builtins (tuples become lists, unset sections vanish)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)
+                if getattr(value, f.name) is not None}
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+@contextlib.asynccontextmanager
+async def proxy_process(settings: ProxySettings, topology: Path, workdir: Path,
+                        timeout_s: float = 60.0) -> AsyncIterator[str]:
+    """``netkv proxy`` as its own process (in this thread's network namespace, which a child
+    inherits), configured from ``settings``; yields its URL once it serves."""
+    config = workdir / "proxy.yaml"
+    plain = _plain(settings) | {"topology": str(topology)}
+    config.write_text(yaml.safe_dump({"proxy": plain}, sort_keys=False))
+    log_path = workdir / "proxy.log"
+    with log_path.open("wb") as log_file:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "netkv.cli", "proxy", "--config", str(config),
+            stdout=log_file, stderr=asyncio.subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout_s
+        url = ""
+        while not url:
+            if proc.returncode is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"netkv proxy did not start; see {log_path}: "
+                                   f"{log_path.read_text()[-2000:]}")
+            found = re.search(r"proxy ready: (\S+)", log_path.read_text())
+            url = found.group(1) if found else ""
+            if not url:
+                await asyncio.sleep(0.1)
+        yield url
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                async with asyncio.timeout(5.0):
+                    await proc.wait()
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+async def _proxy_ttft_mean(http: aiohttp.ClientSession, url: str) -> float:
+    """The proxy's own end-to-end TTFT histogram, sum / count (NaN when unreadable)."""
+    try:
+        async with http.get(url + "/metrics") as resp:
+            text = await resp.text()
+    except (aiohttp.ClientError, OSError, TimeoutError):
+        return float("nan")
+    values = dict(re.findall(r"^netkv_proxy_ttft_seconds_(sum|count) (\S+)$", text, re.M))
+    count = float(values.get("count", 0.0))
+    return float(values["sum"]) / count if count else float("nan")
 
 
 async def run_policies(plan: FabricPlan, model: EngineModel, *, schedule: Schedule,

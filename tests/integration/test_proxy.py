@@ -350,6 +350,25 @@ async def test_bootstrap_mode_chooses_the_pair_up_front(engines: dict[str, Engin
         assert (p, d) in {("pa", "near"), ("pb", "far")}
 
 
+async def test_a_repeated_prefix_goes_where_it_is_and_moves_only_the_rest(
+        engines: dict[str, EngineProc], topology: Topology) -> None:
+    """Token-id prompts are hashed into 16-token blocks; the decoder that got a prefix from
+    the proxy holds it (delta transfer), and the decode engine pulls only the blocks it
+    lacks."""
+    async with running(engines, topology) as (_, client):
+        shared = [7_000_000 + i for i in range(1600)]  # 100 blocks nobody has seen
+        first = await client.completions.with_raw_response.create(
+            model=MODEL, prompt=[*shared, 1, 2, 3], max_tokens=1)
+        d = first.headers["x-netkv-decode"]
+        pulled = await metric(engines[d].url, "netkv_engine_kv_pulled_bytes_total")
+        again = await client.completions.with_raw_response.create(
+            model=MODEL, prompt=[*shared, 4, 5, 6, 7, 8], max_tokens=1)
+        assert again.headers["x-netkv-decode"] == d
+        moved = await metric(engines[d].url, "netkv_engine_kv_pulled_bytes_total") - pulled
+        assert 0 < moved <= 16 * BYTES_PER_TOKEN  # the one block after the shared prefix
+        assert int(again.headers["x-netkv-kv-bytes"]) == moved
+
+
 # -- failures -----------------------------------------------------------------------------
 async def test_prefill_503_is_retried_on_another_prefill(engines: dict[str, EngineProc],
                                                          topology: Topology) -> None:
