@@ -89,13 +89,16 @@ def block_hashes(tokens: Sequence[int], block_tokens: int) -> list[int]:
     n = len(tokens) // block_tokens
     if n == 0:
         return []
-    arr = np.asarray(tokens[: n * block_tokens], dtype="<u4").reshape(n, block_tokens)
+    raw = memoryview(np.asarray(tokens[: n * block_tokens], dtype="<u4").tobytes())
+    step = 4 * block_tokens
     out: list[int] = []
     parent = b"\0" * 8
-    for row in arr:
-        digest = hashlib.blake2b(parent + row.tobytes(), digest_size=8).digest()
-        parent = digest
-        out.append(int.from_bytes(digest, "little") & 0x7FFFFFFFFFFFFFFF)
+    blake = hashlib.blake2b
+    for i in range(n):
+        h = blake(parent, digest_size=8)
+        h.update(raw[i * step:(i + 1) * step])
+        parent = h.digest()
+        out.append(int.from_bytes(parent, "little") & 0x7FFFFFFFFFFFFFFF)
     return out
 
 

@@ -89,6 +89,8 @@ class Placement:
         self.block_tokens = block_tokens
         self.prefix = PrefixIndex(prefix_blocks)
         self.open: set[int] = set()  # ids of Placed not yet released
+        self._hosts = np.array([w.host_index for w in pool.decodes], dtype=np.int64)
+        self._capacity = np.full(len(pool.decodes), capacity_tokens)
 
     # -- the map ----------------------------------------------------------------------------
     def map_state(self) -> MapState:
@@ -103,14 +105,21 @@ class Placement:
 
     # -- decisions --------------------------------------------------------------------------
     def _candidates(self, decodes: list[Worker]) -> CandidateView:
-        running = np.array([w.running for w in decodes], dtype=np.int64)
-        waiting = np.array([w.waiting + max(w.inflight - w.running - w.waiting, 0.0)
-                            for w in decodes], dtype=np.int64)
-        return CandidateView(
-            host=np.array([w.host_index for w in decodes], dtype=np.int64),
-            running=running, waiting=waiting,
-            kv_use=np.array([w.kv_use for w in decodes], dtype=np.float64),
-            capacity_tokens=np.full(len(decodes), self.capacity_tokens))
+        """The view over ``decodes``; requests the proxy has in flight beyond what the last
+        scrape saw count as waiting."""
+        n = len(decodes)
+        if n == len(self.pool.decodes):  # the common case: all admitted, cached host array
+            host = self._hosts
+        else:
+            host = np.fromiter((w.host_index for w in decodes), np.int64, n)
+        load = np.fromiter((x for w in decodes for x in (w.running, w.waiting, w.inflight,
+                                                         w.kv_use)), np.float64, 4 * n)
+        load = load.reshape(n, 4)
+        running, waiting = load[:, 0], load[:, 1]
+        waiting = waiting + np.maximum(load[:, 2] - running - waiting, 0.0)
+        return CandidateView(host=host, running=running.astype(np.int64),
+                             waiting=waiting.astype(np.int64), kv_use=load[:, 3],
+                             capacity_tokens=self._capacity[:n])
 
     def _overlap(self, hashes: list[int], decodes: list[Worker]
                  ) -> np.ndarray[tuple[int], np.dtype[np.int64]] | None:
