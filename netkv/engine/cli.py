@@ -49,6 +49,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                        help="time per further output token")
     model.add_argument("--decode-slots", type=int, default=defaults.decode_slots)
     model.add_argument("--capacity-tokens", type=float, default=defaults.capacity_tokens)
+    parser.add_argument("--max-model-len", type=int, default=131_072,
+                        help="prompt + output tokens a request may hold (vLLM's flag)")
     parser.add_argument("--stream-interval", type=int, default=1,
                         help="tokens per streamed write after the first (vLLM's "
                         "--stream-interval; default 1)")
@@ -69,6 +71,7 @@ def settings_from(args: argparse.Namespace) -> EngineSettings:
         engine_id=args.engine_id or str(uuid.uuid4()), block_size=args.block_size,
         lease_s=args.kv_lease_s, tokenizer=args.tokenizer, test_hooks=args.test_hooks,
         record_requests=64 if args.test_hooks else 0, stream_interval=args.stream_interval,
+        max_model_len=args.max_model_len,
         model=replace(model))
 
 

@@ -100,6 +100,7 @@ class EngineSettings:
     record_requests: int = 64
     pull_timeout_s: float = 60.0
     stream_interval: int = 1  # tokens per streamed write (vLLM's --stream-interval)
+    max_model_len: int = 131_072  # prompt + output tokens (vLLM's --max-model-len)
     ns: str | None = None  # network namespace for the sockets (testbed only)
     model: EngineModel = EngineModel()
 
@@ -372,6 +373,11 @@ class Engine:
         tokens = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
         if not tokens:
             raise BodyError("prompt", "is empty after tokenization", "invalid")
+        if len(tokens) + limit > self.settings.max_model_len:
+            raise BodyError("max_tokens", f"this model's maximum context length is "
+                            f"{self.settings.max_model_len} tokens; the request has "
+                            f"{len(tokens)} prompt tokens and asks for {limit} more",
+                            "out_of_range")
         bootstrap = None
         if body.bootstrap_room is not None:
             if body.bootstrap_host is None or body.bootstrap_port is None:

@@ -71,7 +71,7 @@ async def serve(settings: EngineHostSettings, topology: Topology,
                 role=inst.role, host=settings.bind, port=settings.http_port + k,
                 side_channel_host=me.address, side_channel_port=settings.kv_port + k,
                 engine_id=inst.name, block_size=settings.block_size, model=model,
-                record_requests=0, stream_interval=16)))
+                record_requests=0, stream_interval=16, max_model_len=1 << 21)))
             names.append(f"{inst.name} ({inst.role}) {engine.url}")
         print(f"engine host {me.name}: {', '.join(names)}", flush=True)
         await stop.wait()

@@ -181,7 +181,8 @@ class ProxyReplay:
             role=inst.role, host="127.0.0.1", port=0,
             side_channel_host=self.plan.host_addr[inst.host], side_channel_port=0,
             engine_id=inst.name, block_size=TRACE_BLOCK_TOKENS, ns=self.plan.host_ns[inst.host],
-            record_requests=0, model=self.model, stream_interval=STREAM_INTERVAL)
+            record_requests=0, model=self.model, stream_interval=STREAM_INTERVAL,
+            max_model_len=1 << 21)  # trace prompts reach ~130k tokens
 
     def _proxy_settings(self, policy: str, engines: dict[str, Engine]) -> ProxySettings:
         entries = worker_entries(self.plan.topology, {n: e.url for n, e in engines.items()})

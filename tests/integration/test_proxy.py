@@ -314,6 +314,10 @@ async def test_bad_bodies_get_400_naming_the_field(engines: dict[str, EngineProc
             await client.chat.completions.create(
                 model=MODEL, messages=[{"content": "x"}])  # type: ignore[list-item]
         assert info.value.body["param"] == "messages[0].role"  # type: ignore[index]
+        # past the engine's context length: the decode's 400 comes through as it is
+        with pytest.raises(openai.BadRequestError, match="maximum context length") as info:
+            await client.completions.create(model=MODEL, prompt="x", max_tokens=200_000)
+        assert info.value.body["param"] == "max_tokens"  # type: ignore[index]
         url = str(client.base_url).removesuffix("/v1/")
         async with aiohttp.ClientSession() as http, \
                 http.post(url + "/v1/completions", data=b"{not json") as resp:
