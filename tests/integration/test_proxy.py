@@ -329,6 +329,24 @@ async def test_bad_bodies_get_400_naming_the_field(engines: dict[str, EngineProc
         assert 'netkv_proxy_rejected_requests_total{reason="not_json"} 1.0' in text
 
 
+async def test_push_mode_sends_the_decode_no_block_ids(engines: dict[str, EngineProc],
+                                                     topology: Topology) -> None:
+    """vLLM's WRITE flow (toy_push_proxy_server.py): the decode gets the prefill's
+    coordinates without remote_block_ids, and the KV still arrives before its first token."""
+    async with running(engines, topology, mode="push") as (_, client):
+        raw = await client.completions.with_raw_response.create(
+            model=MODEL, prompt="push me " * 40, max_tokens=3,
+            extra_headers={"x-request-id": "req-push-1"})
+        done = raw.parse()
+        assert done.choices[0].text == text_of(3) and done.usage is not None
+        dec = next(b for b in await bodies(engines, "req-push-1")
+                   if not b["kv_transfer_params"].get("do_remote_decode"))
+        ktp = dec["kv_transfer_params"]
+        assert "remote_block_ids" not in ktp and ktp["do_remote_prefill"] is True
+        assert ktp["remote_port"] == engines[raw.headers["x-netkv-prefill"]].side_channel
+        assert int(raw.headers["x-netkv-kv-bytes"]) == done.usage.prompt_tokens * BYTES_PER_TOKEN
+
+
 async def test_bootstrap_mode_chooses_the_pair_up_front(engines: dict[str, EngineProc],
                                                         topology: Topology) -> None:
     async with running(engines, topology, mode="bootstrap", policy="netkv_pair") as \
