@@ -466,14 +466,14 @@ class Engine:
                      "remote_request_id": prep.request_id,
                      "remote_host": self.settings.announced_host,
                      "remote_port": self.side_channel_port, "tp_size": 1}
-            n_out = 1
-        elif prep.bootstrap is not None and role == "prefill":
+            return await self._prefill_answer(request, prep, arrived, extra)
+        if prep.bootstrap is not None and role == "prefill":
             await self._prefill(prep.tokens)
             self.store.hold(prep.request_id, len(prep.tokens), self.settings.block_size,
                             room=prep.bootstrap[2])
             self._gauges()
-            n_out = 1
-        elif prep.bootstrap is not None or (params is not None and params.pull_ready()):
+            return await self._prefill_answer(request, prep, arrived, None)
+        if prep.bootstrap is not None or (params is not None and params.pull_ready()):
             self.waiting += 1
             self._gauges()
             try:
@@ -483,6 +483,19 @@ class Engine:
         else:
             await self._prefill(prep.tokens)
         return await self._decode(request, prep, n_out, arrived, extra)
+
+    async def _prefill_answer(self, request: web.Request, prep: Prepared, arrived: float,
+                              extra: dict[str, Any] | None) -> web.StreamResponse:
+        """A prefill leg's answer: the one token the prefill pass itself produces (no decode
+        step, no decode slot), with the KV's whereabouts in ``extra``."""
+        m = self.metrics
+        m.ttft.observe(time.monotonic() - arrived)
+        resp = await self._stream(request, prep, 1, 0.0, extra) if prep.stream else \
+            self._answer(prep, 1, extra)
+        m.generation_tokens.inc(1)
+        m.success.labels(**m.labels, finished_reason="length").inc()
+        m.e2e.observe(time.monotonic() - arrived)
+        return resp
 
     async def _decode(self, request: web.Request, prep: Prepared, n_out: int,
                       arrived: float, extra: dict[str, Any] | None) -> web.StreamResponse:
