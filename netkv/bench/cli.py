@@ -14,6 +14,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "telemetry": ("netkv.bench.telemetry", "agents -> Redis -> oracle ingest and freshness"),
     "scheduler": ("netkv.bench.scheduler", "scheduler HTTP latency and throughput vs floor"),
     "proxy": ("netkv.bench.proxy", "P/D proxy added latency and rate vs a pass-through floor"),
+    "soak": ("netkv.bench.soak", "the whole mesh under steady load: RSS and log volume"),
 }
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import math
 import re
@@ -31,6 +30,7 @@ import numpy as np
 import structlog
 import yaml
 from netkv_proxy.config import ProxySettings, WorkerEntry
+from pydantic import BaseModel, SecretStr
 
 from netkv.config import MqttSettings, RedisSettings
 from netkv.core.topology import Instance, Tier, Topology
@@ -294,10 +294,12 @@ def worker_entries(topology: Topology, urls: Mapping[str, str]
 
 
 def _plain(value: Any) -> Any:
-    """Settings as YAML-ready builtins (tuples become lists, unset sections vanish)."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)
-                if getattr(value, f.name) is not None}
+    """Settings as YAML-ready builtins (tuples become lists, unset values vanish, secrets are
+    written out: the file is the proxy's own config)."""
+    if isinstance(value, BaseModel):
+        return {k: _plain(v) for k, v in value.model_dump(exclude_none=True).items()}
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
     if isinstance(value, tuple | list):
         return [_plain(v) for v in value]
     if isinstance(value, dict):

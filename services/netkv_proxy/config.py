@@ -18,31 +18,45 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 from urllib.parse import urlsplit
 
-from netkv.config import MqttSettings, RedisSettings, load_settings
+from pydantic import Field, field_validator, model_validator
+
+from netkv.config import (
+    LogLevel,
+    MqttSettings,
+    Port,
+    RedisSettings,
+    Section,
+    ServiceSettings,
+    load_settings,
+)
 from netkv.core.kvsize import PRESETS
+from netkv.core.policies import policy_names
 from netkv.errors import InputError
-from netkv.fields import bound
 from netkv.prompts import VLLM_BLOCK_TOKENS
 
 Mode = Literal["pull", "push", "bootstrap"]
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
-@dataclass(frozen=True, slots=True)
-class WorkerEntry:
+class WorkerEntry(Section):
+    """One prefill or decode worker: its base URL and its host name in the topology."""
+
     url: str
     host: str | None = None
-    bootstrap_port: int | None = field(default=None, metadata=bound(ge=1, le=65535))
+    bootstrap_port: Annotated[int, Field(ge=1, le=65535)] | None = None
     bootstrap_host: str | None = None
 
-    def __post_init__(self) -> None:
-        parts = urlsplit(self.url)
+    @field_validator("url")
+    @classmethod
+    def _http(cls, url: str) -> str:
+        parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise InputError("url", f"expected http(s)://HOST:PORT, got {self.url!r}")
+            raise ValueError(f"expected http(s)://HOST:PORT, got {url!r}")
+        return url
 
     @property
     def base(self) -> str:
@@ -53,60 +67,73 @@ class WorkerEntry:
         return self.host or (urlsplit(self.url).hostname or "")
 
 
-@dataclass(frozen=True, slots=True)
-class ProxySettings:
+class ProxySettings(ServiceSettings):
     """Everything the proxy needs. ``map_stale_s``: past this age the congestion map is
     ignored and decisions use the tier priors (said in ``x-netkv-map`` and the metrics)."""
 
+    SECTION: ClassVar[str] = "proxy"
     host: str = "127.0.0.1"
-    port: int = field(default=8000, metadata=bound(ge=0, le=65535))
+    port: Port = 8000
     prefill: tuple[WorkerEntry, ...] = ()
     decode: tuple[WorkerEntry, ...] = ()
     mode: Mode = "pull"
     policy: str = "netkv"
-    policy_params: dict[str, dict[str, Any]] = field(default_factory=dict)
+    policy_params: dict[str, dict[str, Any]] = Field(default_factory=dict)
     topology: str | None = None
     redis: RedisSettings | None = None
     mqtt: MqttSettings | None = None
     model: str = "llama3-70b"
-    kv_bytes_per_token: float | None = field(default=None, metadata=bound(gt=0))
-    capacity_tokens: float = field(default=500_000.0, metadata=bound(gt=0))
-    block_size: int = field(default=VLLM_BLOCK_TOKENS, metadata=bound(ge=1, le=65536))
+    kv_bytes_per_token: Positive | None = None
+    capacity_tokens: Positive = 500_000.0
+    block_size: int = Field(default=VLLM_BLOCK_TOKENS, ge=1, le=65536)
     tokenizer: str | None = None
-    prefix_blocks: int = field(default=200_000, metadata=bound(ge=0))
-    default_max_tokens: int = field(default=16, metadata=bound(ge=1))
-    prefill_timeout_s: float = field(default=30.0, metadata=bound(gt=0))
-    prefill_retries: int = field(default=2, metadata=bound(ge=0, le=10))
-    connect_timeout_s: float = field(default=3.0, metadata=bound(gt=0))
-    decode_read_timeout_s: float = field(default=120.0, metadata=bound(gt=0))
-    health_interval_s: float = field(default=1.0, metadata=bound(gt=0))
-    health_timeout_s: float = field(default=1.0, metadata=bound(gt=0))
-    eject_after: int = field(default=2, metadata=bound(ge=1))
-    readmit_after: int = field(default=2, metadata=bound(ge=1))
-    map_stale_s: float = field(default=10.0, metadata=bound(gt=0))
-    map_poll_s: float = field(default=2.0, metadata=bound(gt=0))
-    redis_timeout_s: float = field(default=1.0, metadata=bound(gt=0))
-    oracle_cache_s: float = field(default=0.5, metadata=bound(ge=0))
-    max_body_bytes: int = field(default=32 << 20, metadata=bound(ge=1024))
-    max_connections: int = field(default=1000, metadata=bound(ge=1))
-    log_level: str = "info"
+    prefix_blocks: int = Field(default=200_000, ge=0)
+    default_max_tokens: int = Field(default=16, ge=1)
+    prefill_timeout_s: Positive = 30.0
+    prefill_retries: int = Field(default=2, ge=0, le=10)
+    connect_timeout_s: Positive = 3.0
+    decode_read_timeout_s: Positive = 120.0
+    health_interval_s: Positive = 1.0
+    health_timeout_s: Positive = 1.0
+    eject_after: int = Field(default=2, ge=1)
+    readmit_after: int = Field(default=2, ge=1)
+    map_stale_s: Positive = 10.0
+    map_poll_s: Positive = 2.0
+    redis_timeout_s: Positive = 1.0
+    oracle_cache_s: float = Field(default=0.5, ge=0, allow_inf_nan=False)
+    max_body_bytes: int = Field(default=32 << 20, ge=1024)
+    max_connections: int = Field(default=1000, ge=1)
+    log_level: LogLevel = "info"
 
-    def __post_init__(self) -> None:
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, model: str) -> str:
+        if model not in PRESETS:
+            raise ValueError(f"unknown model {model!r}; known: {', '.join(sorted(PRESETS))}")
+        return model
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, policy: str) -> str:
+        if policy not in policy_names():
+            raise ValueError(f"unknown policy {policy!r}; known: {', '.join(policy_names())}")
+        return policy
+
+    @model_validator(mode="after")
+    def _workers(self) -> ProxySettings:
         if not self.prefill:
-            raise InputError("proxy.prefill", "name at least one prefill worker")
+            raise InputError("prefill", "name at least one prefill worker")
         if not self.decode:
-            raise InputError("proxy.decode", "name at least one decode worker")
-        if self.model not in PRESETS:
-            raise InputError("proxy.model", f"unknown model {self.model!r}; known: "
-                             f"{', '.join(sorted(PRESETS))}")
+            raise InputError("decode", "name at least one decode worker")
         if self.mode == "bootstrap":
             for i, w in enumerate(self.prefill):
                 if w.bootstrap_port is None:
-                    raise InputError(f"proxy.prefill[{i}].bootstrap_port",
+                    raise InputError(f"prefill.{i}.bootstrap_port",
                                      "bootstrap mode needs every prefill's bootstrap port")
         urls = [w.base for w in (*self.prefill, *self.decode)]
         if len(set(urls)) != len(urls):
-            raise InputError("proxy.prefill", "a worker URL is given twice")
+            raise InputError("prefill", "a worker URL is given twice")
+        return self
 
     @property
     def bytes_per_token(self) -> float:

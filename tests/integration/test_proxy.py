@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -139,9 +139,10 @@ def settings_for(engines: dict[str, EngineProc], **kw: Any) -> ProxySettings:
     pre = tuple(WorkerEntry(url=engines[n].url, host=n, bootstrap_port=engines[n].side_channel)
                 for n in ("pa", "pb"))
     dec = tuple(WorkerEntry(url=engines[n].url, host=n) for n in ("near", "far"))
-    base = ProxySettings(port=0, prefill=pre, decode=dec, kv_bytes_per_token=BYTES_PER_TOKEN,
-                         health_interval_s=0.2, health_timeout_s=1.0)
-    return replace(base, **kw)
+    values: dict[str, Any] = {"port": 0, "prefill": pre, "decode": dec,
+                              "kv_bytes_per_token": BYTES_PER_TOKEN, "health_interval_s": 0.2,
+                              "health_timeout_s": 1.0}
+    return ProxySettings(**(values | kw))
 
 
 @asynccontextmanager
@@ -542,10 +543,10 @@ async def test_map_steers_decodes_and_stale_map_falls_back_to_priors(
         mosquitto_server: MosquittoServer) -> None:
     for e in engines.values():
         await call("POST", e.url + "/netkv/faults", {})
-    settings = replace(settings_for(engines), kv_bytes_per_token=None,  # the 70B preset
-                       redis=RedisSettings(url=redis_server.url),
-                       mqtt=MqttSettings(port=mosquitto_server.port, keepalive_s=2),
-                       map_stale_s=4.0, map_poll_s=0.2, oracle_cache_s=0.0)
+    settings = settings_for(engines, kv_bytes_per_token=None,  # the 70B preset
+                            redis=RedisSettings(url=redis_server.url),
+                            mqtt=MqttSettings(port=mosquitto_server.port, keepalive_s=2),
+                            map_stale_s=4.0, map_poll_s=0.2, oracle_cache_s=0.0)
     async with serving(settings, topology) as (proxy, url):
         client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="unused", max_retries=0)
         try:

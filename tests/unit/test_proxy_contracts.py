@@ -103,7 +103,7 @@ def test_worker_flags_and_settings_are_checked_once() -> None:
         "url": "http://10.0.0.1:8100", "host": "gpu-a1", "bootstrap_port": 8998}
     with pytest.raises(InputError, match="unknown worker option"):
         parse_worker("http://h:1,colour=red", "--prefill")
-    with pytest.raises(InputError, match="url"):
+    with pytest.raises(ValueError, match="http"):
         WorkerEntry(url="h:1")
     w = (WorkerEntry(url="http://h:1/v1"),)
     assert w[0].base == "http://h:1"
