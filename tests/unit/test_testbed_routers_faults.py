@@ -1,0 +1,198 @@
+"""Router specs and command lines, fault schedules and their timing (pure: the fabric calls
+are recorded by a subclass here; tests/testbed/test_netns_faults.py makes them for real)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from netkv.core.topology import Topology
+from netkv.core.topology_file import parse_topology
+from netkv.errors import InputError
+from netkv.testbed.faults import (
+    Fabric,
+    Fault,
+    Faults,
+    FaultSchedule,
+    decode_hosts,
+    first_after,
+    moving_hot_spot,
+    preset,
+)
+from netkv.testbed.fabric import FabricPlan
+from netkv.testbed.routers import Pinning, RouterSpec, Worker, parse_routers, router_command
+
+pytestmark = pytest.mark.unit
+
+TOPOLOGY = {
+    "fabric": {"nic_gbps": 400, "leaf_oversubscription": 1, "pod_oversubscription": 2},
+    "fat_tree": {"pods": 2, "leaves_per_pod": 2, "hosts_per_leaf": 2, "gpus_per_host": 8,
+                 "instance_gpus": 8, "role_pattern": "PD"},
+}
+
+
+@pytest.fixture
+def plan() -> FabricPlan:
+    topology: Topology = parse_topology(TOPOLOGY, "test")
+    return FabricPlan.of(topology, "nkvtest-")
+
+
+# -- routers ------------------------------------------------------------------------------
+@pytest.mark.parametrize(("text", "kind", "policy", "label"), [
+    ("netkv", "netkv", "netkv", "netkv"),
+    ("cache_load", "netkv", "cache_load", "cache_load"),
+    ("netkv:round_robin", "netkv", "round_robin", "round_robin"),
+    ("vllm-router:cache_aware", "vllm-router", "cache_aware", "vllm-router:cache_aware"),
+    ("vllm-router", "vllm-router", "round_robin", "vllm-router:round_robin"),
+    (" sglang-router:power_of_two ", "sglang-router", "power_of_two",
+     "sglang-router:power_of_two"),
+])
+def test_router_specs(text: str, kind: str, policy: str, label: str) -> None:
+    spec = RouterSpec.parse(text)
+    assert (spec.kind, spec.policy, spec.label) == (kind, policy, label)
+    assert spec.mode == ("bootstrap" if kind == "sglang-router" else "pull")
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    ("vllm-router:kv_aware", "ZMQ KV-cache events"),
+    ("vllm-router:nope", "unknown vllm-router policy"),
+    ("nope", "unknown netkv policy"),
+    ("dynamo:x", "unknown router 'dynamo'"),
+    ("netkv,netkv", "named twice"),
+    (" , ", "at least one"),
+])
+def test_bad_router_lists_name_the_problem(text: str, match: str) -> None:
+    with pytest.raises(InputError, match=match) as info:
+        parse_routers(text)
+    assert info.value.where == "--routers"
+
+
+def _workers() -> tuple[list[Worker], list[Worker]]:
+    return ([Worker("http://198.19.0.2:8100", "h000", bootstrap_port=5600)],
+            [Worker("http://198.19.0.3:8200", "h001"), Worker("http://198.19.0.5:8200", "h003")])
+
+
+def test_command_lines() -> None:
+    prefill, decode = _workers()
+    netkv = router_command(RouterSpec("netkv", "netkv"), prefill, decode, host="198.19.0.1",
+                           port=8000, metrics_port=29000, netkv_args=["--topology", "t.yaml"])
+    argv = netkv.argv
+    assert argv[argv.index("--policy") + 1] == "netkv" and "--topology" in argv
+    assert "http://198.19.0.3:8200=h001" in argv and "http://198.19.0.2:8100=h000" in argv
+    assert netkv.ready_url == "http://198.19.0.1:8000/health"
+    peer = router_command(RouterSpec("vllm-router", "power_of_two"), prefill, decode,
+                          host="198.19.0.1", port=8000, metrics_port=29001).argv
+    assert "--vllm-pd-disaggregation" in peer and peer[peer.index("--kv-connector") + 1] == "nixl"
+    assert peer[peer.index("--prometheus-port") + 1] == "29001"
+    assert [peer[i + 1] for i, a in enumerate(peer) if a == "--decode"] == [
+        "http://198.19.0.3:8200", "http://198.19.0.5:8200"]
+    sgl = router_command(RouterSpec("sglang-router", "round_robin"), prefill, decode,
+                         host="198.19.0.1", port=8000, metrics_port=29002).argv
+    i = sgl.index("--prefill")
+    assert sgl[i + 1: i + 3] == ["http://198.19.0.2:8100", "5600"]  # the bootstrap port
+    with pytest.raises(InputError, match="bootstrap"):
+        router_command(RouterSpec("sglang-router", "round_robin"),
+                       [Worker("http://198.19.0.2:8100", "h000")], decode, host="h", port=1,
+                       metrics_port=2)
+
+
+def test_pinning_wraps_every_router_alike() -> None:
+    pin = Pinning(cpus=(1,), nice=5)
+    assert pin.wrap(["x", "-y"]) == ["taskset", "-c", "1", "nice", "-n", "5", "x", "-y"]
+    with pytest.raises(InputError, match="router-nice"):
+        Pinning(cpus=(0,), nice=40)
+
+
+# -- fault schedules -----------------------------------------------------------------------
+def test_schedule_files_are_validated(plan: FabricPlan) -> None:
+    schedule = FaultSchedule.parse({
+        "faults": [{"kind": "degraded_nic", "host": "h001", "start_s": 2, "end_s": 8},
+                   {"kind": "link_down", "host": "h003", "start_s": 1, "end_s": 3}],
+        "hot_spots": [{"link": "leaf0.0/up", "start_s": 0, "end_s": 4}]})
+    schedule.check(plan)
+    assert schedule.duration_s == 8
+    assert schedule.faulty_links(2.5) == {"h001/nic/up", "h001/nic/down", "h003/nic/up",
+                                          "h003/nic/down"}
+    assert schedule.hot_links(3.5) == {"h001/nic/up", "h001/nic/down", "leaf0.0/up"}
+    assert schedule.faults[0].factor == 0.25
+    for bad, match in [
+        ({"faults": [{"kind": "melt", "host": "h001"}]}, "faults.+kind"),
+        ({"faults": [{"kind": "link_down", "host": "h001", "start_s": 5, "end_s": 1}]},
+         "after start_s"),
+        ({"faults": [{"kind": "degraded_nic", "host": "h001", "factor": 1.5}]}, "factor"),
+        ({"faults": [{"kind": "link_down", "host": "h001", "color": "red"}]}, "unknown field"),
+    ]:
+        with pytest.raises(InputError, match=match):
+            FaultSchedule.parse(bad, "f.yaml")
+    with pytest.raises(InputError, match="not a testbed host"):
+        FaultSchedule((Fault("link_down", "h999"),)).check(plan)
+    with pytest.raises(InputError, match="overlaps"):
+        FaultSchedule((Fault("link_down", "h001", 0, 5),
+                       Fault("degraded_nic", "h001", 4, 6))).check(plan)
+
+
+def test_presets_are_fixed_fractions_of_the_replay(plan: FabricPlan) -> None:
+    assert decode_hosts(plan)[0] == "h001"
+    (f,) = preset("degraded-nic", plan, 50.0).faults
+    assert (f.kind, f.host, f.start_s, f.end_s, f.factor) == ("degraded_nic", "h001", 10, 40,
+                                                              0.25)
+    (g,) = preset("failed-rail", plan, 50.0, host="h003").faults
+    assert (g.kind, g.host, g.start_s, g.end_s) == ("link_down", "h003", 15, 35)
+    assert preset("quiet", plan, 50.0) == FaultSchedule()
+    spots = preset("moving-hot-spot", plan, 40.0).hot_spots
+    assert [s.link for s in spots] == ["leaf0.0/up", "leaf0.1/up", "leaf1.0/up", "leaf1.1/up"]
+    assert [s.start_s for s in spots] == [0, 10, 20, 30]
+    assert moving_hot_spot(plan, 8.0, steps=2)[1].end_s == 8.0
+    with pytest.raises(InputError, match="unknown schedule"):
+        preset("stormy", plan, 10.0)
+
+
+class RecordingFabric(Fabric):
+    def __init__(self, plan: FabricPlan) -> None:
+        super().__init__(plan)
+        self.calls: list[tuple[str, str, float]] = []
+
+    async def set_rate(self, link: str, rate_bps: float) -> None:
+        self.calls.append(("rate", link, rate_bps))
+
+    async def set_link(self, host: str, up: bool) -> None:
+        self.calls.append(("link", host, float(up)))
+
+
+async def test_faults_apply_and_revert_on_time(plan: FabricPlan) -> None:
+    loop = asyncio.get_running_loop()
+    fabric = RecordingFabric(plan)
+    schedule = FaultSchedule((Fault("degraded_nic", "h001", 0.05, 0.15, factor=0.25),
+                              Fault("link_down", "h003", 0.1, 0.2)))
+    nominal = plan.rate_bps("h001/nic/up")
+    async with Faults(plan, schedule, loop.time, fabric) as faults:
+        faults.start()
+        await asyncio.sleep(0.35)
+    assert fabric.calls == [
+        ("rate", "h001/nic/up", nominal * 0.25), ("rate", "h001/nic/down", nominal * 0.25),
+        ("link", "h003", 0.0),
+        ("rate", "h001/nic/up", nominal), ("rate", "h001/nic/down", nominal),
+        ("link", "h003", 1.0)]
+    actions = [(e.kind, e.action) for e in faults.events]
+    assert actions == [("degraded_nic", "apply"), ("link_down", "apply"),
+                       ("degraded_nic", "revert"), ("link_down", "revert")]
+    for e, due in zip(faults.events, (0.05, 0.1, 0.15, 0.2), strict=True):
+        assert due <= e.at_s < due + 0.1, (e, due)
+
+
+async def test_leaving_early_reverts_what_was_applied(plan: FabricPlan) -> None:
+    loop = asyncio.get_running_loop()
+    fabric = RecordingFabric(plan)
+    schedule = FaultSchedule((Fault("link_down", "h001", 0.0, 60.0),
+                              Fault("link_down", "h003", 30.0, 60.0)))
+    async with Faults(plan, schedule, loop.time, fabric) as faults:
+        faults.start()
+        await asyncio.sleep(0.1)
+    assert fabric.calls == [("link", "h001", 0.0), ("link", "h001", 1.0)]  # h003 never came
+    assert [e.action for e in faults.events] == ["apply", "revert"]
+
+
+def test_first_after() -> None:
+    assert first_after([1.0, 2.0, 3.0, 4.0], [True, False, True, True], 1.5) == 3.0
+    assert first_after([1.0, 2.0], [True, False], 1.5) is None
