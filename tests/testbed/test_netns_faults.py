@@ -11,6 +11,7 @@ import importlib
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import numpy as np
@@ -20,7 +21,6 @@ import redis.asyncio as aioredis
 from netkv.core.congestion import CongestionMap
 from netkv.core.topology import Topology
 from netkv.core.topology_file import load_topology, parse_topology
-from netkv.telemetry.names import RedisKeys
 from netkv.testbed.controlplane import REDIS_PORT, ControlPlane, Tuning
 from netkv.testbed.engines import connect_from, listening_socket
 from netkv.testbed.fabric import CONTROL_ADDRESS, FabricPlan, build
@@ -133,12 +133,30 @@ def _agent_reports_capacity() -> bool:
     return "capacity_bps" in getattr(samples.NicSample, "__struct_fields__", ())
 
 
+def _module(*names: str) -> Any:
+    """The first of these modules that exists (the wire contracts are moving from
+    ``netkv.telemetry`` to ``netkv.contracts``; this test reads the map through either)."""
+    for name in names:
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    raise ImportError(names[-1])
+
+
 async def _map(redis: aioredis.Redis, topology: Topology) -> CongestionMap | None:
-    data = await redis.get(RedisKeys().map_snapshot)
+    keys = _module("netkv.contracts.names", "netkv.telemetry.names").RedisKeys()
+    data = await redis.get(keys.map_snapshot)
     if data is None:
         return None
     assert isinstance(data, bytes)
-    return CongestionMap.from_snapshot(topology, data)
+    try:
+        decode = _module("netkv.contracts.snapshot").decode_snapshot
+    except ImportError:
+        decode = getattr(CongestionMap, "from_snapshot")  # noqa: B009 (gone after the move)
+    cmap = decode(topology, data)
+    assert isinstance(cmap, CongestionMap)
+    return cmap
 
 
 @pytest.mark.timeout(300)

@@ -4,12 +4,15 @@ are recorded by a subclass here; tests/testbed/test_netns_faults.py makes them f
 from __future__ import annotations
 
 import asyncio
+import json
+from pathlib import Path
 
 import pytest
 
 from netkv.core.topology import Topology
 from netkv.core.topology_file import parse_topology
 from netkv.errors import InputError
+from netkv.testbed.fabric import FabricPlan
 from netkv.testbed.faults import (
     Fabric,
     Fault,
@@ -20,7 +23,6 @@ from netkv.testbed.faults import (
     moving_hot_spot,
     preset,
 )
-from netkv.testbed.fabric import FabricPlan
 from netkv.testbed.routers import Pinning, RouterSpec, Worker, parse_routers, router_command
 
 pytestmark = pytest.mark.unit
@@ -196,3 +198,48 @@ async def test_leaving_early_reverts_what_was_applied(plan: FabricPlan) -> None:
 def test_first_after() -> None:
     assert first_after([1.0, 2.0, 3.0, 4.0], [True, False, True, True], 1.5) == 3.0
     assert first_after([1.0, 2.0], [True, False], 1.5) is None
+
+
+# -- the comparison's bookkeeping (pure) -----------------------------------------------------
+def test_the_pair_comes_from_the_proxy_headers_or_the_vllm_router_request_id() -> None:
+    from netkv.testbed.compare import identify
+    from netkv.testbed.engines import Outcome
+
+    names = {"127.0.0.1:4001": "h000-p0", "127.0.0.1:4002": "h001-d0"}
+    kv = {"x-netkv-kv-bytes": "1000", "x-netkv-kv-start": "105.5", "x-netkv-kv-end": "106.0"}
+    proxy = Outcome("r1", "")
+    identify(proxy, {"x-netkv-prefill": "h002-p0", "x-netkv-decode": "h003-d0", **kv},
+             b"data: {}\n", names, 100.0)
+    assert (proxy.prefill, proxy.decode, proxy.kv_bytes) == ("h002-p0", "h003-d0", 1000)
+    assert (proxy.transfer_start_s, proxy.transfer_s) == (5.5, 0.5)
+    peer = Outcome("r2", "")
+    line = (b'data: {"id": "___prefill_addr_127.0.0.1:4001___decode_addr_127.0.0.1:4002_'
+            b'c79c9c50fedc4c5e", "choices": []}\n')
+    identify(peer, kv, line, names, 100.0)
+    assert (peer.prefill, peer.decode) == ("h000-p0", "h001-d0")
+    unknown = Outcome("r3", "")
+    identify(unknown, kv, b'data: {"id": "cmpl-1"}\n', names, 100.0)
+    assert (unknown.prefill, unknown.decode) == ("", "")  # never guessed
+
+
+def test_reaction_and_table(plan: FabricPlan, tmp_path: Path) -> None:
+    from netkv.testbed.compare import RouterRun, format_comparison, reaction, write_comparison
+    from netkv.testbed.engines import Outcome
+    from netkv.testbed.runner import PolicyResult
+
+    def o(rid: str, decode: str, at: float) -> Outcome:
+        return Outcome(rid, "h000-p0", decode=decode, arrival_s=at - 1, transfer_start_s=at,
+                       transfer_end_s=at + 0.1, first_token_s=at + 0.2)
+
+    schedule = FaultSchedule((Fault("degraded_nic", "h001", 2.0, 6.0),))
+    outcomes = [o("a", "h001-d0", 10.5), o("b", "h001-d0", 13.0), o("c", "h003-d0", 14.0),
+                o("d", "h001-d0", 17.5)]
+    run = RouterRun(RouterSpec("netkv", "netkv"), PolicyResult("netkv", outcomes))
+    got = reaction(run, plan, schedule, schedule_t0=10.0)
+    assert got == {"uses_before_fault": 1.0, "uses_during_fault": 1.0,
+                   "last_use_during_fault_s": 1.0, "first_use_after_fault_s": 1.5}
+    run.reaction = got
+    assert "netkv" in format_comparison({"netkv": run})
+    path = write_comparison(tmp_path, {"netkv": run}, {"faults": "degraded-nic"})
+    assert json.loads(path.read_text())["routers"]["netkv"]["reaction"] == got
+    assert len((tmp_path / "router-requests.jsonl").read_text().splitlines()) == 4
