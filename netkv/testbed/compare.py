@@ -88,6 +88,7 @@ class RouterRun:
     result: PolicyResult
     faulty_crossings: int = 0  # transfers that crossed a degraded or failed link
     unclassified: int = 0  # completed requests whose prefill/decode pair is unknown
+    recomputed: int = 0  # decoded with no KV transfer: the pull failed, the decode prefilled
     engine_kv_mean_s: float = float("nan")  # the decode engines' own histograms
     router_cpu_s: float = 0.0
     ready_after_s: float = 0.0
@@ -99,6 +100,7 @@ class RouterRun:
         s.update({"router": self.spec.kind, "policy": self.spec.policy,
                   "faulty_link_transfers": self.faulty_crossings,
                   "unclassified": self.unclassified,
+                  "kv_pull_failed_recomputed": self.recomputed,
                   "engine_kv_transfer_mean_s": self.engine_kv_mean_s,
                   "router_cpu_s": round(self.router_cpu_s, 3),
                   "router_ready_after_s": round(self.ready_after_s, 3),
@@ -242,7 +244,9 @@ class RouterComparison:
             src, dst = t.instance(o.prefill).host, t.instance(o.decode).host
             tier = Tier(t.tier(t.host_id(src), t.host_id(dst))).name.lower()
             result.tiers[tier] = result.tiers.get(tier, 0) + 1
-            at = o.transfer_start_s - schedule_t0
+            if not o.kv_bytes:  # no KV arrived: the engine recomputed the prompt instead
+                run.recomputed += 1
+            at = _decided_at(o) - schedule_t0
             if any(self.plan.crosses(src, dst, link)
                    for link in self.schedule.hot_links(at)):
                 result.hot_crossings += 1
@@ -270,6 +274,12 @@ def identify(out: Outcome, headers: Any, first_line: bytes, names: dict[str, str
         out.kv_bytes = int(headers["x-netkv-kv-bytes"])
         out.transfer_start_s = float(headers["x-netkv-kv-start"]) - t0
         out.transfer_end_s = float(headers["x-netkv-kv-end"]) - t0
+
+
+def _decided_at(o: Outcome) -> float:
+    """When a request's KV started to move, or (no transfer: the pull failed and the decode
+    recomputed) when it arrived."""
+    return o.transfer_start_s if o.kv_bytes else o.arrival_s
 
 
 def _names_by_address(engines: dict[str, Any]) -> dict[str, str]:
@@ -311,9 +321,8 @@ def reaction(run: RouterRun, plan: FabricPlan, schedule: FaultSchedule,
     f = schedule.faults[0]
     t = plan.topology
     start, end = schedule_t0 + f.start_s, schedule_t0 + f.end_s
-    hits = [o.transfer_start_s for o in run.result.outcomes
-            if o.error is None and o.decode and o.transfer_start_s
-            and t.instance(o.decode).host == f.host]
+    hits = [_decided_at(o) for o in run.result.outcomes
+            if o.error is None and o.decode and t.instance(o.decode).host == f.host]
     during = [x for x in hits if start <= x < end]
     after = [x for x in hits if x >= end]
     return {"uses_before_fault": float(sum(x < start for x in hits)),
@@ -324,8 +333,8 @@ def reaction(run: RouterRun, plan: FabricPlan, schedule: FaultSchedule,
 
 def format_comparison(runs: dict[str, RouterRun]) -> str:
     head = (f"{'router:policy':<28}{'done':>5}{'err':>5}{'TTFT mean':>11}{'TTFT p99':>10}"
-            f"{'KV mean':>9}{'KV p99':>9}{'KV eng':>8}{'hot':>5}{'fault':>6}{'unkn':>5}"
-            f"{'cpu s':>7}")
+            f"{'KV mean':>9}{'KV p99':>9}{'KV eng':>8}{'hot':>5}{'fault':>6}{'recmp':>6}"
+            f"{'unkn':>5}{'cpu s':>7}")
     lines = [head, "-" * len(head)]
     for label, run in runs.items():
         s = run.summary()
@@ -334,7 +343,8 @@ def format_comparison(runs: dict[str, RouterRun]) -> str:
             f"{s['ttft_mean_s'] * 1e3:>9.0f}ms{s['ttft_p99_s'] * 1e3:>8.0f}ms"
             f"{s['transfer_mean_s'] * 1e3:>7.0f}ms{s['transfer_p99_s'] * 1e3:>7.0f}ms"
             f"{s['engine_kv_transfer_mean_s'] * 1e3:>6.0f}ms{s['hot_link_transfers']:>5}"
-            f"{s['faulty_link_transfers']:>6}{s['unclassified']:>5}{s['router_cpu_s']:>7.2f}")
+            f"{s['faulty_link_transfers']:>6}{s['kv_pull_failed_recomputed']:>6}"
+            f"{s['unclassified']:>5}{s['router_cpu_s']:>7.2f}")
     return "\n".join(lines)
 
 

@@ -229,6 +229,7 @@ def test_reaction_and_table(plan: FabricPlan, tmp_path: Path) -> None:
 
     def o(rid: str, decode: str, at: float) -> Outcome:
         return Outcome(rid, "h000-p0", decode=decode, arrival_s=at - 1, transfer_start_s=at,
+                       kv_bytes=1000,
                        transfer_end_s=at + 0.1, first_token_s=at + 0.2)
 
     schedule = FaultSchedule((Fault("degraded_nic", "h001", 2.0, 6.0),))
