@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -81,8 +80,8 @@ def ports_args() -> list[str]:
 
 
 @pytest.fixture
-def up_cmd(tmp_path: Path) -> Iterator[list[str]]:
-    yield [sys.executable, "-m", "netkv.cli", "up", "--workdir", str(tmp_path / "up")]
+def up_cmd(tmp_path: Path) -> list[str]:
+    return [sys.executable, "-m", "netkv.cli", "up", "--workdir", str(tmp_path / "up")]
 
 
 def start(cmd: list[str]) -> subprocess.Popen[bytes]:
