@@ -26,7 +26,7 @@ from netkv.core.topology import Topology
 from netkv.core.topology_file import load_topology
 from netkv.errors import InputError
 from netkv.tasks import cancel_and_wait
-from netkv_scheduler import openapi
+from netkv_scheduler import decisions, openapi
 from netkv_scheduler.instances import scrape_forever
 from netkv_scheduler.mapfeed import MapFeed
 from netkv_scheduler.selector import Choice, Selector
@@ -294,6 +294,7 @@ def create_app(settings: SchedulerSettings, topology: Topology | None = None,
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/openapi.json", _openapi)
+    decisions.install(app)  # GET /v1/decisions/recent, for the oracle's live view
     app.cleanup_ctx.append(_background("map-feed", _feed))
     app.cleanup_ctx.append(_background("load-scraper", _scraper))
     app.cleanup_ctx.append(_background("reservation-sweeper", _sweeper))
