@@ -65,17 +65,28 @@ from netkv.workload.trace import load_trace
 # run on free ports unless given.
 PORTS = {"scheduler": 8090, "oracle": 8091, "standby oracle": 8092, "agent echo (udp)": 8093}
 ORACLE_RESTARTS = 3
-DEMO_HOT_HOST_INDEX = 2  # h002 in the demo topology: a choice, any host would do
 
 
-def demo_topology_path() -> str:
+def demo_topology_path(split: bool = False) -> str:
+    """The shipped demo cluster; ``split``: prefill and decode on separate hosts (--demo)."""
     from importlib import resources  # noqa: PLC0415 - only needed for the default path
-    return str(resources.files("netkv") / "data" / "topology-demo.yaml")
+    name = "topology-demo-split.yaml" if split else "topology-demo.yaml"
+    return str(resources.files("netkv") / "data" / name)
+
+
+def default_hot_host(topology: Topology) -> str:
+    """The demo's hot host: the second decode host in topology order (h003 in the shipped
+    demo). A choice made before any run; any decode host would do."""
+    hosts = list(dict.fromkeys(i.host for i in topology.instances if i.role == "decode"))
+    if not hosts:
+        raise InputError("--hot-host", "the topology has no decode instances")
+    return hosts[min(1, len(hosts) - 1)]
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     p = parser.add_argument
-    p("--topology", help="topology file (default: the shipped demo, 8 hosts)")
+    p("--topology", help="topology file (default: the shipped demo, 8 hosts, a prefill and "
+      "a decode instance on each; with --demo, prefill and decode on alternate hosts)")
     p("--redis-url", help="use this Redis (redis://[:password@]host:port/db) instead of "
       "starting one; the password is kept out of argv, logs and world-readable files")
     p("--mqtt-url", help="use this broker (mqtt://host:port) instead of starting one")
@@ -90,6 +101,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
       "under a hot link, print the comparison, then stop")
     p("--trace", help="Mooncake-format trace for --demo (default: NETKV_TRACE, else the "
       "embedded seeded workload, see `netkv trace`)")
+    p("--hot-host", help="--demo: the host whose NIC downlink is made hot (default: the "
+      "second decode host, h003 in the shipped demo)")
     p("--demo-requests", type=int, default=720, help="requests per policy (default 720)")
     p("--demo-rate", type=float, default=60.0,
       help="requests per second in the replay (default 60)")
@@ -356,10 +369,12 @@ def _report_dead(mesh: Mesh, sup: Supervisor) -> None:
 
 
 async def up(args: argparse.Namespace) -> int:
-    topology_path = args.topology or demo_topology_path()
+    topology_path = args.topology or demo_topology_path(split=args.demo)
     topology = load_topology(topology_path)
     if args.demo and not any(i.role == "prefill" for i in topology.instances):
         raise InputError(topology_path, "--demo needs prefill instances in the topology")
+    if args.hot_host and args.hot_host not in topology.host_index:
+        raise InputError("--hot-host", f"{args.hot_host!r} is not a host of {topology_path}")
     requests = demo_requests(args.trace or args.environ.get("NETKV_TRACE"),
                              args.demo_requests) if args.demo else []
     check_ports(args, {} if args.no_agents else agent_addresses(topology))
@@ -413,7 +428,7 @@ async def _demo(args: argparse.Namespace, mesh: Mesh) -> int:
         ok, why = await ready()
     print(f"netkv up: scheduler {'ready' if ok else 'NOT ready (tier priors)'}: {why}",
           flush=True)
-    hot = topo.hosts[DEMO_HOT_HOST_INDEX % topo.n_hosts].name if mesh.fabric else None
+    hot = (args.hot_host or default_hot_host(topo)) if mesh.fabric else None
     plan = DemoPlan(base, topo, args.requests,
                     [i.name for i in topo.instances if i.role == "prefill"], args.demo_rate,
                     mesh.fabric, hot, token=mesh.token)

@@ -232,10 +232,18 @@ def table(runs: list[PolicyRun], hot_link: str | None, rate: float) -> str:
     lines = [f"{'':<{label}}" + "".join(f"{r.policy:>{width}}" for r in runs)]
     for name, cells in rows:
         lines.append(f"{name:<{label}}" + "".join(f"{c:>{width}}" for c in cells))
+    summary = "; ".join(
+        f"{r.policy} {_share(r.hot())} of its decisions while hot ({_share(q)} while quiet)"
+        for r, q in zip(runs, quiet, strict=True))
+    lines.append(f"\nacross {hot_link or 'the hot link'}: {summary}")
     head = (f"=== NetKV demo: {len(runs[0].decisions) if runs else 0} requests per policy at "
             f"{rate:g}/s through the scheduler over HTTP; hot link: {hot_link or 'none'} "
             f"(emulated RDMA counters, {HOT_FROM:.0%}-{HOT_TO:.0%} of each replay) ===")
     return head + "\n" + "\n".join(lines)
+
+
+def _share(decisions: list[Decision]) -> str:
+    return f"{100 * sum(d.crossed for d in decisions) / max(len(decisions), 1):.0f}%"
 
 
 def first_error(runs: list[PolicyRun]) -> str | None:

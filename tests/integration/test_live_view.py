@@ -2,7 +2,7 @@
 
 Debian's chromium, driven by Playwright through its executable path (Playwright's own browser
 download is not used). The page must receive live map updates over SSE, show the demo's hot
-link (h002/nic/down, made hot on the emulated RDMA port the real agents read) as hot, then as
+link (h003/nic/down, made hot on the emulated RDMA port the real agents read) as hot, then as
 recovered, and show the scheduler's recent decisions. A screenshot taken while the link is hot
 is saved in the test's directory (and copied to ``$NETKV_SCREENSHOT_DIR`` when set: that is how
 ``docs/img/live-view.png`` was made).
@@ -25,7 +25,7 @@ from netkv.mesh.testkit import port_pair, read_until, udp_port_on_agents
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
-HOT = "h002/nic/down"
+HOT = "h003/nic/down"
 
 
 def _chromium() -> str:

@@ -195,17 +195,20 @@ def test_a_killed_oracle_costs_a_few_seconds_of_stale_map(up_cmd: list[str]) -> 
 
 def test_up_demo_prints_the_side_by_side_table(up_cmd: list[str]) -> None:
     proc = subprocess.run(
-        [*up_cmd, "--demo", *ports_args(), "--demo-requests", "240", "--demo-rate", "40"],
+        [*up_cmd, "--demo", *ports_args(), "--demo-requests", "400", "--demo-rate", "50"],
         capture_output=True, text=True, timeout=150, stdin=subprocess.DEVNULL,
         env=dict(os.environ), check=False)
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
-    assert "hot link: h002/nic/down (emulated RDMA counters" in out, out
+    assert "hot link: h003/nic/down (emulated RDMA counters" in out, out
     row = re.search(r"decisions \(errors\)\s+(\d+) \((\d+)\)\s+(\d+) \((\d+)\)", out)
-    assert row and row.groups() == ("240", "0", "240", "0"), out
-    crossed = re.search(r"sent across the hot link\s+(\d+) \(\d+%\)\s+(\d+) \(\d+%\)", out)
-    assert crossed, out
-    cache_load, netkv = (int(x) for x in crossed.groups())
-    assert netkv <= cache_load, out  # netkv does not send more across the hot link
+    assert row and row.groups() == ("400", "0", "400", "0"), out
+    hot = re.search(r"sent across the hot link\s+\d+ \((\d+)%\)\s+\d+ \((\d+)%\)", out)
+    quiet = re.search(r"same link, while quiet\s+\d+ \((\d+)%\)\s+\d+ \((\d+)%\)", out)
+    assert hot and quiet, out
+    cache_load_hot, netkv_hot = (int(x) for x in hot.groups())
+    _, netkv_quiet = (int(x) for x in quiet.groups())
+    assert netkv_hot < netkv_quiet, out  # netkv moves decisions off the link while it is hot
+    assert netkv_hot < cache_load_hot, out  # ... and cache_load does not
     assert "live view: http://127.0.0.1:" in out
     assert out.rstrip().splitlines()[-1].startswith("netkv up: stopped; logs kept in")
