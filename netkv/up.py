@@ -379,6 +379,8 @@ async def up(args: argparse.Namespace) -> int:
                              args.demo_requests) if args.demo else []
     check_ports(args, {} if args.no_agents else agent_addresses(topology))
     mesh = Mesh(_workdir(args.workdir), topology)
+    if args.environ.get("NETKV_TOKEN", None) == "":
+        raise InputError("NETKV_TOKEN", "is set but empty; unset it to have a token generated")
     mesh.token = args.environ.get("NETKV_TOKEN") or secrets.token_urlsafe(32)
     _private_file(mesh.workdir / "scheduler.token", mesh.token + "\n")
     args.requests = requests

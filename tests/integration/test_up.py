@@ -212,3 +212,12 @@ def test_up_demo_prints_the_side_by_side_table(up_cmd: list[str]) -> None:
     assert netkv_hot < cache_load_hot, out  # ... and cache_load does not
     assert "live view: http://127.0.0.1:" in out
     assert out.rstrip().splitlines()[-1].startswith("netkv up: stopped; logs kept in")
+
+
+def test_an_empty_token_from_the_environment_is_an_error(up_cmd: list[str]) -> None:
+    proc = subprocess.run([*up_cmd, "--no-agents"], capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL, env={**os.environ, "NETKV_TOKEN": ""},
+                          check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip() == ("netkv up: error: NETKV_TOKEN: is set but empty; unset it "
+                                   "to have a token generated"), proc.stderr
