@@ -68,8 +68,8 @@ def test_the_view_shows_a_hot_link_live_and_its_recovery(tmp_path: Path) -> None
                                        f".dataset.version) > {first}", timeout=30_000)
                 assert page.get_attribute("#status", "data-stale") == "false"
                 link = f'[data-link="{HOT}"]'
-                assert page.get_attribute(link, "data-state") != "hot"
-                # the demo makes the link hot a quarter into the first replay
+                # the demo makes the link hot a quarter into each replay (on a loaded machine
+                # the page may open when the stretch has begun: then it is hot at once)
                 page.wait_for_selector(f'{link}[data-state="hot"]', timeout=60_000)
                 page.wait_for_function("document.querySelectorAll('#decisions tbody tr')"
                                        ".length > 0", timeout=15_000)
@@ -79,8 +79,16 @@ def test_the_view_shows_a_hot_link_live_and_its_recovery(tmp_path: Path) -> None
                 assert shot.stat().st_size > 10_000
                 if os.environ.get("NETKV_SCREENSHOT_DIR"):
                     shutil.copy(shot, Path(os.environ["NETKV_SCREENSHOT_DIR"]) / shot.name)
-                # ... and recovers when the stretch ends
-                page.wait_for_selector(f'{link}[data-state="ok"]', timeout=60_000)
+                # ... and recovers when the stretch ends: not hot for 2 s in a row (a loaded
+                # machine can delay a counter update and dip one sample below the threshold)
+                page.wait_for_function(
+                    """([sel, hot]) => {
+                        const ok = document.querySelector(sel).dataset.state === "ok"
+                            && !(document.body.dataset.hotLinks || "").includes(hot);
+                        if (!ok) { window.__okSince = null; return false; }
+                        window.__okSince = window.__okSince || Date.now();
+                        return Date.now() - window.__okSince >= 2000;
+                    }""", arg=[link, HOT], timeout=60_000, polling=200)
                 assert HOT not in (page.text_content("#status") or "")
             finally:
                 browser.close()
