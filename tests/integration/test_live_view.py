@@ -70,10 +70,14 @@ def test_the_view_shows_a_hot_link_live_and_its_recovery(tmp_path: Path) -> None
                 link = f'[data-link="{HOT}"]'
                 # the demo makes the link hot a quarter into each replay (on a loaded machine
                 # the page may open when the stretch has begun: then it is hot at once)
-                page.wait_for_selector(f'{link}[data-state="hot"]', timeout=60_000)
                 page.wait_for_function("document.querySelectorAll('#decisions tbody tr')"
-                                       ".length > 0", timeout=15_000)
-                assert HOT in (page.text_content("#status") or "")
+                                       ".length > 0", timeout=30_000)
+                # hot on the drawing and in the status line at the same moment (one state)
+                page.wait_for_function(
+                    """([sel, hot]) => document.querySelector(sel).dataset.state === "hot"
+                        && (document.body.dataset.hotLinks || "").includes(hot)
+                        && document.querySelector("#status").textContent.includes(hot)""",
+                    arg=[link, HOT], timeout=60_000, polling=100)
                 shot = tmp_path / "live-view.png"
                 page.screenshot(path=str(shot), full_page=True)
                 assert shot.stat().st_size > 10_000

@@ -23,7 +23,7 @@ import pytest
 from netkv.localservers import free_port
 from netkv.mesh.testkit import port_free, port_pair, read_until, udp_port_on_agents
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 
 def ports_args() -> list[str]:
@@ -123,12 +123,14 @@ def test_a_child_that_never_becomes_ready_is_named_with_exit_1(up_cmd: list[str]
     dead_redis = free_port()
     proc = subprocess.run([*up_cmd, "--no-agents", "--no-standby", *ports_args(),
                            "--redis-url", f"redis://:s3cret-pw@127.0.0.1:{dead_redis}/0",
-                           "--ready-timeout", "4"], capture_output=True, text=True,
+                           "--ready-timeout", "8"], capture_output=True, text=True,
                           timeout=90, stdin=subprocess.DEVNULL, check=False)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 1, out
-    assert re.search(r"netkv up: oracle \(pid \d+\) not ready after 4 s: http://127.0.0.1:\d+"
-                     r"/readyz answered 503", proc.stderr), out
+    # what its check said: "answered 503" (no map), or, on a loaded machine where the
+    # process has not even bound its port yet, the connection error
+    assert re.search(r"netkv up: oracle \(pid \d+\) not ready after 8 s: http://127.0.0.1:\d+"
+                     r"/readyz(?: answered 503|: ClientConnectorError)", proc.stderr), out
     assert "listening" not in proc.stdout and "Traceback" not in proc.stderr
     assert "s3cret-pw" not in out  # the password is never printed
     for path in Path(up_cmd[-1]).rglob("*"):  # ... nor written anywhere but 0600 files
@@ -195,14 +197,14 @@ def test_a_killed_oracle_costs_a_few_seconds_of_stale_map(up_cmd: list[str]) -> 
 
 def test_up_demo_prints_the_side_by_side_table(up_cmd: list[str]) -> None:
     proc = subprocess.run(
-        [*up_cmd, "--demo", *ports_args(), "--demo-requests", "400", "--demo-rate", "50"],
+        [*up_cmd, "--demo", *ports_args(), "--demo-requests", "600", "--demo-rate", "40"],
         capture_output=True, text=True, timeout=150, stdin=subprocess.DEVNULL,
         env=dict(os.environ), check=False)
     out = proc.stdout
     assert proc.returncode == 0, out + proc.stderr
     assert "hot link: h003/nic/down (emulated RDMA counters" in out, out
     row = re.search(r"decisions \(errors\)\s+(\d+) \((\d+)\)\s+(\d+) \((\d+)\)", out)
-    assert row and row.groups() == ("400", "0", "400", "0"), out
+    assert row and row.groups() == ("600", "0", "600", "0"), out
     hot = re.search(r"sent across the hot link\s+\d+ \((\d+)%\)\s+\d+ \((\d+)%\)", out)
     quiet = re.search(r"same link, while quiet\s+\d+ \((\d+)%\)\s+\d+ \((\d+)%\)", out)
     assert hot and quiet, out
