@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import aiomqtt
 import structlog
 
-from netkv.config import MqttSettings
+from netkv.config import MqttSettings, reveal
 
 log = structlog.get_logger(__name__)
 
@@ -28,7 +28,7 @@ def mqtt_client(settings: MqttSettings, *, identifier: str | None = None,
             tls_context.load_cert_chain(settings.cert_file, settings.key_file)
     return aiomqtt.Client(
         settings.host, settings.port, identifier=identifier, username=settings.username,
-        password=settings.password, keepalive=settings.keepalive_s, will=will,
+        password=reveal(settings.password), keepalive=settings.keepalive_s, will=will,
         tls_context=tls_context, timeout=5.0)
 
 
