@@ -13,6 +13,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from netkv_oracle.api import ApiState, build_app
 from netkv_oracle.metrics import OracleMetrics
+from netkv_oracle.view import STALE_S, state_json
 from netkv_scheduler import decisions
 
 from netkv.core.congestion import CongestionMap
@@ -66,6 +67,14 @@ async def test_page_state_and_events_show_the_hot_link() -> None:
                 line = await r.content.readline()
             event = json.loads(line[len(b"data: "):])
             assert event["version"] == 7
+
+
+def test_an_old_map_is_called_stale() -> None:
+    cmap = hot_map()
+    assert state_json(cmap, 1000)["stale"] is False
+    cmap.created_ts = time.time() - STALE_S - 1
+    body = state_json(cmap, 1000)
+    assert body["stale"] is True and body["age_s"] > STALE_S
 
 
 async def test_the_scheduler_keeps_its_recent_decisions_for_the_view() -> None:
