@@ -30,20 +30,15 @@ import argparse
 import asyncio
 import contextlib
 import importlib.util
-import ipaddress
 import os
 import secrets
 import signal
-import socket
 import sys
-import tempfile
-import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 import yaml
@@ -52,13 +47,19 @@ from netkv.core.topology import Topology
 from netkv.core.topology_file import load_topology
 from netkv.errors import InputError
 from netkv.localservers import MosquittoServer, RedisServer, ServerError
-from netkv.mesh.children import Child, MeshError, http_ready, port_taken
-from netkv.mesh.demo import DemoPlan, first_error, replay, table
+from netkv.mesh.children import Child, MeshError, http_ready
+from netkv.mesh.demo import DemoPlan, default_hot_host, demo_requests, run_demo
 from netkv.mesh.fabric import DEVICE, PORT, EmulatedFabric
+from netkv.mesh.inputs import (
+    agent_addresses,
+    check_ports,
+    mqtt_endpoint,
+    private_file,
+    split_redis_url,
+    workdir,
+)
 from netkv.supervisor import Supervisor
 from netkv.telemetry.names import RedisKeys
-from netkv.workload.synth import synthesise
-from netkv.workload.trace import load_trace
 
 # Fixed defaults, in the 8090-8099 block: above the 8080/8081 that dev servers and proxies
 # take by habit, below Prometheus's 9090 block. Redis and mosquitto, private to the mesh,
@@ -72,15 +73,6 @@ def demo_topology_path(split: bool = False) -> str:
     from importlib import resources  # noqa: PLC0415 - only needed for the default path
     name = "topology-demo-split.yaml" if split else "topology-demo.yaml"
     return str(resources.files("netkv") / "data" / name)
-
-
-def default_hot_host(topology: Topology) -> str:
-    """The demo's hot host: the second decode host in topology order (h003 in the shipped
-    demo). A choice made before any run; any decode host would do."""
-    hosts = list(dict.fromkeys(i.host for i in topology.instances if i.role == "decode"))
-    if not hosts:
-        raise InputError("--hot-host", "the topology has no decode instances")
-    return hosts[min(1, len(hosts) - 1)]
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -114,85 +106,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     p("--no-agents", action="store_true", help="start no agents")
     p("--workdir", help="config and logs go here (default: a new directory under the "
       "system's temporary directory; kept after exit either way)")
-
-
-# -- inputs ---------------------------------------------------------------------------------
-def agent_addresses(topology: Topology) -> dict[str, str]:
-    """Each host's loopback address: its topology address if it is one, else 127.0.0.11+."""
-    out: dict[str, str] = {}
-    for i, host in enumerate(topology.hosts):
-        address = host.address
-        if address is None or not ipaddress.ip_address(address).is_loopback:
-            address = str(ipaddress.IPv4Address("127.0.0.11") + i)
-        out[host.name] = address
-    return out
-
-
-def _mqtt_endpoint(url: str) -> tuple[str, int]:
-    parts = urlsplit(url)
-    if parts.scheme not in ("mqtt", "tcp") or not parts.hostname:
-        raise InputError("--mqtt-url", f"expected mqtt://host:port, got {url!r}")
-    return parts.hostname, parts.port or 1883
-
-
-def split_redis_url(url: str) -> tuple[dict[str, Any], str]:
-    """``--redis-url`` -> (the config's redis section, the URL as printed, redacted)."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("redis", "rediss") or not parts.hostname:
-        raise InputError("--redis-url", "expected redis://[:password@]host:port/db")
-    netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
-    bare = urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-    section: dict[str, Any] = {"url": bare}
-    if parts.password:
-        section["password"] = parts.password
-    if parts.username:
-        section["username"] = parts.username
-    shown = bare if not parts.password else bare.replace("://", f"://{parts.username or ''}:***@")
-    return section, shown
-
-
-def demo_requests(trace: str | None, count: int) -> list[dict[str, Any]]:
-    """The first ``count`` requests of the trace at ``trace`` (strictly parsed), or of the
-    embedded seeded workload when no trace is given."""
-    loaded = load_trace(trace, limit=count) if trace else synthesise(count)
-    return [{"prompt_tokens": int(n_in), "block_hashes": list(ids), "output_tokens": int(n_out)}
-            for n_in, n_out, ids in zip(loaded.input_tokens.tolist(),
-                                        loaded.output_tokens.tolist(), loaded.hash_ids,
-                                        strict=True)]
-
-
-def check_ports(args: argparse.Namespace, agents: Mapping[str, str]) -> None:
-    """Fail before starting anything if a fixed port is taken: one line naming it."""
-    wanted = [("scheduler", "--scheduler-port", args.scheduler_port),
-              ("oracle", "--oracle-port", args.oracle_port)]
-    if not args.no_standby:
-        wanted.append(("standby oracle", "--oracle-port + 1", args.oracle_port + 1))
-    for name, flag, port in wanted:
-        if port_taken("127.0.0.1", port):
-            raise MeshError(f"port {port} on 127.0.0.1 ({name}) is already in use; stop what "
-                            f"holds it or choose another with {flag}")
-    for host, address in agents.items():
-        if port_taken(address, args.echo_port, socket.SOCK_DGRAM):
-            raise MeshError(f"UDP port {args.echo_port} on {address} (agent {host}'s echo) is "
-                            "already in use; stop what holds it or choose another with "
-                            "--echo-port")
-
-
-def _private_file(path: Path, text: str) -> Path:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as out:
-        out.write(text)
-    os.chmod(path, 0o600)
-    return path
-
-
-def _workdir(given: str | None) -> Path:
-    if given:
-        path = Path(given)
-        path.mkdir(parents=True, exist_ok=True)
-        os.chmod(path, 0o700)
-        return path
-    return Path(tempfile.mkdtemp(prefix=f"netkv-up-{time.strftime('%Y%m%d-%H%M%S')}-"))
 
 
 def _available(module: str) -> bool:
@@ -230,7 +143,7 @@ async def _backing_servers(args: argparse.Namespace, mesh: Mesh,
         mesh.redis_section = {"url": redis.url}
         mesh.listening.append(("redis", redis.url))
     if args.mqtt_url:
-        host, port = _mqtt_endpoint(args.mqtt_url)
+        host, port = mqtt_endpoint(args.mqtt_url)
         mesh.listening.append(("mosquitto", f"mqtt://{host}:{port} (given)"))
     else:
         broker = await stack.enter_async_context(
@@ -276,7 +189,7 @@ def _plan_children(args: argparse.Namespace, mesh: Mesh, shared: dict[str, Any],
             if mesh.fabric is not None:
                 agent |= {"rdma_sysfs_root": str(mesh.fabric.sysfs_root(host)),
                           "rdma_fabric_port": f"{DEVICE}/{PORT}"}
-            config = _private_file(wd / f"agent-{host}.yaml", yaml.safe_dump(
+            config = private_file(wd / f"agent-{host}.yaml", yaml.safe_dump(
                 {**base, "agent": agent}))
             mesh.children.append(Child(
                 f"agent {host}", [*python, "agent", "--config", str(config)],
@@ -288,7 +201,7 @@ def _plan_children(args: argparse.Namespace, mesh: Mesh, shared: dict[str, Any],
     if _available("netkv_oracle.cli"):
         for i, port in enumerate(oracle_ports):
             name = "oracle" if i == 0 else "standby oracle"
-            config = _private_file(wd / f"oracle-{i}.yaml", yaml.safe_dump({**base, "oracle": {
+            config = private_file(wd / f"oracle-{i}.yaml", yaml.safe_dump({**base, "oracle": {
                 "http_host": "127.0.0.1", "http_port": port, "oracle_id": f"up-oracle-{i}"}}))
             mesh.children.append(Child(
                 name, [*python, "oracle", "--config", str(config)], wd / f"oracle-{i}.log",
@@ -298,7 +211,7 @@ def _plan_children(args: argparse.Namespace, mesh: Mesh, shared: dict[str, Any],
     else:
         print("netkv up: the oracle is not part of this build; the scheduler will answer "
               "from tier priors")
-    config = _private_file(wd / "scheduler.yaml", yaml.safe_dump({**base, "scheduler": {
+    config = private_file(wd / "scheduler.yaml", yaml.safe_dump({**base, "scheduler": {
         "host": "127.0.0.1", "port": args.scheduler_port, "token": mesh.token}}))
     mesh.children.append(Child(
         "scheduler", [*python, "scheduler", "--config", str(config)], wd / "scheduler.log",
@@ -378,11 +291,11 @@ async def up(args: argparse.Namespace) -> int:
     requests = demo_requests(args.trace or args.environ.get("NETKV_TRACE"),
                              args.demo_requests) if args.demo else []
     check_ports(args, {} if args.no_agents else agent_addresses(topology))
-    mesh = Mesh(_workdir(args.workdir), topology)
+    mesh = Mesh(workdir(args.workdir), topology)
     if args.environ.get("NETKV_TOKEN", None) == "":
         raise InputError("NETKV_TOKEN", "is set but empty; unset it to have a token generated")
     mesh.token = args.environ.get("NETKV_TOKEN") or secrets.token_urlsafe(32)
-    _private_file(mesh.workdir / "scheduler.token", mesh.token + "\n")
+    private_file(mesh.workdir / "scheduler.token", mesh.token + "\n")
     args.requests = requests
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -420,35 +333,14 @@ def _watch(mesh: Mesh, sup: Supervisor) -> None:
 
 
 async def _demo(args: argparse.Namespace, mesh: Mesh) -> int:
-    base = f"http://127.0.0.1:{args.scheduler_port}"
     topo = mesh.topology
-    ready = http_ready(f"{base}/readyz")
-    deadline = time.monotonic() + args.map_wait
-    ok, why = await ready()
-    while not ok and time.monotonic() < deadline:
-        await asyncio.sleep(0.25)
-        ok, why = await ready()
-    print(f"netkv up: scheduler {'ready' if ok else 'NOT ready (tier priors)'}: {why}",
-          flush=True)
     hot = (args.hot_host or default_hot_host(topo)) if mesh.fabric else None
-    plan = DemoPlan(base, topo, args.requests,
+    plan = DemoPlan(f"http://127.0.0.1:{args.scheduler_port}", topo, args.requests,
                     [i.name for i in topo.instances if i.role == "prefill"], args.demo_rate,
                     mesh.fabric, hot, token=mesh.token)
-    runs = []
-    for i, policy in enumerate(("cache_load", "netkv")):
-        print(f"netkv up: replaying {len(plan.requests)} requests with {policy} ...",
-              flush=True)
-        runs.append(await replay(plan, policy, i))
-        await asyncio.sleep(1.0)  # let the map see the link recover before the next policy
-    print()
-    print(table(runs, f"{hot}/nic/down" if hot else None, args.demo_rate))
-    error = first_error(runs)
-    if error:
-        print(f"first error: {error}")
-    print(f"\nlive view: http://127.0.0.1:{args.oracle_port}/view"
-          f"?scheduler=http://127.0.0.1:{args.scheduler_port} (while the mesh runs: "
-          "`netkv up`)")
-    return 0 if all(r.decisions and not r.errors for r in runs) else 1
+    view = (f"http://127.0.0.1:{args.oracle_port}/view"
+            f"?scheduler=http://127.0.0.1:{args.scheduler_port}")
+    return await run_demo(plan, args.map_wait, view)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -28,7 +28,11 @@ import aiohttp
 import numpy as np
 
 from netkv.core.topology import Topology
+from netkv.errors import InputError
+from netkv.mesh.children import http_ready
 from netkv.mesh.fabric import EmulatedFabric
+from netkv.workload.synth import synthesise
+from netkv.workload.trace import load_trace
 
 HOT_FROM, HOT_TO = 0.25, 0.65  # the hot stretch, as fractions of each replay
 TIER_NAMES = ("same host", "same leaf", "same pod", "across core")
@@ -246,6 +250,52 @@ def _share(decisions: list[Decision]) -> str:
     return f"{100 * sum(d.crossed for d in decisions) / max(len(decisions), 1):.0f}%"
 
 
+def default_hot_host(topology: Topology) -> str:
+    """The demo's hot host: the second decode host in topology order (h003 in the shipped
+    demo). A choice made before any run; any decode host would do."""
+    hosts = list(dict.fromkeys(i.host for i in topology.instances if i.role == "decode"))
+    if not hosts:
+        raise InputError("--hot-host", "the topology has no decode instances")
+    return hosts[min(1, len(hosts) - 1)]
+
+
+def demo_requests(trace: str | None, count: int) -> list[dict[str, Any]]:
+    """The first ``count`` requests of the trace at ``trace`` (strictly parsed), or of the
+    embedded seeded workload when no trace is given."""
+    loaded = load_trace(trace, limit=count) if trace else synthesise(count)
+    return [{"prompt_tokens": int(n_in), "block_hashes": list(ids), "output_tokens": int(n_out)}
+            for n_in, n_out, ids in zip(loaded.input_tokens.tolist(),
+                                        loaded.output_tokens.tolist(), loaded.hash_ids,
+                                        strict=True)]
+
+
+async def run_demo(plan: DemoPlan, map_wait_s: float, view_url: str) -> int:
+    """Wait for the scheduler's map, replay with each policy, print the table; 0 when every
+    request of both replays was decided."""
+    ready = http_ready(f"{plan.base}/readyz")
+    deadline = time.monotonic() + map_wait_s
+    ok, why = await ready()
+    while not ok and time.monotonic() < deadline:
+        await asyncio.sleep(0.25)
+        ok, why = await ready()
+    print(f"netkv up: scheduler {'ready' if ok else 'NOT ready (tier priors)'}: {why}",
+          flush=True)
+    runs = []
+    for i, policy in enumerate(("cache_load", "netkv")):
+        print(f"netkv up: replaying {len(plan.requests)} requests with {policy} ...",
+              flush=True)
+        runs.append(await replay(plan, policy, i))
+        await asyncio.sleep(1.0)  # let the map see the link recover before the next policy
+    print()
+    hot = f"{plan.hot_host}/nic/down" if plan.hot_host else None
+    print(table(runs, hot, plan.rate_per_s))
+    error = first_error(runs)
+    if error:
+        print(f"first error: {error}")
+    print(f"\nlive view: {view_url} (while the mesh runs: `netkv up`)")
+    return 0 if all(r.decisions and not r.errors for r in runs) else 1
+
+
 def first_error(runs: list[PolicyRun]) -> str | None:
     for r in runs:
         if r.errors:
@@ -253,4 +303,5 @@ def first_error(runs: list[PolicyRun]) -> str | None:
     return None
 
 
-__all__ = ["DemoPlan", "PolicyRun", "first_error", "replay", "table"]
+__all__ = ["DemoPlan", "PolicyRun", "default_hot_host", "demo_requests", "first_error", "replay",
+           "run_demo", "table"]

@@ -9,8 +9,9 @@ import pytest
 
 from netkv.core.topology_file import load_topology
 from netkv.errors import InputError
-from netkv.mesh.demo import Decision, PolicyRun, table
-from netkv.up import default_hot_host, demo_requests, demo_topology_path, split_redis_url
+from netkv.mesh.demo import Decision, PolicyRun, default_hot_host, demo_requests, table
+from netkv.mesh.inputs import split_redis_url
+from netkv.up import demo_topology_path
 
 pytestmark = pytest.mark.unit
 
