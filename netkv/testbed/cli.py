@@ -28,6 +28,7 @@ from typing import Any
 
 import yaml
 
+from netkv.config import read_config_file
 from netkv.core.policies import policy_names
 from netkv.core.topology import Topology
 from netkv.core.topology_file import load_topology, parse_topology
@@ -40,13 +41,13 @@ from netkv.testbed.engines import EngineModel
 from netkv.testbed.fabric import DEFAULT_SCALE, FabricPlan, build
 from netkv.testbed.netns import Lab, LabError, inside, sweep
 from netkv.testbed.runner import (
+    MapEndpoints,
     ReplaySpec,
     format_table,
     load_requests,
     run_policies,
     write_summary,
 )
-from netkv.testbed.selection import HttpSelector
 from netkv.testbed.workload import replay, requests_for
 
 DEFAULT_TOPOLOGY: dict[str, Any] = {
@@ -88,6 +89,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     compose.add_argument("--kv-port", type=int, default=9100, help="first KV stream port")
     compose.add_argument("--engine-url", default="http://{host}:9000",
                          help="workload: engine URL template")
+    compose.add_argument("--config", help="workload: shared config (redis, mqtt) whose map "
+                         "the proxy follows")
     compose.add_argument("--listen", help="bulk: sink address HOST:PORT")
     compose.add_argument("--to", help="bulk: send to HOST:PORT")
     compose.add_argument("--seconds", type=float, default=600.0, help="bulk: how long")
@@ -225,10 +228,9 @@ def _engine(args: argparse.Namespace) -> int:
         raise InputError("--host", "engine needs --host and --topology")
     topology, _ = _topology(args)
     topology.host_id(args.host)
-    settings = EngineHostSettings(host=args.host, scheduler_url=args.scheduler,
-                                  http_port=args.http_port, kv_port=args.kv_port,
-                                  bytes_per_token=float(_bytes_per_token(args.scale)),
-                                  token=args.environ.get("NETKV_SCHEDULER__TOKEN"))
+    settings = EngineHostSettings(host=args.host, http_port=args.http_port,
+                                  kv_port=args.kv_port,
+                                  bytes_per_token=float(_bytes_per_token(args.scale)))
     return run_forever(settings, topology)
 
 
@@ -264,7 +266,10 @@ def _workload(args: argparse.Namespace) -> int:
     policies = _policies(args.policies)
     print(f"workload: {len(requests)} requests from {source}, policies {policies}",
           flush=True)
-    results = asyncio.run(replay(topology, args.engine_url, requests, policies))
+    shared = read_config_file(args.config) if args.config else {}
+    results = asyncio.run(replay(topology, args.engine_url, requests, policies,
+                                 endpoints=MapEndpoints.from_config(shared),
+                                 bytes_per_token=float(_bytes_per_token(args.scale))))
     print(format_table(results), flush=True)
     path = write_summary(Path(args.out), results, {
         "testbed": "compose", "requests": len(requests), "source": source,
@@ -302,11 +307,7 @@ def _schedule(args: argparse.Namespace, plan: FabricPlan, duration_s: float) -> 
 async def _replay(plan: FabricPlan, control: ControlPlane, *, model: EngineModel,
                   schedule: Schedule, spec: ReplaySpec, requests: list[Any],
                   policies: list[str]) -> Any:
-    async with HttpSelector(control.scheduler_url) as selector:
-        async def reset(policy: str) -> None:
-            await control.restart_scheduler()
-
-        return await run_policies(plan, model, selector, schedule=schedule, spec=spec,
-                                  requests=requests, policies=policies, before_each=reset)
-
-
+    # through `netkv proxy`, which follows the control plane's map as the scheduler does
+    return await run_policies(plan, model, schedule=schedule, spec=spec, requests=requests,
+                              policies=policies,
+                              endpoints=MapEndpoints.from_config(control.shared_config()))
