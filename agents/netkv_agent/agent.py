@@ -34,10 +34,17 @@ from redis.exceptions import RedisError
 
 import netkv
 from netkv.adapters.redis_client import connect_redis
+from netkv.contracts.names import RedisKeys
+from netkv.contracts.registration import (
+    LinkPair,
+    Registration,
+    RegistrationError,
+    decode_registration,
+    read_registry,
+)
 from netkv.core.topology import Topology
 from netkv.errors import InputError
 from netkv.tasks import cancel_and_wait
-from netkv.telemetry.names import RedisKeys
 from netkv_agent.bandwidth import BurstResult, bandwidth_sink, burst
 from netkv_agent.echo import Prober, echo_endpoint
 from netkv_agent.nic import NicReader
@@ -46,12 +53,6 @@ from netkv_agent.presence import Presence
 from netkv_agent.publisher import Publisher
 from netkv_agent.qdisc import QdiscReader
 from netkv_agent.rdma import RdmaReader
-from netkv_agent.registration import (
-    LinkPair,
-    Registration,
-    RegistrationError,
-    decode_registration,
-)
 from netkv_agent.rtnetlink import RouteSocket
 from netkv_agent.settings import AgentSettings
 
@@ -124,8 +125,9 @@ class Agent:
         self.nic_links, self.rdma_links = link_bindings(settings, topology)
         self.prober = Prober(settings.agent_id, timeout_s=settings.probe_timeout_s,
                              window_s=settings.rtt_window_s, tick_s=settings.echo_tick_s)
-        self.nics = NicReader(settings.agent_id, settings.interfaces,
-                              settings.nic_speed_gbps, settings.sysfs_net_root)
+        # /sys/class/net shows this process's namespace: useless for interfaces in another one
+        self.nics = NicReader(settings.agent_id, settings.interfaces, settings.nic_speed_gbps,
+                              settings.sysfs_net_root if settings.netns is None else "")
         self.qdiscs = QdiscReader(settings.agent_id, settings.interfaces)
         self.rdma = RdmaReader(settings.agent_id, settings.rdma_sysfs_root,
                                settings.rdma_devices, settings.rdma_data_unit_bytes)
@@ -139,6 +141,8 @@ class Agent:
         self.bandwidth_errors = 0
         self._bandwidth_port = 0
         self.registry_rejected = 0
+        self.registry_errors = 0
+        self._registry_ok = True
         self._decoded: dict[bytes, Registration | None] = {}  # registry entry -> decoded
         self.counter_errors = 0
         self.samples_by_kind: dict[str, int] = {}
@@ -282,7 +286,7 @@ class Agent:
         """Read the registry and live heartbeats; rebuild the pinglist. False if Redis failed."""
         try:
             async with asyncio.timeout(self.settings.redis_op_timeout_s):
-                entries = await redis.hgetall(self.keys.registry)
+                entries = await read_registry(redis, self.keys)
             regs: list[Registration] = []
             decoded: dict[bytes, Registration | None] = {}
             for field_name, raw in entries.items():
@@ -307,8 +311,16 @@ class Agent:
                 async with asyncio.timeout(self.settings.redis_op_timeout_s):
                     alive = await redis.mget([self.keys.heartbeat(r.agent) for r in regs])
         except (RedisError, OSError, TimeoutError) as exc:
-            log.debug("registry refresh failed", error=str(exc))
+            # warning, not debug: an agent that cannot read the registry probes nobody
+            # (e.g. an ACL user without read access to its peers' entries)
+            if self._registry_ok:
+                log.warning("registry refresh failed", error=str(exc))
+            self._registry_ok = False
+            self.registry_errors += 1
             return False
+        if not self._registry_ok:
+            log.info("registry readable again")
+        self._registry_ok = True
         live = [r for r, beat in zip(regs, alive, strict=True) if beat is not None]
         self.peers = {r.agent: (r.address, r.echo_port) for r in live}
         self.bandwidth_ports = {r.agent: r.bandwidth_port for r in live if r.bandwidth_port}
@@ -381,6 +393,7 @@ class Agent:
             "redis_connected": pub.connected if pub else False,
             "mqtt_connected": self.presence.connected,
             "registry_rejected": self.registry_rejected,
+            "registry_errors": self.registry_errors,
             "counter_errors": self.counter_errors,
             "nic_missing": self.nics.missing, "nic_resets": self.nics.resets(),
             "rdma_resets": self.rdma.resets, "rdma_wraps": self.rdma.wraps,

@@ -18,9 +18,9 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from netkv.adapters.redis_client import connect_redis
+from netkv.contracts.names import RedisKeys
 from netkv.core.topology_file import load_topology
 from netkv.logs import configure_logging
-from netkv.telemetry.names import RedisKeys
 from netkv_agent.agent import Agent
 from netkv_agent.settings import AgentSettings, load_agent_settings
 

@@ -50,7 +50,7 @@ from typing import Any
 
 import structlog
 
-from netkv.telemetry.samples import RttSample
+from netkv.contracts.samples import RttSample
 
 log = structlog.get_logger(__name__)
 

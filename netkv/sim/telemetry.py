@@ -9,7 +9,7 @@
 Both exclude the scheduler's own KV transfers: in the simulator every KV flow is the
 scheduler's, and the policy counts them itself through its bookings (in deployment the map's
 utilisation includes them; the scheduler knows what it booked). Both are
-:class:`~netkv.core.oracle.LinkStateOracle`\\ s whose per-link arrays are refreshed in place.
+:class:`~netkv.core.costmodel.LinkStateOracle`\\ s whose per-link arrays are refreshed in place.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import bisect
 
 import numpy as np
 
-from netkv.core.oracle import LinkStateOracle
+from netkv.core.costmodel import LinkStateOracle
 from netkv.core.topology import FloatArray, Topology
 from netkv.sim.fabric import MAX_BACKGROUND
 from netkv.sim.scenario import TelemetrySection

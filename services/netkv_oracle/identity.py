@@ -3,12 +3,13 @@
 An agent may only report on its own host's links. Two layers enforce it:
 
 1. **Redis ACL users, one per agent** (:func:`agent_acl_rules`). User ``<agent>`` may
-   ``XADD`` only to its own stream ``<prefix>{s<shard>}:samples:<agent>``, write its own
-   heartbeat key and the registry hash, and read nothing else. So the stream a batch arrives
-   on authenticates its author: another agent cannot write there. (Limitation: ACLs are per
-   key, so the registry hash is writable by every agent; the oracle therefore accepts a
-   registry entry only for the agent it names and only if every link it binds is owned by
-   that agent in the topology.)
+   ``XADD`` only to its own stream ``<prefix>{s<shard>}:samples:<agent>`` and ``SET``/``DEL``
+   only its own heartbeat and registry keys (one registry key per agent, so no agent can write,
+   expire or retype another's entry); it may *read* (``SCAN``, ``MGET``, ``GET``) its peers'
+   registry entries and heartbeats, which it needs to build its pinglist, and nothing else.
+   So the stream a batch arrives on authenticates its author: another agent cannot write
+   there. The oracle still accepts a registry entry only for the agent its key names and only
+   if every link it binds is owned by that agent in the topology.
 2. **The oracle checks every batch** (:meth:`Ownership.check`): the batch's ``agent`` must be
    the stream's owner, every sample's ``reporter`` must be that agent, and each sample's
    subject must belong to it: a host agent reports its own NICs, RDMA devices and probes to
@@ -28,12 +29,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from netkv_agent.registration import LinkPair, RegistrationError, decode_registration
-
+from netkv.contracts.names import RedisKeys, shard_of
+from netkv.contracts.registration import LinkPair, RegistrationError, decode_registration
+from netkv.contracts.samples import NicSample, QdiscSample, RdmaSample, RttSample
+from netkv.contracts.wire import Batch
 from netkv.core.topology import Topology
-from netkv.telemetry.names import RedisKeys, shard_of
-from netkv.telemetry.samples import NicSample, QdiscSample, RdmaSample, RttSample
-from netkv.telemetry.wire import Batch
 
 SAMPLES_MARK = ":samples:"
 
@@ -59,16 +59,21 @@ def stream_owner(keys: RedisKeys, stream: str) -> str | None:
 
 
 def agent_acl_rules(keys: RedisKeys, agent: str, password: str) -> list[str]:
-    """``ACL SETUSER <agent> ...`` rules that confine an agent to its own keys.
+    """``ACL SETUSER <agent> ...`` rules: least privilege for a working agent.
 
-    Also correct on a Redis Cluster (``CLUSTER``/``READONLY`` are allowed for slot discovery).
+    Writes (``XADD``, ``SET``, ``DEL``) reach only the agent's own stream, heartbeat and
+    registry key (``~key`` grants read and write on exactly those); reads (``SCAN``, ``MGET``,
+    ``GET``) reach its peers' registry entries and heartbeats (``%R~pattern``: read only).
+    No other command is allowed: no ``EXPIRE``, ``HSET``, ``RENAME``, ``XRANGE``, no
+    channels. Also correct on a Redis Cluster (``CLUSTER``/``READONLY`` for slot discovery).
     """
-    stream = keys.samples_stream(agent)
-    return ["reset", "on", f">{password}", f"~{stream}", f"~{keys.heartbeat(agent)}",
-            f"~{keys.registry}", "resetchannels",
-            "+xadd", "+xtrim", "+set", "+expire", "+hset", "+ping", "+hello", "+auth",
+    own = (keys.samples_stream(agent), keys.heartbeat(agent), keys.registration(agent))
+    return ["reset", "on", f">{password}", *(f"~{key}" for key in own),
+            f"%R~{keys.registrations_pattern}", f"%R~{keys.heartbeats_pattern}",
+            "resetchannels",
+            "+xadd", "+set", "+del", "+get", "+mget", "+scan", "+ping", "+hello", "+auth",
             "+client|setname", "+cluster|slots", "+cluster|shards",
-            "+cluster|nodes", "+readonly", "+info"]
+            "+cluster|nodes", "+readonly"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,7 @@
 * **Reading**: one task per shard runs ``XREADGROUP GROUP netkv-oracle <oracle> BLOCK ...
   STREAMS <every stream of the shard> >``; the streams of a shard share a hash tag, so this is
   one command on a Redis Cluster too.
-* **Decoding** is strict (:func:`netkv.telemetry.wire.decode_batch`), then the identity check
+* **Decoding** is strict (:func:`netkv.contracts.wire.decode_batch`), then the identity check
   (:class:`~netkv_oracle.identity.Ownership`); a bad entry is rejected whole, counted in
   ``netkv_samples_rejected_total{reason}``, acknowledged and skipped. Nothing an agent sends
   can end the loop; Redis errors are counted and retried with backoff.
@@ -29,8 +29,9 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError, ResponseError
 
-from netkv.telemetry.names import RedisKeys, shard_of
-from netkv.telemetry.wire import WireError, decode_batch
+from netkv.contracts.names import RedisKeys, shard_of
+from netkv.contracts.registration import read_registry
+from netkv.contracts.wire import WireError, decode_batch
 from netkv_oracle.builder import MapBuilder
 from netkv_oracle.identity import (
     Binding,
@@ -102,13 +103,10 @@ class Ingestor:
 
     async def _read_registry(self) -> None:
         """Agents' bindings (interface -> links), each validated against the topology."""
-        entries: dict[Any, Any] = await self.redis.hgetall(self.keys.registry)
+        entries = await read_registry(self.redis, self.keys)
         bindings: dict[str, Binding] = {}
         refused: dict[str, bytes] = {}
-        for agent, raw in entries.items():
-            name = agent.decode(errors="replace") if isinstance(agent, bytes) else str(agent)
-            if not isinstance(raw, bytes):
-                continue
+        for name, raw in entries.items():
             previous = self.ownership.bindings.get(name)
             try:
                 bindings[name] = binding_from_registration(self.ownership.topology, name, raw)

@@ -27,10 +27,11 @@ from redis.exceptions import RedisError
 
 from netkv.adapters.redis_client import connect_redis
 from netkv.config import RedisSettings
+from netkv.contracts.names import RedisKeys
 from netkv.core.congestion import CongestionMap, MapParams
+from netkv.core.tomography import localise_inflation
 from netkv.core.topology import Topology
 from netkv.tasks import cancel_and_wait
-from netkv.telemetry.names import RedisKeys
 from netkv_oracle.api import ApiState, build_app
 from netkv_oracle.builder import MapBuilder
 from netkv_oracle.identity import Ownership
@@ -137,7 +138,7 @@ class OracleService:
                     self.builder.changed = False
                     if s.tomography and now - last_tomography >= s.sample_interval_s:
                         last_tomography = now  # new RTT windows arrive once per interval
-                        self.builder.map.localise_inflation()
+                        localise_inflation(self.builder.map)
                     if await self.publisher.publish(self.builder.map) is None:
                         self.builder.changed = changed
                     else:
@@ -153,14 +154,16 @@ class OracleService:
         if seed is not None:
             self.builder.seed(seed)
             self.publisher.version = max(self.publisher.version, seed.version)
+        self.builder.map.epoch = self.publisher.new_term()
         self.leading = True
         self.ingestor.rediscover.set()
         log.info("leading", oracle=self.oracle_id, seeded_from=seed.version if seed else None)
 
     async def _follow(self) -> None:
         held = self.followed.version if self.followed is not None else -1
+        epoch = self.followed.epoch if self.followed is not None else None
         cmap = await load_snapshot(self.redis, self.keys, self.topology, newer_than=held,
-                                   clock=self.clock)
+                                   epoch=epoch, clock=self.clock)
         if cmap is not None:
             self.followed = cmap
             self.metrics.map_version.set(cmap.version)

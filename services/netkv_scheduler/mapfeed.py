@@ -25,13 +25,14 @@ import structlog
 from netkv.adapters.mqtt_client import messages, reconnecting
 from netkv.adapters.redis_client import connect_redis
 from netkv.config import MqttSettings, RedisSettings
-from netkv.core.congestion import CongestionMap, SnapshotError, snapshot_header
-from netkv.core.oracle import CostOracle, static_tier_oracle
+from netkv.contracts.announcement import announced_version
+from netkv.contracts.names import MqttTopics, RedisKeys
+from netkv.contracts.snapshot import SnapshotError, decode_snapshot, snapshot_header
+from netkv.core.congestion import CongestionMap
+from netkv.core.costmodel import CostOracle, static_tier_oracle
 from netkv.core.paths import CachedOracle
 from netkv.core.topology import Topology
 from netkv.tasks import cancel_and_wait
-from netkv.telemetry.announcement import announced_version
-from netkv.telemetry.names import MqttTopics, RedisKeys
 
 log = structlog.get_logger(__name__)
 
@@ -198,9 +199,9 @@ class MapFeed:
             data = data.encode()
         try:
             header = snapshot_header(data)
-            if self.version is not None and header["version"] <= self.version:
+            if self.version is not None and header.version <= self.version:
                 return
-            cmap = await asyncio.to_thread(CongestionMap.from_snapshot, self.topology, data)
+            cmap = await asyncio.to_thread(decode_snapshot, self.topology, data)
         except SnapshotError as exc:
             self.rejected_total += 1
             log.warning("map snapshot rejected", error=str(exc))

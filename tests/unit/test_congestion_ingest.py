@@ -8,7 +8,6 @@ import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from netkv_agent.registration import LinkPair, Registration, encode_registration
 from netkv_oracle.builder import MapBuilder
 from netkv_oracle.identity import (
     Ownership,
@@ -20,12 +19,13 @@ from netkv_oracle.identity import (
 from netkv_oracle.ingest import Ingestor
 from netkv_oracle.metrics import OracleMetrics
 
+from netkv.contracts.names import RedisKeys
+from netkv.contracts.registration import LinkPair, Registration, encode_registration
+from netkv.contracts.samples import NicSample, QdiscSample, RdmaSample, RttSample, Sample
+from netkv.contracts.wire import Batch
 from netkv.core.congestion import MapParams
 from netkv.core.topology import Topology
 from netkv.core.topology_file import parse_topology
-from netkv.telemetry.names import RedisKeys
-from netkv.telemetry.samples import NicSample, QdiscSample, RdmaSample, RttSample, Sample
-from netkv.telemetry.wire import Batch
 
 pytestmark = pytest.mark.unit
 
@@ -37,10 +37,11 @@ def topo() -> Topology:
 
 
 def nic(reporter: str, name: str = "eth0", *, tx: float = 1.0, rx: float = 2.0,
-        ts: float = NOW, speed: float = 0.0) -> NicSample:
+        ts: float = NOW, speed: float = 0.0, up: bool = True) -> NicSample:
+    """``speed`` in bytes/s (sent as ``capacity_bps``, bits/s)."""
     return NicSample(reporter=reporter, nic=name, ts=ts, window_s=1.0, tx_bytes_s=tx,
                      rx_bytes_s=rx, tx_packets_s=0.0, rx_packets_s=0.0, drops_s=0.0,
-                     errors_s=0.0, speed_bytes_s=speed)
+                     errors_s=0.0, capacity_bps=speed * 8, oper_up=up)
 
 
 def rdma(reporter: str, tx: float, rx: float) -> RdmaSample:
