@@ -54,6 +54,10 @@ class NameCheck:
         self.capacity = capacity
         self._good: set[str] = set()
 
+    def known(self, names: set[str]) -> bool:
+        """All of ``names`` passed before (one set operation, the common case)."""
+        return names <= self._good
+
     def __call__(self, value: str) -> bool:
         if value in self._good:
             return True

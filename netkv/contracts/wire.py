@@ -86,8 +86,9 @@ def _check_names(samples: tuple[Sample, ...]) -> None:
     checked once per distinct name (a batch repeats the same few)."""
     subject = _SUBJECT
     names = {s.reporter for s in samples}
-    names.update(getattr(s, subject[type(s)]) for s in samples)
-    if all(map(_NAMES, names)):
+    names |= {s.peer if type(s) is RttSample else getattr(s, subject[type(s)])
+              for s in samples}
+    if _NAMES.known(names) or all(map(_NAMES, names)):
         return
     for i, s in enumerate(samples):
         for field in ("reporter", subject[type(s)]):

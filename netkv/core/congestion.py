@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,6 +167,25 @@ class CongestionMap:
             return
         floor = min(min_s, old.min_s) if old is not None and old.min_s > 0 else min_s
         self.set_pair(src, dst, PairState(srtt_s, floor, p99_s, loss, ts))
+
+    def observe_rtts(self, src: int,
+                     rows: Iterable[tuple[int, float, float, float, float, float]]) -> None:
+        """:meth:`observe_rtt` for many peers of one source: rows of ``(dst, srtt_s, min_s,
+        p99_s, loss, ts)``. The ingest hot path: a pair already known is updated in place
+        (every index of it sees the change), a new one goes through :meth:`set_pair`."""
+        pairs = self.pairs
+        for dst, srtt_s, min_s, p99_s, loss, ts in rows:
+            key = (src, dst) if src <= dst else (dst, src)
+            old = pairs.get(key)
+            if old is None:
+                self.set_pair(src, dst, PairState(srtt_s, min_s, p99_s, loss, ts))
+                continue
+            if ts < old.ts:
+                continue
+            if old.min_s <= 0 or min_s < old.min_s:
+                old.min_s = min_s
+            old.srtt_s, old.p99_s, old.loss, old.ts = srtt_s, p99_s, loss, ts
+        self.generation += 1
 
     def set_pair(self, src: int, dst: int, pair: PairState) -> None:
         """Replace a pair's state as it is (restoring a snapshot; :meth:`observe_rtt` is the

@@ -21,9 +21,9 @@ inflation by :func:`netkv.core.tomography.localise_inflation` when the map is pu
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
-from netkv.contracts.samples import NicSample, RdmaSample, RttSample, Sample
+from netkv.contracts.samples import NicSample, QdiscSample, RdmaSample, RttSample, Sample
 from netkv.core.congestion import CongestionMap, MapParams
 from netkv.core.topology import Topology
 from netkv_oracle.identity import Ownership
@@ -64,12 +64,14 @@ class MapBuilder:
             self.map.observe_host(host, now)
         self.map.observe_agent(agent, now)
         touched: set[int] = set()
-        for s in samples:
+        rtts = [s for s in samples if type(s) is RttSample]
+        if rtts and host is not None:
+            self.map.observe_rtts(host, self._rtt_rows(host, rtts, now))
+        for s in samples if len(rtts) < len(samples) else ():
+            if type(s) is RttSample:
+                continue
             ts = min(s.ts, now)
-            if isinstance(s, RttSample):
-                if host is not None and s.sent > 0:
-                    self._rtt(host, topo.host_index[s.peer], s, ts)
-            elif isinstance(s, NicSample):
+            if isinstance(s, NicSample):
                 tx_link, rx_link = ownership.nic_links(agent, s.nic)
                 for link, rate in ((tx_link, s.tx_bytes_s), (rx_link, s.rx_bytes_s)):
                     if link is not None:
@@ -84,7 +86,7 @@ class MapBuilder:
                         self._sources.setdefault(link, {})[("rdma", source)] = (
                             rate, 0.0, ts, True)
                         touched.add(link)
-            else:  # QdiscSample: backlog queues on the interface's transmit link
+            elif isinstance(s, QdiscSample):  # backlog queues on the interface's tx link
                 link = ownership.nic_links(agent, s.nic)[0]
                 if link is not None:
                     self.map.observe_queue(link, s.backlog_bytes / self.map.capacity[link], ts)
@@ -92,15 +94,24 @@ class MapBuilder:
             self._refresh(link, now)
         self._mark(now)
 
-    def _rtt(self, host: int, peer: int, s: RttSample, ts: float) -> None:
-        if s.sent > s.lost:
-            self.map.observe_rtt(host, peer, srtt_s=s.srtt_s, min_s=s.min_s, p99_s=s.p99_s,
-                                 loss=s.lost / s.sent, ts=ts)
-            return
-        old = self.map.pairs.get((min(host, peer), max(host, peer)))
-        if old is not None:  # everything lost: keep the last RTT, report full loss
-            self.map.observe_rtt(host, peer, srtt_s=old.srtt_s, min_s=old.min_s,
-                                 p99_s=old.p99_s, loss=1.0, ts=ts)
+    def _rtt_rows(self, host: int, rtts: list[RttSample], now: float
+                  ) -> Iterator[tuple[int, float, float, float, float, float]]:
+        """(peer, srtt, min, p99, loss, ts) per window with probes. A window that lost
+        everything keeps the pair's last RTT and reports full loss (nothing if the pair was
+        never measured)."""
+        index, pairs = self.topology.host_index, self.map.pairs
+        for s in rtts:
+            sent, lost = s.sent, s.lost
+            if sent <= 0:
+                continue
+            peer = index[s.peer]
+            ts = s.ts if s.ts < now else now
+            if sent > lost:
+                yield peer, s.srtt_s, s.min_s, s.p99_s, lost / sent, ts
+                continue
+            old = pairs.get((host, peer) if host <= peer else (peer, host))
+            if old is not None:
+                yield peer, old.srtt_s, old.min_s, old.p99_s, 1.0, ts
 
     def _refresh(self, link: int, now: float) -> None:
         horizon = now - self.map.params.stale_s
