@@ -7,16 +7,19 @@
         print(agent.stats())
 
 Entering binds the UDP echo socket (responder + prober) on the agent's own address, opens the
-Redis client and, when interfaces are configured, a netlink socket; then starts, in one
-:class:`asyncio.TaskGroup`: the prober (echo ticks), the publisher (which also reads the NIC,
-qdisc and RDMA counters when due and collects RTT samples), the registry watcher (peers and
-pinglist) and MQTT presence. Few tasks and few timers on purpose: each event-loop wake-up
-costs real CPU, and the agent must stay around 1% of a core. Leaving shuts down in order,
-each step bounded: stop probing and reading; publish what was measured (final flush) and
-drop the heartbeat; announce ``offline`` on MQTT; then close sockets and clients. A task
-that fails takes the agent down visibly (the TaskGroup re-raises) rather than leaving a
-half-alive agent; expected faults (Redis or broker down, missing interfaces, malformed
-registry entries) are handled and counted inside the tasks.
+Redis client and, when interfaces are configured, a netlink socket; then starts, under one
+:class:`~netkv.supervisor.Supervisor`: the prober (echo ticks), the publisher (which also
+reads the NIC, qdisc and RDMA counters when due and collects RTT samples), the registry
+watcher (peers and pinglist) and MQTT presence. Few tasks and few timers on purpose: each
+event-loop wake-up costs real CPU, and the agent must stay around 1% of a core. Leaving shuts
+down in order, each step bounded: stop probing and reading; publish what was measured (final
+flush) and drop the heartbeat; announce ``offline`` on MQTT; then close sockets and clients. A task
+that dies is logged and recorded by the supervisor (:attr:`Agent.failures`,
+:meth:`Agent.wait_failed`), and ``netkv agent`` then exits non-zero rather than carrying on as
+a half-alive agent; expected faults (Redis or broker down, missing interfaces, malformed
+registry entries) are handled and counted inside the tasks. The agent's own loops end only
+when it stops (``_stopping``), so they are supervised as tasks that may return; the prober
+and presence run until cancelled, so their returning early is a failure too.
 """
 
 from __future__ import annotations
@@ -36,14 +39,17 @@ import netkv
 from netkv.adapters.redis_client import connect_redis
 from netkv.contracts.names import RedisKeys
 from netkv.contracts.registration import (
+    LinkOwnershipError,
     LinkPair,
     Registration,
     RegistrationError,
     decode_registration,
     read_registry,
+    resolve_links,
 )
 from netkv.core.topology import Topology
 from netkv.errors import InputError
+from netkv.supervisor import Supervisor, TaskFailure
 from netkv.tasks import cancel_and_wait
 from netkv_agent.bandwidth import BurstResult, bandwidth_sink, burst
 from netkv_agent.echo import Prober, echo_endpoint
@@ -88,16 +94,10 @@ def link_bindings(settings: AgentSettings, topology: Topology | None
         origin["nics", name] = f"nic_links.{name}"
     if topology is not None:
         for kind, table in (("nics", nics), ("rdma", rdma)):
-            for name, pair in table.items():
-                where = origin[kind, name]
-                for link in (pair.tx, pair.rx):
-                    index = topology.link_index.get(link)
-                    if index is None:
-                        raise InputError(where, f"unknown topology link {link!r}")
-                    owner = topology.links[index].owner
-                    if owner != me:
-                        raise InputError(where, f"link {link!r} belongs to "
-                                         f"{owner!r}, not to this agent ({me!r})")
+            try:
+                resolve_links(topology, me, table)
+            except LinkOwnershipError as exc:
+                raise InputError(origin[kind, exc.key], str(exc)) from None
     return nics, rdma
 
 
@@ -147,7 +147,9 @@ class Agent:
         self.counter_errors = 0
         self.samples_by_kind: dict[str, int] = {}
         self._stack = contextlib.AsyncExitStack()
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.supervisor = Supervisor(f"agent-{settings.agent_id}",
+                                     stop_timeout_s=STEP_TIMEOUT_S)
+        self._tasks: dict[str, asyncio.Task[Any]] = {}
         self._route: RouteSocket | None = None
         self._closed = asyncio.Event()
         self._stopping = False
@@ -172,18 +174,18 @@ class Agent:
                 stream_maxlen=s.stream_maxlen, max_buffered_batches=s.max_buffered_batches,
                 max_batch_samples=s.max_batch_samples, op_timeout_s=s.redis_op_timeout_s,
                 max_backoff_s=s.reconnect_max_backoff_s)
-            group = await stack.enter_async_context(asyncio.TaskGroup())
+            sup = await stack.enter_async_context(self.supervisor)
             self._tasks = {
-                "probe": group.create_task(self.prober.run(), name="probe"),
-                "registry": group.create_task(self._registry_loop(redis), name="registry"),
-                "publish": group.create_task(self._publish_loop(), name="publish"),
+                "probe": sup.spawn(self.prober.run(), name="probe"),
+                "registry": sup.spawn(self._registry_loop(redis), name="registry",
+                                      daemon=False),
+                "publish": sup.spawn(self._publish_loop(), name="publish", daemon=False),
             }
             if s.bandwidth_probe_enabled:
-                self._tasks["bandwidth"] = group.create_task(self._bandwidth_loop(),
-                                                             name="bandwidth")
+                self._tasks["bandwidth"] = sup.spawn(self._bandwidth_loop(), name="bandwidth",
+                                                     daemon=False)
             if s.mqtt_enabled:
-                self._tasks["presence"] = group.create_task(self.presence.run(),
-                                                            name="presence")
+                self._tasks["presence"] = sup.spawn(self.presence.run(), name="presence")
         except BaseException:
             await stack.aclose()
             raise
@@ -225,6 +227,15 @@ class Agent:
     async def run_for(self, seconds: float) -> None:
         """Let the agent work for ``seconds`` (bounded mode for tests and benchmarks)."""
         await asyncio.sleep(seconds)
+
+    @property
+    def failures(self) -> tuple[TaskFailure, ...]:
+        """Background tasks that died (empty while the agent is whole)."""
+        return self.supervisor.failures
+
+    async def wait_failed(self) -> TaskFailure:
+        """Wait until a background task dies (``netkv agent`` then exits non-zero)."""
+        return await self.supervisor.wait_failed()
 
     async def wait_closed(self) -> None:
         """Block until the agent is shut down (cancel the caller to stop it)."""
@@ -400,6 +411,7 @@ class Agent:
             "bandwidth_probes": [{"peer": r.peer, "bytes_s": r.bytes_s, "bytes": r.nbytes}
                                  for r in self.bandwidth_results],
             "bandwidth_errors": self.bandwidth_errors,
+            "failed_tasks": [f.name for f in self.failures],
         }
 
 

@@ -24,6 +24,7 @@ defaults); every other field is required.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -31,6 +32,7 @@ import msgspec
 from netkv.contracts.errors import ContractError, from_msgspec
 from netkv.contracts.fields import Name, Port, UnixTime
 from netkv.contracts.names import RedisKeys
+from netkv.core.topology import Topology
 
 REGISTRATION_VERSION: Literal[1] = 1
 MAX_ENTRY_BYTES = 16 * 1024
@@ -135,4 +137,33 @@ async def read_registry(redis: Any, keys: RedisKeys) -> dict[str, bytes]:
         agent = keys.registration_owner(name)
         if agent is not None and isinstance(value, bytes):
             out[agent] = value
+    return out
+
+
+class LinkOwnershipError(ValueError):
+    """A binding names a link that is not in the topology or not the agent's own."""
+
+    def __init__(self, key: str, link: str, owner: str | None, agent: str) -> None:
+        why = ("unknown topology link" if owner is None
+               else f"link belongs to {owner!r}, not to this agent ({agent!r})")
+        super().__init__(f"{link!r}: {why}")
+        self.key, self.link, self.owner = key, link, owner
+
+
+def resolve_links(topology: Topology, agent: str,
+                  table: Mapping[str, LinkPair]) -> dict[str, tuple[int, int]]:
+    """``{interface or port: (tx link index, rx link index)}``, if every link of ``table``
+    exists in ``topology`` and is owned by ``agent`` (the one ownership rule, used by the
+    agent at start-up and by the oracle for every registry entry); else
+    :class:`LinkOwnershipError` for the first that is not."""
+    out: dict[str, tuple[int, int]] = {}
+    for key, pair in table.items():
+        ids = []
+        for link in (pair.tx, pair.rx):
+            index = topology.link_index.get(link)
+            owner = topology.links[index].owner if index is not None else None
+            if index is None or owner != agent:
+                raise LinkOwnershipError(key, link, owner, agent)
+            ids.append(index)
+        out[key] = (ids[0], ids[1])
     return out

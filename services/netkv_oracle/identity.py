@@ -31,7 +31,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from netkv.contracts.names import RedisKeys, shard_of
-from netkv.contracts.registration import LinkPair, RegistrationError, decode_registration
+from netkv.contracts.registration import (
+    LinkOwnershipError,
+    LinkPair,
+    RegistrationError,
+    decode_registration,
+    resolve_links,
+)
 from netkv.contracts.samples import NicSample, QdiscSample, RdmaSample, RttSample, Sample
 from netkv.contracts.wire import Batch
 from netkv.core.topology import Topology
@@ -102,17 +108,11 @@ def binding_from_registration(topology: Topology, agent: str, raw: bytes) -> Bin
                             f"entry of {agent!r} names {reg.agent!r}")
 
     def resolve(table: dict[str, LinkPair], where: str) -> dict[str, tuple[int, int]]:
-        out: dict[str, tuple[int, int]] = {}
-        for key, pair in table.items():
-            ids = []
-            for link in (pair.tx, pair.rx):
-                index = topology.link_index.get(link)
-                if index is None or topology.links[index].owner != agent:
-                    raise RejectedError("bad_registration", f"registration.{where}.{key}",
-                                        f"{link!r} is not a link of {agent!r}")
-                ids.append(index)
-            out[key] = (ids[0], ids[1])
-        return out
+        try:
+            return resolve_links(topology, agent, table)
+        except LinkOwnershipError as exc:
+            raise RejectedError("bad_registration", f"registration.{where}.{exc.key}",
+                                f"{exc.link!r} is not a link of {agent!r}") from None
 
     links = resolve(reg.links, "links")
     return Binding(frozenset(reg.nics) | frozenset(links), links, resolve(reg.rdma, "rdma"))

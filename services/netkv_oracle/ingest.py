@@ -226,8 +226,15 @@ class Ingestor:
                 await asyncio.sleep(0.1)
                 continue
             if not self.shards[shard]:
+                ready = self._shard_ready[shard]
+                # Cleared here, with no await since the check above: discovery sets it again
+                # when it adds a stream. (Left set, Event.wait() would return at once, without
+                # yielding, and this loop would spin and starve the event loop: wait_for
+                # used to hide that by always yielding once.)
+                ready.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._shard_ready[shard].wait(), 0.5)
+                    async with asyncio.timeout(0.5):
+                        await ready.wait()
                 continue
             try:
                 await self.read_shard(shard)
@@ -244,7 +251,8 @@ class Ingestor:
         next_claim = time.monotonic() + claim_s
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.rediscover.wait(), discover_s)
+                async with asyncio.timeout(discover_s):
+                    await self.rediscover.wait()
             self.rediscover.clear()
             if not active():
                 continue
