@@ -10,6 +10,10 @@
   (:class:`~netkv_oracle.identity.Ownership`); a bad entry is rejected whole, counted in
   ``netkv_samples_rejected_total{reason}``, acknowledged and skipped. Nothing an agent sends
   can end the loop; Redis errors are counted and retried with backoff.
+* **Bounding**: a rejected entry is deleted (``XDEL``) as it is acknowledged, so a hostile or
+  broken writer's entries do not stay in Redis; and every discovery round trims each stream
+  to :data:`STREAM_CAP` entries (``XTRIM MAXLEN ~``), which bounds a stream whose writer
+  ignores the ``MAXLEN`` the agents use on write.
 * **Acknowledging**: entries are ``XACK``-ed after they are applied. Pending entries of a
   consumer that died (idle longer than ``claim_idle_s``) are taken over with ``XAUTOCLAIM``.
 * A stream or group that vanished (Redis restarted without persistence) shows up as
@@ -45,6 +49,7 @@ from netkv_oracle.metrics import OracleMetrics
 log = structlog.get_logger(__name__)
 
 AnyRedis = Redis | RedisCluster
+STREAM_CAP = 10_000  # entries per stream the oracle keeps at most (agents write MAXLEN ~1000)
 
 
 class Ingestor:
@@ -70,6 +75,7 @@ class Ingestor:
         self.rediscover = asyncio.Event()
         self.last_progress = 0.0  # monotonic time of the last successful Redis round
         self._refused: dict[str, bytes] = {}
+        self._rejected: dict[str, list[Any]] = {}  # stream -> ids to XDEL with the next ack
 
     # -- discovery ------------------------------------------------------------------------
     async def discover(self) -> int:
@@ -154,15 +160,32 @@ class Ingestor:
             ids.append(entry_id)
             if fields is None:  # deleted while pending (trimmed): nothing to apply
                 continue
-            self.handle(stream, fields, now)
+            if not self.handle(stream, fields, now):
+                self._rejected.setdefault(stream, []).append(entry_id)
         return ids
 
     async def _ack(self, acks: dict[str, list[Any]]) -> None:
-        if not acks:
+        """Acknowledge handled entries and delete the rejected ones."""
+        rejected, self._rejected = self._rejected, {}
+        if not acks and not rejected:
             return
         async with self.redis.pipeline(transaction=False) as pipe:
             for stream, ids in acks.items():
                 pipe.xack(stream, self.group, *ids)
+            for stream, ids in rejected.items():
+                pipe.xdel(stream, *ids)
+            await pipe.execute()
+        if rejected:
+            self.metrics.trimmed.inc(sum(len(ids) for ids in rejected.values()))
+
+    async def trim(self) -> None:
+        """Cap every known stream at :data:`STREAM_CAP` entries (approximate, cheap)."""
+        streams = [s for shard in self.shards.values() for s in shard]
+        if not streams:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream in streams:
+                pipe.xtrim(stream, maxlen=STREAM_CAP, approximate=True)
             await pipe.execute()
 
     async def read_shard(self, shard: int) -> int:
@@ -258,6 +281,7 @@ class Ingestor:
                 continue
             try:
                 await self.discover()
+                await self.trim()
                 if time.monotonic() >= next_claim:
                     next_claim = time.monotonic() + claim_s
                     await self.claim()

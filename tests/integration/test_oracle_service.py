@@ -165,6 +165,9 @@ async def test_hostile_entries_are_rejected_counted_and_survived(
     # Everything was acknowledged: nothing left pending.
     pending = await redis.xpending(KEYS.samples_stream("h003"), KEYS.consumer_group)
     assert pending["pending"] == 0
+    # ...and every rejected entry was deleted: only the good batch is left in Redis.
+    assert await redis.xlen(KEYS.samples_stream("h003")) == 1
+    assert await metric(oracle.port, "netkv_entries_deleted_total") == len(HOSTILE)
 
 
 @pytest.mark.parametrize(("path", "params", "field"), [
