@@ -3,10 +3,11 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-TRACE ?= ../shared/data/mooncake_conversation_trace.jsonl
+# A Mooncake-format trace for `make run`; empty: the embedded, seeded workload (netkv trace synth).
+TRACE ?=
 PYTEST_ARGS ?=
 
-.PHONY: help venv run test lint typecheck unit integration sim bench clean
+.PHONY: help setup venv run test lint typecheck unit integration sim bench clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -19,10 +20,13 @@ $(BIN)/.installed: pyproject.toml
 
 venv: $(BIN)/.installed ## create .venv and install netkv with its dev extras
 
+setup: ## install the Debian packages the tests need (as root; otherwise prints the command)
+	scripts/setup.sh test
+
 run: ## the main job: install redis/mosquitto if missing, make the venv, run `netkv up --demo`
-	scripts/ensure-servers.sh
+	scripts/setup.sh run
 	$(MAKE) venv
-	$(BIN)/netkv up --demo --trace $(TRACE)
+	$(BIN)/netkv up --demo $(if $(TRACE),--trace $(TRACE))
 
 lint: venv ## ruff
 	$(BIN)/ruff check .
@@ -30,8 +34,8 @@ lint: venv ## ruff
 typecheck: venv ## mypy --strict
 	$(BIN)/mypy
 
-test: lint typecheck ## lint, type checks, then every test tier
-	@$(BIN)/pytest $(PYTEST_ARGS); rc=$$?; \
+test: setup lint typecheck ## lint, type checks, then every test tier
+	@$(if $(TRACE),NETKV_TRACE=$(TRACE)) $(BIN)/pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing on purpose" >&2; exit 1; fi; \
 	exit $$rc
 

@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "up": ("netkv.up", "run the whole mesh on this machine (redis, mosquitto, agents, ...)"),
     "sim": ("netkv.sim.cli", "trace-driven simulation of the scheduling policies"),
     "testbed": ("netkv.testbed.cli", "network-namespace testbed that moves real bytes"),
+    "trace": ("netkv.workload.cli", "the embedded workload: synthesise a trace, print statistics"),
     "bench": ("netkv.bench.cli", "benchmarks: decision, telemetry, scheduler"),
 }
 

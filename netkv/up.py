@@ -20,7 +20,6 @@ import contextlib
 import ctypes
 import importlib.util
 import ipaddress
-import json
 import os
 import shutil
 import signal
@@ -45,8 +44,9 @@ from netkv.core.topology import Topology
 from netkv.core.topology_file import load_topology
 from netkv.errors import InputError
 from netkv.localservers import MosquittoServer, RedisServer, ServerError, free_port, wait_for_port
+from netkv.workload.synth import synthesise
+from netkv.workload.trace import load_trace
 
-DEFAULT_TRACE = "../shared/data/mooncake_conversation_trace.jsonl"
 STOP_TIMEOUT_S = 5.0
 PR_SET_PDEATHSIG = 1
 
@@ -68,8 +68,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--demo", action="store_true",
                         help="replay a slice of the trace against the scheduler, print a "
                         "summary, then stop")
-    parser.add_argument("--trace", help=f"trace for --demo (default {DEFAULT_TRACE}, or "
-                        "NETKV_TRACE)")
+    parser.add_argument("--trace", help="Mooncake-format trace for --demo (default: "
+                        "NETKV_TRACE, else the embedded seeded workload, see `netkv trace`)")
     parser.add_argument("--demo-requests", type=int, default=2000,
                         help="trace lines to replay (default 2000)")
     parser.add_argument("--demo-concurrency", type=int, default=8,
@@ -161,31 +161,14 @@ def _mqtt_endpoint(url: str) -> tuple[str, int]:
 
 
 # -- the demo -------------------------------------------------------------------------------
-def read_trace(path: Path, count: int) -> list[dict[str, Any]]:
-    """The first ``count`` requests of a Mooncake-format trace, checked line by line."""
-    out: list[dict[str, Any]] = []
-    try:
-        with path.open(encoding="utf-8") as lines:
-            for number, line in enumerate(lines, 1):
-                if len(out) >= count:
-                    break
-                try:
-                    row = json.loads(line)
-                    tokens, hashes = row["input_length"], row["hash_ids"]
-                    out_tokens = row.get("output_length", 0)
-                except (ValueError, KeyError, TypeError):
-                    raise InputError(f"{path}:{number}", "not a trace record with "
-                                     "input_length and hash_ids") from None
-                if not (isinstance(tokens, int) and tokens > 0 and isinstance(hashes, list)):
-                    raise InputError(f"{path}:{number}", "bad input_length or hash_ids")
-                out.append({"prompt_tokens": tokens, "block_hashes": hashes,
-                            "output_tokens": out_tokens if isinstance(out_tokens, int)
-                            and out_tokens >= 0 else 0})
-    except OSError as exc:
-        raise InputError(str(path), f"cannot read the trace: {exc.strerror}") from None
-    if not out:
-        raise InputError(str(path), "the trace is empty")
-    return out
+def demo_requests(trace: str | None, count: int) -> list[dict[str, Any]]:
+    """The first ``count`` requests of the trace at ``trace`` (strictly parsed), or of the
+    embedded seeded workload when no trace is given."""
+    loaded = load_trace(trace, limit=count) if trace else synthesise(count)
+    return [{"prompt_tokens": int(n_in), "block_hashes": list(ids), "output_tokens": int(n_out)}
+            for n_in, n_out, ids in zip(loaded.input_tokens.tolist(),
+                                        loaded.output_tokens.tolist(), loaded.hash_ids,
+                                        strict=True)]
 
 
 async def wait_ready(base: str, timeout_s: float) -> dict[str, Any] | None:
@@ -337,8 +320,8 @@ async def up(args: argparse.Namespace) -> int:
     topology = load_topology(topology_path)
     prefills = [i.name for i in topology.instances if i.role == "prefill"]
     if args.demo:
-        trace = Path(args.trace or args.environ.get("NETKV_TRACE") or DEFAULT_TRACE)
-        requests = read_trace(trace, args.demo_requests)
+        requests = demo_requests(args.trace or args.environ.get("NETKV_TRACE"),
+                                 args.demo_requests)
         if not prefills:
             raise InputError(topology_path, "--demo needs prefill instances in the topology")
     own_dir = args.workdir is None

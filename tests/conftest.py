@@ -15,9 +15,7 @@ from pathlib import Path
 import pytest
 
 from netkv.localservers import MosquittoServer, RedisServer
-
-SHARED_TRACE = Path(__file__).resolve().parents[2] / "shared" / "data" / \
-    "mooncake_conversation_trace.jsonl"
+from netkv.workload.synth import synthesise, write_trace
 
 
 @pytest.fixture
@@ -34,12 +32,27 @@ async def mosquitto_server(tmp_path: Path) -> AsyncIterator[MosquittoServer]:
         yield server
 
 
+@pytest.fixture(scope="session")
+def trace_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The workload the replay tests use: the Mooncake-format trace named by ``TRACE`` or
+    ``NETKV_TRACE`` when set (a real copy of the conversation trace, say), otherwise the
+    embedded seeded workload (``netkv trace synth``) written to a temporary file. Nothing is
+    read from outside the repository unless a path is given."""
+    given = os.environ.get("TRACE") or os.environ.get("NETKV_TRACE")
+    if given:
+        path = Path(given)
+        if not path.is_file():
+            pytest.fail(f"TRACE/NETKV_TRACE names {given}, which is not a readable file")
+        return path
+    path = tmp_path_factory.mktemp("trace") / "synthetic.jsonl"
+    write_trace(synthesise(2000, seed=0), path)
+    return path
+
+
 @pytest.fixture
-def shared_trace() -> Path:
-    """The Mooncake conversation trace beside the project (skips with a reason if absent)."""
-    if not SHARED_TRACE.exists():
-        pytest.skip(f"shared trace not found at {SHARED_TRACE}")
-    return SHARED_TRACE
+def shared_trace(trace_path: Path) -> Path:
+    """Old name of :func:`trace_path`, kept for tests written against it."""
+    return trace_path
 
 
 @pytest.fixture(autouse=True)

@@ -27,12 +27,12 @@ from typing import Any
 import numpy as np
 from aiohttp import web
 from netkv_scheduler.app import create_app
-from netkv_scheduler.mapfeed import MapFeed
 from netkv_scheduler.settings import SchedulerSettings
 
 from netkv.core.congestion import CongestionMap
 from netkv.core.topology_file import parse_topology
 from netkv.localservers import free_port, wait_for_port
+from netkv.routing.mapfeed import MapFeed
 
 KINDS = ("floor", "scheduler")
 

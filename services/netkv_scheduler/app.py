@@ -4,17 +4,17 @@ Endpoints (see :mod:`netkv_scheduler.openapi` for the schemas): ``POST /v1/selec
 ``POST /v1/release``, ``GET``/``POST /v1/instances``, ``GET /healthz``, ``GET /readyz``,
 ``GET /metrics``, ``GET /openapi.json``. Bodies are validated by checkers compiled from the
 OpenAPI document; bad input gets a 4xx JSON error naming the field and is counted in
-``netkv_bad_requests_total{field}``. The map consumer, the load scraper and the reservation
-sweeper are background tasks owned by the app's cleanup context.
+``netkv_bad_requests_total{field}``. The decisions themselves are :mod:`netkv.routing`'s; the
+map consumer, the load scraper and the reservation sweeper run under the app's
+:class:`~netkv.supervisor.Supervisor`, and a dead one makes ``/readyz`` degraded.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -25,11 +25,17 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from netkv.core.topology import Topology
 from netkv.core.topology_file import load_topology
 from netkv.errors import InputError
-from netkv.tasks import cancel_and_wait
+from netkv.routing import (
+    Choice,
+    InstanceReport,
+    MapFeed,
+    ReleaseRequest,
+    Selector,
+    SelectRequest,
+    spawn_routing,
+)
+from netkv.supervisor import Supervisor
 from netkv_scheduler import openapi
-from netkv_scheduler.instances import scrape_forever
-from netkv_scheduler.mapfeed import MapFeed
-from netkv_scheduler.selector import Choice, Selector
 from netkv_scheduler.settings import SchedulerSettings
 
 log = structlog.get_logger(__name__)
@@ -39,6 +45,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 SETTINGS = web.AppKey("settings", SchedulerSettings)
 SELECTOR = web.AppKey("selector", Selector)
 FEED = web.AppKey("feed", MapFeed)
+SUPERVISOR = web.AppKey("supervisor", Supervisor)
 CHECKERS = web.AppKey("checkers", dict[str, openapi.Checker])
 DOCUMENT = web.AppKey("document", bytes)
 
@@ -174,7 +181,11 @@ def _guarded(operation: str, inner: Callable[[web.Request, Any], web.Response]) 
 
 def _select(request: web.Request, body: Any) -> web.Response:
     app = request.app
-    choice: Choice = app[SELECTOR].select(body)
+    choice: Choice = app[SELECTOR].select(SelectRequest(
+        request_id=body["request_id"], prefill=body["prefill"],
+        prompt_tokens=body["prompt_tokens"], output_tokens=body["output_tokens"],
+        block_hashes=tuple(body.get("block_hashes", ())), policy=body.get("policy"),
+        reserve=body["reserve"]))
     d = choice.decision
     metrics = app[METRICS]
     metrics.decision_by_policy[choice.policy].observe(choice.duration_s)
@@ -201,14 +212,14 @@ def _select(request: web.Request, body: Any) -> web.Response:
 
 
 def _release(request: web.Request, body: Any) -> web.Response:
-    decoder = request.app[SELECTOR].release(body["request_id"])
+    decoder = request.app[SELECTOR].release(ReleaseRequest(**body).request_id)
     request.app[METRICS].releases.labels(str(decoder is not None).lower()).inc()
     return _json({"request_id": body["request_id"], "released": decoder is not None,
                   "decode": None if decoder is None else decoder.name})
 
 
 def _register(request: web.Request, body: Any) -> web.Response:
-    info = request.app[SELECTOR].register(body)
+    info = request.app[SELECTOR].register(InstanceReport(**body))
     return _json({"name": info.name, "role": info.role, "host": info.host,
                   "source": info.source})
 
@@ -224,6 +235,8 @@ async def _healthz(request: web.Request) -> web.Response:
 async def _readyz(request: web.Request) -> web.Response:
     feed = request.app[FEED]
     ready, reasons = feed.health()
+    reasons += [f"background task {f.name} {f.reason}"
+                for f in request.app[SUPERVISOR].failures]
     view = feed.view()
     status = "not ready" if not ready else ("degraded" if reasons else "ready")
     return _json({"status": status, "reasons": reasons, "map_version": view.version,
@@ -242,28 +255,12 @@ async def _openapi(request: web.Request) -> web.Response:
 
 
 # -- background tasks -----------------------------------------------------------------------
-def _background(name: str, make: Callable[[web.Application], Coroutine[Any, Any, None]]) \
-        -> Callable[[web.Application], AsyncIterator[None]]:
-    async def ctx(app: web.Application) -> AsyncIterator[None]:
-        task = asyncio.create_task(make(app), name=name)
-        yield
-        await cancel_and_wait([task], 5.0)
-    return ctx
-
-
-async def _sweeper(app: web.Application) -> None:
-    while True:
-        await asyncio.sleep(1.0)
-        app[SELECTOR].sweep()
-
-
-async def _scraper(app: web.Application) -> None:
+async def _background(app: web.Application) -> AsyncIterator[None]:
     s = app[SETTINGS]
-    await scrape_forever(app[SELECTOR].registry, s.scrape_interval_s, s.scrape_timeout_s)
-
-
-async def _feed(app: web.Application) -> None:
-    await app[FEED].run()
+    async with app[SUPERVISOR] as supervisor:
+        spawn_routing(supervisor, app[SELECTOR], scrape_interval_s=s.scrape_interval_s,
+                      scrape_timeout_s=s.scrape_timeout_s)
+        yield
 
 
 def create_app(settings: SchedulerSettings, topology: Topology | None = None,
@@ -274,7 +271,7 @@ def create_app(settings: SchedulerSettings, topology: Topology | None = None,
         feed = MapFeed(topology, settings.redis, settings.mqtt, stale_s=settings.map_stale_s,
                        poll_s=settings.map_poll_s, redis_timeout_s=settings.redis_timeout_s,
                        cache_s=settings.oracle_cache_s)
-    selector = Selector(settings, topology, feed)
+    selector = Selector(settings.selector_config(), topology, feed)
     policies = selector.policies
     schemas = {"select": openapi.select_request(policies, settings.max_block_hashes),
                "release": openapi.RELEASE_REQUEST, "register": openapi.INSTANCE_REQUEST}
@@ -282,6 +279,7 @@ def create_app(settings: SchedulerSettings, topology: Topology | None = None,
     app[SETTINGS] = settings
     app[FEED] = feed
     app[SELECTOR] = selector
+    app[SUPERVISOR] = Supervisor("scheduler")
     app[CHECKERS] = {name: openapi.compile_schema(s) for name, s in schemas.items()}
     app[METRICS] = Metrics(policies, _field_labels(schemas), feed)
     app[DOCUMENT] = json.dumps(openapi.document(policies, settings.max_block_hashes,
@@ -294,7 +292,5 @@ def create_app(settings: SchedulerSettings, topology: Topology | None = None,
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/openapi.json", _openapi)
-    app.cleanup_ctx.append(_background("map-feed", _feed))
-    app.cleanup_ctx.append(_background("load-scraper", _scraper))
-    app.cleanup_ctx.append(_background("reservation-sweeper", _sweeper))
+    app.cleanup_ctx.append(_background)
     return app

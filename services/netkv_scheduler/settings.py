@@ -18,6 +18,7 @@ from netkv.config import MqttSettings, RedisSettings, load_settings
 from netkv.core.kvsize import PRESETS
 from netkv.errors import InputError
 from netkv.fields import bound
+from netkv.routing.selector import SelectorConfig
 
 
 def demo_topology_path() -> str:
@@ -76,6 +77,14 @@ class SchedulerSettings:
         if self.kv_bytes_per_token is not None:
             return float(self.kv_bytes_per_token)
         return float(PRESETS[self.model].bytes_per_token)
+
+    def selector_config(self) -> SelectorConfig:
+        """The routing part of these settings (:mod:`netkv.routing` takes no settings type)."""
+        return SelectorConfig(bytes_per_token=self.bytes_per_token, policy=self.policy,
+                              policy_params=self.policy_params,
+                              capacity_tokens=self.capacity_tokens,
+                              prefix_blocks=self.prefix_blocks,
+                              reservation_ttl_s=self.reservation_ttl_s)
 
     @property
     def topology_path(self) -> str:

@@ -20,12 +20,12 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from netkv_scheduler.app import create_app
-from netkv_scheduler.mapfeed import MapFeed
 from netkv_scheduler.settings import SchedulerSettings, demo_topology_path
 from schemathesis import GenerationMode
 
 from netkv.core.congestion import CongestionMap
 from netkv.core.topology_file import load_topology
+from netkv.routing.mapfeed import MapFeed
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

@@ -11,10 +11,6 @@ from typing import Any
 import numpy as np
 import pytest
 from netkv_scheduler import openapi
-from netkv_scheduler.instances import InstanceRegistry, Load, parse_vllm_metrics
-from netkv_scheduler.mapfeed import MapFeed
-from netkv_scheduler.prefixes import PrefixIndex
-from netkv_scheduler.reservations import Reservations
 from netkv_scheduler.settings import SchedulerSettings, settings_from_args
 
 from netkv.core.congestion import CachedMapView, CongestionMap
@@ -24,6 +20,11 @@ from netkv.core.policies import policy_names
 from netkv.core.topology import Topology
 from netkv.core.topology_file import parse_topology
 from netkv.errors import InputError
+from netkv.routing.instances import InstanceRegistry, Load
+from netkv.routing.mapfeed import MapFeed
+from netkv.routing.prefixes import PrefixIndex
+from netkv.routing.reservations import Reservations
+from netkv.routing.scrape import parse_vllm_metrics
 
 pytestmark = pytest.mark.unit
 

@@ -32,7 +32,7 @@ from netkv.core.congestion import CongestionMap
 from netkv.core.costmodel import CostOracle, static_tier_oracle
 from netkv.core.paths import CachedOracle
 from netkv.core.topology import Topology
-from netkv.tasks import cancel_and_wait
+from netkv.supervisor import Supervisor
 
 log = structlog.get_logger(__name__)
 
@@ -48,7 +48,7 @@ class MapView:
 
 
 class MapFeed:
-    """Owns the map consumer tasks; :meth:`run` is the one long-lived coroutine."""
+    """The map a router decides with; :meth:`spawn` starts its consumer loops."""
 
     def __init__(self, topology: Topology, redis: RedisSettings | None,
                  mqtt: MqttSettings | None, *, stale_s: float = 10.0, poll_s: float = 2.0,
@@ -115,22 +115,14 @@ class MapFeed:
         return view.version is not None, reasons
 
     # -- background -----------------------------------------------------------------------
-    async def run(self) -> None:
-        """Consume the map until cancelled (owned by the app's cleanup context)."""
-        tasks: list[asyncio.Task[None]] = []
+    def spawn(self, supervisor: Supervisor) -> None:
+        """Start the feed's loops (Redis catch-up, MQTT announcements) under ``supervisor``,
+        which owns them: a loop that dies is noticed there (readiness), not silently lost."""
         if self.redis_settings is not None:
-            tasks.append(asyncio.create_task(self._redis_loop(self.redis_settings),
-                                             name="map-redis"))
+            supervisor.spawn(self._redis_loop(self.redis_settings), name="map-redis")
         if self.mqtt_settings is not None:
-            tasks.append(asyncio.create_task(reconnecting(
-                self.mqtt_settings, self._mqtt_session, on_state=self._on_mqtt_state),
-                name="map-mqtt"))
-        try:
-            await asyncio.gather(*tasks)  # the first failure or our cancellation ends both
-        finally:
-            # Not a TaskGroup: it cancels its children once, and a child that swallows that
-            # one (redis-py can) would hang the feed's shutdown.
-            await cancel_and_wait(tasks, 5.0)
+            supervisor.spawn(reconnecting(self.mqtt_settings, self._mqtt_session,
+                                          on_state=self._on_mqtt_state), name="map-mqtt")
 
     def _on_mqtt_state(self, up: bool) -> None:
         if up != self.mqtt_connected:

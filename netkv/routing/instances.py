@@ -1,9 +1,9 @@
-"""The decode and prefill instances the scheduler chooses among, and their live load.
+"""The decode and prefill instances a router chooses among, and their live load.
 
-Instances come from the topology file and may be registered or refreshed at run time
-(``POST /v1/instances``): an engine or its sidecar reports running and waiting requests and KV
-cache use. Optionally the scheduler scrapes an engine's Prometheus endpoint for vLLM's
-``vllm:num_requests_running``, ``vllm:num_requests_waiting`` and ``vllm:kv_cache_usage_perc``.
+Instances come from the topology file and may be registered or refreshed at run time (the
+scheduler's ``POST /v1/instances``): an engine or its sidecar reports running and waiting
+requests and KV cache use. Loads may also be scraped from an engine's Prometheus endpoint
+(:mod:`netkv.routing.scrape`).
 
 Decode load is kept in flat numpy arrays indexed like :attr:`InstanceRegistry.decoders`, so a
 decision reads it without building anything per request.
@@ -11,25 +11,13 @@ decision reads it without building anything per request.
 
 from __future__ import annotations
 
-import asyncio
-import math
 import time
 from dataclasses import dataclass
 
-import aiohttp
 import numpy as np
-import structlog
-from prometheus_client.parser import text_string_to_metric_families
 
 from netkv.core.topology import FloatArray, IntArray, Role, Topology
 from netkv.errors import InputError
-
-log = structlog.get_logger(__name__)
-
-VLLM_RUNNING = "vllm:num_requests_running"
-VLLM_WAITING = "vllm:num_requests_waiting"
-VLLM_KV_USAGE = "vllm:kv_cache_usage_perc"
-MAX_SCRAPE_BYTES = 4 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,58 +123,3 @@ class InstanceRegistry:
         i = info.index
         return Load(float(self.running[i]), float(self.waiting[i]), float(self.kv_use[i]),
                     float(self.capacity_tokens[i]))
-
-
-def parse_vllm_metrics(text: str) -> Load:
-    """Sum vLLM's load gauges over all label sets (one engine may expose several)."""
-    totals = {VLLM_RUNNING: 0.0, VLLM_WAITING: 0.0}
-    kv: list[float] = []
-    seen = False
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if not math.isfinite(sample.value) or sample.value < 0:
-                continue
-            if sample.name in totals:
-                totals[sample.name] += sample.value
-                seen = True
-            elif sample.name == VLLM_KV_USAGE:
-                kv.append(sample.value)
-                seen = True
-    if not seen:
-        raise ValueError("no vllm load gauges in the scrape")
-    kv_use = min(max(kv), 1.0) if kv else 0.0
-    return Load(totals[VLLM_RUNNING], totals[VLLM_WAITING], kv_use)
-
-
-async def scrape_once(session: aiohttp.ClientSession, registry: InstanceRegistry,
-                      timeout_s: float) -> int:
-    """Scrape every instance that has a metrics URL; returns how many succeeded."""
-    targets = [i for i in registry.by_name.values() if i.metrics_url]
-
-    async def one(info: InstanceInfo) -> bool:
-        assert info.metrics_url is not None
-        try:
-            async with asyncio.timeout(timeout_s), session.get(info.metrics_url) as resp:
-                if resp.status != 200:
-                    raise ValueError(f"HTTP {resp.status}")
-                body = await resp.content.read(MAX_SCRAPE_BYTES)
-            load = parse_vllm_metrics(body.decode("utf-8", errors="replace"))
-        except (aiohttp.ClientError, TimeoutError, ValueError, UnicodeError) as exc:
-            info.scrape_error = str(exc) or type(exc).__name__
-            return False
-        info.scrape_error = None
-        registry.set_load(info, load)
-        return True
-
-    results = await asyncio.gather(*(one(t) for t in targets))
-    return sum(results)
-
-
-async def scrape_forever(registry: InstanceRegistry, interval_s: float,
-                         timeout_s: float) -> None:
-    """Background task: refresh scraped loads every ``interval_s`` (cancellation ends it)."""
-    async with aiohttp.ClientSession() as session:
-        while True:
-            if any(i.metrics_url for i in registry.by_name.values()):
-                await scrape_once(session, registry, timeout_s)
-            await asyncio.sleep(interval_s)

@@ -1,15 +1,19 @@
-"""The scheduler's decision state and logic, free of HTTP: instances, bookings, prefix index,
+"""A router's decision state and logic, free of HTTP: instances, bookings, prefix index,
 map feed and one policy engine per policy name.
 
-:meth:`Selector.select` is synchronous and does no I/O, so a decision never waits for Redis
-or the broker; it reads the map the feed holds and the loads the registry holds.
+Shared by the scheduler service (behind its HTTP API) and any in-process router (the P/D
+proxy): both build a :class:`Selector` from a :class:`SelectorConfig`, a topology and a
+:class:`~netkv.routing.mapfeed.MapFeed`, and call :meth:`Selector.select` with a
+:class:`~netkv.routing.requests.SelectRequest`. ``select`` is synchronous and does no I/O,
+so a decision never waits for Redis or the broker; it reads the map the feed holds and the
+loads the registry holds.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,13 +31,31 @@ from netkv.core.policies import (
 )
 from netkv.core.topology import Topology
 from netkv.errors import InputError
-from netkv_scheduler.instances import InstanceInfo, InstanceRegistry, Load
-from netkv_scheduler.mapfeed import MapFeed, MapView
-from netkv_scheduler.prefixes import PrefixIndex
-from netkv_scheduler.reservations import Reservations
-from netkv_scheduler.settings import SchedulerSettings
+from netkv.routing.instances import InstanceInfo, InstanceRegistry, Load
+from netkv.routing.mapfeed import MapFeed, MapView
+from netkv.routing.prefixes import PrefixIndex
+from netkv.routing.requests import InstanceReport, SelectRequest
+from netkv.routing.reservations import Reservations
 
 BLOCK_TOKENS = 512  # the trace's and vLLM's prefix block size
+
+
+@dataclass(frozen=True, slots=True)
+class SelectorConfig:
+    """What a :class:`Selector` needs from a service's settings (plain values, no I/O).
+
+    ``policy`` is the default policy; ``policy_params`` maps policy name -> its parameters;
+    ``capacity_tokens`` is a decoder's KV memory until it reports one; ``prefix_blocks``
+    bounds the prefix index; ``bytes_per_token`` is the KV size a transfer moves per prompt
+    token; an open booking expires after ``reservation_ttl_s``.
+    """
+
+    bytes_per_token: float
+    policy: str = "netkv"
+    policy_params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    capacity_tokens: float = 500_000.0
+    prefix_blocks: int = 200_000
+    reservation_ttl_s: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,7 +74,7 @@ class Choice:
 class Selector:
     """Everything a decision reads, owned in one place."""
 
-    def __init__(self, settings: SchedulerSettings, topology: Topology, feed: MapFeed,
+    def __init__(self, settings: SelectorConfig, topology: Topology, feed: MapFeed,
                  clock: Callable[[], float] = time.time) -> None:
         self.settings = settings
         self.topology = topology
@@ -101,16 +123,23 @@ class Selector:
                              waiting=reg.waiting + self.reservations.pending,
                              kv_use=reg.kv_use, capacity_tokens=reg.capacity_tokens)
 
-    def select(self, body: Mapping[str, Any]) -> Choice:
-        """Decide for one validated ``/v1/select`` body (and book it unless told not to)."""
+    def select(self, body: SelectRequest) -> Choice:
+        """Decide for one request (and book it unless told not to).
+
+        Raises :class:`~netkv.errors.InputError` naming the field (``body.prefill``,
+        ``body.policy``) for an unknown instance or policy.
+        """
         start = time.perf_counter()
-        prefill = self.registry.get(body["prefill"], "body.prefill")
+        prefill = self.registry.get(body.prefill, "body.prefill")
         if prefill.role != "prefill":
             raise InputError("body.prefill", f"{prefill.name!r} is a decode instance")
-        policy = body.get("policy") or self.settings.policy
-        engine = self.engines[policy]
+        policy = body.policy or self.settings.policy
+        engine = self.engines.get(policy)
+        if engine is None:
+            raise InputError("body.policy", f"must be one of {', '.join(self.engines)}, "
+                             f"got {policy[:64]!r}")
         self.sweep(every_s=0.02)
-        hashes = body.get("block_hashes") or ()
+        hashes = body.block_hashes
         n = len(self.registry.decoders)
         overlap = self.prefixes.overlap(hashes, n) if hashes else None
         joint = None
@@ -119,20 +148,20 @@ class Selector:
             joint = PrefillView(host=np.array([p.host_index for p in prefills], dtype=np.int64),
                                 ready_s=np.zeros(len(prefills)))
         request = RequestView(prefill_host=prefill.host_index,
-                              prompt_tokens=int(body["prompt_tokens"]),
+                              prompt_tokens=body.prompt_tokens,
                               kv_bytes_per_token=self.bytes_per_token,
                               overlap_blocks=overlap, block_tokens=BLOCK_TOKENS,
-                              output_tokens=int(body.get("output_tokens", 0)), prefill=joint)
+                              output_tokens=body.output_tokens, prefill=joint)
         view = self.feed.view()
         decision = engine.decide(request, self.candidates(), view.oracle)
         decoder = self.registry.decoders[decision.index]
         if decision.prefill_index is not None:
             prefill = self.registry.prefills[decision.prefill_index]
-        reserved = bool(body.get("reserve", True))
+        reserved = body.reserve
         if reserved:
             transfer = self.bookings.reserve(prefill.host_index, decoder.host_index,
                                              decision.transfer_bytes)
-            _, old = self.reservations.book(body["request_id"], decision.index,
+            _, old = self.reservations.book(body.request_id, decision.index,
                                             decision.transfer_s, transfer)
             if old is not None and old.transfer is not None:
                 self.bookings.release(old.transfer)
@@ -151,17 +180,19 @@ class Selector:
         return self.registry.decoders[res.decode]
 
     # -- instances ------------------------------------------------------------------------
-    def register(self, body: Mapping[str, Any]) -> InstanceInfo:
+    def register(self, body: InstanceReport) -> InstanceInfo:
+        """Register an instance or refresh its load (fields left out keep their value)."""
         load = None
-        if any(k in body for k in ("running", "waiting", "kv_use", "capacity_tokens")):
-            info = self.registry.by_name.get(body["name"])
+        if any(v is not None for v in (body.running, body.waiting, body.kv_use,
+                                       body.capacity_tokens)):
+            info = self.registry.by_name.get(body.name)
             current = self.registry.load_of(info) if info is not None else Load()
-            load = Load(float(body.get("running", current.running)),
-                        float(body.get("waiting", current.waiting)),
-                        float(body.get("kv_use", current.kv_use)),
-                        body.get("capacity_tokens", current.capacity_tokens))
-        info = self.registry.register(body["name"], body.get("role"), body.get("host"), load,
-                                      body.get("metrics_url"))
+            load = Load(_given(body.running, current.running),
+                        _given(body.waiting, current.waiting),
+                        _given(body.kv_use, current.kv_use),
+                        current.capacity_tokens if body.capacity_tokens is None
+                        else body.capacity_tokens)
+        info = self.registry.register(body.name, body.role, body.host, load, body.metrics_url)
         self.reservations.resize(len(self.registry.decoders))
         return info
 
@@ -186,3 +217,7 @@ class Selector:
                 "transfers_in_flight": self.bookings.active,
                 "expired_total": self.reservations.expired_total,
                 "released_total": self.reservations.released_total}
+
+
+def _given(value: float | None, current: float) -> float:
+    return current if value is None else float(value)
