@@ -1,7 +1,7 @@
 """Reads the agents' sample streams through a consumer group and feeds the map builder.
 
 * **Discovery**: every ``discover_interval_s`` the ingestor SCANs for
-  ``<prefix>{s*}:samples:*`` (on a cluster, every primary) and reads the registry hash for
+  ``<prefix>{s*}:samples:*`` (on a cluster, every primary) and reads the per-agent registry keys for
   agents' NIC names; a new stream gets the consumer group (``XGROUP CREATE ... 0``).
 * **Reading**: one task per shard runs ``XREADGROUP GROUP netkv-oracle <oracle> BLOCK ...
   STREAMS <every stream of the shard> >``; the streams of a shard share a hash tag, so this is
