@@ -53,22 +53,13 @@ def settings_from_args(args: argparse.Namespace) -> AgentSettings:
         "topology": args.topology, "fabric_nic": args.fabric_nic,
         "uplink_nic": args.uplink_nic,
     }
-    base = load_agent_settings(args.config, args.environ, overrides)
-    if args.redis_url is None and args.mqtt_host is None and args.mqtt_port is None:
-        return base
+    # Flags beat the environment and the file; a nested flag overrides only its own field
+    # (pydantic-settings merges the sources field by field).
     redis = {"url": args.redis_url} if args.redis_url else {}
     mqtt = {k: v for k, v in (("host", args.mqtt_host), ("port", args.mqtt_port))
             if v is not None}
-    # Flags beat the environment: drop the variables the flags replace.
-    shadowed = {f"NETKV_REDIS__{k.upper()}" for k in redis} | \
-        {f"NETKV_MQTT__{k.upper()}" for k in mqtt}
-    environ = {k: v for k, v in args.environ.items() if k not in shadowed}
-    return load_agent_settings(args.config, environ, overrides | {
-        "redis": _fields(base.redis) | redis, "mqtt": _fields(base.mqtt) | mqtt})
-
-
-def _fields(obj: Any) -> dict[str, Any]:
-    return {name: getattr(obj, name) for name in obj.__dataclass_fields__}
+    nested = {k: v for k, v in (("redis", redis), ("mqtt", mqtt)) if v}
+    return load_agent_settings(args.config, args.environ, overrides | nested)
 
 
 async def check(settings: AgentSettings) -> int:

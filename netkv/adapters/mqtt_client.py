@@ -13,7 +13,7 @@ import aiomqtt
 import structlog
 
 from netkv.adapters.tls import client_context
-from netkv.config import MqttSettings
+from netkv.config import MqttSettings, reveal
 
 log = structlog.get_logger(__name__)
 
@@ -26,7 +26,7 @@ def mqtt_client(settings: MqttSettings, *, identifier: str | None = None,
         tls_context = client_context(settings.ca_file, settings.cert_file, settings.key_file)
     return aiomqtt.Client(
         settings.host, settings.port, identifier=identifier, username=settings.username,
-        password=settings.password, keepalive=settings.keepalive_s, will=will,
+        password=reveal(settings.password), keepalive=settings.keepalive_s, will=will,
         tls_context=tls_context, timeout=5.0)
 
 

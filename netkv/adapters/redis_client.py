@@ -12,7 +12,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
 from netkv.adapters.tls import client_context
-from netkv.config import RedisSettings
+from netkv.config import RedisSettings, reveal
 
 
 def connect_redis(settings: RedisSettings, *, retries: int = 3) -> aioredis.Redis:
@@ -29,7 +29,7 @@ def connect_redis(settings: RedisSettings, *, retries: int = 3) -> aioredis.Redi
     client: aioredis.Redis = aioredis.Redis.from_url(
         url,
         username=settings.username,
-        password=settings.password,
+        password=reveal(settings.password),
         socket_timeout=settings.timeout_s,
         socket_connect_timeout=settings.timeout_s,
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries),

@@ -33,7 +33,6 @@ import os
 import socket
 import threading
 import time
-from dataclasses import replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -257,7 +256,7 @@ async def run_one(agents: int, seconds: float, ingest_samples: int,
         bursts = max(int((seconds - 4) / BURST_CYCLE_S), 2)  # end before the agents stop
         cpu_task = asyncio.create_task(measure_agent_cpu(
             agents - 1, seconds, redis_url=redis.url, warmup_s=warmup,
-            peer_processes=peer_processes, base=replace(base)))
+            peer_processes=peer_processes, base=base))
         await asyncio.sleep(warmup + 2.0)  # peers registered, the measured agent publishing
         fresh, missed = await measure_freshness(topology, redis.url, mqtt.port,
                                                 topology.hosts[0].name, bursts)

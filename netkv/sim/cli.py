@@ -1,11 +1,14 @@
 """``netkv sim``: simulate decode-selection policies on a Mooncake trace.
 
     netkv sim --trace PATH --scenario fat-tree-64 --policies a,b,c --out DIR
+    netkv sim matrix --trace PATH [--scenarios a,b] [--seeds 5] --out DIR
     netkv sim ... --sweep {length,load,staleness,congestion} [--values 0.5,1,2]
     netkv sim ... --tune
 
 A policy is a registered name, optionally ``@truth`` to give it the ground-truth oracle
-instead of the telemetry view (``netkv@truth`` is the physical limit of ``netkv``).
+instead of the telemetry view (``netkv@truth`` is the physical limit of ``netkv``) or
+``@static`` for the per-tier nominal-share table (no measurement). ``matrix`` runs every
+scenario, policy and seed with tuned baselines and 95% CIs (see :mod:`netkv.sim.matrix`).
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ from typing import Any
 
 from netkv.core.policies import make_policy
 from netkv.errors import InputError
+from netkv.sim import matrix
 from netkv.sim.report import cdf_plot, comparisons, summarise, table, write_json
 from netkv.sim.runs import run_all
 from netkv.sim.scenario import load_scenario
-from netkv.sim.simulation import RunConfig, Simulation
+from netkv.sim.simulation import OracleKind, RunConfig, Simulation
 from netkv.sim.sweep import SWEEPS, sweep, sweep_table, tune, tune_table
 from netkv.workload.trace import load_trace
 
@@ -30,6 +34,9 @@ SWEEP_POLICIES = "round_robin,cache_load,llmd_weighted,netkv,netkv@truth"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", nargs="?", choices=("run", "matrix"), default="run",
+                        help="run (default): one scenario; matrix: every scenario x policy x "
+                        "seed with confidence intervals")
     parser.add_argument("--trace", required=True, help="Mooncake-format JSONL trace")
     parser.add_argument("--scenario", default="fat-tree-64",
                         help="scenario name (netkv/sim/scenarios/NAME.yaml) or a YAML path")
@@ -57,6 +64,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tune", action="store_true",
                         help="grid-search the baselines' weights and report the best")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    matrix.configure(parser)
 
 
 def parse_policies(text: str) -> list[RunConfig]:
@@ -66,11 +74,13 @@ def parse_policies(text: str) -> list[RunConfig]:
             raise InputError(f"--policies[{i}]", "empty policy name")
         name, _, oracle = item.partition("@")
         make_policy(name)  # validates the name now, before any work
-        if oracle not in ("", "telemetry", "truth"):
+        if oracle not in ("", "telemetry", "truth", "static"):
             raise InputError(f"--policies[{i}]",
-                             f"unknown oracle {oracle!r} in {item!r}; known: telemetry, truth")
-        configs.append(RunConfig(name, oracle="truth" if oracle == "truth" else "telemetry",
-                                 label=item))
+                             f"unknown oracle {oracle!r} in {item!r}; known: telemetry, truth, "
+                             "static")
+        kind: OracleKind = ("truth" if oracle == "truth" else
+                            "static" if oracle == "static" else "telemetry")
+        configs.append(RunConfig(name, oracle=kind, label=item))
     if len({c.name for c in configs}) != len(configs):
         raise InputError("--policies", "a policy is listed twice")
     return configs
@@ -95,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--limit", f"must be >= 1, got {args.limit}")
     if args.jobs < 1:
         raise InputError("--jobs", f"must be >= 1, got {args.jobs}")
+    if args.action == "matrix":
+        return matrix.run(args)
     scenario = load_scenario(args.scenario)
     spec = scenario.spec
     rate = args.rate_scale if args.rate_scale is not None else spec.rate_scale

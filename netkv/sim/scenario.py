@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -53,8 +53,54 @@ class DecodeSection:
     prefix_cache_fraction: float = field(default=0.25, metadata=bound(ge=0, le=1))
 
 
+LINK_KINDS = {"leaf_up", "leaf_down", "pod_up", "pod_down", "nic_up", "nic_down"}
+
+
+def _check_kinds(where: str, kinds: tuple[str, ...]) -> None:
+    for i, kind in enumerate(kinds):
+        if kind not in LINK_KINDS:
+            raise InputError(f"{where}[{i}]", f"unknown link kind {kind!r}; known: "
+                             f"{', '.join(sorted(LINK_KINDS))}")
+
+
+@dataclass(frozen=True, slots=True)
+class TenantSection:
+    """Other tenants' elephant flows: each eligible link alternates OFF/ON with lognormal
+    dwell times; while ON it carries ``flows_min..flows_max`` elastic elephants, each capped
+    at ``flow_gbps`` (the sender's NIC) and hashed onto one ECMP member."""
+
+    hot_fraction: float = field(default=0.125, metadata=bound(ge=0, le=0.9))
+    dwell_median_s: float = field(default=30.0, metadata=bound(gt=0))
+    dwell_sigma: float = field(default=1.0, metadata=bound(ge=0, le=3))
+    flows_min: int = field(default=1, metadata=bound(ge=1))
+    flows_max: int = field(default=4, metadata=bound(ge=1))
+    flow_gbps: float = field(default=400.0, metadata=bound(gt=0))
+    links: tuple[str, ...] = ("leaf_up", "pod_up", "pod_down")
+
+    def __post_init__(self) -> None:
+        if self.flows_min > self.flows_max:
+            raise InputError("background.tenants.flows_min", "must be <= flows_max")
+        _check_kinds("background.tenants.links", self.links)
+
+
+@dataclass(frozen=True, slots=True)
+class WeightLoadSection:
+    """Model weights loaded from storage behind the core when instances (re)start."""
+
+    per_hour: float = field(default=0.0, metadata=bound(ge=0))  # cluster-wide
+
+
 @dataclass(frozen=True, slots=True)
 class BackgroundSection:
+    """Traffic that is not this scheduler's KV. ``model: elastic`` (default): named sources
+    made of flows that share links max-min fairly with KV flows. ``model: inelastic`` (a
+    sensitivity knob only): the legacy hot spots (``mean_hotspots`` .. ``links``) that take a
+    fixed share of a link and never yield."""
+
+    model: Literal["elastic", "inelastic"] = "elastic"
+    tenants: TenantSection = TenantSection()
+    prefix_fetch: bool = True
+    weight_loads: WeightLoadSection = WeightLoadSection()
     mean_hotspots: float = field(default=1.0, metadata=bound(ge=0))
     mean_duration_s: float = field(default=30.0, metadata=bound(gt=0))
     min_load: float = field(default=0.3, metadata=bound(ge=0, lt=1))
@@ -64,11 +110,43 @@ class BackgroundSection:
     def __post_init__(self) -> None:
         if self.min_load > self.max_load:
             raise InputError("background.min_load", "must be <= background.max_load")
-        known = {"leaf_up", "leaf_down", "pod_up", "pod_down", "nic_up", "nic_down"}
-        for i, kind in enumerate(self.links):
-            if kind not in known:
-                raise InputError(f"background.links[{i}]",
-                                 f"unknown link kind {kind!r}; known: {', '.join(sorted(known))}")
+        _check_kinds("background.links", self.links)
+
+
+@dataclass(frozen=True, slots=True)
+class NetworkSection:
+    """How the fabric is built under the topology's links and how KV moves over it.
+
+    ``nics_per_host``: physical NICs in each host's NIC bundle (instances are bound to the
+    NICs of their GPUs); ``spines_per_pod``: ECMP members of each leaf bundle;
+    ``timing``: ``pull`` (decoder chosen when prefill ends, then pulls) or ``layerwise``
+    (pair chosen at arrival, KV streamed layer by layer during prefill);
+    ``handover_s``: fixed cost per transfer (handshake, descriptor posting) before bytes
+    flow."""
+
+    nics_per_host: int = field(default=1, metadata=bound(ge=1, le=64))
+    spines_per_pod: int = field(default=1, metadata=bound(ge=1, le=64))
+    timing: Literal["pull", "layerwise"] = "pull"
+    handover_s: float = field(default=0.0, metadata=bound(ge=0))
+
+
+@dataclass(frozen=True, slots=True)
+class FaultEntry:
+    """A fault a static label cannot see. ``degraded_nic``: NIC ``nic`` of ``host`` at
+    ``factor`` of its rate (a lower negotiated speed); ``failed_rail``: NIC ``nic`` of every
+    host down (transfers re-stripe over the others); ``flap``: member ``member`` of topology
+    link ``link`` down (``factor``) for half of every ``period_s``; ``nic_skew``: every
+    transfer of ``host`` on its first NIC (a singleton transfer engine)."""
+
+    kind: Literal["degraded_nic", "failed_rail", "flap", "nic_skew"]
+    host: str = ""
+    nic: int = field(default=0, metadata=bound(ge=0))
+    link: str = ""
+    member: int = field(default=0, metadata=bound(ge=0))
+    factor: float = field(default=0.25, metadata=bound(ge=0, le=1))
+    start_s: float = field(default=0.0, metadata=bound(ge=0))
+    end_s: float = field(default=1e9, metadata=bound(gt=0))
+    period_s: float = field(default=20.0, metadata=bound(gt=0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +155,8 @@ class TelemetrySection:
     delay_s: float = field(default=0.5, metadata=bound(ge=0))
     noise: float = field(default=0.1, metadata=bound(ge=0))
     floor: float = field(default=0.02, metadata=bound(gt=0, le=1))
+    idle_noise: float = field(default=0.0, metadata=bound(ge=0, le=1))
+    own_flows: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +176,8 @@ class ScenarioSpec:
     prefill: PrefillSection = PrefillSection()
     decode: DecodeSection = DecodeSection()
     background: BackgroundSection = BackgroundSection()
+    network: NetworkSection = NetworkSection()
+    faults: tuple[FaultEntry, ...] = ()
     telemetry: TelemetrySection = TelemetrySection()
     slo: SloSection = SloSection()
     rate_scale: float = field(default=1.0, metadata=bound(gt=0))

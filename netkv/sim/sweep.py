@@ -8,7 +8,8 @@ Sweeps vary one knob and rerun the chosen policies on the same trace:
 * ``load``: ``--rate-scale``;
 * ``staleness``: telemetry age ``s``: samples every ``s`` seconds, published ``s / 2``
   later (mean age ``s``), 0.1 s to 10 s;
-* ``congestion``: background hot-spot intensity (multiplier on the mean number of hot links).
+* ``congestion``: background hot-spot intensity (multiplier on the hot fraction of links);
+* ``dwell``: the tenants' hot-spot ON dwell median, 0.1 s to 5 minutes.
 
 ``tune`` grid-searches the baselines' weights (``cache_load``'s ``prefill_load_scale``,
 ``llmd_weighted``'s scorer weights, ``least_loaded``'s metric) on the same trace and reports
@@ -36,6 +37,7 @@ SWEEPS: dict[str, tuple[str, tuple[float, ...], bool]] = {
     "load": ("request rate scale (x trace arrival rate)", (0.5, 1.0, 1.5, 2.0), False),
     "staleness": ("telemetry age (s)", (0.1, 0.3, 1.0, 3.0, 10.0), True),
     "congestion": ("background hot-spot intensity", (0.0, 0.5, 1.0, 2.0, 4.0), False),
+    "dwell": ("hot-spot ON dwell median (s)", (0.1, 1.0, 10.0, 30.0, 300.0), True),
 }
 
 
@@ -67,6 +69,9 @@ def sweep(kind: str, scenario: Scenario, trace: Trace, configs: Sequence[RunConf
                 c = replace(base, telemetry_interval_s=x, telemetry_delay_s=x / 2)
             elif kind == "congestion":
                 c = replace(base, congestion=x)
+            elif kind == "dwell":
+                median = scenario.spec.background.tenants.dwell_median_s
+                c = replace(base, dwell_scale=x / median)
             tasks.append((key, c))
     results = run_all(sims, tasks, jobs)
     slo_tbt = scenario.spec.slo.tbt_s

@@ -1,15 +1,18 @@
 """What policies see of the network in the simulator.
 
-* :class:`TelemetryView` is the sampled, delayed, noisy view: the background load per link is
+* :class:`TelemetryView` is the sampled, delayed, noisy view: what link counters show as not
+  free (lost capacity, background, and with ``own_flows`` the scheduler's own KV flows) is
   sampled every ``interval_s`` and becomes visible ``delay_s`` later, each sample with
-  multiplicative log-normal error ``noise`` per link; residual bandwidth is
-  ``max(capacity - measured_load, floor * capacity)``. With ``ground_truth`` it is the exact
-  instantaneous residual (the physical limit a perfect map could give).
+  multiplicative log-normal error ``noise`` per link plus an additive error of
+  ``idle_noise`` of the capacity (so idle links are not seen as exactly idle); residual
+  bandwidth is ``max(capacity - measured, floor * capacity)``. With ``ground_truth`` it is
+  the exact instantaneous share a new flow could get (the physical limit a perfect map could
+  give).
 
-Both exclude the scheduler's own KV transfers: in the simulator every KV flow is the
-scheduler's, and the policy counts them itself through its bookings (in deployment the map's
-utilisation includes them; the scheduler knows what it booked). Both are
-:class:`~netkv.core.costmodel.LinkStateOracle`\\ s whose per-link arrays are refreshed in place.
+Without ``own_flows`` both exclude the scheduler's own KV transfers, which the policy counts
+through its bookings; with it (what a deployed map shows) the sample counts them again until
+they end. Both are :class:`~netkv.core.costmodel.LinkStateOracle`\\ s whose per-link arrays are
+refreshed in place.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from netkv.sim.scenario import TelemetrySection
 
 
 class BackgroundHistory:
-    """Piecewise-constant background load per link, recorded as it changes."""
+    """Piecewise-constant measured load per link, recorded as it is sampled."""
 
     def __init__(self, n_links: int) -> None:
         self.times: list[float] = [0.0]
@@ -59,20 +62,27 @@ class TelemetryView:
         self._sample = -1
         self._floor = self.capacity * max(spec.floor, 1.0 - MAX_BACKGROUND)
 
-    def refresh(self, now: float, background_now: FloatArray) -> LinkStateOracle:
-        """Bring the oracle's arrays to what is visible at ``now``."""
+    def refresh(self, now: float, unavailable_now: FloatArray | None) -> LinkStateOracle:
+        """Bring the oracle's arrays to what is visible at ``now`` (``unavailable_now``: the
+        exact state, needed only by the ground truth)."""
         if self.ground_truth:
-            np.maximum(self.capacity - background_now, self._floor,
-                       out=self.oracle.available_bytes_s)
+            if unavailable_now is not None:
+                np.maximum(self.capacity - unavailable_now, self._floor,
+                           out=self.oracle.available_bytes_s)
             return self.oracle
         k = max(int((now - self.spec.delay_s) // self.spec.interval_s), 0)
         if k != self._sample:
             self._sample = k
             sample_t = k * self.spec.interval_s
             measured = self.history.at(sample_t)
-            if self.spec.noise > 0:
+            if self.spec.noise > 0 or self.spec.idle_noise > 0:
                 rng = np.random.default_rng((self.seed, k))
-                measured = measured * rng.lognormal(0.0, self.spec.noise, measured.shape[0])
+                n = measured.shape[0]
+                if self.spec.noise > 0:
+                    measured = measured * rng.lognormal(0.0, self.spec.noise, n)
+                if self.spec.idle_noise > 0:
+                    measured = measured + self.capacity * self.spec.idle_noise * np.abs(
+                        rng.standard_normal(n))
             np.maximum(self.capacity - measured, self._floor, out=self.oracle.available_bytes_s)
             self.oracle.age_s[:] = max(now - sample_t, 0.0)
         return self.oracle

@@ -81,7 +81,9 @@ class ControlPlane:
         config = self.shared_config() | {
             "oracle": {"http_host": CONTROL_ADDRESS, "http_port": ORACLE_PORT,
                        "sample_interval_s": self.tuning.publish_interval_s * 2},
+            # The namespaces' private control network this testbed made (198.18.0.0/15).
             "scheduler": {"host": CONTROL_ADDRESS, "port": SCHEDULER_PORT,
+                          "allow_unauthenticated": True,
                           "kv_bytes_per_token": self.bytes_per_token},
         }
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))

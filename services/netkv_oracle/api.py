@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,7 @@ from netkv.contracts.snapshot import encode_snapshot
 from netkv.core.congestion import CongestionMap
 from netkv.core.costmodel import CostEstimate
 from netkv.errors import InputError
+from netkv.http.middlewares import middlewares
 from netkv_oracle.metrics import OracleMetrics
 
 MAX_DSTS = 100_000
@@ -58,21 +59,6 @@ def _json(body: Any, status: int = 200) -> web.Response:
 
 def _error(status: int, field: str, message: str) -> web.Response:
     return _json({"error": message, "field": field}, status)
-
-
-@web.middleware
-async def errors(request: web.Request,
-                 handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
-                 ) -> web.StreamResponse:
-    """Bad input -> 400 naming the field; unknown routes/methods -> JSON 404/405."""
-    try:
-        return await handler(request)
-    except InputError as exc:
-        return _error(400, exc.where, exc.message)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return _error(exc.status, "", exc.reason)
 
 
 def _map(request: web.Request) -> CongestionMap:
@@ -210,7 +196,10 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def build_app(state: ApiState) -> web.Application:
-    app = web.Application(middlewares=[errors], client_max_size=MAX_BODY)
+    # The shared HTTP edge (netkv.http): JSON errors for every status, JSON-only bodies (415),
+    # body limits; the oracle's API has no mutating endpoint, so no token.
+    app = web.Application(middlewares=middlewares(token=None, max_body_bytes=MAX_BODY),
+                          client_max_size=MAX_BODY)
     app[STATE] = state
     app.router.add_get("/v1/cost", cost)
     app.router.add_post("/v1/costs", costs)

@@ -28,7 +28,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
 from netkv.adapters.redis_client import connect_redis
-from netkv.config import RedisSettings
+from netkv.config import RedisSettings, reveal
 from netkv.contracts.names import RedisKeys
 from netkv.core.congestion import CongestionMap, MapParams
 from netkv.core.tomography import localise_inflation
@@ -54,7 +54,7 @@ def redis_for(settings: RedisSettings, *, cluster: bool) -> AnyRedis:
     if not cluster:
         return connect_redis(settings)
     client: RedisCluster = RedisCluster.from_url(
-        settings.url, username=settings.username, password=settings.password,
+        settings.url, username=settings.username, password=reveal(settings.password),
         socket_timeout=settings.timeout_s, socket_connect_timeout=settings.timeout_s,
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 3))
     return client

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -59,21 +58,6 @@ async def xadd(redis: Any, agent: str, payload: bytes | dict[str, bytes]) -> Non
     await redis.xadd(KEYS.samples_stream(agent), fields, maxlen=1000, approximate=True)
 
 
-async def until(predicate: Callable[[], Any], timeout_s: float = 5.0,
-                step_s: float = 0.05) -> Any:
-    """Poll ``predicate`` (sync or async) until truthy; fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout_s} s")
-        await asyncio.sleep(step_s)
-
-
 async def get_json(port: int, path: str, **params: str) -> tuple[int, Any]:
     async with aiohttp.ClientSession() as s, \
             s.get(f"http://127.0.0.1:{port}{path}", params=params) as r:
@@ -83,7 +67,8 @@ async def get_json(port: int, path: str, **params: str) -> tuple[int, Any]:
 async def post_json(port: int, path: str, body: Any) -> tuple[int, Any]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     async with aiohttp.ClientSession() as s, \
-            s.post(f"http://127.0.0.1:{port}{path}", data=data) as r:
+            s.post(f"http://127.0.0.1:{port}{path}", data=data,
+                   headers={"Content-Type": "application/json"}) as r:
         return r.status, await r.json(content_type=None)
 
 

@@ -4,11 +4,10 @@ the CPU footprint tool."""
 
 from __future__ import annotations
 
-import asyncio
-from dataclasses import replace
 from typing import Any
 
 import pytest
+from helpers import until
 from netkv_agent.agent import Agent, run_agents
 from netkv_agent.footprint import measure_agent_cpu
 from netkv_agent.publisher import STREAM_FIELD
@@ -68,15 +67,15 @@ async def test_a_leaving_peer_is_dropped_from_pinglists(redis_server: RedisServe
     # h000 and h001 share a leaf
     async with Agent(settings(0, redis_server.url), TOPO) as first:
         async with Agent(settings(1, redis_server.url), TOPO):
-            await _until(lambda: "h001" in first.prober.peers, 5.0)
-            await _until(lambda: first.stats()["replies"] > 3, 5.0)
+            await until(lambda: "h001" in first.prober.peers, 5.0)
+            await until(lambda: first.stats()["replies"] > 3, 5.0)
         # h001 stopped cleanly (its heartbeat is gone): h000 stops probing it
-        await _until(lambda: "h001" not in first.prober.peers, 5.0)
+        await until(lambda: "h001" not in first.prober.peers, 5.0)
         assert first.peers.keys() == {"h000"}
 
 
 async def test_footprint_tool_measures_a_child_agent(redis_server: RedisServer) -> None:
-    base = replace(AgentSettings(), probe_interval_leaf_s=0.1)
+    base = AgentSettings(probe_interval_leaf_s=0.1)
     result = await measure_agent_cpu(4, 1.0, redis_url=redis_server.url, warmup_s=1.5,
                                      base=base)
     assert result["peers"] == 4 and result["pinglist"] == 4  # 5 hosts in one leaf of 8
@@ -84,8 +83,3 @@ async def test_footprint_tool_measures_a_child_agent(redis_server: RedisServer) 
     assert result["probes_per_s"] > 0 and result["echo_ticks_per_s"] > 0
     assert result["probe_bytes_per_s"] > 0
 
-
-async def _until(cond: Any, limit_s: float) -> None:
-    async with asyncio.timeout(limit_s):
-        while not cond():  # noqa: ASYNC110 - polling plain attributes
-            await asyncio.sleep(0.05)

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
 import pytest
+from helpers import until
 from netkv_agent.agent import Agent
 from netkv_agent.publisher import STREAM_FIELD, Publisher
 from netkv_agent.settings import AgentSettings
@@ -99,7 +99,7 @@ async def test_redis_restart_is_survived_with_bounded_buffer(redis_server: Redis
         assert pub.buffered_batches == 5
         assert pub.stats.dropped_batches == 7 and pub.stats.dropped_samples == 14
         await redis_server.start()  # same port, empty (no persistence)
-        await _until_async(pub.flush, 10.0)
+        await until(pub.flush, 10.0)
         assert pub.stats.connected and pub.stats.reconnects >= 1
         assert await seqs(client) == [9, 10, 11, 12, 13]  # the newest five, oldest first
         assert pub.buffered_batches == 0
@@ -119,7 +119,7 @@ async def test_agent_keeps_probing_through_a_redis_outage(redis_server: RedisSer
 
     async with Agent(settings("h001", "127.0.0.41")) as a, \
             Agent(settings("h002", "127.0.0.42")):
-        await _until(lambda: a.stats()["replies"] > 5, 5.0)
+        await until(lambda: a.stats()["replies"] > 5, 5.0)
         await redis_server.stop()
         before = a.stats()
         await asyncio.sleep(1.5)
@@ -129,22 +129,12 @@ async def test_agent_keeps_probing_through_a_redis_outage(redis_server: RedisSer
         assert during["buffered_batches"] <= 8
         assert during["dropped_batches"] > 0  # 1.5 s at 0.1 s overflows 8 batches
         await redis_server.start()
-        await _until(lambda: a.stats()["redis_connected"], 10.0)
+        await until(lambda: a.stats()["redis_connected"], 10.0)
         async with connect_redis(RedisSettings(url=redis_server.url)) as client:
-            await _until_async(lambda: client.exists(KEYS.heartbeat("h001")), 5.0)
+            await until(lambda: client.exists(KEYS.heartbeat("h001")), 5.0)
             batches = await stream_batches(client)
         assert batches and all(s.reporter == "h001" for b in batches for s in b.samples)
         kinds = {s.kind for b in batches for s in b.samples}
         assert "rtt" in kinds
 
 
-async def _until(cond: Callable[[], object], limit_s: float) -> None:
-    async with asyncio.timeout(limit_s):
-        while not cond():  # noqa: ASYNC110 - polling a plain counter
-            await asyncio.sleep(0.05)
-
-
-async def _until_async(cond: Callable[[], Awaitable[object]], limit_s: float) -> None:
-    async with asyncio.timeout(limit_s):
-        while not await cond():  # noqa: ASYNC110 - polling Redis
-            await asyncio.sleep(0.05)

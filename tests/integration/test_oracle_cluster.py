@@ -15,8 +15,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from helpers import until
 from netkv_oracle.service import OracleService
-from netkv_oracle.testkit import KEYS, batch, nic, oracle_settings, until
+from netkv_oracle.testkit import KEYS, batch, nic, oracle_settings
 from redis.asyncio.cluster import RedisCluster
 
 from netkv.contracts.names import shard_of

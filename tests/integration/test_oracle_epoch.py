@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as aioredis
+from helpers import until
 from netkv_oracle.publisher import load_snapshot
 from netkv_oracle.service import OracleService
 from netkv_oracle.testkit import (
@@ -21,7 +22,6 @@ from netkv_oracle.testkit import (
     nic,
     oracle_settings,
     retained_version,
-    until,
     xadd,
 )
 

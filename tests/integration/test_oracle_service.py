@@ -11,6 +11,7 @@ from typing import Any
 import msgpack
 import pytest
 import redis.asyncio as aioredis
+from helpers import until
 from netkv_oracle.identity import agent_acl_rules
 from netkv_oracle.service import OracleService
 from netkv_oracle.testkit import (
@@ -23,7 +24,6 @@ from netkv_oracle.testkit import (
     post_json,
     retained_version,
     rtt,
-    until,
     xadd,
 )
 from redis.exceptions import NoPermissionError

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+from helpers import until
 from netkv_agent.agent import Agent
 from netkv_agent.settings import AgentSettings
 from netkv_oracle.identity import agent_acl_rules
 from netkv_oracle.service import OracleService
-from netkv_oracle.testkit import oracle_settings, until
+from netkv_oracle.testkit import oracle_settings
 from redis.exceptions import NoPermissionError, ResponseError
 
 from netkv.config import RedisSettings

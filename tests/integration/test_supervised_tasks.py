@@ -10,11 +10,12 @@ import socket
 from typing import Any
 
 import pytest
+from helpers import until
 from netkv_agent import cli as agent_cli
 from netkv_agent.agent import Agent
 from netkv_agent.settings import AgentSettings
 from netkv_oracle.service import OracleService
-from netkv_oracle.testkit import get_json, oracle_settings, until
+from netkv_oracle.testkit import get_json, oracle_settings
 
 from netkv.config import RedisSettings
 from netkv.core.topology_file import parse_topology

@@ -61,7 +61,8 @@ def request(tokens: int = 10_000, overlap: list[int] | None = None, **kw: Any) -
 
 def test_registry_names_and_errors() -> None:
     assert set(policy_names()) == {"round_robin", "least_loaded", "cache_load",
-                                   "llmd_weighted", "netkv", "netkv_pair"}
+                                   "llmd_weighted", "netkv", "netkv_pair", "power_of_two",
+                                   "cache_aware", "dynamo_disagg", "llmd_prefill_first"}
     with pytest.raises(InputError, match="unknown policy 'fastest'"):
         make_policy("fastest")
     with pytest.raises(InputError, match=r"policies\.cache_load\.weight"):

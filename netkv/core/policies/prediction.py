@@ -70,7 +70,36 @@ def predict(
     src = request.prefill_host if src_host is None else src_host
     queue, first, nbytes = decode_side(model, request, candidates, index)
     transfer, tier = transfer_times(oracle, bookings, src, host, nbytes)
+    dst_nic = candidates.nic_bytes_s
+    if dst_nic is not None and index is not None:
+        dst_nic = dst_nic[index]
+    transfer = nic_bound(transfer, tier, nbytes, request.src_nic_bytes_s, dst_nic)
+    if request.stream_layers > 0:
+        transfer = exposed(transfer, request.prefill_compute_s, request.stream_layers)
     return Prediction(queue, transfer, first, tier, nbytes)
+
+
+def nic_bound(transfer_s: FloatArray, tier: IntArray, nbytes: FloatArray,
+              src_nic: FloatArray | float, dst_nic: FloatArray | None) -> FloatArray:
+    """A transfer off the source host is at least ``bytes / min(source NICs, destination
+    NICs)`` when the instances are bound to part of their hosts' NICs (0 / None: unknown)."""
+    src = np.asarray(src_nic, dtype=np.float64)
+    if dst_nic is None and not np.any(src > 0):
+        return transfer_s
+    rate = np.where(src > 0, src, np.inf)
+    if dst_nic is not None:
+        rate = np.minimum(rate, np.where(dst_nic > 0, dst_nic, np.inf))
+    floor = np.where(tier > 0, nbytes / rate, 0.0)
+    out: FloatArray = np.maximum(transfer_s, floor)
+    return out
+
+
+def exposed(transfer_s: FloatArray, compute_s: FloatArray | float, layers: int) -> FloatArray:
+    """The part of a layer-wise streamed transfer that prefill cannot hide, vectorised
+    (:func:`netkv.core.policies.timing.layerwise_exposed_s`)."""
+    out: FloatArray = np.maximum(transfer_s / layers,
+                                 transfer_s - np.asarray(compute_s) * (layers - 1) / layers)
+    return out
 
 
 def decode_side(model: DecodeModel, request: RequestView, candidates: CandidateView,

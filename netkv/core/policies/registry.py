@@ -6,7 +6,16 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from netkv.core.policies.base import DecodePolicy
-from netkv.core.policies.baselines import CacheLoad, LeastLoaded, LlmdWeighted, RoundRobin
+from netkv.core.policies.baselines import (
+    CacheAware,
+    CacheLoad,
+    DynamoDisagg,
+    LeastLoaded,
+    LlmdPrefillFirst,
+    LlmdWeighted,
+    PowerOfTwo,
+    RoundRobin,
+)
 from netkv.core.policies.network import Netkv, NetkvPair
 from netkv.errors import InputError
 
@@ -17,6 +26,10 @@ POLICIES: dict[str, Factory] = {
     "least_loaded": LeastLoaded,
     "cache_load": CacheLoad,
     "llmd_weighted": LlmdWeighted,
+    "power_of_two": PowerOfTwo,
+    "cache_aware": CacheAware,
+    "dynamo_disagg": DynamoDisagg,
+    "llmd_prefill_first": LlmdPrefillFirst,
     "netkv": Netkv,
     "netkv_pair": NetkvPair,
 }

@@ -20,11 +20,16 @@ class PrefillView:
     """Prefill candidates for a joint choice (``netkv_pair``).
 
     ``ready_s[i]`` is the predicted time from now until prefill instance ``i`` would have this
-    request's KV ready (its queue plus its compute, given its own prefix-cache hit).
+    request's KV ready (its queue plus its compute, given its own prefix-cache hit);
+    ``compute_s[i]`` (optional) the compute part alone, which a layer-wise streamed transfer
+    can overlap (see ``RequestView.stream_layers``); ``nic_bytes_s[i]`` (optional) the rate
+    of the NICs instance ``i`` is bound to.
     """
 
     host: IntArray
     ready_s: FloatArray
+    compute_s: FloatArray | None = None
+    nic_bytes_s: FloatArray | None = None
 
     def __post_init__(self) -> None:
         if self.host.ndim != 1 or self.host.shape != self.ready_s.shape or self.host.size == 0:
@@ -38,7 +43,12 @@ class RequestView:
     ``overlap_blocks[i]`` is how many leading prefix blocks (``block_tokens`` tokens each) of
     this prompt decode candidate ``i`` already holds: only the rest is transferred (delta
     transfer). ``output_tokens`` is what the decoder must reserve for the answer (max_tokens
-    or an expectation; 0 if unknown).
+    or an expectation; 0 if unknown). ``stream_layers`` > 0 says the KV will be streamed layer
+    by layer while prefill computes for ``prefill_compute_s`` (pair chosen before prefill),
+    so only the part of the transfer prefill cannot hide counts; 0 (default) is a pull after
+    prefill. ``src_nic_bytes_s`` (0: unknown) is the rate of the NICs the prefill instance is
+    bound to: a transfer off its host cannot go faster (its host's other NICs belong to other
+    instances).
     """
 
     prefill_host: int
@@ -48,6 +58,9 @@ class RequestView:
     block_tokens: int = 512
     output_tokens: int = 0
     prefill: PrefillView | None = None
+    stream_layers: int = 0
+    prefill_compute_s: float = 0.0
+    src_nic_bytes_s: float = 0.0
 
     @property
     def prompt_blocks(self) -> int:
@@ -70,7 +83,8 @@ class CandidateView:
     way a router does (including the ones it has just sent); ``kv_use`` is the fraction of KV
     memory in use; ``capacity_tokens`` the KV memory in tokens. ``tbt_s`` (current time per
     output token) and ``waiting_tokens`` (KV tokens the admission queue will claim) are
-    optional: a policy falls back to its own defaults without them.
+    optional: a policy falls back to its own defaults without them; so is ``nic_bytes_s``, the
+    rate of the NICs each decoder is bound to (a transfer from another host cannot beat it).
     """
 
     host: IntArray
@@ -80,13 +94,14 @@ class CandidateView:
     capacity_tokens: FloatArray
     tbt_s: FloatArray | None = None
     waiting_tokens: FloatArray | None = None
+    nic_bytes_s: FloatArray | None = None
 
     def __post_init__(self) -> None:
         n = self.host.shape
         if self.host.ndim != 1 or n[0] == 0:
             raise ValueError("CandidateView: host must be a non-empty 1-d array")
         for name in ("running", "waiting", "kv_use", "capacity_tokens", "tbt_s",
-                     "waiting_tokens"):
+                     "waiting_tokens", "nic_bytes_s"):
             arr = getattr(self, name)
             if arr is not None and arr.shape != n:
                 raise ValueError(f"CandidateView: {name} has shape {arr.shape}, expected {n}")

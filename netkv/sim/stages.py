@@ -1,0 +1,469 @@
+"""One simulated run: the event loop and one method per stage of a request's life.
+
+:class:`Run` holds the run's state (event queue, fabric, telemetry view, instance pools and
+per-request arrays) and dispatches each event to its stage: ``arrival`` (choose a prefill
+instance; with layer-wise streaming also the decoder), ``start_prefill`` (prefix fetches
+from the KV store; streaming starts), ``prefill_done`` (choose a decoder when pulling),
+``admit`` (memory at the decoder; the handover, then the transfer), the fabric's ``flow``
+completions (``join`` the batch), ``decode`` completions, and the background sources'
+and faults' changes. See :mod:`netkv.sim.simulation` for the models and the request life
+cycle.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from netkv.core.costmodel import LinkStateOracle, static_tier_oracle
+from netkv.core.policies import Booking, DecisionEngine, PrefillView, make_policy
+from netkv.sim.events import EventQueue, Kind
+from netkv.sim.fabric import FETCH, INF, KV, TENANT, WEIGHTS, Fabric, hot_spots, nic_offsets
+from netkv.sim.pools import DecodePool, PrefillPool
+from netkv.sim.runconfig import RunConfig, RunResult
+from netkv.sim.sources import fault_episodes, restart_times, tenant_episodes
+from netkv.sim.telemetry import BackgroundHistory, TelemetryView
+from netkv.workload.trace import BLOCK_TOKENS
+
+if TYPE_CHECKING:
+    from netkv.sim.simulation import Simulation
+
+PROGRESS_EVERY = 256
+DRAIN_S = 300.0  # background keeps running this long after the last arrival
+
+
+class Run:
+    """The mutable state of one run of one policy; :meth:`execute` runs it to the end."""
+
+    def __init__(self, sim: Simulation, config: RunConfig,
+                 progress: Callable[[int], object] | None = None) -> None:
+        self.sim = sim
+        self.config = config
+        self.progress = progress
+        spec = sim.scenario.spec
+        self.spec = spec
+        self.topo = topo = sim.topology
+        self.trace = trace = sim.trace
+        n = len(trace)
+        seed = spec.seed if config.seed is None else config.seed
+        params = dict(spec.policies.get(config.policy, {}))
+        params.update(config.params)
+        if config.policy in ("netkv", "netkv_pair") and spec.network.timing == "pull":
+            # The deployment's fixed transfer cost is a measured input (vllm:nixl metrics).
+            params.setdefault("handover_s", spec.network.handover_s)
+        self.engine = DecisionEngine(make_policy(config.policy, params), topo,
+                                     history=max(2 * n, 16))
+        self.joint = config.policy == "netkv_pair"
+        self.layerwise = spec.network.timing == "layerwise"
+        self.handover_s = spec.network.handover_s
+        net = spec.network
+        self.fabric = Fabric(topo, nics=net.nics_per_host, spines=net.spines_per_pod,
+                             salt=seed)
+        self.nic_first, self.nic_width = nic_offsets(topo, net.nics_per_host)
+        self.history = BackgroundHistory(topo.n_links)
+        self.tel = config.telemetry(spec.telemetry)
+        self.static: LinkStateOracle | None = (static_tier_oracle(topo)
+                                               if config.oracle == "static" else None)
+        self.view = TelemetryView(topo, self.history, self.tel, seed,
+                                  ground_truth=config.oracle == "truth")
+        horizon = float(trace.arrival_s[-1]) + DRAIN_S
+        self.horizon = horizon
+        bg = spec.background
+        self.elastic = bg.model == "elastic"
+        self.events = events = EventQueue()
+        self.spots = (hot_spots(topo, bg, horizon + 3300.0, seed, config.congestion)
+                      if not self.elastic else [])
+        for i, s in enumerate(self.spots):
+            events.push(s.start_s, Kind.BACKGROUND, i, 1)
+            events.push(s.end_s, Kind.BACKGROUND, i, -1)
+        self.tenants = (tenant_episodes(topo, bg.tenants, horizon, seed,
+                                        intensity=config.congestion,
+                                        dwell_scale=config.dwell_scale) if self.elastic else [])
+        self.tenant_cap = bg.tenants.flow_gbps * 1e9 / 8.0
+        for i, e in enumerate(self.tenants):
+            events.push(e.start_s, Kind.TENANT, i, 1)
+            events.push(e.end_s, Kind.TENANT, i, -1)
+        self.prefill_instances = [topo.instance_index[i.name]
+                                  for i in topo.instances_with_role("prefill")]
+        self.decode_instances = [topo.instance_index[i.name]
+                                 for i in topo.instances_with_role("decode")]
+        everyone = self.prefill_instances + self.decode_instances
+        self.restarts = [(t, everyone[i]) for t, i in restart_times(
+            bg.weight_loads.per_hour if self.elastic else 0.0, horizon, len(everyone), seed)]
+        for i, (t, _) in enumerate(self.restarts):
+            events.push(t, Kind.WEIGHTS, i)
+        self.faults = fault_episodes(spec.faults, topo, self.fabric, horizon)
+        for i, f in enumerate(self.faults):
+            events.push(f.start_s, Kind.FAULT, i, 1)
+            events.push(f.end_s, Kind.FAULT, i, -1)
+        k = 0
+        while k * self.tel.interval_s <= horizon + self.tel.delay_s:
+            events.push(k * self.tel.interval_s, Kind.SAMPLE, k)
+            k += 1
+        for r in range(n):
+            events.push(float(trace.arrival_s[r]), Kind.ARRIVAL, r)
+
+        # Per-request state.
+        self.prefill_of = np.full(n, -1, np.int64)
+        self.decode_of = np.full(n, -1, np.int64)
+        self.need = (trace.input_tokens + trace.output_tokens).astype(np.float64)
+        self.ctx = (trace.input_tokens + trace.output_tokens / 2.0).astype(np.float64)
+        self.hits = np.zeros(n, np.int64)
+        self.kv_bytes = np.zeros(n)
+        self.tier = np.full(n, -1, np.int64)
+        self.t_ready = np.full(n, np.nan)
+        self.t_admit = np.zeros(n)
+        self.t_join = np.zeros(n)
+        self.t_start = np.full(n, np.nan)  # prefill compute start
+        self.ttft = np.full(n, np.nan)
+        self.tbt = np.full(n, np.nan)
+        self.completions = np.zeros(n, np.int64)
+        self.predicted = np.full(n, np.nan)
+        self.pending = np.full(n, -1, np.int64)  # subflows in flight (-1: not started)
+        self.admitted = np.zeros(n, np.bool_)
+        self.bookings: dict[int, Booking] = {}
+        self.requested = 0.0
+        self.finished = 0
+        self.reported = 0
+        self.store: dict[int, int] = {}  # block hash -> host that first computed it
+        self._paths: dict[tuple[int, int], tuple[tuple[int, ...], int]] = {}
+
+        self.prefills = PrefillPool(sim.prefill_host, sim.prefill_cache_blocks, n)
+        cache_blocks = [int(c * spec.decode.prefix_cache_fraction / BLOCK_TOKENS)
+                        for c in sim.decode_capacity]
+        step_s = np.array([sim.step_time(d, 0.0) for d in range(len(sim.decode_host))])
+        # The rate of the NICs each instance is bound to: known to the operator (the
+        # engine's UCX_NET_DEVICES), so the policies are told it.
+        per_nic = topo.capacity[topo.up_chain[:, 0]] / net.nics_per_host
+        inst_nic = per_nic[topo.instance_host] * self.nic_width
+        self.prefill_nic = inst_nic[self.prefill_instances]
+        self.decodes = DecodePool(sim.decode_host, sim.decode_capacity, cache_blocks, step_s,
+                                  inst_nic[self.decode_instances])
+
+    # -- the loop ---------------------------------------------------------------------------
+    def execute(self) -> RunResult:
+        wall = time.perf_counter()
+        handlers = {Kind.ARRIVAL: self.arrival, Kind.PREFILL_DONE: self.prefill_done,
+                    Kind.FLOW: self.flow, Kind.DECODE: self.decode,
+                    Kind.BACKGROUND: self.background, Kind.HANDOVER: self.handover,
+                    Kind.FAULT: self.fault, Kind.TENANT: self.tenant,
+                    Kind.WEIGHTS: self.weights, Kind.SAMPLE: self.sample}
+        table = [handlers[Kind(k)] for k in range(len(Kind))]
+        events = self.events
+        while events:
+            now, kind, a, b = events.pop()
+            table[kind](now, a, b)
+        if self.progress is not None:
+            self.progress(self.finished - self.reported)
+        self.fabric.advance(self.fabric.now)
+        trace = self.trace
+        # Only the part of the transfer prefill did not hide counts (all of it when pulling).
+        exposed = self.t_join - np.maximum(self.t_admit, self.t_ready)
+        return RunResult(
+            name=self.config.name, ttft_s=self.ttft, tbt_s=self.tbt,
+            slo_ttft_s=self.sim.slo_ttft, transfer_s=exposed,
+            queue_s=np.maximum(self.t_admit - self.t_ready, 0.0),
+            prefill_s=self.t_ready - trace.arrival_s,
+            kv_bytes=self.kv_bytes, tier=self.tier, completions=self.completions,
+            decision_s=self.engine.recorded().copy(), predicted_ttft_s=self.predicted,
+            requested_bytes=self.requested, delivered_bytes=self.fabric.delivered_bytes,
+            wall_s=time.perf_counter() - wall)
+
+    def path(self, src: int, dst: int) -> tuple[tuple[int, ...], int]:
+        """Topology links and tier from ``src`` to ``dst`` (cached)."""
+        hit = self._paths.get((src, dst))
+        if hit is None:
+            hit = self._paths[(src, dst)] = (self.topo.path(src, dst),
+                                             int(self.topo.tier(src, dst)))
+        return hit
+
+    def oracle(self, now: float) -> LinkStateOracle:
+        if self.static is not None:
+            return self.static
+        self.fabric.advance(now)
+        exact = self.fabric.truth_unavailable() if self.view.ground_truth else None
+        return self.view.refresh(now, exact)
+
+    # -- stage 1: arrival, prefill choice (and the decoder when streaming) -----------------
+    def arrival(self, now: float, r: int, _: int) -> None:
+        sim, trace, pool = self.sim, self.trace, self.prefills
+        tokens = int(trace.input_tokens[r])
+        hit_p = np.array([c.match(trace.hash_ids[r]) for c in pool.caches], np.int64)
+        compute = np.array([sim.prefill_time(p, tokens, int(hit_p[p]))
+                            for p in range(len(pool))])
+        ready = pool.wait(now) + compute
+        p = int(np.argmin(ready))
+        d = -1
+        layers = self.sim.layers if self.layerwise else 0
+        if self.joint:
+            req = sim.request_view(r, self.decodes.decoders,
+                                   PrefillView(pool.host, ready, compute, self.prefill_nic),
+                                   stream_layers=layers)
+            decision = self.engine.decide(req, self.decodes.view(), self.oracle(now))
+            p = int(decision.prefill_index if decision.prefill_index is not None else p)
+            d = decision.index
+        elif self.layerwise:
+            req = sim.request_view(r, self.decodes.decoders, None, src=int(pool.host[p]),
+                                   stream_layers=layers, compute_s=float(compute[p]),
+                                   src_nic=float(self.prefill_nic[p]))
+            d = self.engine.decide(req, self.decodes.view(), self.oracle(now)).index
+        self.prefill_of[r] = p
+        pool.enqueue(p, r, float(compute[p]))
+        if self.layerwise:
+            self.choose_decoder(r, d, float(ready[p]), now)
+        self.start_prefill(p, now)
+
+    def start_prefill(self, p: int, now: float) -> None:
+        pool = self.prefills
+        r = pool.next_to_start(p)
+        if r < 0:
+            return
+        hashes = self.trace.hash_ids[r]
+        hit = pool.caches[p].match(hashes)
+        self.hits[r] = hit
+        compute = self.sim.prefill_time(p, int(self.trace.input_tokens[r]), hit)
+        done = now + compute
+        pool.busy_until[p] = done
+        pool.active[p] = r
+        self.t_start[r] = now
+        self.events.push(done, Kind.PREFILL_DONE, p, r)
+        if self.elastic and self.spec.background.prefix_fetch:
+            self.fetch_prefix(r, int(pool.host[p]), hashes[hit:])
+        if self.layerwise and self.admitted[r]:
+            self.begin_handover(r, now)
+
+    def fetch_prefix(self, r: int, dst: int, missing: tuple[int, ...]) -> None:
+        """Blocks the instance lacks but the KV store holds (computed before, anywhere) are
+        fetched from the host that computed them (Mooncake Store / LMCache style); only
+        their load on the fabric is modelled, not a compute saving."""
+        by_host: dict[int, int] = {}
+        for h in missing:
+            src = self.store.get(h)
+            if src is not None and src != dst:
+                by_host[src] = by_host.get(src, 0) + 1
+        if not by_host:
+            return
+        for src, blocks in by_host.items():
+            links = self.path(src, dst)[0]
+            phys = self.fabric.resolve(links, r, src, src_host=src, dst_host=dst)
+            self.fabric.add(r, phys, blocks * BLOCK_TOKENS * self.sim.bpt, kind=FETCH,
+                            sub=src, physical=True)
+        self.reallocate()
+
+    # -- stage 2: prefill done, decode choice when pulling ---------------------------------
+    def prefill_done(self, now: float, p: int, r: int) -> None:
+        pool = self.prefills
+        hashes = self.trace.hash_ids[r]
+        pool.caches[p].insert(hashes)
+        host = int(pool.host[p])
+        for h in hashes:
+            self.store.setdefault(h, host)
+        pool.active[p] = -1
+        self.start_prefill(p, now)
+        self.t_ready[r] = now
+        if self.layerwise:
+            self.streaming_done(r, now)
+            return
+        req = self.sim.request_view(r, self.decodes.decoders, None, src=host,
+                                    src_nic=float(self.prefill_nic[p]))
+        decision = self.engine.decide(req, self.decodes.view(), self.oracle(now))
+        self.predicted[r] = decision.ttft_s
+        self.choose_decoder(r, decision.index, 0.0, now)
+
+    def choose_decoder(self, r: int, d: int, ready_in_s: float, now: float) -> None:
+        self.decode_of[r] = d
+        self.decodes.enqueue(d, r, float(self.need[r]))
+        self.admit(d, now)
+
+    # -- stage 3: admission at the decoder, handover, transfer start -----------------------
+    def admit(self, d: int, now: float) -> None:
+        pool = self.decodes
+        dec = pool.decoders[d]
+        while True:
+            r = pool.admit_next(d, self.need)
+            if r < 0:
+                break
+            self.t_admit[r] = now
+            self.admitted[r] = True
+            src, dst = int(self.prefills.host[self.prefill_of[r]]), dec.host
+            overlap = dec.cache.match(self.trace.hash_ids[r])
+            tokens = int(self.trace.input_tokens[r])
+            nbytes = (tokens - min(overlap * BLOCK_TOKENS, tokens)) * self.sim.bpt
+            self.kv_bytes[r] = nbytes
+            self.tier[r] = self.path(src, dst)[1]
+            if not self.layerwise or not np.isnan(self.t_start[r]):
+                self.begin_handover(r, now)
+
+    def begin_handover(self, r: int, now: float) -> None:
+        """The fixed per-transfer cost, then the bytes; nothing to pull costs nothing."""
+        if self.handover_s > 0 and self.kv_bytes[r] > 0:
+            self.events.push(now + self.handover_s, Kind.HANDOVER, r)
+        else:
+            self.handover(now, r, 0)
+
+    def handover(self, now: float, r: int, _: int) -> None:
+        """The fixed per-transfer cost has elapsed: the bytes start to flow (striped over the
+        NICs both instances are bound to, one subflow per NIC)."""
+        d = int(self.decode_of[r])
+        nbytes = float(self.kv_bytes[r])
+        if nbytes <= 0:
+            self.pending[r] = 0
+            self.maybe_join(r, now)
+            return
+        p = int(self.prefill_of[r])
+        src, dst = int(self.prefills.host[p]), int(self.decodes.host[d])
+        self.requested += nbytes
+        self.bookings[r] = self.engine.reserve(src, dst, nbytes)
+        pi = self.prefill_instances[p]
+        di = self.decode_instances[d]
+        width = int(max(min(self.nic_width[pi], self.nic_width[di]), 1)) if src != dst else 1
+        links = self.path(src, dst)[0]
+        cap = INF
+        if self.layerwise and np.isnan(self.t_ready[r]):
+            # Streaming: the bytes cannot leave faster than prefill produces them.
+            left = max(float(self.prefills.busy_until[p]) - now, 1e-6)
+            cap = nbytes / width / left
+        self.fabric.advance(now)
+        for j in range(width):
+            phys = self.fabric.resolve(links, r, j, nic_src=int(self.nic_first[pi]),
+                                       nic_dst=int(self.nic_first[di]), src_host=src,
+                                       dst_host=dst)
+            self.fabric.add(r, phys, nbytes / width, sub=j, cap=cap, physical=True)
+        self.pending[r] = width
+        self.reallocate()
+
+    def streaming_done(self, r: int, now: float) -> None:
+        """Prefill finished: a streamed transfer is no longer held back by production."""
+        if self.pending[r] > 0:
+            self.fabric.advance(now)
+            for f in self.fabric.flows.values():
+                if f.kind == KV and f.request == r:
+                    f.cap = INF
+            self.reallocate()
+        else:
+            self.maybe_join(r, now)
+
+    def reallocate(self) -> None:
+        nxt = self.fabric.reallocate()
+        if nxt < INF:
+            self.events.push(nxt, Kind.FLOW, self.fabric.version)
+
+    # -- stage 4: transfer done, join the batch ---------------------------------------------
+    def flow(self, now: float, version: int, _: int) -> None:
+        fabric = self.fabric
+        if version != fabric.version:
+            return
+        fabric.advance(now)
+        for f in fabric.finished():
+            if f.kind != KV:
+                continue
+            r = f.request
+            self.pending[r] -= 1
+            if self.pending[r] == 0:
+                self.engine.release(self.bookings.pop(r))
+                self.maybe_join(r, now)
+        self.reallocate()
+
+    def maybe_join(self, r: int, now: float) -> None:
+        if self.pending[r] == 0 and not np.isnan(self.t_ready[r]):
+            self.join(r, int(self.decode_of[r]), now)
+
+    def join(self, r: int, d: int, now: float) -> None:
+        self.pending[r] = -2
+        dec = self.decodes.decoders[d]
+        dec.advance(now)
+        dec.batch[r] = float(self.trace.output_tokens[r])
+        dec.ctx += self.ctx[r]
+        dec.cache.insert(self.trace.hash_ids[r])
+        self.t_join[r] = now
+        self.reschedule_decoder(d, now)
+        self.ttft[r] = now + dec.step_s - self.trace.arrival_s[r]
+
+    # -- stage 5: decoding ------------------------------------------------------------------
+    def reschedule_decoder(self, d: int, now: float) -> None:
+        dec = self.decodes.decoders[d]
+        dec.step_s = self.sim.step_time(d, dec.ctx)
+        self.decodes.step_s[d] = dec.step_s
+        dec.version += 1
+        if dec.batch:
+            left = min(dec.batch.values())
+            self.events.push(now + max(left, 0.0) * dec.step_s, Kind.DECODE, d, dec.version)
+
+    def decode(self, now: float, d: int, version: int) -> None:
+        dec = self.decodes.decoders[d]
+        if version != dec.version:
+            return
+        dec.advance(now)
+        done = [r for r, left in dec.batch.items() if left <= 1e-6]
+        for r in done:
+            self.decodes.finish(d, r, float(self.need[r]), float(self.ctx[r]))
+            self.completions[r] += 1
+            self.tbt[r] = (now - self.t_join[r]) / float(self.trace.output_tokens[r])
+            self.finished += 1
+        if not dec.batch:
+            dec.ctx = 0.0
+        self.reschedule_decoder(d, now)
+        self.admit(d, now)
+        if self.progress is not None and self.finished - self.reported >= PROGRESS_EVERY:
+            self.progress(self.finished - self.reported)
+            self.reported = self.finished
+
+    # -- background sources, faults and telemetry samples ---------------------------------
+    def background(self, now: float, i: int, sign: int) -> None:
+        """Inelastic hot spots (the sensitivity model)."""
+        s = self.spots[i]
+        fabric = self.fabric
+        fabric.advance(now)
+        fabric.set_background(s.link, sign * s.load)
+        if fabric.flows:
+            self.reallocate()
+
+    def tenant(self, now: float, i: int, sign: int) -> None:
+        """Another tenant's elephants on one link start (+1) or stop (-1)."""
+        e = self.tenants[i]
+        fabric = self.fabric
+        fabric.advance(now)
+        for j in range(e.flows):
+            if sign > 0:
+                phys = fabric.resolve((e.link,), i, j)
+                fabric.add(i, phys, INF, kind=TENANT, sub=j, cap=self.tenant_cap,
+                           physical=True)
+            else:
+                fabric.remove((TENANT, i, j))
+        self.reallocate()
+
+    def weights(self, now: float, i: int, _: int) -> None:
+        """An instance (re)starts: its weights come from storage behind the core, striped
+        over its NICs."""
+        inst = self.restarts[i][1]
+        h = int(self.topo.instance_host[inst])
+        links = tuple(int(x) for x in self.topo.down_chain[h, ::-1])
+        width = int(self.nic_width[inst])
+        fabric = self.fabric
+        fabric.advance(now)
+        for j in range(width):
+            phys = fabric.resolve(links, i, j, nic_dst=int(self.nic_first[inst]), dst_host=h)
+            fabric.add(i, phys, self.sim.scenario.weights_bytes / width, kind=WEIGHTS, sub=j,
+                       physical=True)
+        self.reallocate()
+
+    def fault(self, now: float, i: int, sign: int) -> None:
+        f = self.faults[i]
+        fabric = self.fabric
+        fabric.advance(now)
+        if f.skew_host >= 0:
+            if sign > 0:
+                fabric.skewed.add(f.skew_host)
+            else:
+                fabric.skewed.discard(f.skew_host)
+            return
+        fabric.scale_capacity(f.phys, f.factor if sign > 0 else 1.0)
+        if fabric.flows:
+            self.reallocate()
+
+    def sample(self, now: float, k: int, _: int) -> None:
+        """What the link counters show at a sampling instant."""
+        self.history.record(now, self.fabric.unavailable(self.tel.own_flows))
