@@ -32,6 +32,7 @@ from netkv.core.congestion import CongestionMap
 from netkv.core.costmodel import CostEstimate
 from netkv.errors import InputError
 from netkv.http.middlewares import middlewares
+from netkv_oracle import view
 from netkv_oracle.metrics import OracleMetrics
 
 MAX_DSTS = 100_000
@@ -207,4 +208,5 @@ def build_app(state: ApiState) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    view.add_routes(app, state.current_map)  # the live congestion view (view.py)
     return app

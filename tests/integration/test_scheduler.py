@@ -280,7 +280,11 @@ async def test_scrapes_engine_load_from_prometheus(
 async def test_pair_policy_chooses_prefill_and_decoder_jointly(
         redis_server: RedisServer, mosquitto_server: MosquittoServer) -> None:
     topo = load_topology(demo_topology_path())
-    settings = settings_for(redis_server, mosquitto_server)
+    # No hysteresis: netkv_pair keeps the requested prefill unless the joint choice saves
+    # more than prefill_margin_s (0.1 s by default since the evaluation branch); this test
+    # is about the joint choice itself.
+    settings = settings_for(redis_server, mosquitto_server,
+                            policy_params={"netkv_pair": {"prefill_margin_s": 0.0}})
     async with serving(settings, topo) as base, aiohttp.ClientSession() as http:
         await publish_map(redis_server, mosquitto_server, measured_map(topo), 1)
         # h000's decoder is full: the best single pick from h000-p0 crosses the network,
