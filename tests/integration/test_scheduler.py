@@ -272,11 +272,6 @@ async def test_scrapes_engine_load_from_prometheus(
         await runner.cleanup()
 
 
-@pytest.mark.xfail(strict=True, reason="owner B (scheduler): on main this test's published map "
-                   "was never installed (map_version None, decisions on tier priors) and the "
-                   "pair policy picked h006-p0/h006-d1; with the contracts branch the feed "
-                   "installs the measured map (version 1) and netkv_pair keeps h000-p0 -> "
-                   "h001-d1 (tier 1). Needs B's look at the pair policy on a fresh idle map")
 async def test_pair_policy_chooses_prefill_and_decoder_jointly(
         redis_server: RedisServer, mosquitto_server: MosquittoServer) -> None:
     topo = load_topology(demo_topology_path())
