@@ -1,11 +1,12 @@
-"""Strict conversion of untrusted mappings (YAML, JSON, env) into frozen dataclasses.
+"""Strict conversion of untrusted mappings (YAML, JSON) into the core's frozen dataclasses.
 
-Every config, topology and scenario file goes through :func:`from_mapping`, so unknown keys,
-missing keys, wrong types and impossible numbers are rejected in one place, with an error
-that names the field (``topology.yaml: hosts[3].nic_gbps: must be > 0``).
+Topology and scenario files and policy parameters go through :func:`from_mapping`, so
+unknown keys, missing keys, wrong types and impossible numbers are rejected in one place, with
+an error that names the field (``topology.yaml: hosts[3].nic_gbps: must be > 0``). It stays a
+small dependency-free layer because the pure core must not depend on a config library; the
+services' settings use pydantic-settings instead (:mod:`netkv.config`).
 
 Numeric bounds live in the dataclass field metadata: ``field(metadata=bound(gt=0))``.
-Environment overrides use ``NETKV_<SECTION>__<FIELD>`` names and are parsed from text.
 """
 
 from __future__ import annotations
@@ -47,42 +48,6 @@ def _check_bounds(value: float, meta: Mapping[str, Any], where: str) -> None:
         raise InputError(where, f"must be < {meta['lt']}, got {value!r}")
     if "le" in meta and not value <= meta["le"]:
         raise InputError(where, f"must be <= {meta['le']}, got {value!r}")
-
-
-_TRUE = {"1", "true", "yes", "on"}
-_FALSE = {"0", "false", "no", "off"}
-
-
-def _from_text(text: str, tp: Any, where: str) -> Any:
-    """Parse an environment string into the shape ``tp`` expects (before strict checks)."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if text == "" and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _from_text(text, inner[0], where) if len(inner) == 1 else text
-    if tp is bool:
-        low = text.strip().lower()
-        if low in _TRUE:
-            return True
-        if low in _FALSE:
-            return False
-        raise InputError(where, f"expected a boolean (true/false), got {text!r}")
-    if tp is int:
-        try:
-            return int(text)
-        except ValueError:
-            raise InputError(where, f"expected an integer, got {text!r}") from None
-    if tp is float:
-        try:
-            return float(text)
-        except ValueError:
-            raise InputError(where, f"expected a number, got {text!r}") from None
-    if origin is tuple:
-        parts = [p.strip() for p in text.split(",") if p.strip()]
-        return [_from_text(p, args[0], where) for p in parts]
-    return text
 
 
 def convert(value: Any, tp: Any, where: str, meta: Mapping[str, Any] | None = None) -> Any:
@@ -159,15 +124,8 @@ def convert(value: Any, tp: Any, where: str, meta: Mapping[str, Any] | None = No
     raise TypeError(f"{where}: unsupported annotation {tp!r}")  # a programming error
 
 
-def from_mapping(
-    cls: type[T], data: Any, where: str = "", env: Mapping[str, str] | None = None,
-    env_prefix: str = "NETKV",
-) -> T:
-    """Build the frozen dataclass ``cls`` from ``data``, strictly.
-
-    With ``env``, a variable ``<env_prefix>_<FIELD>`` (nested: ``..._<SECTION>__<FIELD>``)
-    overrides the field; its text is parsed into the field's type first.
-    """
+def from_mapping(cls: type[T], data: Any, where: str = "") -> T:
+    """Build the frozen dataclass ``cls`` from ``data``, strictly."""
     if data is None:
         data = {}
     if not isinstance(data, Mapping):
@@ -181,16 +139,7 @@ def from_mapping(
     for name, fld in fields.items():
         tp = hints[name]
         path = _join(where, name)
-        env_name = f"{env_prefix}_{name.upper()}"
-        if env is not None and dataclasses.is_dataclass(tp) and isinstance(tp, type):
-            kwargs[name] = from_mapping(
-                tp, data.get(name), path, env, env_prefix=f"{env_name}_"
-            )
-            continue
-        if env is not None and env_name in env:
-            kwargs[name] = convert(_from_text(env[env_name], tp, env_name), tp, env_name,
-                                   fld.metadata)
-        elif name in data:
+        if name in data:
             kwargs[name] = convert(data[name], tp, path, fld.metadata)
         elif fld.default is dataclasses.MISSING and fld.default_factory is dataclasses.MISSING:
             raise InputError(path, "missing required field")

@@ -28,7 +28,6 @@ import json
 import multiprocessing
 import resource
 import time
-from dataclasses import replace
 from multiprocessing.connection import Connection
 from typing import Any, Literal
 
@@ -62,10 +61,10 @@ def agent_settings(topology: Topology, index: int, redis_url: str, *,
     """Settings for host ``index``; ``counters=False`` for load-generating peers (their
     counter reads would only load this process, not the measured agent)."""
     host = topology.hosts[index]
-    return replace(base or AgentSettings(), agent_id=host.name,
-                   listen_address=host.address or host_address(index),
-                   redis=RedisSettings(url=redis_url), mqtt=MqttSettings(), mqtt_enabled=False,
-                   fabric_nic="lo" if counters else None, rdma_enabled=False)
+    return (base or AgentSettings()).model_copy(update={
+        "agent_id": host.name, "listen_address": host.address or host_address(index),
+        "redis": RedisSettings(url=redis_url), "mqtt": MqttSettings(), "mqtt_enabled": False,
+        "fabric_nic": "lo" if counters else None, "rdma_enabled": False})
 
 
 async def _measure_child(settings: AgentSettings, topology: Topology, warmup_s: float,

@@ -22,56 +22,57 @@ How NICs map to topology links (the oracle translates with the agent's registrat
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar
 
-from netkv.config import MqttSettings, RedisSettings, load_settings
+from pydantic import ConfigDict, Field, model_validator
+from pydantic.dataclasses import dataclass
+
+from netkv.config import MqttSettings, RedisSettings, ServiceSettings, load_settings
 from netkv.errors import InputError
-from netkv.fields import bound
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, config=ConfigDict(extra="forbid"))
 class NicBinding:
     """Which directed topology links an interface's transmit and receive counters describe."""
 
-    tx: str = field(metadata={"nonempty": True})
-    rx: str = field(metadata={"nonempty": True})
+    tx: Annotated[str, Field(min_length=1)]
+    rx: Annotated[str, Field(min_length=1)]
 
 
-@dataclass(frozen=True, slots=True)
-class AgentSettings:
+class AgentSettings(ServiceSettings):
     """Everything one agent needs. Intervals are seconds; rates Gb/s as operators quote them."""
 
-    agent_id: str = field(default="", metadata={"nonempty": True})
+    SECTION: ClassVar[str] = "agent"
+    agent_id: str = Field(default="", min_length=1)
     listen_address: str = "127.0.0.1"  # the echo responder binds here (the agent's own address)
     advertise_address: str | None = None  # what peers should probe; default listen_address
-    echo_port: int = field(default=0, metadata=bound(ge=0, le=65535))  # 0: any free port
+    echo_port: int = Field(default=0, ge=0, le=65535)  # 0: any free port
     topology: str | None = None  # topology file path (shared section)
     redis: RedisSettings = RedisSettings()
     mqtt: MqttSettings = MqttSettings()
     mqtt_enabled: bool = True
 
     # -- RTT probing -----------------------------------------------------------------------
-    probe_interval_leaf_s: float = field(default=0.1, metadata=bound(gt=0, le=3600))
-    probe_interval_pod_s: float = field(default=0.5, metadata=bound(gt=0, le=3600))
-    probe_interval_core_s: float = field(default=1.0, metadata=bound(gt=0, le=3600))
-    probe_timeout_s: float = field(default=1.0, metadata=bound(gt=0, le=60))
-    echo_tick_s: float = field(default=0.1, metadata=bound(gt=0, le=1))  # echo work cadence
-    pod_fanout: int = field(default=2, metadata=bound(ge=0))  # peers per other leaf in the pod
-    core_fanout: int = field(default=4, metadata=bound(ge=0))  # peers across the core, total
-    pinglist_rotate_s: float = field(default=30.0, metadata=bound(gt=0))
-    rtt_window_s: float = field(default=5.0, metadata=bound(gt=0, le=3600))
-    max_peers: int = field(default=1024, metadata=bound(ge=1))
+    probe_interval_leaf_s: float = Field(default=0.1, gt=0, le=3600, allow_inf_nan=False)
+    probe_interval_pod_s: float = Field(default=0.5, gt=0, le=3600, allow_inf_nan=False)
+    probe_interval_core_s: float = Field(default=1.0, gt=0, le=3600, allow_inf_nan=False)
+    probe_timeout_s: float = Field(default=1.0, gt=0, le=60, allow_inf_nan=False)
+    echo_tick_s: float = Field(default=0.1, gt=0, le=1, allow_inf_nan=False)  # echo cadence
+    pod_fanout: int = Field(default=2, ge=0)  # peers per other leaf in the pod
+    core_fanout: int = Field(default=4, ge=0)  # peers across the core, total
+    pinglist_rotate_s: float = Field(default=30.0, gt=0, allow_inf_nan=False)
+    rtt_window_s: float = Field(default=5.0, gt=0, le=3600, allow_inf_nan=False)
+    max_peers: int = Field(default=1024, ge=1)
 
     # -- counters --------------------------------------------------------------------------
-    counter_interval_s: float = field(default=0.5, metadata=bound(gt=0, le=3600))  # read at
-    # publish ticks, so at most as often as publish_interval_s
+    # read at publish ticks, so at most as often as publish_interval_s
+    counter_interval_s: float = Field(default=0.5, gt=0, le=3600, allow_inf_nan=False)
     nics: tuple[str, ...] = ()  # interfaces to read; the fabric NIC is always included
     fabric_nic: str | None = None  # a host's KV interface: <host>/nic/up|down
     uplink_nic: str | None = None  # a switch's port to its parent: <switch>/up|down
-    nic_links: dict[str, NicBinding] = field(default_factory=dict)
-    nic_speed_gbps: dict[str, float] = field(default_factory=dict)  # overrides sysfs speed
+    nic_links: dict[str, NicBinding] = Field(default_factory=dict)
+    nic_speed_gbps: dict[str, float] = Field(default_factory=dict)  # overrides sysfs speed
     netns: str | None = None  # read netlink counters inside this named namespace
     qdisc_enabled: bool = True
     sysfs_net_root: str = "/sys/class/net"
@@ -79,27 +80,28 @@ class AgentSettings:
     rdma_sysfs_root: str = "/sys/class/infiniband"
     rdma_devices: tuple[str, ...] = ()  # empty: every device under the root
     rdma_fabric_port: str | None = None  # "mlx5_0/1"
-    rdma_data_unit_bytes: int = field(default=4, metadata=bound(ge=1, le=8))
+    rdma_data_unit_bytes: int = Field(default=4, ge=1, le=8)
 
     # -- publishing ------------------------------------------------------------------------
-    publish_interval_s: float = field(default=0.25, metadata=bound(gt=0, le=60))
-    heartbeat_interval_s: float = field(default=1.0, metadata=bound(gt=0, le=60))
-    heartbeat_ttl_s: int = field(default=5, metadata=bound(ge=1))
-    stream_maxlen: int = field(default=1000, metadata=bound(ge=10))
-    max_buffered_batches: int = field(default=240, metadata=bound(ge=1))
-    max_batch_samples: int = field(default=1024, metadata=bound(ge=1, le=4096))
-    redis_op_timeout_s: float = field(default=2.0, metadata=bound(gt=0))
-    reconnect_max_backoff_s: float = field(default=5.0, metadata=bound(gt=0))
-    registry_refresh_s: float = field(default=5.0, metadata=bound(gt=0))
+    publish_interval_s: float = Field(default=0.25, gt=0, le=60, allow_inf_nan=False)
+    heartbeat_interval_s: float = Field(default=1.0, gt=0, le=60, allow_inf_nan=False)
+    heartbeat_ttl_s: int = Field(default=5, ge=1)
+    stream_maxlen: int = Field(default=1000, ge=10)
+    max_buffered_batches: int = Field(default=240, ge=1)
+    max_batch_samples: int = Field(default=1024, ge=1, le=4096)
+    redis_op_timeout_s: float = Field(default=2.0, gt=0, allow_inf_nan=False)
+    reconnect_max_backoff_s: float = Field(default=5.0, gt=0, allow_inf_nan=False)
+    registry_refresh_s: float = Field(default=5.0, gt=0, allow_inf_nan=False)
 
     # -- active bandwidth probe (off by default) ------------------------------------------
     bandwidth_probe_enabled: bool = False
-    bandwidth_port: int = field(default=0, metadata=bound(ge=0, le=65535))
-    bandwidth_probe_interval_s: float = field(default=60.0, metadata=bound(gt=0))
-    bandwidth_probe_bytes: int = field(default=4 * 1024 * 1024, metadata=bound(ge=1024))
-    bandwidth_probe_rate_mbps: float = field(default=100.0, metadata=bound(gt=0))
+    bandwidth_port: int = Field(default=0, ge=0, le=65535)
+    bandwidth_probe_interval_s: float = Field(default=60.0, gt=0, allow_inf_nan=False)
+    bandwidth_probe_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    bandwidth_probe_rate_mbps: float = Field(default=100.0, gt=0, allow_inf_nan=False)
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _consistent(self) -> AgentSettings:
         if self.probe_timeout_s <= 2 * self.echo_tick_s:
             raise InputError("probe_timeout_s", f"must exceed twice echo_tick_s "
                              f"({2 * self.echo_tick_s:g} s): a responder answers within one "
@@ -116,6 +118,7 @@ class AgentSettings:
         for name, gbps in self.nic_speed_gbps.items():
             if not gbps > 0:
                 raise InputError(f"nic_speed_gbps.{name}", f"must be > 0, got {gbps!r}")
+        return self
 
     @property
     def address(self) -> str:

@@ -12,7 +12,9 @@ decision reads it without building anything per request.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -44,12 +46,30 @@ class InstanceInfo:
     source: str = "topology"  # topology | registered
     updated_ts: float = 0.0
     scrape_error: str | None = None
+    expires_ts: float | None = None  # registered instances expire unless refreshed
+
+
+class RegistryFullError(InputError):
+    """The cap on registered instances is reached (answered 429)."""
 
 
 class InstanceRegistry:
-    """Instances by name plus per-decoder load arrays (running, waiting, kv_use)."""
+    """Instances by name plus per-decoder load arrays (running, waiting, kv_use).
 
-    def __init__(self, topology: Topology, capacity_tokens: float = 500_000.0) -> None:
+    Topology instances stay for the life of the process. Instances registered at run time
+    are bounded (``max_registered``), expire ``ttl_s`` after their last registration or
+    refresh, and can be removed; removing a decoder compacts the arrays (indices shift).
+    """
+
+    def __init__(self, topology: Topology, capacity_tokens: float = 500_000.0, *,
+                 max_registered: int = 256, ttl_s: float = 60.0,
+                 clock: Callable[[], float] = time.time,
+                 scrape_allow: Collection[str] = ()) -> None:
+        self.scrape_allow = frozenset(scrape_allow)
+        self.max_registered = max_registered
+        self.ttl_s = ttl_s
+        self.clock = clock
+        self.registered = 0
         self.topology = topology
         self.by_name: dict[str, InstanceInfo] = {}
         self.decoders: list[InstanceInfo] = []
@@ -90,23 +110,89 @@ class InstanceRegistry:
                  metrics_url: str | None) -> InstanceInfo:
         """Add an instance on a known host, or refresh a known one's load and scrape URL."""
         info = self.by_name.get(name)
+        if metrics_url is not None:
+            where = info.host if info is not None else host
+            if where is not None and where in self.topology.host_index:
+                self.check_metrics_url(self.topology.host_id(where), metrics_url)
         if info is None:
             if role is None or host is None:
                 raise InputError("body.role" if role is None else "body.host",
                                  f"required to register the new instance {name!r}")
             if host not in self.topology.host_index:
                 raise InputError("body.host", f"unknown host {host!r} (not in the topology)")
+            if self.registered >= self.max_registered:
+                raise RegistryFullError("body.name", f"{self.max_registered} instances are "
+                                        "registered already (the cap); remove or let expire")
             info = self._add(name, role, host, source="registered")
+            self.registered += 1
         else:
             if role is not None and role != info.role:
                 raise InputError("body.role", f"{name!r} is a {info.role} instance")
             if host is not None and host != info.host:
                 raise InputError("body.host", f"{name!r} is on host {info.host!r}")
+        if info.source == "registered":
+            info.expires_ts = self.clock() + self.ttl_s
         if metrics_url is not None:
             info.metrics_url = metrics_url
         if load is not None:
             self.set_load(info, load)
         return info
+
+    def check_metrics_url(self, host_index: int, url: str) -> None:
+        """A scrape may only go to the instance's own host (its name or topology address)
+        or to an allow-listed host: the scheduler must not fetch arbitrary URLs for anyone
+        who can register (a server-side request forgery)."""
+        try:
+            parts = urlsplit(url)
+            hostname = parts.hostname
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError:
+            raise InputError("body.metrics_url", "not a valid URL") from None
+        if parts.scheme not in ("http", "https") or not hostname:
+            raise InputError("body.metrics_url", "must be an http(s) URL with a host")
+        if parts.username or parts.password:
+            raise InputError("body.metrics_url", "must not carry credentials")
+        host = self.topology.hosts[host_index]
+        own = {host.name.lower()} | ({host.address.lower()} if host.address else set())
+        if hostname.lower() not in own and hostname.lower() not in self.scrape_allow:
+            raise InputError("body.metrics_url", f"host {hostname[:64]!r} is not the "
+                             f"instance's host ({', '.join(sorted(own))}) nor allow-listed "
+                             "(scheduler.scrape_allow)")
+
+    def expired(self, now: float | None = None) -> list[str]:
+        """Registered instances past their expiry."""
+        now = self.clock() if now is None else now
+        return [i.name for i in self.by_name.values()
+                if i.expires_ts is not None and i.expires_ts <= now]
+
+    def remove(self, names: Collection[str]) -> IntArray | None:
+        """Drop registered instances. Returns, when decoders went, the map from old decoder
+        index to new (-1: removed); None when the decoder set is unchanged."""
+        gone = {n for n in names if n in self.by_name}
+        for name in gone:
+            if self.by_name[name].source != "registered":
+                raise InputError("name", f"{name!r} comes from the topology file; only "
+                                 "registered instances can be removed")
+        if not gone:
+            return None
+        for name in gone:
+            del self.by_name[name]
+            self.registered -= 1
+        self.prefills = [p for p in self.prefills if p.name not in gone]
+        for i, p in enumerate(self.prefills):
+            p.index = i
+        keep = np.array([d.name not in gone for d in self.decoders], dtype=bool)
+        if keep.all():
+            return None
+        mapping = np.full(len(self.decoders), -1, dtype=np.int64)
+        mapping[keep] = np.arange(int(keep.sum()))
+        self.decoders = [d for d in self.decoders if d.name not in gone]
+        for i, d in enumerate(self.decoders):
+            d.index = i
+        for name in ("decode_host", "running", "waiting", "kv_use", "capacity_tokens"):
+            setattr(self, name, getattr(self, name)[keep])
+        self.version += 1
+        return mapping
 
     def set_load(self, info: InstanceInfo, load: Load, now: float | None = None) -> None:
         info.updated_ts = time.time() if now is None else now

@@ -56,6 +56,24 @@ class Reservations(Generic[B]):
         if extra > 0:
             self.pending = np.concatenate([self.pending, np.zeros(extra, dtype=np.int64)])
 
+    def remap(self, mapping: IntArray) -> list[B]:
+        """Follow a compaction of the decoder set (``mapping[old] = new``, -1: removed);
+        bookings of removed decoders end. Returns their transfers to hand back."""
+        done: list[B] = []
+        pending = np.zeros(int((mapping >= 0).sum()), dtype=np.int64)
+        for request_id, res in list(self.open.items()):
+            new = int(mapping[res.decode]) if res.decode < len(mapping) else -1
+            if new < 0:
+                del self.open[request_id]
+                if res.transfer is not None:
+                    done.append(res.transfer)
+                    res.transfer = None
+                continue
+            res.decode = new
+            pending[new] += 1
+        self.pending = pending
+        return done
+
     def book(self, request_id: str, decode: int, transfer_s: float,
              transfer: B | None) -> tuple[Reservation[B], Reservation[B] | None]:
         """Book ``decode`` for ``request_id``. Re-booking an open id replaces it (a retried

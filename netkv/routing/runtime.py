@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 
-from netkv.routing.scrape import scrape_forever
+from netkv.routing.scrape import MAX_SCRAPE_BYTES, scrape_forever
 from netkv.routing.selector import Selector
 from netkv.supervisor import Supervisor
 
@@ -23,9 +23,9 @@ async def sweep_forever(selector: Selector, every_s: float = 1.0) -> None:
 
 
 def spawn_routing(supervisor: Supervisor, selector: Selector, *, scrape_interval_s: float,
-                  scrape_timeout_s: float) -> None:
+                  scrape_timeout_s: float, max_scrape_bytes: int = MAX_SCRAPE_BYTES) -> None:
     """Start the feed, the load scraper and the sweeper of ``selector`` under ``supervisor``."""
     selector.feed.spawn(supervisor)
-    supervisor.spawn(scrape_forever(selector.registry, scrape_interval_s, scrape_timeout_s),
-                     name="load-scraper")
+    supervisor.spawn(scrape_forever(selector.registry, scrape_interval_s, scrape_timeout_s,
+                                    max_scrape_bytes), name="load-scraper")
     supervisor.spawn(sweep_forever(selector), name="reservation-sweeper")

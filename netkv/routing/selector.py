@@ -46,8 +46,9 @@ class SelectorConfig:
 
     ``policy`` is the default policy; ``policy_params`` maps policy name -> its parameters;
     ``capacity_tokens`` is a decoder's KV memory until it reports one; ``prefix_blocks``
-    bounds the prefix index; ``bytes_per_token`` is the KV size a transfer moves per prompt
-    token; an open booking expires after ``reservation_ttl_s``.
+    bounds the prefix index (which is also never larger than the blocks the decoders' KV
+    memory can hold: more could not be resident anyway); ``bytes_per_token`` is the KV size
+    a transfer moves per prompt token; an open booking expires after ``reservation_ttl_s``.
     """
 
     bytes_per_token: float
@@ -56,6 +57,9 @@ class SelectorConfig:
     capacity_tokens: float = 500_000.0
     prefix_blocks: int = 200_000
     reservation_ttl_s: float = 60.0
+    max_registered: int = 256
+    registration_ttl_s: float = 60.0
+    scrape_allow: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,12 +84,16 @@ class Selector:
         self.topology = topology
         self.feed = feed
         self.clock = clock
-        self.registry = InstanceRegistry(topology, settings.capacity_tokens)
+        self.registry = InstanceRegistry(topology, settings.capacity_tokens,
+                                         max_registered=settings.max_registered,
+                                         ttl_s=settings.registration_ttl_s, clock=clock,
+                                         scrape_allow=settings.scrape_allow)
         if not self.registry.decoders:
             raise InputError("topology", "no decode instances in the topology")
         self.reservations: Reservations[Booking] = Reservations(
             len(self.registry.decoders), settings.reservation_ttl_s, clock)
-        self.prefixes = PrefixIndex(settings.prefix_blocks)
+        resident = len(self.registry.decoders) * settings.capacity_tokens / BLOCK_TOKENS
+        self.prefixes = PrefixIndex(min(settings.prefix_blocks, max(1024, int(resident))))
         self.bytes_per_token = settings.bytes_per_token
         self.bookings = Bookings(topology)
         self.engines: dict[str, DecisionEngine] = {}
@@ -101,6 +109,7 @@ class Selector:
             raise InputError("scheduler.policy", f"unknown policy {settings.policy!r}; "
                              f"known: {', '.join(self.engines)}")
         self._swept_at = -1.0
+        self._expiry_check_at = -1.0
 
     @property
     def policies(self) -> tuple[str, ...]:
@@ -115,6 +124,21 @@ class Selector:
         self._swept_at = now
         for booking in self.reservations.sweep(now):
             self.bookings.release(booking)
+        if now >= self._expiry_check_at:  # at most once a second
+            self._expiry_check_at = now + 1.0
+            expired = self.registry.expired(now)
+            if expired:
+                self.remove(expired)
+
+    def remove(self, names: list[str]) -> list[str]:
+        """Remove registered instances (their bookings end); returns the names removed."""
+        known = [n for n in names if n in self.registry.by_name]
+        mapping = self.registry.remove(known)
+        if mapping is not None:
+            for booking in self.reservations.remap(mapping):
+                self.bookings.release(booking)
+            self.prefixes.clear()
+        return known
 
     def candidates(self) -> CandidateView:
         reg = self.registry
@@ -195,28 +219,6 @@ class Selector:
         info = self.registry.register(body.name, body.role, body.host, load, body.metrics_url)
         self.reservations.resize(len(self.registry.decoders))
         return info
-
-    def describe(self) -> dict[str, Any]:
-        """The ``GET /v1/instances`` answer."""
-        self.sweep()
-        out: list[dict[str, Any]] = []
-        for info in self.registry.by_name.values():
-            entry: dict[str, Any] = {"name": info.name, "role": info.role, "host": info.host,
-                                     "source": info.source}
-            if info.role == "decode":
-                load = self.registry.load_of(info)
-                entry.update(running=load.running, waiting=load.waiting, kv_use=load.kv_use,
-                             capacity_tokens=load.capacity_tokens,
-                             reservations=int(self.reservations.pending[info.index]))
-            if info.metrics_url:
-                entry.update(metrics_url=info.metrics_url, scrape_error=info.scrape_error)
-            if info.updated_ts:
-                entry["load_age_s"] = round(max(self.clock() - info.updated_ts, 0.0), 3)
-            out.append(entry)
-        return {"instances": out, "open_reservations": len(self.reservations.open),
-                "transfers_in_flight": self.bookings.active,
-                "expired_total": self.reservations.expired_total,
-                "released_total": self.reservations.released_total}
 
 
 def _given(value: float | None, current: float) -> float:

@@ -24,6 +24,7 @@ from typing import Any
 import aiohttp
 import structlog
 import yaml
+from netkv_agent.settings import AgentSettings
 
 from netkv.localservers import MosquittoServer, RedisServer, wait_for_port
 from netkv.testbed.fabric import CONTROL_ADDRESS, UPLINK, FabricPlan
@@ -46,6 +47,14 @@ class Tuning:
     probe_interval_leaf_s: float = 0.2
     probe_interval_pod_s: float = 0.3
     probe_interval_core_s: float = 0.3
+
+    @classmethod
+    def agent_defaults(cls) -> Tuning:
+        """The agent's own default cadences (what a deployment runs with), for measuring
+        how fast a fault is seen "at the default probe and counter intervals"."""
+        a = AgentSettings(agent_id="defaults")
+        return cls(a.counter_interval_s, a.publish_interval_s, a.probe_interval_leaf_s,
+                   a.probe_interval_pod_s, a.probe_interval_core_s)
 
 
 class ControlPlane:
@@ -81,7 +90,9 @@ class ControlPlane:
         config = self.shared_config() | {
             "oracle": {"http_host": CONTROL_ADDRESS, "http_port": ORACLE_PORT,
                        "sample_interval_s": self.tuning.publish_interval_s * 2},
+            # The namespaces' private control network this testbed made (198.18.0.0/15).
             "scheduler": {"host": CONTROL_ADDRESS, "port": SCHEDULER_PORT,
+                          "allow_unauthenticated": True,
                           "kv_bytes_per_token": self.bytes_per_token},
         }
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))

@@ -5,7 +5,7 @@
   estimate per destination (one source, many destinations: what a decision needs).
 * ``GET /v1/map`` -> the map: per link utilisation, capacity, available bandwidth, queueing,
   age and confidence; per host liveness; the number of probed pairs. ``?format=msgpack``
-  returns the versioned snapshot bytes (:meth:`CongestionMap.to_snapshot`).
+  returns the versioned snapshot bytes (:func:`netkv.contracts.snapshot.encode_snapshot`).
 * ``GET /healthz`` (the loops made progress recently), ``GET /readyz`` (a map is being
   served), ``GET /metrics`` (Prometheus).
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,9 +27,12 @@ import numpy as np
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from netkv.contracts.snapshot import encode_snapshot
 from netkv.core.congestion import CongestionMap
-from netkv.core.oracle import CostEstimate
+from netkv.core.costmodel import CostEstimate
 from netkv.errors import InputError
+from netkv.http.middlewares import middlewares
+from netkv_oracle import view
 from netkv_oracle.metrics import OracleMetrics
 
 MAX_DSTS = 100_000
@@ -57,21 +60,6 @@ def _json(body: Any, status: int = 200) -> web.Response:
 
 def _error(status: int, field: str, message: str) -> web.Response:
     return _json({"error": message, "field": field}, status)
-
-
-@web.middleware
-async def errors(request: web.Request,
-                 handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
-                 ) -> web.StreamResponse:
-    """Bad input -> 400 naming the field; unknown routes/methods -> JSON 404/405."""
-    try:
-        return await handler(request)
-    except InputError as exc:
-        return _error(400, exc.where, exc.message)
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        return _error(exc.status, "", exc.reason)
 
 
 def _map(request: web.Request) -> CongestionMap:
@@ -166,7 +154,7 @@ async def map_view(request: web.Request) -> web.StreamResponse:
     cmap = _map(request)
     fmt = request.query.get("format", "json")
     if fmt == "msgpack":
-        return web.Response(body=cmap.to_snapshot(cmap.version, cmap.created_ts),
+        return web.Response(body=encode_snapshot(cmap, cmap.version, cmap.created_ts),
                             content_type="application/msgpack")
     if fmt != "json":
         raise InputError("format", "expected json or msgpack")
@@ -209,7 +197,10 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def build_app(state: ApiState) -> web.Application:
-    app = web.Application(middlewares=[errors], client_max_size=MAX_BODY)
+    # The shared HTTP edge (netkv.http): JSON errors for every status, JSON-only bodies (415),
+    # body limits; the oracle's API has no mutating endpoint, so no token.
+    app = web.Application(middlewares=middlewares(token=None, max_body_bytes=MAX_BODY),
+                          client_max_size=MAX_BODY)
     app[STATE] = state
     app.router.add_get("/v1/cost", cost)
     app.router.add_post("/v1/costs", costs)
@@ -217,4 +208,5 @@ def build_app(state: ApiState) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    view.add_routes(app, state.current_map)  # the live congestion view (view.py)
     return app

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from typing import Annotated, ClassVar
 
-from netkv.config import MqttSettings, RedisSettings
+from pydantic import Field, model_validator
+
+from netkv.config import MqttSettings, Port, RedisSettings, ServiceSettings
 from netkv.errors import InputError
-from netkv.fields import bound
+
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
-@dataclass(frozen=True, slots=True)
-class OracleSettings:
+class OracleSettings(ServiceSettings):
     """Where to read samples, how fast measurements age, where to serve.
 
     ``sample_interval_s`` is the agents' publish interval: a link not refreshed for
@@ -19,30 +21,33 @@ class OracleSettings:
     every ``republish_s`` so that consumers see the map age).
     """
 
+    SECTION: ClassVar[str] = "oracle"
     redis: RedisSettings = RedisSettings()
     mqtt: MqttSettings = MqttSettings()
     topology: str | None = None  # topology file; the built-in fat-tree when absent
     cluster: bool = False  # redis.url points at a Redis Cluster node
     http_host: str = "127.0.0.1"
-    http_port: int = field(default=8081, metadata=bound(ge=0, le=65535))
+    http_port: Port = 8081
     oracle_id: str | None = None  # consumer and leader name; host-pid when absent
-    sample_interval_s: float = field(default=1.0, metadata=bound(gt=0))
-    stale_intervals: float = field(default=3.0, metadata=bound(gt=1))
-    publish_interval_s: float = field(default=0.05, metadata=bound(gt=0))
-    republish_s: float = field(default=1.0, metadata=bound(gt=0))
-    read_count: int = field(default=512, metadata=bound(ge=1))
-    read_block_ms: int = field(default=100, metadata=bound(ge=1))
-    discover_interval_s: float = field(default=1.0, metadata=bound(gt=0))
-    claim_idle_s: float = field(default=5.0, metadata=bound(gt=0))
-    leader_ttl_s: float = field(default=3.0, metadata=bound(gt=0))
-    min_share: float = field(default=0.1, metadata=bound(gt=0, le=1))
+    sample_interval_s: Positive = 1.0
+    stale_intervals: float = Field(default=3.0, gt=1, allow_inf_nan=False)
+    publish_interval_s: Positive = 0.05
+    republish_s: Positive = 1.0
+    read_count: int = Field(default=512, ge=1)
+    read_block_ms: int = Field(default=100, ge=1)
+    discover_interval_s: Positive = 1.0
+    claim_idle_s: Positive = 5.0
+    leader_ttl_s: Positive = 3.0
+    min_share: float = Field(default=0.1, gt=0, le=1)
     tomography: bool = True  # localise RTT inflation to unmeasured shared links
     require_registered_nics: bool = False  # reject NIC names absent from the registry
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _leader_outlives_publishing(self) -> OracleSettings:
         if self.leader_ttl_s <= 2 * self.publish_interval_s:
             raise InputError("leader_ttl_s", f"must exceed twice publish_interval_s "
                              f"({self.publish_interval_s}), got {self.leader_ttl_s}")
+        return self
 
     @property
     def fresh_s(self) -> float:

@@ -7,16 +7,15 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 import aiomqtt
 
 from netkv.config import MqttSettings, RedisSettings
-from netkv.telemetry.names import MqttTopics, RedisKeys
-from netkv.telemetry.samples import NicSample, RttSample, Sample
-from netkv.telemetry.wire import Batch, encode_batch
+from netkv.contracts.names import MqttTopics, RedisKeys
+from netkv.contracts.samples import NicSample, RttSample, Sample
+from netkv.contracts.wire import Batch, encode_batch
 from netkv_oracle.settings import OracleSettings
 
 KEYS = RedisKeys()
@@ -37,7 +36,7 @@ def nic(host: str, tx: float, rx: float = 0.0, ts: float | None = None,
         name: str = "eth0") -> NicSample:
     return NicSample(reporter=host, nic=name, ts=ts or time.time(), window_s=0.2,
                      tx_bytes_s=tx, rx_bytes_s=rx, tx_packets_s=1.0, rx_packets_s=1.0,
-                     drops_s=0.0, errors_s=0.0, speed_bytes_s=0.0)
+                     drops_s=0.0, errors_s=0.0, capacity_bps=0.0, oper_up=True)
 
 
 def rtt(host: str, peer: str, srtt: float = 1e-4, ts: float | None = None) -> RttSample:
@@ -59,21 +58,6 @@ async def xadd(redis: Any, agent: str, payload: bytes | dict[str, bytes]) -> Non
     await redis.xadd(KEYS.samples_stream(agent), fields, maxlen=1000, approximate=True)
 
 
-async def until(predicate: Callable[[], Any], timeout_s: float = 5.0,
-                step_s: float = 0.05) -> Any:
-    """Poll ``predicate`` (sync or async) until truthy; fail after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout_s} s")
-        await asyncio.sleep(step_s)
-
-
 async def get_json(port: int, path: str, **params: str) -> tuple[int, Any]:
     async with aiohttp.ClientSession() as s, \
             s.get(f"http://127.0.0.1:{port}{path}", params=params) as r:
@@ -83,7 +67,8 @@ async def get_json(port: int, path: str, **params: str) -> tuple[int, Any]:
 async def post_json(port: int, path: str, body: Any) -> tuple[int, Any]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     async with aiohttp.ClientSession() as s, \
-            s.post(f"http://127.0.0.1:{port}{path}", data=data) as r:
+            s.post(f"http://127.0.0.1:{port}{path}", data=data,
+                   headers={"Content-Type": "application/json"}) as r:
         return r.status, await r.json(content_type=None)
 
 

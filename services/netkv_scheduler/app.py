@@ -1,32 +1,36 @@
 """The scheduler's aiohttp application: decode selection over HTTP.
 
-Endpoints (see :mod:`netkv_scheduler.openapi` for the schemas): ``POST /v1/select``,
-``POST /v1/release``, ``GET``/``POST /v1/instances``, ``GET /healthz``, ``GET /readyz``,
-``GET /metrics``, ``GET /openapi.json``. Bodies are validated by checkers compiled from the
-OpenAPI document; bad input gets a 4xx JSON error naming the field and is counted in
-``netkv_bad_requests_total{field}``. The decisions themselves are :mod:`netkv.routing`'s; the
-map consumer, the load scraper and the reservation sweeper run under the app's
-:class:`~netkv.supervisor.Supervisor`, and a dead one makes ``/readyz`` degraded.
+Endpoints: ``POST /v1/select``, ``POST /v1/release``, ``GET``/``POST``/``DELETE
+/v1/instances``, ``GET /healthz``, ``GET /readyz``, ``GET /metrics``, ``GET /openapi.json``.
+Bodies decode straight into their msgspec Structs (:mod:`netkv.routing.requests`, answers in
+:mod:`netkv_scheduler.schema`); the OpenAPI document is generated from them. Auth, JSON-only,
+body limits and JSON errors are the shared middlewares of :mod:`netkv.http`; bad input gets a
+4xx JSON error naming the field and is counted in ``netkv_bad_requests_total{field}``. The
+decisions are :mod:`netkv.routing`'s; the map consumer, the load scraper and the reservation
+sweeper run under the app's :class:`~netkv.supervisor.Supervisor`, and a dead one makes
+``/readyz`` degraded.
 """
 
 from __future__ import annotations
 
-import hmac
-import json
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Collection, Iterable
 
+import msgspec
 import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 from netkv.core.topology import Topology
 from netkv.core.topology_file import load_topology
 from netkv.errors import InputError
+from netkv.http.bodies import encode, json_response, peer_gone, read_body
+from netkv.http.middlewares import error_response, middlewares
+from netkv.http.openapi import JSON, Operation, document
 from netkv.routing import (
-    Choice,
     InstanceReport,
     MapFeed,
     ReleaseRequest,
@@ -34,28 +38,38 @@ from netkv.routing import (
     SelectRequest,
     spawn_routing,
 )
+from netkv.routing.instances import RegistryFullError
 from netkv.supervisor import Supervisor
-from netkv_scheduler import openapi
+from netkv_scheduler import decisions
+from netkv_scheduler.schema import (
+    Breakdown,
+    HealthResponse,
+    InstanceEntry,
+    InstancesResponse,
+    ReadyResponse,
+    RegisterResponse,
+    ReleaseResponse,
+    RemoveResponse,
+    SelectResponse,
+)
 from netkv_scheduler.settings import SchedulerSettings
 
 log = structlog.get_logger(__name__)
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 SETTINGS = web.AppKey("settings", SchedulerSettings)
 SELECTOR = web.AppKey("selector", Selector)
 FEED = web.AppKey("feed", MapFeed)
 SUPERVISOR = web.AppKey("supervisor", Supervisor)
-CHECKERS = web.AppKey("checkers", dict[str, openapi.Checker])
 DOCUMENT = web.AppKey("document", bytes)
 
 _INDEX = re.compile(r"\[\d+\]")
+BODIES: tuple[type[msgspec.Struct], ...] = (SelectRequest, ReleaseRequest, InstanceReport)
 
 
 class Metrics:
     """The service's Prometheus metrics, in a registry of its own (one per app)."""
 
-    def __init__(self, policies: tuple[str, ...], fields: set[str], feed: MapFeed) -> None:
+    def __init__(self, policies: tuple[str, ...], feed: MapFeed, selector: Selector) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.decision = Histogram(
@@ -75,7 +89,7 @@ class Metrics:
                              for p in policies for t in range(4) for m in ("map", "prior")}
         self.bad = Counter("netkv_bad_requests_total", "rejected requests by field",
                            ["field"], registry=r)
-        self.fields = fields
+        self.fields = _field_labels()
         self.releases = Counter("netkv_releases_total", "releases by outcome", ["found"],
                                 registry=r)
         Gauge("netkv_map_age_seconds", "age of the congestion map in use (-1: none)",
@@ -92,144 +106,154 @@ class Metrics:
             .set_function(lambda: float(bool(feed.redis_ok)))
         Gauge("netkv_map_rejected", "map snapshots/announcements rejected", registry=r) \
             .set_function(lambda: float(feed.rejected_total))
+        r.register(_FeedErrors(feed))
+        Gauge("netkv_prefix_blocks", "blocks in the prefix index (bounded)", registry=r) \
+            .set_function(lambda: float(len(selector.prefixes)))
+        Gauge("netkv_open_reservations", "open bookings", registry=r) \
+            .set_function(lambda: float(len(selector.reservations.open)))
+        Gauge("netkv_instances", "instances known (topology and registered)", registry=r) \
+            .set_function(lambda: float(len(selector.registry.by_name)))
 
     def bad_request(self, where: str) -> None:
         label = _INDEX.sub("[]", where)
         self.bad.labels(label if label in self.fields else "other").inc()
 
 
+class _FeedErrors(Collector):
+    """``netkv_map_feed_errors_total{reason}``: every kind of map-feed failure, counted."""
+
+    def __init__(self, feed: MapFeed) -> None:
+        self.feed = feed
+
+    def collect(self) -> Iterable[Metric]:
+        family = CounterMetricFamily("netkv_map_feed_errors", "map feed failures by reason",
+                                     labels=["reason"])
+        for reason, count in sorted(self.feed.errors_by_reason.items()):
+            family.add_metric([reason], count)
+        yield family
+
+
 METRICS = web.AppKey("metrics", Metrics)
 
 
-def _field_labels(schemas: dict[str, openapi.JSON]) -> set[str]:
-    labels = {"body", "auth", "other"}
-
-    def walk(schema: openapi.JSON, where: str) -> None:
-        labels.add(where)
-        for key, sub in schema.get("properties", {}).items():
-            walk(sub, f"{where}.{key}")
-        if "items" in schema:
-            walk(schema["items"], f"{where}[]")
-    for schema in schemas.values():
-        walk(schema, "body")
+def _field_labels() -> set[str]:
+    """Every field a rejection may name (a bounded label set: unknown names are "other")."""
+    labels = {"body", "auth", "other", "path", "method", "content-type",
+              "body.block_hashes[]"}
+    for struct in BODIES:
+        labels |= {f"body.{name}" for name in struct.__struct_fields__}
     return labels
 
 
-# -- helpers --------------------------------------------------------------------------------
-def _json(data: Any, status: int = 200) -> web.Response:
-    return web.Response(body=json.dumps(data, separators=(",", ":")).encode(), status=status,
-                        content_type="application/json")
-
-
-def _error(app: web.Application, where: str, message: str, status: int = 400) -> web.Response:
-    app[METRICS].bad_request(where)
-    return _json({"error": f"{where}: {message}", "field": where}, status)
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not valid JSON")
-
-
-async def _body(request: web.Request, operation: str) -> Any:
-    """Read, parse and validate a body; raises InputError / web.HTTPException subclasses."""
-    app = request.app
-    token = app[SETTINGS].token
-    if token is not None:
-        given = request.headers.get("Authorization", "")
-        if not (given.startswith("Bearer ")
-                and hmac.compare_digest(given[7:].encode(), token.encode())):
-            raise _UnauthorizedError
-    try:
-        raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise _TooLargeError("body", f"larger than {app[SETTINGS].max_body_bytes} bytes") \
-            from None
-    try:
-        data = json.loads(raw, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as exc:
-        raise InputError("body", f"not valid JSON: {str(exc)[:120]}") from None
-    return app[CHECKERS][operation](data, "body")
-
-
-class _UnauthorizedError(Exception):
-    pass
-
-
-class _TooLargeError(InputError):
-    pass
-
-
-def _status_of(exc: InputError) -> int:
-    return 413 if isinstance(exc, _TooLargeError) else 400
-
-
 # -- handlers -------------------------------------------------------------------------------
-def _guarded(operation: str, inner: Callable[[web.Request, Any], web.Response]) -> Handler:
-    async def handler(request: web.Request) -> web.StreamResponse:
-        try:
-            body = await _body(request, operation)
-            return inner(request, body)
-        except InputError as exc:
-            return _error(request.app, exc.where, exc.message, _status_of(exc))
-        except _UnauthorizedError:
-            request.app[METRICS].bad_request("auth")
-            resp = _json({"error": "missing or wrong bearer token", "field": "auth"}, 401)
-            resp.headers["WWW-Authenticate"] = "Bearer"
-            return resp
-    return handler
+def check_select(body: SelectRequest, max_block_hashes: int,
+                 policies: Collection[str]) -> SelectRequest:
+    """The checks that depend on settings (the Struct holds the fixed bounds)."""
+    if len(body.block_hashes) > max_block_hashes:
+        raise InputError("body.block_hashes", f"at most {max_block_hashes} items, "
+                         f"got {len(body.block_hashes)}")
+    if body.policy is not None and body.policy not in policies:
+        raise InputError("body.policy", f"must be one of {', '.join(policies)}, "
+                         f"got {body.policy[:64]!r}")
+    return body
 
 
-def _select(request: web.Request, body: Any) -> web.Response:
+async def _select(request: web.Request) -> web.Response:
     app = request.app
-    choice: Choice = app[SELECTOR].select(SelectRequest(
-        request_id=body["request_id"], prefill=body["prefill"],
-        prompt_tokens=body["prompt_tokens"], output_tokens=body["output_tokens"],
-        block_hashes=tuple(body.get("block_hashes", ())), policy=body.get("policy"),
-        reserve=body["reserve"]))
+    s = app[SETTINGS]
+    body = check_select(await read_body(request, SelectRequest, timeout_s=s.body_timeout_s),
+                        s.max_block_hashes, app[SELECTOR].engines)
+    choice = app[SELECTOR].select(body)
     d = choice.decision
     metrics = app[METRICS]
+    if choice.reserved and peer_gone(request):
+        # The client gave up before its answer (e.g. it timed out during a stall): its
+        # booking would count as invisible load until it expired.
+        app[SELECTOR].release(body.request_id)
+        metrics.releases.labels("client_gone").inc()
     metrics.decision_by_policy[choice.policy].observe(choice.duration_s)
     metrics.transfer_by_tier[d.tier].observe(d.transfer_s)
-    metrics.decisions_by[choice.policy, d.tier, "prior" if choice.view.stale else "map"].inc()
     view = choice.view
-    return _json({
-        "request_id": body["request_id"],
-        "decode": choice.decoder.name,
-        "decode_host": choice.decoder.host,
-        "prefill": choice.prefill.name,
-        "predicted_ttft_ms": round(d.ttft_s * 1e3, 4),
-        "breakdown": {"queue_ms": round(d.queue_s * 1e3, 4),
-                      "transfer_ms": round(d.transfer_s * 1e3, 4),
-                      "first_token_ms": round(d.first_token_s * 1e3, 4)},
-        "tier": d.tier,
-        "kv_bytes": d.transfer_bytes,
-        "map_version": view.version,
-        "map_age_ms": None if view.age_s is None else round(view.age_s * 1e3, 1),
-        "map_stale": view.stale,
-        "policy": choice.policy,
-        "reserved": choice.reserved,
-    })
+    metrics.decisions_by[choice.policy, d.tier, "prior" if view.stale else "map"].inc()
+    return json_response(SelectResponse(
+        request_id=body.request_id, decode=choice.decoder.name,
+        decode_host=choice.decoder.host, prefill=choice.prefill.name,
+        predicted_ttft_ms=round(d.ttft_s * 1e3, 4),
+        breakdown=Breakdown(queue_ms=round(d.queue_s * 1e3, 4),
+                            transfer_ms=round(d.transfer_s * 1e3, 4),
+                            first_token_ms=round(d.first_token_s * 1e3, 4)),
+        tier=d.tier, kv_bytes=d.transfer_bytes, map_version=view.version,
+        map_age_ms=None if view.age_s is None else round(view.age_s * 1e3, 1),
+        map_stale=view.stale, policy=choice.policy, reserved=choice.reserved))
 
 
-def _release(request: web.Request, body: Any) -> web.Response:
-    decoder = request.app[SELECTOR].release(ReleaseRequest(**body).request_id)
+async def _release(request: web.Request) -> web.Response:
+    body = await read_body(request, ReleaseRequest,
+                           timeout_s=request.app[SETTINGS].body_timeout_s)
+    decoder = request.app[SELECTOR].release(body.request_id)
     request.app[METRICS].releases.labels(str(decoder is not None).lower()).inc()
-    return _json({"request_id": body["request_id"], "released": decoder is not None,
-                  "decode": None if decoder is None else decoder.name})
+    return json_response(ReleaseResponse(request_id=body.request_id,
+                                         released=decoder is not None,
+                                         decode=None if decoder is None else decoder.name))
 
 
-def _register(request: web.Request, body: Any) -> web.Response:
-    info = request.app[SELECTOR].register(InstanceReport(**body))
-    return _json({"name": info.name, "role": info.role, "host": info.host,
-                  "source": info.source})
+async def _register(request: web.Request) -> web.Response:
+    body = await read_body(request, InstanceReport,
+                           timeout_s=request.app[SETTINGS].body_timeout_s)
+    selector = request.app[SELECTOR]
+    try:
+        info = selector.register(body)
+    except RegistryFullError as exc:
+        request.app[METRICS].bad_request(exc.where)
+        return error_response(429, exc.where, exc.message)
+    expires = None if info.expires_ts is None else round(info.expires_ts - selector.clock(), 3)
+    return json_response(RegisterResponse(name=info.name, role=info.role, host=info.host,
+                                          source=info.source, expires_in_s=expires))
+
+
+async def _remove(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    try:
+        removed = request.app[SELECTOR].remove([name])
+    except InputError as exc:
+        raise InputError("name", exc.message) from None
+    return json_response(RemoveResponse(name=name, removed=bool(removed)))
+
+
+def _describe(selector: Selector) -> InstancesResponse:
+    selector.sweep()
+    reg, now = selector.registry, selector.clock()
+    out: list[InstanceEntry] = []
+    for info in reg.by_name.values():
+        entry = InstanceEntry(name=info.name, role=info.role, host=info.host,
+                              source=info.source)
+        if info.role == "decode":
+            load = reg.load_of(info)
+            entry.running, entry.waiting, entry.kv_use = load.running, load.waiting, \
+                load.kv_use
+            entry.capacity_tokens = load.capacity_tokens
+            entry.reservations = int(selector.reservations.pending[info.index])
+        if info.metrics_url:
+            entry.scraped = True
+            entry.scrape_error = info.scrape_error
+        if info.updated_ts:
+            entry.load_age_s = round(max(now - info.updated_ts, 0.0), 3)
+        if info.expires_ts is not None:
+            entry.expires_in_s = round(max(info.expires_ts - now, 0.0), 3)
+        out.append(entry)
+    return InstancesResponse(
+        instances=out, open_reservations=len(selector.reservations.open),
+        transfers_in_flight=selector.bookings.active,
+        expired_total=selector.reservations.expired_total,
+        released_total=selector.reservations.released_total)
 
 
 async def _instances(request: web.Request) -> web.Response:
-    return _json(request.app[SELECTOR].describe())
+    return json_response(_describe(request.app[SELECTOR]))
 
 
 async def _healthz(request: web.Request) -> web.Response:
-    return _json({"status": "ok"})
+    return json_response(HealthResponse(status="ok"))
 
 
 async def _readyz(request: web.Request) -> web.Response:
@@ -239,10 +263,11 @@ async def _readyz(request: web.Request) -> web.Response:
                 for f in request.app[SUPERVISOR].failures]
     view = feed.view()
     status = "not ready" if not ready else ("degraded" if reasons else "ready")
-    return _json({"status": status, "reasons": reasons, "map_version": view.version,
-                  "map_age_s": view.age_s, "map_stale": view.stale,
-                  "mqtt_connected": feed.mqtt_connected, "redis_ok": feed.redis_ok},
-                 200 if ready else 503)
+    return json_response(ReadyResponse(
+        status=status, reasons=reasons, map_version=view.version, map_age_s=view.age_s,
+        map_stale=view.stale, mqtt_connected=feed.mqtt_connected, redis_ok=feed.redis_ok,
+        feed_alive=request.app[SUPERVISOR].healthy and not feed.loop_failures_recent(),
+        silent_agents=feed.silent_agents()), 200 if ready else 503)
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -254,12 +279,62 @@ async def _openapi(request: web.Request) -> web.Response:
     return web.Response(body=request.app[DOCUMENT], content_type="application/json")
 
 
+# -- the document ---------------------------------------------------------------------------
+MUTATING_ERRORS = (400, 408, 413, 415)
+
+
+def operations() -> list[Operation]:
+    return [
+        Operation("POST", "/v1/select", "select", "choose the decode instance for a "
+                  "request (and book it)", SelectRequest, SelectResponse, MUTATING_ERRORS,
+                  secured=True),
+        Operation("POST", "/v1/release", "release", "end a reservation (idempotent)",
+                  ReleaseRequest, ReleaseResponse, MUTATING_ERRORS, secured=True),
+        Operation("GET", "/v1/instances", "instances", "instances, load, bookings",
+                  response=InstancesResponse),
+        Operation("POST", "/v1/instances", "register", "register an instance or refresh "
+                  "its load", InstanceReport, RegisterResponse, (*MUTATING_ERRORS, 429),
+                  secured=True),
+        Operation("DELETE", "/v1/instances/{name}", "remove", "remove a registered "
+                  "instance (its bookings end)", response=RemoveResponse, errors=(400,),
+                  secured=True),
+        Operation("GET", "/healthz", "healthz", response=HealthResponse),
+        Operation("GET", "/readyz", "readyz", "ready (maybe degraded: see reasons)",
+                  response=ReadyResponse, responses={
+                      "503": {"description": "not ready: no congestion map yet"}}),
+        Operation("GET", "/metrics", "metrics", responses={"200": {
+            "description": "Prometheus text format",
+            "content": {"text/plain": {"schema": {"type": "string"}}}}}),
+    ]
+
+
+def openapi_document(policies: tuple[str, ...], auth: bool,
+                     max_block_hashes: int = 65536) -> JSON:
+    """The document; the policy names and the block-hash limit are known at run time."""
+    def patch(schemas: JSON) -> None:
+        props = schemas["SelectRequest"]["properties"]
+        props["block_hashes"]["maxItems"] = max_block_hashes
+        props["policy"] = {"type": "string", "enum": list(policies), "nullable": True,
+                           "default": None,
+                           "description": "a registered policy (default: the configured)"}
+    doc = document("NetKV scheduler", "Network-aware decode-instance selection.",
+                   operations(), auth=auth, patch=patch)
+    # Request bodies inline their schema (no $ref), so a client or a fuzzer can narrow it.
+    schemas = doc["components"]["schemas"]
+    for item in doc["paths"].values():
+        for op in item.values():
+            content = op.get("requestBody", {}).get("content", {}).get("application/json")
+            if content and "$ref" in content["schema"]:
+                content["schema"] = dict(schemas[content["schema"]["$ref"].rsplit("/", 1)[1]])
+    return doc
+
+
 # -- background tasks -----------------------------------------------------------------------
 async def _background(app: web.Application) -> AsyncIterator[None]:
     s = app[SETTINGS]
     async with app[SUPERVISOR] as supervisor:
         spawn_routing(supervisor, app[SELECTOR], scrape_interval_s=s.scrape_interval_s,
-                      scrape_timeout_s=s.scrape_timeout_s)
+                      scrape_timeout_s=s.scrape_timeout_s, max_scrape_bytes=s.max_scrape_bytes)
         yield
 
 
@@ -270,27 +345,28 @@ def create_app(settings: SchedulerSettings, topology: Topology | None = None,
     if feed is None:
         feed = MapFeed(topology, settings.redis, settings.mqtt, stale_s=settings.map_stale_s,
                        poll_s=settings.map_poll_s, redis_timeout_s=settings.redis_timeout_s,
-                       cache_s=settings.oracle_cache_s)
+                       cache_s=settings.oracle_cache_s, silent_s=settings.agent_silent_s)
     selector = Selector(settings.selector_config(), topology, feed)
-    policies = selector.policies
-    schemas = {"select": openapi.select_request(policies, settings.max_block_hashes),
-               "release": openapi.RELEASE_REQUEST, "register": openapi.INSTANCE_REQUEST}
-    app = web.Application(client_max_size=settings.max_body_bytes)
+    metrics = Metrics(selector.policies, feed, selector)
+    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=middlewares(
+        token=settings.token, max_body_bytes=settings.max_body_bytes,
+        on_bad=metrics.bad_request))
     app[SETTINGS] = settings
     app[FEED] = feed
     app[SELECTOR] = selector
     app[SUPERVISOR] = Supervisor("scheduler")
-    app[CHECKERS] = {name: openapi.compile_schema(s) for name, s in schemas.items()}
-    app[METRICS] = Metrics(policies, _field_labels(schemas), feed)
-    app[DOCUMENT] = json.dumps(openapi.document(policies, settings.max_block_hashes,
-                                                settings.token is not None)).encode()
-    app.router.add_post("/v1/select", _guarded("select", _select))
-    app.router.add_post("/v1/release", _guarded("release", _release))
-    app.router.add_post("/v1/instances", _guarded("register", _register))
+    app[METRICS] = metrics
+    app[DOCUMENT] = encode(openapi_document(selector.policies, settings.token is not None,
+                                            settings.max_block_hashes))
+    app.router.add_post("/v1/select", _select)
+    app.router.add_post("/v1/release", _release)
+    app.router.add_post("/v1/instances", _register)
     app.router.add_get("/v1/instances", _instances)
+    app.router.add_delete("/v1/instances/{name}", _remove)
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/openapi.json", _openapi)
+    decisions.install(app)  # GET /v1/decisions/recent, for the oracle's live view
     app.cleanup_ctx.append(_background)
     return app

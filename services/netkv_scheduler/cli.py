@@ -8,8 +8,7 @@ import json
 import signal
 import sys
 
-from aiohttp import web
-
+from netkv.http.server import serving
 from netkv.logs import configure_logging
 from netkv_scheduler.app import create_app
 from netkv_scheduler.settings import SchedulerSettings, add_arguments, settings_from_args
@@ -22,21 +21,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
 async def serve(settings: SchedulerSettings) -> None:
     """Serve until a stop signal; the app's cleanup context stops its tasks in order."""
     app = create_app(settings)
-    runner = web.AppRunner(app, access_log=None, shutdown_timeout=3.0)
-    await runner.setup()
-    try:
-        site = web.TCPSite(runner, settings.host, settings.port)
-        await site.start()
-        addresses = [f"http://{a[0]}:{a[1]}" for a in runner.addresses]
-        print(json.dumps({"event": "listening", "service": "scheduler", "urls": addresses}),
+    async with serving(app, settings.host, settings.port, settings.http_limits()) as served:
+        print(json.dumps({"event": "listening", "service": "scheduler", "urls": served.urls}),
               flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-    finally:
-        await runner.cleanup()
 
 
 def run(args: argparse.Namespace) -> int:

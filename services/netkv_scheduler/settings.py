@@ -1,24 +1,52 @@
 """Typed, frozen scheduler settings, loaded once from the ``scheduler`` config section.
 
-The shared ``redis``, ``mqtt`` and ``topology`` sections of the config file are merged in by
-:func:`netkv.config.load_settings`; ``NETKV_*`` variables and CLI flags override the file.
+pydantic-settings (:mod:`netkv.config`): the shared ``redis``, ``mqtt`` and ``topology``
+sections of the config file are merged in by :func:`netkv.config.load_settings`; ``NETKV_*``
+variables and CLI flags override the file.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import ipaddress
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar
 
-from netkv.config import MqttSettings, RedisSettings, load_settings
+from pydantic import Field, SecretStr, field_validator, model_validator
+
+from netkv.config import (
+    LogLevel,
+    MqttSettings,
+    Port,
+    RedisSettings,
+    ServiceSettings,
+    load_settings,
+)
 from netkv.core.kvsize import PRESETS
+from netkv.core.policies import policy_names
 from netkv.errors import InputError
-from netkv.fields import bound
+from netkv.http.server import HttpLimits
 from netkv.routing.selector import SelectorConfig
+
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+def is_loopback(host: str) -> bool:
+    """True for a loopback address or ``localhost`` (a name that resolves elsewhere is not)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _not_empty_token(value: SecretStr | None) -> SecretStr | None:
+    if value is not None and not value.get_secret_value():
+        raise ValueError("must not be empty (omit it to disable auth)")
+    return value
 
 
 def demo_topology_path() -> str:
@@ -26,8 +54,7 @@ def demo_topology_path() -> str:
     return str(resources.files("netkv") / "data" / "topology-demo.yaml")
 
 
-@dataclass(frozen=True, slots=True)
-class SchedulerSettings:
+class SchedulerSettings(ServiceSettings):
     """Everything the scheduler service needs; defaults work on one machine.
 
     ``token`` (when set) is required as ``Authorization: Bearer <token>`` on the mutating
@@ -37,39 +64,68 @@ class SchedulerSettings:
     bytes: a quantised cache, or a testbed that scales bytes with its link rates).
     """
 
+    SECTION: ClassVar[str] = "scheduler"
     host: str = "127.0.0.1"
-    port: int = field(default=8090, metadata=bound(ge=0, le=65535))
+    port: Port = 8090
     topology: str | None = None
     redis: RedisSettings = RedisSettings()
     mqtt: MqttSettings = MqttSettings()
     policy: str = "netkv"
-    policy_params: dict[str, dict[str, Any]] = field(default_factory=dict)
-    capacity_tokens: float = field(default=500_000.0, metadata=bound(gt=0))
-    prefix_blocks: int = field(default=200_000, metadata=bound(ge=0))
+    policy_params: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    capacity_tokens: Positive = 500_000.0
+    prefix_blocks: int = Field(default=200_000, ge=0)
     model: str = "llama3-70b"
-    kv_bytes_per_token: float | None = field(default=None, metadata=bound(gt=0))
-    token: str | None = None
-    max_body_bytes: int = field(default=1 << 20, metadata=bound(ge=1024))
-    max_block_hashes: int = field(default=65536, metadata=bound(ge=1))
-    reservation_ttl_s: float = field(default=60.0, metadata=bound(gt=0))
-    map_stale_s: float = field(default=10.0, metadata=bound(gt=0))
-    map_poll_s: float = field(default=2.0, metadata=bound(gt=0))
-    redis_timeout_s: float = field(default=1.0, metadata=bound(gt=0))
-    scrape_interval_s: float = field(default=2.0, metadata=bound(gt=0))
-    scrape_timeout_s: float = field(default=1.0, metadata=bound(gt=0))
-    oracle_cache_s: float = field(default=0.5, metadata=bound(ge=0))
-    log_level: str = "info"
+    kv_bytes_per_token: Positive | None = None
+    token: SecretStr | None = None
+    max_body_bytes: int = Field(default=1 << 20, ge=1024)
+    max_block_hashes: int = Field(default=65536, ge=1)
+    body_timeout_s: Positive = 10.0  # a body must arrive within this (else 408)
+    header_timeout_s: Positive = 5.0  # a request head must arrive within this of connecting
+    keepalive_timeout_s: Positive = 15.0  # an idle keep-alive connection is closed after
+    max_connections: int = Field(default=4096, ge=16)  # capped below the file limit
+    # Listening off loopback without a token is refused unless this says so explicitly (a
+    # testbed's private namespace network, say); never the default.
+    allow_unauthenticated: bool = False
+    max_registered: int = Field(default=256, ge=0)  # instances registered over HTTP, at most
+    registration_ttl_s: Positive = 60.0  # a registered instance expires unless refreshed
+    agent_silent_s: Positive = 10.0  # an agent heard before, silent this long: degraded
+    scrape_allow: tuple[str, ...] = ()  # metrics_url hosts allowed besides the instance's own
+    max_scrape_bytes: int = Field(default=1 << 20, ge=1024)
+    reservation_ttl_s: Positive = 60.0
+    map_stale_s: Positive = 10.0
+    map_poll_s: Positive = 2.0
+    redis_timeout_s: Positive = 1.0
+    scrape_interval_s: Positive = 2.0
+    scrape_timeout_s: Positive = 1.0
+    oracle_cache_s: float = Field(default=0.5, ge=0, allow_inf_nan=False)
+    log_level: LogLevel = "info"
 
-    def __post_init__(self) -> None:
-        if self.model not in PRESETS:
-            raise InputError("scheduler.model", f"unknown model {self.model!r}; known: "
-                             f"{', '.join(sorted(PRESETS))}")
-        if self.kv_bytes_per_token is not None and not (
-                math.isfinite(self.kv_bytes_per_token) and self.kv_bytes_per_token > 0):
-            raise InputError("scheduler.kv_bytes_per_token",
-                             f"must be a finite number > 0, got {self.kv_bytes_per_token!r}")
-        if self.token is not None and not self.token:
-            raise InputError("scheduler.token", "must not be empty (omit it to disable auth)")
+    _token = field_validator("token")(_not_empty_token)
+
+    @model_validator(mode="after")
+    def _credential_off_loopback(self) -> SchedulerSettings:
+        if self.token is None and not is_loopback(self.host) \
+                and not self.allow_unauthenticated:
+            raise InputError("token", f"required when listening on {self.host!r} (anything "
+                             "but loopback): anyone who can reach the port could register "
+                             "decoders and steer decisions; set NETKV_TOKEN, listen on "
+                             "127.0.0.1, or (a private test network only) set "
+                             "allow_unauthenticated")
+        return self
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, model: str) -> str:
+        if model not in PRESETS:
+            raise ValueError(f"unknown model {model!r}; known: {', '.join(sorted(PRESETS))}")
+        return model
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, policy: str) -> str:
+        if policy not in policy_names():
+            raise ValueError(f"unknown policy {policy!r}; known: {', '.join(policy_names())}")
+        return policy
 
     @property
     def bytes_per_token(self) -> float:
@@ -84,7 +140,16 @@ class SchedulerSettings:
                               policy_params=self.policy_params,
                               capacity_tokens=self.capacity_tokens,
                               prefix_blocks=self.prefix_blocks,
-                              reservation_ttl_s=self.reservation_ttl_s)
+                              reservation_ttl_s=self.reservation_ttl_s,
+                              max_registered=self.max_registered,
+                              registration_ttl_s=self.registration_ttl_s,
+                              scrape_allow=self.scrape_allow)
+
+    def http_limits(self) -> HttpLimits:
+        return HttpLimits(max_connections=self.max_connections,
+                          header_timeout_s=self.header_timeout_s,
+                          keepalive_timeout_s=self.keepalive_timeout_s,
+                          body_timeout_s=self.body_timeout_s)
 
     @property
     def topology_path(self) -> str:

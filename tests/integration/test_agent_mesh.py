@@ -4,24 +4,23 @@ the CPU footprint tool."""
 
 from __future__ import annotations
 
-import asyncio
-from dataclasses import replace
 from typing import Any
 
 import pytest
+from helpers import until
 from netkv_agent.agent import Agent, run_agents
 from netkv_agent.footprint import measure_agent_cpu
 from netkv_agent.publisher import STREAM_FIELD
-from netkv_agent.registration import LinkPair, decode_registration
 from netkv_agent.settings import AgentSettings
 
 from netkv.adapters.redis_client import connect_redis
 from netkv.config import RedisSettings
+from netkv.contracts.names import RedisKeys
+from netkv.contracts.registration import LinkPair, decode_registration, read_registry
+from netkv.contracts.samples import NicSample, RttSample
+from netkv.contracts.wire import Batch, decode_batch
 from netkv.core.topology_file import parse_topology
 from netkv.localservers import RedisServer
-from netkv.telemetry.names import RedisKeys
-from netkv.telemetry.samples import NicSample, RttSample
-from netkv.telemetry.wire import Batch, decode_batch
 
 pytestmark = pytest.mark.integration
 KEYS = RedisKeys()
@@ -48,8 +47,8 @@ async def test_mesh_of_eight_agents(redis_server: RedisServer) -> None:
     assert all(s["pinglist"] == 7 for s in stats)  # 1 leaf + 2 pod + 4 core peers each
     assert all(s["replies"] > 0 and s["dropped_batches"] == 0 for s in stats)
     async with connect_redis(RedisSettings(url=redis_server.url)) as client:
-        raw: Any = await client.hgetall(KEYS.registry)
-        regs = {k.decode(): decode_registration(v) for k, v in raw.items()}
+        raw = await read_registry(client, KEYS)
+        regs = {k: decode_registration(v) for k, v in raw.items()}
         assert set(regs) == {h.name for h in TOPO.hosts}
         assert len({(r.address, r.echo_port) for r in regs.values()}) == 8
         assert regs["h003"].links == {"lo": LinkPair("h003/nic/up", "h003/nic/down")}
@@ -60,7 +59,7 @@ async def test_mesh_of_eight_agents(redis_server: RedisServer) -> None:
             peers = {s.peer for s in rtt}
             assert peers == {h.name for h in TOPO.hosts} - {host.name}
             assert all(s.lost <= s.sent and s.min_s <= s.p50_s <= s.p99_s for s in rtt)
-            assert any(isinstance(s, NicSample) and s.speed_bytes_s == 10e9 / 8
+            assert any(isinstance(s, NicSample) and s.capacity_bps == 10e9
                        for s in samples)
 
 
@@ -68,15 +67,15 @@ async def test_a_leaving_peer_is_dropped_from_pinglists(redis_server: RedisServe
     # h000 and h001 share a leaf
     async with Agent(settings(0, redis_server.url), TOPO) as first:
         async with Agent(settings(1, redis_server.url), TOPO):
-            await _until(lambda: "h001" in first.prober.peers, 5.0)
-            await _until(lambda: first.stats()["replies"] > 3, 5.0)
+            await until(lambda: "h001" in first.prober.peers, 5.0)
+            await until(lambda: first.stats()["replies"] > 3, 5.0)
         # h001 stopped cleanly (its heartbeat is gone): h000 stops probing it
-        await _until(lambda: "h001" not in first.prober.peers, 5.0)
+        await until(lambda: "h001" not in first.prober.peers, 5.0)
         assert first.peers.keys() == {"h000"}
 
 
 async def test_footprint_tool_measures_a_child_agent(redis_server: RedisServer) -> None:
-    base = replace(AgentSettings(), probe_interval_leaf_s=0.1)
+    base = AgentSettings(probe_interval_leaf_s=0.1)
     result = await measure_agent_cpu(4, 1.0, redis_url=redis_server.url, warmup_s=1.5,
                                      base=base)
     assert result["peers"] == 4 and result["pinglist"] == 4  # 5 hosts in one leaf of 8
@@ -84,8 +83,3 @@ async def test_footprint_tool_measures_a_child_agent(redis_server: RedisServer) 
     assert result["probes_per_s"] > 0 and result["echo_ticks_per_s"] > 0
     assert result["probe_bytes_per_s"] > 0
 
-
-async def _until(cond: Any, limit_s: float) -> None:
-    async with asyncio.timeout(limit_s):
-        while not cond():  # noqa: ASYNC110 - polling plain attributes
-            await asyncio.sleep(0.05)

@@ -4,23 +4,23 @@ Redis restart survived with a bounded buffer that drops (and counts) the oldest 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
+import msgspec
 import pytest
+from helpers import until
 from netkv_agent.agent import Agent
 from netkv_agent.publisher import STREAM_FIELD, Publisher
-from netkv_agent.registration import Registration, decode_registration
 from netkv_agent.settings import AgentSettings
 
 from netkv.adapters.redis_client import connect_redis
 from netkv.config import MqttSettings, RedisSettings
+from netkv.contracts.names import RedisKeys
+from netkv.contracts.registration import Registration, decode_registration
+from netkv.contracts.samples import RttSample
+from netkv.contracts.wire import Batch, decode_batch
 from netkv.localservers import RedisServer
-from netkv.telemetry.names import RedisKeys
-from netkv.telemetry.samples import RttSample
-from netkv.telemetry.wire import Batch, decode_batch
 
 pytestmark = pytest.mark.integration
 KEYS = RedisKeys()
@@ -59,12 +59,13 @@ async def test_batches_heartbeat_and_registry(redis_server: RedisServer) -> None
         assert [len(b.samples) for b in batches] == [3, 3, 1]
         assert [b.seq for b in batches] == [1, 2, 3]
         first = batches[0].samples[0]
-        assert first == dataclasses.replace(sample(0), ts=first.ts)
+        assert first == msgspec.structs.replace(sample(0), ts=first.ts)
         assert isinstance(first, RttSample) and first.sent == 1
         ttl = await client.ttl(KEYS.heartbeat("h001"))
         assert 0 < ttl <= 3
-        raw = await client.hget(KEYS.registry, "h001")
+        raw = await client.get(KEYS.registration("h001"))
         assert isinstance(raw, bytes)
+        assert 0 < await client.ttl(KEYS.registration("h001")) <= 9  # 3 x heartbeat TTL
         reg = decode_registration(raw)
         assert reg == registration()
         assert pub.stats.samples_published == 7 and pub.stats.batches_published == 3
@@ -98,13 +99,13 @@ async def test_redis_restart_is_survived_with_bounded_buffer(redis_server: Redis
         assert pub.buffered_batches == 5
         assert pub.stats.dropped_batches == 7 and pub.stats.dropped_samples == 14
         await redis_server.start()  # same port, empty (no persistence)
-        await _until_async(pub.flush, 10.0)
+        await until(pub.flush, 10.0)
         assert pub.stats.connected and pub.stats.reconnects >= 1
         assert await seqs(client) == [9, 10, 11, 12, 13]  # the newest five, oldest first
         assert pub.buffered_batches == 0
         # a restarted (empty) Redis gets the registry entry back with the next heartbeat
         await pub.flush(force_heartbeat=True)
-        assert await client.hget(KEYS.registry, "h001") is not None
+        assert await client.get(KEYS.registration("h001")) is not None
         assert await client.exists(KEYS.heartbeat("h001")) == 1
 
 
@@ -118,7 +119,7 @@ async def test_agent_keeps_probing_through_a_redis_outage(redis_server: RedisSer
 
     async with Agent(settings("h001", "127.0.0.41")) as a, \
             Agent(settings("h002", "127.0.0.42")):
-        await _until(lambda: a.stats()["replies"] > 5, 5.0)
+        await until(lambda: a.stats()["replies"] > 5, 5.0)
         await redis_server.stop()
         before = a.stats()
         await asyncio.sleep(1.5)
@@ -128,22 +129,12 @@ async def test_agent_keeps_probing_through_a_redis_outage(redis_server: RedisSer
         assert during["buffered_batches"] <= 8
         assert during["dropped_batches"] > 0  # 1.5 s at 0.1 s overflows 8 batches
         await redis_server.start()
-        await _until(lambda: a.stats()["redis_connected"], 10.0)
+        await until(lambda: a.stats()["redis_connected"], 10.0)
         async with connect_redis(RedisSettings(url=redis_server.url)) as client:
-            await _until_async(lambda: client.exists(KEYS.heartbeat("h001")), 5.0)
+            await until(lambda: client.exists(KEYS.heartbeat("h001")), 5.0)
             batches = await stream_batches(client)
         assert batches and all(s.reporter == "h001" for b in batches for s in b.samples)
         kinds = {s.kind for b in batches for s in b.samples}
         assert "rtt" in kinds
 
 
-async def _until(cond: Callable[[], object], limit_s: float) -> None:
-    async with asyncio.timeout(limit_s):
-        while not cond():  # noqa: ASYNC110 - polling a plain counter
-            await asyncio.sleep(0.05)
-
-
-async def _until_async(cond: Callable[[], Awaitable[object]], limit_s: float) -> None:
-    async with asyncio.timeout(limit_s):
-        while not await cond():  # noqa: ASYNC110 - polling Redis
-            await asyncio.sleep(0.05)

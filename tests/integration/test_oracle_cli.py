@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from netkv_oracle.testkit import get_json, until
+from helpers import until
+from netkv_oracle.testkit import get_json
 
 from netkv.localservers import MosquittoServer, RedisServer, free_port
 

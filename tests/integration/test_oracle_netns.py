@@ -20,10 +20,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import pytest
+from helpers import until
 from netkv_agent.agent import Agent
 from netkv_agent.settings import AgentSettings
 from netkv_oracle.service import OracleService
-from netkv_oracle.testkit import get_json, oracle_settings, until
+from netkv_oracle.testkit import get_json, oracle_settings
 
 from netkv.config import MqttSettings, RedisSettings
 from netkv.core.topology_file import parse_topology

@@ -7,26 +7,32 @@ key, then a retained version announcement on MQTT.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp import web
-from netkv_scheduler.app import create_app
-from netkv_scheduler.settings import SchedulerSettings, demo_topology_path
+from helpers import until
+from netkv_scheduler.settings import demo_topology_path
+from scheduler_kit import (
+    get,
+    measured_map,
+    post,
+    publish_map,
+    readyz_is,
+    select_body,
+    serving,
+    settings_for,
+)
 
 from netkv.adapters.mqtt_client import mqtt_client
-from netkv.config import MqttSettings, RedisSettings
-from netkv.core.congestion import CongestionMap
-from netkv.core.topology import Topology
+from netkv.config import MqttSettings
+from netkv.contracts.names import MqttTopics, RedisKeys
 from netkv.core.topology_file import load_topology, parse_topology
 from netkv.localservers import MosquittoServer, RedisServer
-from netkv.telemetry.names import MqttTopics, RedisKeys
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 
@@ -40,84 +46,6 @@ THREE_HOSTS = {
                   {"name": "near", "role": "decode", "host": "a2"},
                   {"name": "far", "role": "decode", "host": "b1"}],
 }
-
-
-@asynccontextmanager
-async def serving(settings: SchedulerSettings, topology: Topology) -> AsyncIterator[str]:
-    """The real app on a free loopback port; yields its base URL."""
-    runner = web.AppRunner(create_app(settings, topology), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        await runner.cleanup()
-
-
-def settings_for(redis: RedisServer, mosquitto: MosquittoServer, **kw: Any) -> SchedulerSettings:
-    return SchedulerSettings(redis=RedisSettings(url=redis.url),
-                             mqtt=MqttSettings(port=mosquitto.port, keepalive_s=2), **kw)
-
-
-async def publish_map(redis: RedisServer, mosquitto: MosquittoServer, cmap: CongestionMap,
-                      version: int, *, announce: bool = True) -> None:
-    """What the oracle does: snapshot + version in Redis, then the retained announcement."""
-    import redis.asyncio as aioredis
-    keys = RedisKeys()
-    client = aioredis.Redis.from_url(redis.url)
-    try:
-        await client.set(keys.map_snapshot, cmap.to_snapshot(version))
-        await client.set(keys.map_version, version)
-    finally:
-        await client.aclose()
-    if announce:
-        settings = MqttSettings(port=mosquitto.port)
-        async with mqtt_client(settings) as mqtt:
-            await mqtt.publish(MqttTopics().map_version, json.dumps({"version": version}),
-                               qos=1, retain=True)
-
-
-def measured_map(topology: Topology, congested: dict[str, float] | None = None) -> CongestionMap:
-    """Every link measured just now; ``congested`` maps link name -> utilisation fraction."""
-    cmap = CongestionMap(topology)
-    now = time.time()
-    for i, link in enumerate(topology.links):
-        util = (congested or {}).get(link.name, 0.0) * link.capacity_bytes_s
-        cmap.observe_link(i, util, now)
-    return cmap
-
-
-async def until(check: Callable[[], Awaitable[bool]], timeout_s: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.1)
-
-
-async def post(http: aiohttp.ClientSession, url: str, body: Any) -> tuple[int, Any]:
-    async with http.post(url, json=body) as resp:
-        return resp.status, await resp.json()
-
-
-async def get(http: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
-    async with http.get(url) as resp:
-        return resp.status, await resp.json()
-
-
-def readyz_is(http: aiohttp.ClientSession, base: str, **want: Any) \
-        -> Callable[[], Awaitable[bool]]:
-    """A check for :func:`until`: ``/readyz`` reports every field of ``want``."""
-    async def check() -> bool:
-        body = (await get(http, f"{base}/readyz"))[1]
-        return all(body[key] == value for key, value in want.items())
-    return check
-
-
-def select_body(rid: str, prefill: str = "p0", tokens: int = 8000, **kw: Any) -> dict[str, Any]:
-    return {"request_id": rid, "prefill": prefill, "prompt_tokens": tokens, **kw}
 
 
 async def test_select_and_release(redis_server: RedisServer,
@@ -319,7 +247,8 @@ async def test_scrapes_engine_load_from_prometheus(
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     engine_url = "http://{}:{}/metrics".format(*runner.addresses[0][:2])
     topo = load_topology(demo_topology_path())
-    settings = settings_for(redis_server, mosquitto_server, scrape_interval_s=0.2)
+    settings = settings_for(redis_server, mosquitto_server, scrape_interval_s=0.2,
+                            scrape_allow=("127.0.0.1",))  # the emulated engine is local
     try:
         async with serving(settings, topo) as base, aiohttp.ClientSession() as http:
             status, _ = await post(http, f"{base}/v1/instances",
@@ -346,7 +275,11 @@ async def test_scrapes_engine_load_from_prometheus(
 async def test_pair_policy_chooses_prefill_and_decoder_jointly(
         redis_server: RedisServer, mosquitto_server: MosquittoServer) -> None:
     topo = load_topology(demo_topology_path())
-    settings = settings_for(redis_server, mosquitto_server)
+    # No hysteresis: netkv_pair keeps the requested prefill unless the joint choice saves
+    # more than prefill_margin_s (0.1 s by default since the evaluation branch); this test
+    # is about the joint choice itself.
+    settings = settings_for(redis_server, mosquitto_server,
+                            policy_params={"netkv_pair": {"prefill_margin_s": 0.0}})
     async with serving(settings, topo) as base, aiohttp.ClientSession() as http:
         await publish_map(redis_server, mosquitto_server, measured_map(topo), 1)
         # h000's decoder is full: the best single pick from h000-p0 crosses the network,

@@ -158,5 +158,6 @@ def test_oversized_body_is_413_not_a_dropped_connection(server: ThreadedServer) 
 
 def test_deeply_nested_json_is_400(server: ThreadedServer) -> None:
     body = b"[" * 30000 + b"]" * 30000
-    response = requests.post(f"{server.url}/v1/select", data=body, timeout=5)
+    response = requests.post(f"{server.url}/v1/select", data=body, timeout=5,
+                             headers={"Content-Type": "application/json"})
     assert response.status_code in (400, 413)

@@ -8,25 +8,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import sys
 import time
 from collections.abc import AsyncIterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from helpers import until
 from netkv_agent.agent import Agent
 from netkv_agent.settings import AgentSettings
 from netkv_oracle.service import OracleService
-from netkv_oracle.testkit import KEYS, get_json, oracle_settings, retained_version, until
+from netkv_oracle.testkit import KEYS, get_json, oracle_settings, retained_version
 
 from netkv.adapters.redis_client import connect_redis
 from netkv.config import MqttSettings, RedisSettings
-from netkv.core.oracle import static_tier_oracle
+from netkv.core.costmodel import static_tier_oracle
 from netkv.core.topology import Topology
 from netkv.core.topology_file import parse_topology
 from netkv.localservers import MosquittoServer, RedisServer
@@ -63,8 +62,8 @@ VICTIM = "h003"  # runs as its own `netkv agent` process, so the test can SIGKIL
 
 def agent_config(settings: AgentSettings) -> dict[str, Any]:
     """The same settings as a config file section (for the process-run agent)."""
-    body = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)
-            if f.name not in ("redis", "mqtt", "nic_links", "nic_speed_gbps")}
+    body = {name: getattr(settings, name) for name in type(settings).model_fields
+            if name not in ("redis", "mqtt", "nic_links", "nic_speed_gbps")}
     return {"redis": {"url": settings.redis.url, "timeout_s": settings.redis.timeout_s},
             "mqtt": {"port": settings.mqtt.port, "keepalive_s": settings.mqtt.keepalive_s},
             "agent": {k: list(v) if isinstance(v, tuple) else v for k, v in body.items()}}
@@ -85,7 +84,8 @@ async def mesh(redis_server: RedisServer, mosquitto_server: MosquittoServer,
             if h.name != VICTIM:
                 await stack.enter_async_context(Agent(s, topology))
                 continue
-            config = agent_config(replace(s, topology=str(tmp_path / "topology.yaml")))
+            topology_file = str(tmp_path / "topology.yaml")
+            config = agent_config(s.model_copy(update={"topology": topology_file}))
             (tmp_path / "agent.yaml").write_text(json.dumps(config))
             victim = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "netkv.cli", "agent", "--config",
@@ -97,7 +97,7 @@ async def mesh(redis_server: RedisServer, mosquitto_server: MosquittoServer,
         stack.push_async_callback(redis.aclose)
 
         async def registered() -> bool:
-            return bool(await redis.hexists(KEYS.registry, VICTIM))
+            return bool(await redis.exists(KEYS.registration(VICTIM)))
 
         await until(registered, 20, 0.05)  # the process-run agent is up
         yield oracle, victim

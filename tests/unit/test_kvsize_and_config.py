@@ -4,10 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
+from pydantic import Field
 
-from netkv.config import MqttSettings, RedisSettings, load_settings
+from netkv.config import (
+    MqttSettings,
+    RedisSettings,
+    Section,
+    ServiceSettings,
+    load_settings,
+    reveal,
+)
 from netkv.core.kvsize import PRESETS, ModelSpec, model_spec
 from netkv.errors import InputError
 from netkv.fields import bound, from_mapping
@@ -56,16 +65,29 @@ def test_from_mapping_is_strict() -> None:
         from_mapping(_Outer, {"name": "a", "debug": 1})
 
 
+class _InnerSection(Section):
+    rate: float = Field(default=1.0, gt=0)
+
+
+class _EnvService(ServiceSettings):
+    SECTION: ClassVar[str] = "scheduler"
+    name: str = "a"
+    inner: _InnerSection = _InnerSection()
+    ports: tuple[int, ...] = ()
+    debug: bool = False
+
+
 def test_env_overrides_are_parsed_and_checked() -> None:
     env = {"NETKV_NAME": "b", "NETKV_INNER__RATE": "2.5", "NETKV_PORTS": "1, 2",
            "NETKV_DEBUG": "yes"}
-    assert from_mapping(_Outer, {"name": "a"}, env=env) == _Outer("b", _Inner(2.5), (1, 2), True)
+    s = load_settings(_EnvService, "scheduler", None, env)
+    assert (s.name, s.inner.rate, s.ports, s.debug) == ("b", 2.5, (1, 2), True)
     with pytest.raises(InputError, match="NETKV_INNER__RATE"):
-        from_mapping(_Outer, {"name": "a"}, env={"NETKV_INNER__RATE": "-1"})
+        load_settings(_EnvService, "scheduler", None, {"NETKV_INNER__RATE": "-1"})
 
 
-@dataclass(frozen=True)
-class _Service:
+class _Service(ServiceSettings):
+    SECTION: ClassVar[str] = "scheduler"
     redis: RedisSettings = RedisSettings()
     mqtt: MqttSettings = MqttSettings()
     listen: str = "127.0.0.1"
@@ -76,7 +98,7 @@ def test_load_settings_merges_shared_sections(tmp_path: Path) -> None:
     cfg.write_text("redis: {url: 'redis://10.0.0.1:6380/0', password: s3cret}\n"
                    "scheduler: {listen: 0.0.0.0}\n")
     s = load_settings(_Service, "scheduler", cfg, {"NETKV_MQTT__PORT": "1884"})
-    assert s.redis.url == "redis://10.0.0.1:6380/0" and s.redis.password == "s3cret"
+    assert s.redis.url == "redis://10.0.0.1:6380/0" and reveal(s.redis.password) == "s3cret"
     assert s.mqtt.port == 1884 and s.listen == "0.0.0.0"
     s = load_settings(_Service, "scheduler", cfg, {"NETKV_LISTEN": "::1"},
                       overrides={"listen": "127.0.0.2"})
