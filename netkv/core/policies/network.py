@@ -30,6 +30,7 @@ from netkv.core.policies.prediction import (
     transfer_matrix,
 )
 from netkv.core.policies.views import CandidateView, Decision, RequestView
+from netkv.core.topology import FloatArray, IntArray
 from netkv.fields import bound
 
 
@@ -40,11 +41,17 @@ class NetkvParams:
     decode-side scheduling; measurable from the connector's metrics), paid only when bytes
     move, so a decoder that already holds the whole prompt saves it. ``prefill_margin_s``
     (``netkv_pair``): keep the cache+load-aware prefill pick unless the joint choice is
-    predicted to save more than this (its prediction looks a prefill ahead)."""
+    predicted to save more than this (its prediction looks a prefill ahead).
+    ``tie_rel``: candidates whose predicted TTFT is within ``tie_rel`` x the best candidate's
+    predicted transfer of the best are a tie the telemetry cannot resolve (its per-link
+    estimates carry a relative error of this order: 10% log-normal in the simulator's
+    telemetry, a choice stated there); among them the lowest tier (the static ranking: same
+    host, then rail, then pod, ...) wins, then the lowest prediction. 0 turns it off."""
 
     use_bookings: bool = True
     handover_s: float = field(default=0.0, metadata=bound(ge=0))
     prefill_margin_s: float = field(default=0.1, metadata=bound(ge=0))
+    tie_rel: float = field(default=0.1, metadata=bound(ge=0, le=1))
     seed: int = 0
     tbt_s: float = field(default=0.03, metadata=bound(gt=0))
     residence_s: float = field(default=10.0, metadata=bound(gt=0))
@@ -66,6 +73,9 @@ class Netkv:
             pred = with_handover(pred, self.params.handover_s)
         scores = pred.ttft_s
         chosen = self.ties.argmin(scores)
+        if self.params.tie_rel > 0:
+            chosen = prefer_lower_tier(scores, pred.transfer_s, pred.tier, chosen,
+                                       tie_rel=self.params.tie_rel, ties=self.ties)
         return decision_from(pred, chosen, chosen, scores)
 
 
@@ -103,6 +113,23 @@ class NetkvPair(Netkv):
             first_token_s=float(first[d]), tier=int(tiers[k][d]),
             transfer_bytes=float(nbytes[d]), prefill_index=p,
             prefill_s=float(prefill.ready_s[p]))
+
+
+def prefer_lower_tier(scores: FloatArray, transfer_s: FloatArray, tier: IntArray, best: int,
+                      *, tie_rel: float, ties: TieBreaker) -> int:
+    """Among candidates predicted within ``tie_rel * transfer_s[best]`` of ``scores[best]``
+    (an error the telemetry cannot resolve), the one of lowest tier, then lowest score."""
+    slack = tie_rel * float(transfer_s[best])
+    if slack <= 0:
+        return best
+    near = scores <= float(scores[best]) + slack
+    if np.count_nonzero(near) == 1:
+        return best
+    low = int(tier[near].min())
+    if int(tier[best]) == low:
+        return best
+    masked: FloatArray = np.where(near & (tier == low), scores, np.inf)
+    return ties.argmin(masked)
 
 
 def with_handover(pred: Prediction, handover_s: float) -> Prediction:
