@@ -43,6 +43,7 @@ from typing import Any
 import redis.asyncio as aioredis
 import yaml
 
+from netkv.contracts.names import RedisKeys
 from netkv.core.topology import Topology
 from netkv.core.topology_file import load_topology
 from netkv.errors import InputError
@@ -59,7 +60,6 @@ from netkv.mesh.inputs import (
     workdir,
 )
 from netkv.supervisor import Supervisor
-from netkv.telemetry.names import RedisKeys
 
 # Fixed defaults, in the 8090-8099 block: above the 8080/8081 that dev servers and proxies
 # take by habit, below Prometheus's 9090 block. Redis and mosquitto, private to the mesh,

@@ -19,7 +19,7 @@ from typing import Literal
 
 import numpy as np
 
-from netkv.core.oracle import CostOracle, static_tier_oracle
+from netkv.core.costmodel import CostOracle, static_tier_oracle
 from netkv.core.paths import CachedOracle
 from netkv.core.policies import (
     Booking,

@@ -31,12 +31,13 @@ from netkv_proxy.config import ProxySettings, WorkerEntry
 
 from netkv.adapters.mqtt_client import mqtt_client
 from netkv.config import MqttSettings, RedisSettings
+from netkv.contracts.names import MqttTopics, RedisKeys
+from netkv.contracts.snapshot import encode_snapshot
 from netkv.core.congestion import CongestionMap
 from netkv.core.topology import Topology
 from netkv.core.topology_file import parse_topology
 from netkv.engine.server import WORDS
 from netkv.localservers import MosquittoServer, RedisServer
-from netkv.telemetry.names import MqttTopics, RedisKeys
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -521,7 +522,7 @@ async def publish(redis: RedisServer, mosquitto: MosquittoServer, cmap: Congesti
     keys = RedisKeys()
     client = aioredis.Redis.from_url(redis.url)
     try:
-        await client.set(keys.map_snapshot, cmap.to_snapshot(version))
+        await client.set(keys.map_snapshot, encode_snapshot(cmap, version))
         await client.set(keys.map_version, version)
     finally:
         await client.aclose()

@@ -8,7 +8,7 @@
 * ``transfer`` is the cost oracle's estimate for the bytes the decoder does not already hold,
   plus the delay of the booked transfers it shares its worst link with (see ``bookings``;
   per-link rates come from the oracle when it exposes ``available_bytes_s``, as
-  :class:`~netkv.core.oracle.LinkStateOracle` does, else from link capacities);
+  :class:`~netkv.core.costmodel.LinkStateOracle` does, else from link capacities);
 * ``first_step`` is the decoder's current time per output token.
 """
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from netkv.core.oracle import CostOracle, LinkStateOracle
+from netkv.core.costmodel import CostOracle, LinkStateOracle
 from netkv.core.paths import path_table
 from netkv.core.policies.bookings import Bookings
 from netkv.core.policies.views import CandidateView, RequestView
@@ -62,7 +62,7 @@ def predict(
 ) -> Prediction:
     """Predict for all candidates, or only those in ``index`` (baselines report their pick).
 
-    A :class:`~netkv.core.oracle.LinkStateOracle` is evaluated inline over cached path tables
+    A :class:`~netkv.core.costmodel.LinkStateOracle` is evaluated inline over cached path tables
     (same arithmetic as its ``estimate``, without recomputing paths); any other oracle goes
     through the protocol.
     """
@@ -141,7 +141,7 @@ def decode_side(model: DecodeModel, request: RequestView, candidates: CandidateV
 def transfer_matrix(oracle: CostOracle, bookings: Bookings | None, srcs: IntArray,
                     host: IntArray, nbytes: FloatArray) -> tuple[FloatArray, IntArray]:
     """:func:`transfer_times` from each of ``srcs`` (distinct hosts): ``(S, n)`` arrays.
-    Vectorised over sources for a :class:`~netkv.core.oracle.LinkStateOracle`."""
+    Vectorised over sources for a :class:`~netkv.core.costmodel.LinkStateOracle`."""
     if type(oracle) is not LinkStateOracle:
         pairs = [transfer_times(oracle, bookings, int(s), host, nbytes) for s in srcs]
         return np.stack([t for t, _ in pairs]), np.stack([k for _, k in pairs])
