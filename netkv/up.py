@@ -43,9 +43,9 @@ from typing import Any
 import redis.asyncio as aioredis
 import yaml
 
+from netkv.adapters.topology_file import load_topology
 from netkv.contracts.names import RedisKeys
 from netkv.core.topology import Topology
-from netkv.core.topology_file import load_topology
 from netkv.errors import InputError
 from netkv.localservers import MosquittoServer, RedisServer, ServerError
 from netkv.mesh.children import Child, MeshError, http_ready

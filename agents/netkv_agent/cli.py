@@ -17,8 +17,8 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from netkv.adapters.redis_client import connect_redis
+from netkv.adapters.topology_file import load_topology
 from netkv.contracts.names import RedisKeys
-from netkv.core.topology_file import load_topology
 from netkv.logs import configure_logging
 from netkv.signals import stop_on_signals, wait_for_stop_or_failure
 from netkv_agent.agent import Agent

@@ -19,10 +19,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Literal
-
-import yaml
 
 from netkv.core.topology import FabricSpec, Host, Instance, Role, Topology, build_topology
 from netkv.errors import InputError
@@ -131,19 +128,3 @@ def parse_topology(data: Any, where: str = "topology") -> Topology:
         return from_mapping(TopologySpec, data).build()
     except InputError as exc:
         raise InputError(f"{where}: {exc.where}", exc.message) from None
-
-
-def load_topology(path: str | Path) -> Topology:
-    """Read and validate a topology file; every error names the file and the field."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise InputError(str(path), f"cannot read topology file: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        raise InputError(f"{path}{line}", f"not valid YAML/JSON: {exc}") from None
-    return parse_topology(data, str(path))

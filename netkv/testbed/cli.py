@@ -29,10 +29,11 @@ from typing import Any
 
 import yaml
 
+from netkv.adapters.topology_file import load_topology
 from netkv.config import read_config_file
 from netkv.core.policies import policy_names
 from netkv.core.topology import Topology
-from netkv.core.topology_file import load_topology, parse_topology
+from netkv.core.topology_file import parse_topology
 from netkv.errors import InputError
 from netkv.logs import configure_logging
 from netkv.testbed.background import HotSpot, Schedule, bulk, core_schedule

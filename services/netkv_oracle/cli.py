@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 
+from netkv.adapters.topology_file import load_topology
 from netkv.config import load_settings
 from netkv.core.topology import Topology
-from netkv.core.topology_file import load_topology, parse_topology
+from netkv.core.topology_file import parse_topology
 from netkv.logs import configure_logging
 from netkv.signals import stop_on_signals
 from netkv_oracle.service import OracleService

@@ -65,6 +65,7 @@ from netkv.supervisor import Supervisor
 from netkv_proxy.config import ProxySettings
 from netkv_proxy.metrics import ProxyMetrics
 from netkv_proxy.placement import Placed, Placement
+from netkv_proxy.prefill import PrefillChooser
 from netkv_proxy.workers import Worker, WorkerPool
 
 log = structlog.get_logger(__name__)
@@ -127,6 +128,8 @@ class Proxy:
             policy_params=settings.policy_params, bytes_per_token=settings.bytes_per_token,
             capacity_tokens=settings.capacity_tokens, block_tokens=settings.block_size,
             prefix_blocks=settings.prefix_blocks)
+        self.prefills = PrefillChooser(self.pool, block_tokens=settings.block_size,
+                                       prefix_blocks=settings.prefix_blocks)
         self.metrics = ProxyMetrics()
         self.tokenizer: TokenCounter = tokenizer_from(settings.tokenizer)
         self.supervisor = Supervisor("proxy")
@@ -353,9 +356,10 @@ class Proxy:
         tried: set[int] = set()
         last = "no healthy prefill worker"
         for attempt in range(self.settings.prefill_retries + 1):
-            worker = self.pool.pick_prefill(tried)
-            if worker is None:
+            choice = self.prefills.choose(job.tokens, job.hashes, tried)
+            if choice is None:
                 break
+            worker = choice.worker
             tried.add(worker.index)
             reason = ""
             try:
@@ -375,6 +379,8 @@ class Proxy:
                                          "upstream_error")
                 else:
                     return worker, self._kv_params(worker, payload)
+            finally:
+                self.prefills.release(choice)
             if attempt < self.settings.prefill_retries:
                 self.metrics.retries.labels(reason).inc()
             log.warning("prefill leg failed", request=job.request_id, worker=worker.name,
@@ -416,9 +422,12 @@ class Proxy:
 
     async def _bootstrap(self, request: web.Request, job: Job) -> web.StreamResponse:
         joint = self.settings.policy == "netkv_pair"
-        prefill = None if joint else self.pool.pick_prefill(set())
+        choice = None if joint else self.prefills.choose(job.tokens, job.hashes, set())
+        prefill = None if choice is None else choice.worker
         placed = None if (prefill is None and not joint) else \
             self.placement.place(prefill, job.tokens, job.hashes, job.output_tokens)
+        if choice is not None and placed is None:
+            self.prefills.release(choice)
         if placed is None:
             raise UpstreamError(openai_error(503, "no healthy prefill/decode pair",
                                               "ServiceUnavailableError"), "no_worker")
@@ -432,6 +441,9 @@ class Proxy:
             pbody.pop("stream_options", None)
             prefill_task = asyncio.ensure_future(self._post_prefill(
                 placed.prefill, job, msgspec.json.encode(pbody)))
+            if choice is not None:  # its work is done when the prefill leg is
+                booked = choice
+                prefill_task.add_done_callback(lambda _: self.prefills.release(booked))
             decode_task = asyncio.ensure_future(self._decode(
                 request, job, placed, msgspec.json.encode(body), time.perf_counter()))
             try:
@@ -453,6 +465,8 @@ class Proxy:
             if prefill_task is not None:
                 prefill_task.cancel()
                 await asyncio.gather(prefill_task, return_exceptions=True)
+            if choice is not None:
+                self.prefills.release(choice)
             self.placement.release(placed)
 
     # -- the decode leg ---------------------------------------------------------------------

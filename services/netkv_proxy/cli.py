@@ -14,8 +14,8 @@ import contextlib
 import signal
 from collections.abc import AsyncIterator
 
+from netkv.adapters.topology_file import load_topology
 from netkv.core.topology import FabricSpec, Host, Instance, Topology, build_topology
-from netkv.core.topology_file import load_topology
 from netkv.http.server import serving as http_serving
 from netkv.logs import configure_logging
 from netkv.routing.mapfeed import MapFeed

@@ -24,8 +24,8 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from netkv.adapters.topology_file import load_topology
 from netkv.core.topology import Topology
-from netkv.core.topology_file import load_topology
 from netkv.errors import InputError
 from netkv.http.bodies import encode, json_response, peer_gone, read_body
 from netkv.http.middlewares import error_response, middlewares

@@ -16,8 +16,8 @@ from netkv_oracle.metrics import OracleMetrics
 from netkv_oracle.view import STALE_S, state_json
 from netkv_scheduler import decisions
 
+from netkv.adapters.topology_file import load_topology
 from netkv.core.congestion import CongestionMap
-from netkv.core.topology_file import load_topology
 from netkv.up import demo_topology_path
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]

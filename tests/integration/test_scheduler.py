@@ -29,9 +29,10 @@ from scheduler_kit import (
 )
 
 from netkv.adapters.mqtt_client import mqtt_client
+from netkv.adapters.topology_file import load_topology
 from netkv.config import MqttSettings
 from netkv.contracts.names import MqttTopics, RedisKeys
-from netkv.core.topology_file import load_topology, parse_topology
+from netkv.core.topology_file import parse_topology
 from netkv.localservers import MosquittoServer, RedisServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]

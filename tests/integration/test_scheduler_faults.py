@@ -26,9 +26,9 @@ from scheduler_kit import (
 )
 
 from netkv.adapters.mqtt_client import mqtt_client
+from netkv.adapters.topology_file import load_topology
 from netkv.config import MqttSettings
 from netkv.contracts.names import MqttTopics
-from netkv.core.topology_file import load_topology
 from netkv.localservers import MosquittoServer, RedisServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.timeout(90)]

@@ -23,8 +23,8 @@ from netkv_scheduler.app import create_app
 from netkv_scheduler.settings import SchedulerSettings, demo_topology_path
 from schemathesis import GenerationMode
 
+from netkv.adapters.topology_file import load_topology
 from netkv.core.congestion import CongestionMap
-from netkv.core.topology_file import load_topology
 from netkv.routing.mapfeed import MapFeed
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]

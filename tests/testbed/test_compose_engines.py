@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from netkv.adapters.topology_file import load_topology
 from netkv.config import MqttSettings, RedisSettings
-from netkv.core.topology_file import load_topology
 from netkv.errors import InputError
 from netkv.localservers import MosquittoServer, RedisServer
 from netkv.testbed.enginehost import EngineHostSettings, engine_urls, serve

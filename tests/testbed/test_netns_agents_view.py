@@ -15,11 +15,11 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
+from netkv.adapters.topology_file import load_topology
 from netkv.contracts.names import RedisKeys
 from netkv.contracts.snapshot import decode_snapshot
 from netkv.core.congestion import CongestionMap
 from netkv.core.topology import Topology
-from netkv.core.topology_file import load_topology
 from netkv.testbed.background import Background, HotSpot, Schedule
 from netkv.testbed.controlplane import REDIS_PORT, ControlPlane
 from netkv.testbed.fabric import CONTROL_ADDRESS, FabricPlan, build

@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 import redis.asyncio as aioredis
 
+from netkv.adapters.topology_file import load_topology
 from netkv.core.congestion import CongestionMap
 from netkv.core.topology import Topology
-from netkv.core.topology_file import load_topology, parse_topology
+from netkv.core.topology_file import parse_topology
 from netkv.testbed.controlplane import REDIS_PORT, ControlPlane, Tuning
 from netkv.testbed.engines import connect_from, listening_socket
 from netkv.testbed.fabric import CONTROL_ADDRESS, FabricPlan, build

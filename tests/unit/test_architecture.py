@@ -89,20 +89,10 @@ CORE_FORBIDDEN = (*IO_LIBRARIES, "netkv_agent", *SERVICES, "netkv.sim", "netkv.t
                   "netkv.localservers", "socket", "asyncio", "subprocess")
 
 
-@pytest.mark.xfail(strict=True, reason="netkv.core.topology_file reads YAML files (imports "
-                   "yaml and does file I/O): topology file reading belongs in an adapter; "
-                   "owner C (evaluation)")
 def test_core_is_pure() -> None:
-    """The core does no file or network I/O and no wire codecs, and knows no process."""
+    """The core does no file or network I/O and no wire codecs, and knows no process
+    (topology files are read by netkv.adapters.topology_file)."""
     assert violations("netkv.core", CORE_FORBIDDEN) == []
-
-
-def test_core_is_pure_except_topology_files() -> None:
-    """The same rule with C's one known exception left out, so that nothing else slips in
-    while that module waits for its move."""
-    found = [v for v in violations("netkv.core", CORE_FORBIDDEN)
-             if not v.startswith("netkv.core.topology_file ->")]
-    assert found == []
 
 
 def test_contracts_import_only_core() -> None:

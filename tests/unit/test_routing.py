@@ -6,8 +6,8 @@ from importlib import resources
 
 import pytest
 
+from netkv.adapters.topology_file import load_topology
 from netkv.core.congestion import CongestionMap
-from netkv.core.topology_file import load_topology
 from netkv.errors import InputError
 from netkv.routing import InstanceReport, MapFeed, Selector, SelectorConfig, SelectRequest
 

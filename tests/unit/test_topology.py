@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from netkv.adapters.topology_file import load_topology
 from netkv.core.costmodel import CostOracle, static_tier_oracle
 from netkv.core.topology import Tier
-from netkv.core.topology_file import load_topology, parse_topology
+from netkv.core.topology_file import parse_topology
 from netkv.errors import InputError
 
 pytestmark = pytest.mark.unit

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from netkv.core.topology_file import load_topology
+from netkv.adapters.topology_file import load_topology
 from netkv.errors import InputError
 from netkv.mesh.demo import Decision, PolicyRun, default_hot_host, demo_requests, table
 from netkv.mesh.inputs import split_redis_url
