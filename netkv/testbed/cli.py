@@ -61,14 +61,13 @@ from netkv.testbed.runner import (
     run_policies,
     write_summary,
 )
-from netkv.testbed.workload import replay, requests_for
+from netkv.testbed.workload import replay, requests_for, synthetic_requests
 
 DEFAULT_TOPOLOGY: dict[str, Any] = {
     "fabric": {"nic_gbps": 400, "leaf_oversubscription": 1, "pod_oversubscription": 2},
     "fat_tree": {"pods": 2, "leaves_per_pod": 2, "hosts_per_leaf": 2, "gpus_per_host": 8,
                  "instance_gpus": 8, "role_pattern": "PD"},
 }
-DEFAULT_TRACE = "../shared/data/mooncake_conversation_trace.jsonl"
 WORK_ROOT = Path("/tmp/netkv-testbed")
 
 
@@ -85,7 +84,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policies", default="cache_load,netkv",
                         help="comma-separated policy names (default cache_load,netkv)")
     parser.add_argument("--out", default="results/testbed", help="output directory")
-    parser.add_argument("--trace", help=f"trace file (default $NETKV_TRACE or {DEFAULT_TRACE})")
+    parser.add_argument("--trace", help="trace file (default $NETKV_TRACE, else the "
+                        "embedded seeded workload)")
     parser.add_argument("--start", type=int, default=0, help="first trace request")
     parser.add_argument("--count", type=int, default=50, help="requests per policy")
     parser.add_argument("--speedup", type=float, default=1.0, help="trace time compression")
@@ -233,6 +233,19 @@ def _pinning(args: argparse.Namespace) -> Pinning:
     return Pinning(cpus=cpus, nice=args.router_nice)
 
 
+def _trace_source(args: argparse.Namespace) -> str | None:
+    """The trace named by --trace or $NETKV_TRACE; None: the embedded seeded workload."""
+    given: str | None = args.trace or args.environ.get("NETKV_TRACE")
+    return given or None
+
+
+def _requests(args: argparse.Namespace, spec: ReplaySpec) -> list[Any]:
+    """The replay's requests: the named trace (an error if it cannot be read), otherwise the
+    embedded seeded workload."""
+    given = _trace_source(args)
+    return load_requests(Path(given), spec) if given else synthetic_requests(spec)
+
+
 def _compare(args: argparse.Namespace) -> int:
     """``run --routers``: the same replay through each router in turn on a fresh testbed,
     the agents at their default cadences."""
@@ -240,9 +253,8 @@ def _compare(args: argparse.Namespace) -> int:
     pinning = _pinning(args)
     if args.run:
         raise InputError("--run", "the router comparison builds its own testbed")
-    trace = Path(args.trace or args.environ.get("NETKV_TRACE", DEFAULT_TRACE))
     spec = ReplaySpec(start=args.start, count=args.count, speedup=args.speedup)
-    requests = load_requests(trace, spec)
+    requests = _requests(args, spec)
     for s in specs:  # a missing peer binary fails now, not after the fabric is built
         if s.kind != "netkv":
             executable(s.kind)
@@ -275,7 +287,7 @@ def _compare(args: argparse.Namespace) -> int:
         lab.teardown()
     print(format_comparison(runs))
     meta = {"scale": args.scale, "kv_bytes_per_token": _bytes_per_token(args.scale),
-            "trace": str(trace), "start": args.start, "count": len(requests),
+            "trace": _trace_source(args) or "embedded", "start": args.start, "count": len(requests),
             "speedup": args.speedup, "faults": args.faults, "schedule": schedule.describe(),
             "router_cpus": list(pinning.cpus), "router_nice": pinning.nice,
             "scale_note": plan.describe_scale()}
@@ -285,9 +297,8 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    trace = Path(args.trace or args.environ.get("NETKV_TRACE", DEFAULT_TRACE))
     spec = ReplaySpec(start=args.start, count=args.count, speedup=args.speedup)
-    requests = load_requests(trace, spec)
+    requests = _requests(args, spec)
     policies = _policies(args.policies)
     if args.run:
         lab = Lab.resume(args.run)
@@ -321,7 +332,7 @@ def _run(args: argparse.Namespace) -> int:
             lab.detach()
     print(format_table(results))
     meta = {"scale": args.scale, "kv_bytes_per_token": _bytes_per_token(args.scale),
-            "trace": str(trace), "start": args.start, "count": len(requests),
+            "trace": _trace_source(args) or "embedded", "start": args.start, "count": len(requests),
             "speedup": args.speedup, "schedule": [_spot(h) for h in schedule.hot_spots],
             "scale_note": plan.describe_scale()}
     path = write_summary(Path(args.out), results, meta)
