@@ -26,7 +26,15 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -36,6 +44,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from netkv.core.kvsize import PRESETS
+from netkv.core.policies import policy_names
 from netkv.errors import InputError
 
 S = TypeVar("S", bound="ServiceSettings")
@@ -44,6 +54,22 @@ ENV_PREFIX = "NETKV_"
 SHARED_SECTIONS = ("redis", "mqtt", "topology")
 LogLevel = Literal["debug", "info", "warning", "error"]
 Port = Annotated[int, Field(ge=0, le=65535)]
+
+
+def _known_model(model: str) -> str:
+    if model not in PRESETS:
+        raise ValueError(f"unknown model {model!r}; known: {', '.join(sorted(PRESETS))}")
+    return model
+
+
+def _known_policy(policy: str) -> str:
+    if policy not in policy_names():
+        raise ValueError(f"unknown policy {policy!r}; known: {', '.join(policy_names())}")
+    return policy
+
+
+ModelName = Annotated[str, AfterValidator(_known_model)]  # a model preset's name
+PolicyName = Annotated[str, AfterValidator(_known_policy)]  # a registered policy's name
 
 # NETKV_* variables that are not settings of a service (scripts, compose files, the demo).
 OTHER_VARIABLES = frozenset({

@@ -26,7 +26,9 @@ from pydantic import Field, field_validator, model_validator
 
 from netkv.config import (
     LogLevel,
+    ModelName,
     MqttSettings,
+    PolicyName,
     Port,
     RedisSettings,
     Section,
@@ -34,7 +36,6 @@ from netkv.config import (
     load_settings,
 )
 from netkv.core.kvsize import PRESETS
-from netkv.core.policies import policy_names
 from netkv.errors import InputError
 from netkv.http.server import HttpLimits
 from netkv.prompts import VLLM_BLOCK_TOKENS
@@ -78,12 +79,12 @@ class ProxySettings(ServiceSettings):
     prefill: tuple[WorkerEntry, ...] = ()
     decode: tuple[WorkerEntry, ...] = ()
     mode: Mode = "pull"
-    policy: str = "netkv"
+    policy: PolicyName = "netkv"
     policy_params: dict[str, dict[str, Any]] = Field(default_factory=dict)
     topology: str | None = None
     redis: RedisSettings | None = None
     mqtt: MqttSettings | None = None
-    model: str = "llama3-70b"
+    model: ModelName = "llama3-70b"
     kv_bytes_per_token: Positive | None = None
     capacity_tokens: Positive = 500_000.0
     block_size: int = Field(default=VLLM_BLOCK_TOKENS, ge=1, le=65536)
@@ -119,20 +120,6 @@ class ProxySettings(ServiceSettings):
                           header_timeout_s=self.header_timeout_s,
                           keepalive_timeout_s=self.keepalive_timeout_s,
                           body_timeout_s=self.body_timeout_s)
-
-    @field_validator("model")
-    @classmethod
-    def _known_model(cls, model: str) -> str:
-        if model not in PRESETS:
-            raise ValueError(f"unknown model {model!r}; known: {', '.join(sorted(PRESETS))}")
-        return model
-
-    @field_validator("policy")
-    @classmethod
-    def _known_policy(cls, policy: str) -> str:
-        if policy not in policy_names():
-            raise ValueError(f"unknown policy {policy!r}; known: {', '.join(policy_names())}")
-        return policy
 
     @model_validator(mode="after")
     def _workers(self) -> ProxySettings:

@@ -18,14 +18,15 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 
 from netkv.config import (
     LogLevel,
+    ModelName,
     MqttSettings,
+    PolicyName,
     Port,
     RedisSettings,
     ServiceSettings,
     load_settings,
 )
 from netkv.core.kvsize import PRESETS
-from netkv.core.policies import policy_names
 from netkv.errors import InputError
 from netkv.http.server import HttpLimits
 from netkv.routing.selector import SelectorConfig
@@ -70,11 +71,11 @@ class SchedulerSettings(ServiceSettings):
     topology: str | None = None
     redis: RedisSettings = RedisSettings()
     mqtt: MqttSettings = MqttSettings()
-    policy: str = "netkv"
+    policy: PolicyName = "netkv"
     policy_params: dict[str, dict[str, Any]] = Field(default_factory=dict)
     capacity_tokens: Positive = 500_000.0
     prefix_blocks: int = Field(default=200_000, ge=0)
-    model: str = "llama3-70b"
+    model: ModelName = "llama3-70b"
     kv_bytes_per_token: Positive | None = None
     token: SecretStr | None = None
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
@@ -112,20 +113,6 @@ class SchedulerSettings(ServiceSettings):
                              "127.0.0.1, or (a private test network only) set "
                              "allow_unauthenticated")
         return self
-
-    @field_validator("model")
-    @classmethod
-    def _known_model(cls, model: str) -> str:
-        if model not in PRESETS:
-            raise ValueError(f"unknown model {model!r}; known: {', '.join(sorted(PRESETS))}")
-        return model
-
-    @field_validator("policy")
-    @classmethod
-    def _known_policy(cls, policy: str) -> str:
-        if policy not in policy_names():
-            raise ValueError(f"unknown policy {policy!r}; known: {', '.join(policy_names())}")
-        return policy
 
     @property
     def bytes_per_token(self) -> float:
