@@ -15,10 +15,10 @@ help: ## list the targets
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,peers]'
 	touch $@
 
-venv: $(BIN)/.installed ## create .venv and install netkv with its dev extras
+venv: $(BIN)/.installed ## create .venv and install netkv with its dev and peers extras
 
 setup: ## install the Debian packages the tests need (as root; otherwise prints the command)
 	scripts/setup.sh test

@@ -1,6 +1,7 @@
 #!/bin/sh
 # A GPU host of the compose testbed: shape the rack NIC with tbf (NET_ADMIN), route the other
-# racks via the spine, then run the NetKV agent and the emulated engines.
+# racks via the spine, then run the NetKV agent and the host's `netkv engine` instances (the
+# k-th instance: HTTP on 9000+k, KV side channel on 9100+k announced as RACK_ADDR).
 set -eu
 : "${HOST:?}" "${RACK_ADDR:?}" "${SPINE:?}"
 NIC_RATE=${NIC_RATE:-40mbit}
@@ -17,5 +18,4 @@ agent: {agent_id: $HOST, listen_address: $RACK_ADDR, fabric_nic: $IF, rdma_enabl
         nic_speed_gbps: {$IF: $SPEED}, counter_interval_s: 0.5, publish_interval_s: 0.5}
 YAML
 netkv agent --config /tmp/agent.yaml &
-exec netkv testbed engine --host "$HOST" --topology /etc/netkv/topology.yaml \
-  --scheduler http://scheduler:8090
+exec netkv testbed engine --host "$HOST" --topology /etc/netkv/topology.yaml

@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "testbed": ("netkv.testbed.cli", "network-namespace testbed that moves real bytes"),
     "trace": ("netkv.workload.cli", "the embedded workload: synthesise a trace, print statistics"),
     "bench": ("netkv.bench.cli", "benchmarks: decision, telemetry, scheduler"),
+    "engine": ("netkv.engine.cli", "an emulated engine that speaks vLLM's P/D protocol"),
+    "proxy": ("netkv_proxy.cli", "the OpenAI-compatible P/D proxy that places decodes"),
 }
 
 

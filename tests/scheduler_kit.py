@@ -17,10 +17,11 @@ from netkv_scheduler.settings import SchedulerSettings
 
 from netkv.adapters.mqtt_client import mqtt_client
 from netkv.config import MqttSettings, RedisSettings
+from netkv.contracts.names import MqttTopics, RedisKeys
+from netkv.contracts.snapshot import encode_snapshot
 from netkv.core.congestion import CongestionMap
 from netkv.core.topology import Topology
 from netkv.localservers import MosquittoServer, RedisServer
-from netkv.telemetry.names import MqttTopics, RedisKeys
 
 
 @asynccontextmanager
@@ -50,7 +51,7 @@ async def publish_map(redis: RedisServer, mosquitto: MosquittoServer, cmap: Cong
     keys = RedisKeys()
     client = aioredis.Redis.from_url(redis.url)
     try:
-        await client.set(keys.map_snapshot, cmap.to_snapshot(version))
+        await client.set(keys.map_snapshot, encode_snapshot(cmap, version))
         await client.set(keys.map_version, version)
     finally:
         await client.aclose()

@@ -7,16 +7,19 @@
         print(agent.stats())
 
 Entering binds the UDP echo socket (responder + prober) on the agent's own address, opens the
-Redis client and, when interfaces are configured, a netlink socket; then starts, in one
-:class:`asyncio.TaskGroup`: the prober (echo ticks), the publisher (which also reads the NIC,
-qdisc and RDMA counters when due and collects RTT samples), the registry watcher (peers and
-pinglist) and MQTT presence. Few tasks and few timers on purpose: each event-loop wake-up
-costs real CPU, and the agent must stay around 1% of a core. Leaving shuts down in order,
-each step bounded: stop probing and reading; publish what was measured (final flush) and
-drop the heartbeat; announce ``offline`` on MQTT; then close sockets and clients. A task
-that fails takes the agent down visibly (the TaskGroup re-raises) rather than leaving a
-half-alive agent; expected faults (Redis or broker down, missing interfaces, malformed
-registry entries) are handled and counted inside the tasks.
+Redis client and, when interfaces are configured, a netlink socket; then starts, under one
+:class:`~netkv.supervisor.Supervisor`: the prober (echo ticks), the publisher (which also
+reads the NIC, qdisc and RDMA counters when due and collects RTT samples), the registry
+watcher (peers and pinglist) and MQTT presence. Few tasks and few timers on purpose: each
+event-loop wake-up costs real CPU, and the agent must stay around 1% of a core. Leaving shuts
+down in order, each step bounded: stop probing and reading; publish what was measured (final
+flush) and drop the heartbeat; announce ``offline`` on MQTT; then close sockets and clients. A task
+that dies is logged and recorded by the supervisor (:attr:`Agent.failures`,
+:meth:`Agent.wait_failed`), and ``netkv agent`` then exits non-zero rather than carrying on as
+a half-alive agent; expected faults (Redis or broker down, missing interfaces, malformed
+registry entries) are handled and counted inside the tasks. The agent's own loops end only
+when it stops (``_stopping``), so they are supervised as tasks that may return; the prober
+and presence run until cancelled, so their returning early is a failure too.
 """
 
 from __future__ import annotations
@@ -34,10 +37,20 @@ from redis.exceptions import RedisError
 
 import netkv
 from netkv.adapters.redis_client import connect_redis
+from netkv.contracts.names import RedisKeys
+from netkv.contracts.registration import (
+    LinkOwnershipError,
+    LinkPair,
+    Registration,
+    RegistrationError,
+    decode_registration,
+    read_registry,
+    resolve_links,
+)
 from netkv.core.topology import Topology
 from netkv.errors import InputError
+from netkv.supervisor import Supervisor, TaskFailure
 from netkv.tasks import cancel_and_wait
-from netkv.telemetry.names import RedisKeys
 from netkv_agent.bandwidth import BurstResult, bandwidth_sink, burst
 from netkv_agent.echo import Prober, echo_endpoint
 from netkv_agent.nic import NicReader
@@ -46,12 +59,6 @@ from netkv_agent.presence import Presence
 from netkv_agent.publisher import Publisher
 from netkv_agent.qdisc import QdiscReader
 from netkv_agent.rdma import RdmaReader
-from netkv_agent.registration import (
-    LinkPair,
-    Registration,
-    RegistrationError,
-    decode_registration,
-)
 from netkv_agent.rtnetlink import RouteSocket
 from netkv_agent.settings import AgentSettings
 
@@ -87,16 +94,10 @@ def link_bindings(settings: AgentSettings, topology: Topology | None
         origin["nics", name] = f"nic_links.{name}"
     if topology is not None:
         for kind, table in (("nics", nics), ("rdma", rdma)):
-            for name, pair in table.items():
-                where = origin[kind, name]
-                for link in (pair.tx, pair.rx):
-                    index = topology.link_index.get(link)
-                    if index is None:
-                        raise InputError(where, f"unknown topology link {link!r}")
-                    owner = topology.links[index].owner
-                    if owner != me:
-                        raise InputError(where, f"link {link!r} belongs to "
-                                         f"{owner!r}, not to this agent ({me!r})")
+            try:
+                resolve_links(topology, me, table)
+            except LinkOwnershipError as exc:
+                raise InputError(origin[kind, exc.key], str(exc)) from None
     return nics, rdma
 
 
@@ -124,8 +125,9 @@ class Agent:
         self.nic_links, self.rdma_links = link_bindings(settings, topology)
         self.prober = Prober(settings.agent_id, timeout_s=settings.probe_timeout_s,
                              window_s=settings.rtt_window_s, tick_s=settings.echo_tick_s)
-        self.nics = NicReader(settings.agent_id, settings.interfaces,
-                              settings.nic_speed_gbps, settings.sysfs_net_root)
+        # /sys/class/net shows this process's namespace: useless for interfaces in another one
+        self.nics = NicReader(settings.agent_id, settings.interfaces, settings.nic_speed_gbps,
+                              settings.sysfs_net_root if settings.netns is None else "")
         self.qdiscs = QdiscReader(settings.agent_id, settings.interfaces)
         self.rdma = RdmaReader(settings.agent_id, settings.rdma_sysfs_root,
                                settings.rdma_devices, settings.rdma_data_unit_bytes)
@@ -139,11 +141,15 @@ class Agent:
         self.bandwidth_errors = 0
         self._bandwidth_port = 0
         self.registry_rejected = 0
+        self.registry_errors = 0
+        self._registry_ok = True
         self._decoded: dict[bytes, Registration | None] = {}  # registry entry -> decoded
         self.counter_errors = 0
         self.samples_by_kind: dict[str, int] = {}
         self._stack = contextlib.AsyncExitStack()
-        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self.supervisor = Supervisor(f"agent-{settings.agent_id}",
+                                     stop_timeout_s=STEP_TIMEOUT_S)
+        self._tasks: dict[str, asyncio.Task[Any]] = {}
         self._route: RouteSocket | None = None
         self._closed = asyncio.Event()
         self._stopping = False
@@ -168,18 +174,18 @@ class Agent:
                 stream_maxlen=s.stream_maxlen, max_buffered_batches=s.max_buffered_batches,
                 max_batch_samples=s.max_batch_samples, op_timeout_s=s.redis_op_timeout_s,
                 max_backoff_s=s.reconnect_max_backoff_s)
-            group = await stack.enter_async_context(asyncio.TaskGroup())
+            sup = await stack.enter_async_context(self.supervisor)
             self._tasks = {
-                "probe": group.create_task(self.prober.run(), name="probe"),
-                "registry": group.create_task(self._registry_loop(redis), name="registry"),
-                "publish": group.create_task(self._publish_loop(), name="publish"),
+                "probe": sup.spawn(self.prober.run(), name="probe"),
+                "registry": sup.spawn(self._registry_loop(redis), name="registry",
+                                      daemon=False),
+                "publish": sup.spawn(self._publish_loop(), name="publish", daemon=False),
             }
             if s.bandwidth_probe_enabled:
-                self._tasks["bandwidth"] = group.create_task(self._bandwidth_loop(),
-                                                             name="bandwidth")
+                self._tasks["bandwidth"] = sup.spawn(self._bandwidth_loop(), name="bandwidth",
+                                                     daemon=False)
             if s.mqtt_enabled:
-                self._tasks["presence"] = group.create_task(self.presence.run(),
-                                                            name="presence")
+                self._tasks["presence"] = sup.spawn(self.presence.run(), name="presence")
         except BaseException:
             await stack.aclose()
             raise
@@ -221,6 +227,15 @@ class Agent:
     async def run_for(self, seconds: float) -> None:
         """Let the agent work for ``seconds`` (bounded mode for tests and benchmarks)."""
         await asyncio.sleep(seconds)
+
+    @property
+    def failures(self) -> tuple[TaskFailure, ...]:
+        """Background tasks that died (empty while the agent is whole)."""
+        return self.supervisor.failures
+
+    async def wait_failed(self) -> TaskFailure:
+        """Wait until a background task dies (``netkv agent`` then exits non-zero)."""
+        return await self.supervisor.wait_failed()
 
     async def wait_closed(self) -> None:
         """Block until the agent is shut down (cancel the caller to stop it)."""
@@ -282,7 +297,7 @@ class Agent:
         """Read the registry and live heartbeats; rebuild the pinglist. False if Redis failed."""
         try:
             async with asyncio.timeout(self.settings.redis_op_timeout_s):
-                entries = await redis.hgetall(self.keys.registry)
+                entries = await read_registry(redis, self.keys)
             regs: list[Registration] = []
             decoded: dict[bytes, Registration | None] = {}
             for field_name, raw in entries.items():
@@ -307,8 +322,16 @@ class Agent:
                 async with asyncio.timeout(self.settings.redis_op_timeout_s):
                     alive = await redis.mget([self.keys.heartbeat(r.agent) for r in regs])
         except (RedisError, OSError, TimeoutError) as exc:
-            log.debug("registry refresh failed", error=str(exc))
+            # warning, not debug: an agent that cannot read the registry probes nobody
+            # (e.g. an ACL user without read access to its peers' entries)
+            if self._registry_ok:
+                log.warning("registry refresh failed", error=str(exc))
+            self._registry_ok = False
+            self.registry_errors += 1
             return False
+        if not self._registry_ok:
+            log.info("registry readable again")
+        self._registry_ok = True
         live = [r for r, beat in zip(regs, alive, strict=True) if beat is not None]
         self.peers = {r.agent: (r.address, r.echo_port) for r in live}
         self.bandwidth_ports = {r.agent: r.bandwidth_port for r in live if r.bandwidth_port}
@@ -381,12 +404,14 @@ class Agent:
             "redis_connected": pub.connected if pub else False,
             "mqtt_connected": self.presence.connected,
             "registry_rejected": self.registry_rejected,
+            "registry_errors": self.registry_errors,
             "counter_errors": self.counter_errors,
             "nic_missing": self.nics.missing, "nic_resets": self.nics.resets(),
             "rdma_resets": self.rdma.resets, "rdma_wraps": self.rdma.wraps,
             "bandwidth_probes": [{"peer": r.peer, "bytes_s": r.bytes_s, "bytes": r.nbytes}
                                  for r in self.bandwidth_results],
             "bandwidth_errors": self.bandwidth_errors,
+            "failed_tasks": [f.name for f in self.failures],
         }
 
 

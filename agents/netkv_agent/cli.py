@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import signal
+import sys
 from typing import Any
 
 from redis.exceptions import RedisError
 
 from netkv.adapters.redis_client import connect_redis
+from netkv.contracts.names import RedisKeys
 from netkv.core.topology_file import load_topology
 from netkv.logs import configure_logging
-from netkv.telemetry.names import RedisKeys
+from netkv.signals import stop_on_signals, wait_for_stop_or_failure
 from netkv_agent.agent import Agent
 from netkv_agent.settings import AgentSettings, load_agent_settings
 
@@ -80,16 +80,16 @@ async def check(settings: AgentSettings) -> int:
 
 
 async def serve(settings: AgentSettings, run_for: float | None) -> int:
+    """Run until a signal (or ``run_for``); 1 if a background task died (it is logged)."""
     topology = load_topology(settings.topology) if settings.topology else None
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
-    async with Agent(settings, topology):
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(run_for):
-                await stop.wait()
+    with stop_on_signals() as stop:
+        async with Agent(settings, topology) as agent:
+            died = await wait_for_stop_or_failure(
+                stop, asyncio.ensure_future(agent.wait_failed()), run_for)
+    if died:
+        print(f"netkv agent: stopped because a background task died: {agent.failures[0]}",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -43,14 +43,14 @@ import struct
 import time
 import zlib
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any
 
 import structlog
 
-from netkv.telemetry.samples import RttSample
+from netkv.contracts.samples import RttSample
 
 log = structlog.get_logger(__name__)
 
@@ -195,7 +195,12 @@ class Prober:
     """Schedules probes to the pinglist, matches replies, and produces :class:`RttSample`."""
 
     def __init__(self, reporter: str, *, timeout_s: float = 1.0, window_s: float = 5.0,
-                 tick_s: float = 0.1) -> None:
+                 tick_s: float = 0.1, clock_ns: Callable[[], int] = time.time_ns,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        """``clock_ns`` is the wall clock every send time, round slot, deadline and sample
+        time is read from (the kernel's receive timestamps are CLOCK_REALTIME, which
+        ``time.time_ns`` is); ``monotonic`` times the sample windows. Tests pass fakes and
+        need no sleeps for timeouts."""
         self.reporter = reporter
         self.timeout_s = timeout_s
         self.window_s = window_s
@@ -206,7 +211,8 @@ class Prober:
         self.token = secrets.randbits(32)
         self._seq = secrets.randbits(31)
         # Send times use the same clock as the kernel's receive timestamps (CLOCK_REALTIME).
-        self._clock_ns = time.time_ns
+        self._clock_ns = clock_ns
+        self._monotonic = monotonic
         self._peers: dict[str, PeerState] = {}
         self._outstanding: dict[int, tuple[PeerState, int]] = {}
         self._round_s = 1.0  # the pinglist's shortest interval
@@ -222,7 +228,8 @@ class Prober:
             state = self._peers.get(t.name)
             if state is None or state.target != t:
                 old = state
-                state = PeerState(t, (t.address, t.port), self.window_s)
+                state = PeerState(t, (t.address, t.port), self.window_s,
+                                  last_collect=self._monotonic())
                 if old is not None:  # same peer, new address or interval: keep its history
                     state.srtt, state.rttvar = old.srtt, old.rttvar
                     state.sent, state.lost = old.sent, old.lost
@@ -319,7 +326,7 @@ class Prober:
         if not self._peers:
             self._expire(self._clock_ns())
             return
-        n = int(time.time() // self._round_s)
+        n = int(self._clock_ns() / 1e9 // self._round_s)
         if n != self._round - 1:  # this round slot has not been probed yet
             self.probe_round(n)
         else:
@@ -331,7 +338,7 @@ class Prober:
         while not self._stopping:
             self.tick()
             tick, phase = min(self.tick_s, self._round_s), self._tick_phase
-            now = time.time()
+            now = self._clock_ns() / 1e9
             k = math.floor((now - phase) / tick) + 1
             await asyncio.sleep(max(0.0, k * tick + phase - now))
 
@@ -342,9 +349,9 @@ class Prober:
     # -- samples ---------------------------------------------------------------------------
     def collect(self, wall: float | None = None) -> list[RttSample]:
         """One sample per peer that resolved probes since the last call; resets the counts."""
-        wall = time.time() if wall is None else wall
-        now = time.monotonic()
         now_w = self._clock_ns() / 1e9
+        wall = now_w if wall is None else wall
+        now = self._monotonic()
         samples: list[RttSample] = []
         for state in self._peers.values():
             state.expire(now_w)

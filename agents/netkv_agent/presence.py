@@ -17,7 +17,7 @@ import structlog
 
 from netkv.adapters.mqtt_client import reconnecting
 from netkv.config import MqttSettings
-from netkv.telemetry.names import MqttTopics
+from netkv.contracts.names import MqttTopics
 
 log = structlog.get_logger(__name__)
 

@@ -1,14 +1,16 @@
 """Getting samples to Redis, and staying alive when Redis is not there.
 
 Samples handed to :meth:`Publisher.submit` are sealed every ``publish_interval_s`` into
-batches (``netkv.telemetry.wire.encode_batch``, at most ``max_batch_samples`` each) and
+batches (``netkv.contracts.wire.encode_batch``, at most ``max_batch_samples`` each) and
 appended to the agent's stream ``RedisKeys.samples_stream(agent)`` as one entry with a single
 field ``batch`` (:data:`STREAM_FIELD`) holding the msgpack bytes, with
 ``XADD ... MAXLEN ~ stream_maxlen`` so a stream nobody reads stays bounded.
 
 Every ``heartbeat_interval_s`` the same pipeline also refreshes the heartbeat key
-(``SET <heartbeat> <unix time> EX heartbeat_ttl_s``) and re-writes the agent's registry entry,
-so a Redis that restarted empty is repopulated within one heartbeat.
+(``SET <heartbeat> <unix time> EX heartbeat_ttl_s``) and re-writes the agent's own registry
+key (``SET <registration> <msgpack> EX 3 x heartbeat_ttl_s``: it outlives a short stall and
+leaves the registry within seconds once the agent is gone), so a Redis that restarted empty is
+repopulated within one heartbeat.
 
 When Redis is down, probing goes on (the publisher is a separate task and never blocks the
 probes): sealed batches wait in a bounded buffer of ``max_buffered_batches``; when it is full
@@ -30,14 +32,15 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
-from netkv.telemetry.names import RedisKeys
-from netkv.telemetry.samples import Sample
-from netkv.telemetry.wire import Batch, encode_batch
-from netkv_agent.registration import Registration, encode_registration
+from netkv.contracts.names import RedisKeys
+from netkv.contracts.registration import Registration, encode_registration
+from netkv.contracts.samples import Sample
+from netkv.contracts.wire import Batch, encode_batch
 
 log = structlog.get_logger(__name__)
 
 STREAM_FIELD = "batch"
+REGISTRATION_TTL_FACTOR = 3  # registry entry TTL, in heartbeat TTLs (a choice, see above)
 
 
 @dataclass(slots=True)
@@ -126,7 +129,8 @@ class Publisher:
         if heartbeat:
             pipe.set(self.keys.heartbeat(self.agent), f"{time.time():.3f}",
                      ex=self.heartbeat_ttl_s)
-            pipe.hset(self.keys.registry, self.agent, self._registration_bytes())
+            pipe.set(self.keys.registration(self.agent), self._registration_bytes(),
+                     ex=self.heartbeat_ttl_s * REGISTRATION_TTL_FACTOR)
         try:
             async with asyncio.timeout(self.op_timeout_s):
                 await pipe.execute()
@@ -180,7 +184,8 @@ class Publisher:
             return False
 
     async def deregister(self, timeout_s: float) -> None:
-        """Clean shutdown: drop the heartbeat so the oracle sees us gone at once."""
+        """Clean shutdown: drop the heartbeat so the oracle sees us gone at once (the registry
+        entry stays until its TTL: it describes the host, not the process)."""
         with contextlib.suppress(RedisError, OSError, TimeoutError):
             async with asyncio.timeout(timeout_s):
                 await self.redis.delete(self.keys.heartbeat(self.agent))

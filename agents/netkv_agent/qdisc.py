@@ -14,7 +14,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from netkv.telemetry.samples import QdiscSample
+from netkv.contracts.samples import QdiscSample
 from netkv_agent.counters import RateTracker
 from netkv_agent.rtnetlink import RouteSocket
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import structlog
 
-from netkv.telemetry.samples import RdmaSample
+from netkv.contracts.samples import RdmaSample
 from netkv_agent.counters import RateTracker
 
 log = structlog.get_logger(__name__)

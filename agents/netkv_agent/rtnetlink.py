@@ -7,11 +7,13 @@ below have fixed layouts, so we build them once with :mod:`struct` and unpack on
 we use:
 
 * ``RTM_GETLINK`` by ``IFLA_IFNAME``: interface name -> ifindex (inside the socket's netns);
+  by index: the interface's flags (``IFF_UP``/``IFF_RUNNING``: its operational state);
 * ``RTM_GETSTATS`` with ``IFLA_STATS_LINK_64`` only: the 64-bit link counters;
 * ``RTM_GETQDISC`` for parent ``TC_H_ROOT`` (a *get*, not a dump of every qdisc of the
   namespace): the root qdisc's handle and ``TCA_STATS2``/``TCA_STATS_QUEUE`` (legacy
-  ``TCA_STATS`` as a fallback). Built-in roots (``noqueue``) are not reported, as in a dump
-  (the kernel answers nothing or EINVAL: no sample).
+  ``TCA_STATS`` as a fallback), its kind and, for a ``tbf``, its rate. Built-in roots
+  (``noqueue``) are not reported, as in a dump (the kernel answers nothing or EINVAL: no
+  sample).
 
 The kernel answers rtnetlink requests synchronously inside ``send``, so the reply is already
 queued when ``recv`` runs: no event-loop round trip is needed. A receive timeout bounds the
@@ -26,6 +28,7 @@ import os
 import socket
 import struct
 from collections.abc import Iterator
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Self
 
@@ -41,6 +44,9 @@ RTM_NEWLINK, RTM_GETLINK = 16, 18
 RTM_NEWQDISC, RTM_GETQDISC = 36, 38
 RTM_NEWSTATS, RTM_GETSTATS = 92, 94
 IFLA_IFNAME = 3
+IFF_UP, IFF_RUNNING = 0x1, 0x40
+TCA_KIND, TCA_OPTIONS = 1, 2
+TCA_TBF_PARMS, TCA_TBF_RATE64 = 1, 6
 IFLA_STATS_LINK_64 = 1
 TCA_STATS, TCA_STATS2 = 3, 7
 TCA_STATS_QUEUE = 3
@@ -56,6 +62,10 @@ _LINK64 = struct.Struct("=8Q")
 LINK64_FIELDS = ("rx_packets", "tx_packets", "rx_bytes", "tx_bytes", "rx_errors",
                  "tx_errors", "rx_dropped", "tx_dropped")
 _GNET_QUEUE = struct.Struct("=III")  # qlen, backlog, drops (then requeues, overlimits)
+# tc_tbf_qopt begins with struct tc_ratespec rate: cell_log, linklayer, overhead, cell_align,
+# mpu, rate (bytes/s, 32 bits; TCA_TBF_RATE64 carries rates above 4 GB/s)
+_TC_RATESPEC = struct.Struct("=BBHhHI")
+_U64 = struct.Struct("=Q")
 _TC_STATS = struct.Struct("=QIIIIIII")  # bytes, packets, drops, overlimits, bps, pps, qlen,
 # backlog
 RECV_TIMEOUT_S = 0.5
@@ -74,6 +84,18 @@ def attributes(data: bytes | memoryview, offset: int, end: int) -> Iterator[tupl
             return
         yield kind & 0x3FFF, offset + _RTATTR.size, offset + length  # drop NLA_F_* bits
         offset += _align(length)
+
+
+@dataclass(frozen=True, slots=True)
+class RootQdisc:
+    """An interface's root qdisc: handle, queue state, kind and (``tbf``) shaping rate."""
+
+    handle: int
+    backlog: int
+    qlen: int
+    drops: int
+    kind: str = ""
+    rate_bytes_s: float = 0.0  # a tbf's rate; 0 for other kinds
 
 
 # Errors with which the kernel says the interface asked about does not exist (any more).
@@ -174,6 +196,14 @@ class RouteSocket:
             return None
         return int(_IFINFOMSG.unpack_from(reply)[2])
 
+    def link_flags(self, index: int) -> int | None:
+        """The interface's ``ifi_flags`` (``IFF_*``), or None if it is gone."""
+        reply = self.request_if_present(RTM_GETLINK, _IFINFOMSG.pack(0, 0, index, 0, 0),
+                                        RTM_NEWLINK)
+        if reply is None:
+            return None
+        return int(_IFINFOMSG.unpack_from(reply)[3])
+
     def link_stats64(self, index: int) -> dict[str, int] | None:
         """The interface's 64-bit counters, or None if it is gone."""
         reply = self.request_if_present(RTM_GETSTATS, _IF_STATS_MSG.pack(0, index, 1 << (
@@ -188,6 +218,11 @@ class RouteSocket:
 
     def root_qdisc(self, index: int) -> tuple[int, int, int, int] | None:
         """(handle, backlog bytes, backlog packets, drops) of the interface's root qdisc."""
+        info = self.root_qdisc_info(index)
+        return None if info is None else (info.handle, info.backlog, info.qlen, info.drops)
+
+    def root_qdisc_info(self, index: int) -> RootQdisc | None:
+        """The interface's root qdisc (None: gone, or a built-in root)."""
         # EINVAL too: the kernel's answer for an interface whose root qdisc it cannot show.
         reply = self.request_if_present(RTM_GETQDISC, _TCMSG.pack(0, index, 0, TC_H_ROOT, 0),
                                         RTM_NEWQDISC, NLM_F_ECHO | NLM_F_ACK,
@@ -195,14 +230,34 @@ class RouteSocket:
         if reply is None:
             return None
         handle = int(_TCMSG.unpack_from(reply)[2])
-        legacy: tuple[int, int, int, int] | None = None
-        for kind, start, end in attributes(reply, _TCMSG.size, len(reply)):
-            if kind == TCA_STATS2:
+        queue: tuple[int, int, int] | None = None
+        legacy: tuple[int, int, int] | None = None
+        kind, rate = "", 0.0
+        for attr, start, end in attributes(reply, _TCMSG.size, len(reply)):
+            if attr == TCA_KIND:
+                kind = bytes(reply[start:end]).rstrip(b"\0").decode(errors="replace")
+            elif attr == TCA_OPTIONS:
+                rate = _tbf_rate(reply, start, end) if kind == "tbf" else 0.0
+            elif attr == TCA_STATS2:
                 for sub, s, e in attributes(reply, start, end):
                     if sub == TCA_STATS_QUEUE and e - s >= _GNET_QUEUE.size:
                         qlen, backlog, drops = _GNET_QUEUE.unpack_from(reply, s)
-                        return handle, backlog, qlen, drops
-            elif kind == TCA_STATS and end - start >= _TC_STATS.size:
+                        queue = backlog, qlen, drops
+            elif attr == TCA_STATS and end - start >= _TC_STATS.size:
                 fields = _TC_STATS.unpack_from(reply, start)
-                legacy = handle, fields[7], fields[6], fields[2]
-        return legacy
+                legacy = fields[7], fields[6], fields[2]
+        found = queue or legacy
+        if found is None:
+            return None
+        return RootQdisc(handle, *found, kind=kind, rate_bytes_s=rate)
+
+
+def _tbf_rate(data: bytes, start: int, end: int) -> float:
+    """A tbf's rate in bytes/s from its TCA_OPTIONS (the 64-bit attribute wins)."""
+    rate = 0.0
+    for attr, s, e in attributes(data, start, end):
+        if attr == TCA_TBF_PARMS and e - s >= _TC_RATESPEC.size:
+            rate = rate or float(_TC_RATESPEC.unpack_from(data, s)[5])
+        elif attr == TCA_TBF_RATE64 and e - s >= _U64.size:
+            rate = float(_U64.unpack_from(data, s)[0])
+    return rate

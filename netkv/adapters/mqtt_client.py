@@ -7,12 +7,12 @@ aiomqtt clients are single-use per connection; reconnecting is the caller's loop
 from __future__ import annotations
 
 import asyncio
-import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import aiomqtt
 import structlog
 
+from netkv.adapters.tls import client_context
 from netkv.config import MqttSettings, reveal
 
 log = structlog.get_logger(__name__)
@@ -23,9 +23,7 @@ def mqtt_client(settings: MqttSettings, *, identifier: str | None = None,
     """A client for one connection; enter it with ``async with``."""
     tls_context = None
     if settings.tls:
-        tls_context = ssl.create_default_context(cafile=settings.ca_file)
-        if settings.cert_file:
-            tls_context.load_cert_chain(settings.cert_file, settings.key_file)
+        tls_context = client_context(settings.ca_file, settings.cert_file, settings.key_file)
     return aiomqtt.Client(
         settings.host, settings.port, identifier=identifier, username=settings.username,
         password=reveal(settings.password), keepalive=settings.keepalive_s, will=will,

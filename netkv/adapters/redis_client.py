@@ -7,27 +7,19 @@ costs the caller a failed call or two, never a dead process. Callers own the cli
 
 from __future__ import annotations
 
-import ssl
-
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
+from netkv.adapters.tls import client_context
 from netkv.config import RedisSettings, reveal
-
-
-def _ssl_context(settings: RedisSettings) -> ssl.SSLContext:
-    context = ssl.create_default_context(cafile=settings.ca_file)
-    if settings.cert_file:
-        context.load_cert_chain(settings.cert_file, settings.key_file)
-    return context
 
 
 def connect_redis(settings: RedisSettings, *, retries: int = 3) -> aioredis.Redis:
     """A lazily connecting client; use it as an async context manager to close it."""
     kwargs: dict[str, object] = {}
     if settings.tls or settings.url.startswith("rediss://"):
-        context = _ssl_context(settings)
+        context = client_context(settings.ca_file, settings.cert_file, settings.key_file)
         kwargs = {"ssl_ca_certs": settings.ca_file, "ssl_certfile": settings.cert_file,
                   "ssl_keyfile": settings.key_file,
                   "ssl_check_hostname": context.check_hostname}

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from netkv.core.oracle import LinkStateOracle
+from netkv.core.costmodel import LinkStateOracle
 from netkv.core.policies import (
     CandidateView,
     DecisionEngine,

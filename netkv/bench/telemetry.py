@@ -51,12 +51,13 @@ from redis.asyncio import Redis
 
 from netkv.adapters.redis_client import connect_redis
 from netkv.config import MqttSettings, RedisSettings
-from netkv.core.congestion import MapParams, SnapshotError, snapshot_header
+from netkv.contracts.names import MqttTopics, RedisKeys
+from netkv.contracts.samples import NicSample, RttSample, Sample
+from netkv.contracts.snapshot import SnapshotError, snapshot_links
+from netkv.contracts.wire import Batch, encode_batch
+from netkv.core.congestion import MapParams
 from netkv.core.topology import Topology
 from netkv.localservers import MosquittoServer, RedisServer
-from netkv.telemetry.names import MqttTopics, RedisKeys
-from netkv.telemetry.samples import NicSample, RttSample, Sample
-from netkv.telemetry.wire import Batch, encode_batch
 
 KEYS = RedisKeys()
 BURST_BYTES_S_MIN = 100e6  # a burst must load lo by at least this much to count as seen
@@ -83,7 +84,7 @@ def _batch(topology: Topology, host: int, seq: int, ts: float) -> bytes:
     samples: list[Sample] = [NicSample(
         reporter=name, nic="lo", ts=ts, window_s=0.1, tx_bytes_s=1e6 + seq,
         rx_bytes_s=1e6, tx_packets_s=1e3, rx_packets_s=1e3, drops_s=0.0, errors_s=0.0,
-        speed_bytes_s=0.0)]
+        capacity_bps=0.0, oper_up=True)]
     for k in range(1, min(64, n - 1) + 1):
         peer = topology.hosts[(host + k) % n].name
         samples.append(RttSample(reporter=name, peer=peer, ts=ts, window_s=0.1, sent=1,
@@ -212,13 +213,12 @@ async def measure_freshness(topology: Topology, redis_url: str, mqtt_port: int,
                             continue
                         data = await redis.get(json.loads(payload)["snapshot_key"])
                         try:  # only the one link: a full decode would load this process
-                            links = snapshot_header(
-                                data if isinstance(data, bytes) else b"")["_raw"]["links"]
+                            links = snapshot_links(data if isinstance(data, bytes) else b"")
                         except SnapshotError:
                             continue
-                        at = links["name"].index(link)
-                        util = float(links["util_bytes_s"][at])
-                        updated = float(links["updated_ts"][at])
+                        at = links.name.index(link)
+                        util = float(links.util_bytes_s[at])
+                        updated = float(links.updated_ts[at])
                         if not started:
                             baseline.append(util)
                             continue

@@ -1,7 +1,8 @@
 """The congestion map: live per-link and per-pair network state, O(hosts + links).
 
 The oracle service feeds it measurements; the scheduler and the simulator read it through the
-:class:`~netkv.core.oracle.CostOracle` protocol. Nothing here does I/O.
+:class:`~netkv.core.costmodel.CostOracle` protocol. Nothing here does I/O or encoding: the
+snapshot codec is :mod:`netkv.contracts.snapshot`, RTT tomography :mod:`netkv.core.tomography`.
 
 State (all arrays indexed like ``topology.links`` / ``topology.hosts``):
 
@@ -36,46 +37,32 @@ API for consumers::
     cmap.estimate(src, dsts, nbytes)                  # CostOracle protocol -> CostEstimate
     cmap.cached(ttl_s)                                # the same, rows cached per source
     cmap.link_view(now)                               # a LinkStateOracle over the same state
-    data = cmap.to_snapshot(version)                  # versioned msgpack bytes
-    cmap2 = CongestionMap.from_snapshot(topology, data)   # strict; SnapshotError on bad data
+    cmap.observe_agent("leaf0.1", ts)                 # per-agent freshness (``agents``)
 
-The snapshot is a msgpack map with ``schema`` (:data:`SNAPSHOT_SCHEMA`), ``version`` (monotonic,
-set by the publisher), ``created_ts`` (unix s), ``params``, ``links`` (parallel arrays keyed by
-the ``name`` array, so a consumer maps them by link name, not by position), ``hosts`` and
-``pairs``. Decoding rejects another schema, unknown or missing fields, unknown link/host names,
-wrong lengths and non-finite or negative numbers.
+``version``, ``created_ts`` and ``epoch`` describe the published copy the map is (set by the
+publisher, or read from a snapshot); ``agents`` maps every agent id (hosts and switch agents)
+to when it was last heard from.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
 import numpy as np
 
-from netkv.core.oracle import CostEstimate, LinkStateOracle
+from netkv.core.costmodel import CostEstimate, LinkStateOracle
 from netkv.core.paths import link_state_paths, pick
-from netkv.core.topology import FloatArray, IntArray, LinkKind, Topology
+from netkv.core.topology import FloatArray, IntArray, Topology
 from netkv.fields import bound
-
-SNAPSHOT_SCHEMA = 1
-MAX_SNAPSHOT_BYTES = 64 * 1024 * 1024
 
 # Source confidences: counters measure the link itself; tomography infers it from paths.
 COUNTER_CONFIDENCE = 1.0
 INFERRED_CONFIDENCE = 0.5
-
-
-class SnapshotError(ValueError):
-    """A snapshot that does not follow the schema; ``where`` names the field."""
-
-    def __init__(self, where: str, message: str) -> None:
-        super().__init__(f"snapshot.{where}: {message}")
-        self.where = where
+NO_EPOCH = "0"  # a map no oracle term has published
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,25 +111,32 @@ class CongestionMap:
         n = topology.n_links
         self.prior: FloatArray = topology.nominal_share()
         self.capacity: FloatArray = topology.capacity.copy()
+        self.link_up: np.ndarray[Any, np.dtype[np.bool_]] = np.ones(n, dtype=bool)
         self.util: FloatArray = np.zeros(n)
         self.queue_s: FloatArray = np.zeros(n)
         self.updated_ts: FloatArray = np.zeros(n)  # 0 = never measured
         self.source_confidence: FloatArray = np.zeros(n)
         self.host_seen_ts: FloatArray = np.zeros(topology.n_hosts)
-        # Written only through observe_rtt / from_snapshot, which keep ``_peers`` (each
+        # Written only through observe_rtt / set_pair, which keep ``_peers`` (each
         # host's probed peers, for vectorised pair corrections) in step.
         self.pairs: dict[tuple[int, int], PairState] = {}
         self._peers: dict[int, dict[int, PairState]] = {}
         self.generation = 0  # bumped by every observation; cached views re-read on change
         self.version = 0  # set by the publisher / from a snapshot
         self.created_ts = 0.0
+        self.epoch = NO_EPOCH  # the publishing oracle term's id (hex)
+        self.agents: dict[str, float] = {}  # agent id -> last heard from (unix s)
 
     # -- producers ------------------------------------------------------------------------
     def observe_link(self, link: int, util_bytes_s: float, ts: float, *,
                      capacity_bytes_s: float | None = None, queue_s: float | None = None,
-                     confidence: float = COUNTER_CONFIDENCE) -> None:
+                     confidence: float = COUNTER_CONFIDENCE, up: bool | None = None) -> None:
         """Record a link's utilisation measured over a window ending at ``ts``.
 
+        ``capacity_bytes_s`` is a reported rate (a NIC's negotiated speed or shaping rate): the
+        link's capacity becomes ``min(nominal, reported)``, never more than the topology says.
+        ``up=False`` marks the link failed (a NIC whose operational state is down): its
+        residual bandwidth is 0 while the measurement is fresh, never healthy.
         Older measurements than the one held are ignored (streams may be read out of order
         across agents after a failover).
         """
@@ -151,7 +145,9 @@ class CongestionMap:
         self.generation += 1
         self.util[link] = util_bytes_s
         if capacity_bytes_s:
-            self.capacity[link] = capacity_bytes_s
+            self.capacity[link] = min(capacity_bytes_s, float(self.topology.capacity[link]))
+        if up is not None:
+            self.link_up[link] = up
         if queue_s is not None:
             self.queue_s[link] = queue_s
         self.updated_ts[link] = ts
@@ -170,9 +166,31 @@ class CongestionMap:
         if old is not None and ts < old.ts:
             return
         floor = min(min_s, old.min_s) if old is not None and old.min_s > 0 else min_s
-        self._set_pair(key, PairState(srtt_s, floor, p99_s, loss, ts))
+        self.set_pair(src, dst, PairState(srtt_s, floor, p99_s, loss, ts))
 
-    def _set_pair(self, key: tuple[int, int], pair: PairState) -> None:
+    def observe_rtts(self, src: int,
+                     rows: Iterable[tuple[int, float, float, float, float, float]]) -> None:
+        """:meth:`observe_rtt` for many peers of one source: rows of ``(dst, srtt_s, min_s,
+        p99_s, loss, ts)``. The ingest hot path: a pair already known is updated in place
+        (every index of it sees the change), a new one goes through :meth:`set_pair`."""
+        pairs = self.pairs
+        for dst, srtt_s, min_s, p99_s, loss, ts in rows:
+            key = (src, dst) if src <= dst else (dst, src)
+            old = pairs.get(key)
+            if old is None:
+                self.set_pair(src, dst, PairState(srtt_s, min_s, p99_s, loss, ts))
+                continue
+            if ts < old.ts:
+                continue
+            if old.min_s <= 0 or min_s < old.min_s:
+                old.min_s = min_s
+            old.srtt_s, old.p99_s, old.loss, old.ts = srtt_s, p99_s, loss, ts
+        self.generation += 1
+
+    def set_pair(self, src: int, dst: int, pair: PairState) -> None:
+        """Replace a pair's state as it is (restoring a snapshot; :meth:`observe_rtt` is the
+        producers' way in)."""
+        key = _pair_key(src, dst)
         self.generation += 1
         self.pairs[key] = pair
         a, b = key
@@ -184,6 +202,11 @@ class CongestionMap:
         """The host's agent was heard from at ``ts`` (a batch or a heartbeat)."""
         self.generation += 1
         self.host_seen_ts[host] = max(self.host_seen_ts[host], ts)
+
+    def observe_agent(self, agent: str, ts: float) -> None:
+        """Agent ``agent`` (a host or a switch agent) was heard from at ``ts``."""
+        if ts > self.agents.get(agent, 0.0):
+            self.agents[agent] = ts
 
     # -- derived state --------------------------------------------------------------------
     def link_age(self, now: float | None = None) -> FloatArray:
@@ -203,6 +226,7 @@ class CongestionMap:
         """Per-link bandwidth a new transfer can expect, blended with the prior by freshness."""
         conf = self.link_confidence(now) if conf is None else conf
         measured = np.maximum(self.capacity - self.util, self.capacity * self.params.min_share)
+        measured = np.where(self.link_up, measured, 0.0)  # a failed link carries nothing
         blended: FloatArray = conf * measured + (1.0 - conf) * self.prior
         return blended
 
@@ -261,123 +285,6 @@ class CongestionMap:
         """:meth:`estimate` for a decision hot path: see :class:`CachedMapView`."""
         return CachedMapView(self, ttl_s, self.clock if clock is None else clock)
 
-    # -- tomography -----------------------------------------------------------------------
-    def localise_inflation(self, now: float | None = None, threshold_s: float = 1e-3) -> int:
-        """Attribute RTT inflation (srtt - min) to shared links that no counter measures.
-
-        Boolean tomography by intersection: a link's queueing delay is at most the smallest
-        inflation among fresh pairs whose path crosses it, so an uninflated pair clears every
-        link it crosses. Links whose bound exceeds ``threshold_s`` get that delay and are
-        marked saturated with :data:`INFERRED_CONFIDENCE`. Returns the number of such links.
-        Cost: O(probed pairs * path length).
-        """
-        now = self.clock() if now is None else now
-        counted = self.link_confidence(now) >= COUNTER_CONFIDENCE * 0.5
-        counted &= self.source_confidence >= COUNTER_CONFIDENCE
-        bound_s = np.full(self.topology.n_links, np.inf)
-        fresh = [(a, b, max(p.srtt_s - p.min_s, 0.0)) for (a, b), p in self.pairs.items()
-                 if a != b and now - p.ts <= self.params.fresh_s]
-        if fresh:
-            ends = np.array([(a, b) for a, b, _ in fresh], dtype=np.int64)
-            inflation = np.array([x for _, _, x in fresh])
-            # Both directions: RTT crosses the forward and the reverse path.
-            for src_col, dst_col in ((0, 1), (1, 0)):
-                for src in np.unique(ends[:, src_col]).tolist():
-                    rows = ends[:, src_col] == src
-                    _, links, mask = self.topology.path_matrix(src, ends[rows, dst_col])
-                    values = np.broadcast_to(inflation[rows][:, None], links.shape)
-                    np.minimum.at(bound_s, links[mask], values[mask])
-        kinds = {LinkKind.LEAF_UP, LinkKind.LEAF_DOWN, LinkKind.POD_UP, LinkKind.POD_DOWN}
-        found = 0
-        for i, link in enumerate(self.topology.links):
-            if link.kind not in kinds or counted[i] or not np.isfinite(bound_s[i]):
-                continue
-            if bound_s[i] > threshold_s:
-                self.observe_link(i, self.capacity[i], now, queue_s=float(bound_s[i]),
-                                  confidence=INFERRED_CONFIDENCE)
-                found += 1
-            elif self.source_confidence[i] <= INFERRED_CONFIDENCE:
-                self.observe_link(i, 0.0, now, queue_s=0.0, confidence=INFERRED_CONFIDENCE)
-        return found
-
-    # -- snapshots ------------------------------------------------------------------------
-    def to_snapshot(self, version: int, created_ts: float | None = None) -> bytes:
-        """Serialise the map (see the module docstring for the layout)."""
-        created = self.clock() if created_ts is None else created_ts
-        pairs = list(self.pairs.items())
-        hosts = self.topology.hosts
-        body = {
-            "schema": SNAPSHOT_SCHEMA,
-            "version": int(version),
-            "created_ts": float(created),
-            "params": {"fresh_s": self.params.fresh_s, "stale_s": self.params.stale_s,
-                       "min_share": self.params.min_share, "max_loss": self.params.max_loss},
-            "links": {
-                "name": [lk.name for lk in self.topology.links],
-                "util_bytes_s": self.util.tolist(),
-                "capacity_bytes_s": self.capacity.tolist(),
-                "queue_s": self.queue_s.tolist(),
-                "updated_ts": self.updated_ts.tolist(),
-                "confidence": self.source_confidence.tolist(),
-            },
-            "hosts": {"name": [h.name for h in hosts], "seen_ts": self.host_seen_ts.tolist()},
-            "pairs": {
-                "a": [hosts[a].name for (a, _), _ in pairs],
-                "b": [hosts[b].name for (_, b), _ in pairs],
-                "srtt_s": [p.srtt_s for _, p in pairs],
-                "min_s": [p.min_s for _, p in pairs],
-                "p99_s": [p.p99_s for _, p in pairs],
-                "loss": [p.loss for _, p in pairs],
-                "ts": [p.ts for _, p in pairs],
-            },
-        }
-        out: bytes = msgpack.packb(body, use_bin_type=True)
-        return out
-
-    @classmethod
-    def from_snapshot(cls, topology: Topology, data: bytes,
-                      clock: Callable[[], float] = time.time) -> CongestionMap:
-        """Rebuild a map from :meth:`to_snapshot` bytes; raises :class:`SnapshotError`."""
-        header = snapshot_header(data)
-        raw = header.pop("_raw")
-        p = _exact(raw["params"], "params", {"fresh_s", "stale_s", "min_share", "max_loss"})
-        try:
-            params = MapParams(**{k: _finite(v, f"params.{k}") for k, v in p.items()})
-        except (TypeError, ValueError) as exc:
-            raise SnapshotError("params", str(exc)) from None
-        cmap = cls(topology, params, clock)
-        cmap.version = header["version"]
-        cmap.created_ts = header["created_ts"]
-        links = _exact(raw["links"], "links", {"name", "util_bytes_s", "capacity_bytes_s",
-                                                "queue_s", "updated_ts", "confidence"})
-        idx = _indices(links["name"], topology.link_index, "links.name")
-        for key, arr in (("util_bytes_s", cmap.util), ("capacity_bytes_s", cmap.capacity),
-                         ("queue_s", cmap.queue_s), ("updated_ts", cmap.updated_ts),
-                         ("confidence", cmap.source_confidence)):
-            arr[idx] = _floats(links[key], f"links.{key}", len(idx))
-        if np.any(cmap.source_confidence > 1):
-            raise SnapshotError("links.confidence", "must be <= 1")
-        hosts = _exact(raw["hosts"], "hosts", {"name", "seen_ts"})
-        hidx = _indices(hosts["name"], topology.host_index, "hosts.name")
-        cmap.host_seen_ts[hidx] = _floats(hosts["seen_ts"], "hosts.seen_ts", len(hidx))
-        pairs = _exact(raw["pairs"], "pairs", {"a", "b", "srtt_s", "min_s", "p99_s", "loss",
-                                               "ts"})
-        a = _indices(pairs["a"], topology.host_index, "pairs.a", unique=False)
-        b = _indices(pairs["b"], topology.host_index, "pairs.b", unique=False)
-        if len(a) != len(b):
-            raise SnapshotError("pairs.b", f"expected {len(a)} values, got {len(b)}")
-        cols = {k: _floats(pairs[k], f"pairs.{k}", len(a))
-                for k in ("srtt_s", "min_s", "p99_s", "loss", "ts")}
-        if np.any(cols["loss"] > 1):
-            raise SnapshotError("pairs.loss", "must be <= 1")
-        rows = zip(a.tolist(), b.tolist(), *(cols[k].tolist() for k in
-                                             ("srtt_s", "min_s", "p99_s", "loss", "ts")),
-                   strict=True)
-        for x, y, srtt, lo, p99, loss, ts in rows:
-            cmap._set_pair((x, y) if x <= y else (y, x), PairState(srtt, lo, p99, loss, ts))
-        return cmap
-
-
 def _with_pairs(base: CostEstimate, weight: FloatArray, half_rtt: FloatArray,
                 loss: FloatArray, nbytes: FloatArray | float) -> CostEstimate:
     """Blend per-pair RTT and loss (see :meth:`CongestionMap.pair_terms`) into a link-path
@@ -433,80 +340,3 @@ class CachedMapView:
 
     def estimate(self, src: int, dsts: IntArray, nbytes: FloatArray | float) -> CostEstimate:
         return pick(self.row(src), dsts, nbytes)
-
-
-def snapshot_header(data: bytes) -> dict[str, Any]:
-    """Decode a snapshot's envelope (schema, version, created_ts) strictly.
-
-    Cheap enough for a consumer to decide whether a snapshot is newer than the one it holds.
-    The returned dict also carries the decoded body under ``_raw``.
-    """
-    if not isinstance(data, bytes | bytearray):
-        raise SnapshotError("", "expected bytes")
-    if len(data) > MAX_SNAPSHOT_BYTES:
-        raise SnapshotError("", f"{len(data)} bytes exceeds {MAX_SNAPSHOT_BYTES}")
-    try:
-        raw = msgpack.unpackb(data, raw=False, strict_map_key=True)
-    except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError,
-            TypeError) as exc:
-        raise SnapshotError("", f"not a msgpack snapshot: {exc}") from None
-    if not isinstance(raw, dict):
-        raise SnapshotError("", "a snapshot must be a map")
-    if raw.get("schema") != SNAPSHOT_SCHEMA:
-        raise SnapshotError("schema", f"unsupported schema {raw.get('schema')!r}, "
-                            f"this reader knows {SNAPSHOT_SCHEMA}")
-    _exact(raw, "", {"schema", "version", "created_ts", "params", "links", "hosts", "pairs"})
-    version = raw["version"]
-    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
-        raise SnapshotError("version", "expected a non-negative integer")
-    created = _finite(raw["created_ts"], "created_ts")
-    return {"version": version, "created_ts": created, "_raw": raw}
-
-
-def _exact(raw: Any, where: str, keys: set[str]) -> dict[str, Any]:
-    prefix = f"{where}." if where else ""
-    if not isinstance(raw, dict):
-        raise SnapshotError(where, "expected a map")
-    extra = sorted(str(k) for k in raw if k not in keys)
-    if extra:
-        raise SnapshotError(f"{prefix}{extra[0]}", "unknown field")
-    missing = sorted(keys - set(raw))
-    if missing:
-        raise SnapshotError(f"{prefix}{missing[0]}", "missing field")
-    return raw
-
-
-def _finite(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise SnapshotError(where, f"expected a number, got {type(value).__name__}")
-    if not math.isfinite(value) or value < 0:
-        raise SnapshotError(where, f"must be finite and >= 0, got {value!r}")
-    return float(value)
-
-
-def _floats(raw: Any, where: str, n: int) -> FloatArray:
-    if not isinstance(raw, list) or len(raw) != n:
-        got = len(raw) if isinstance(raw, list) else type(raw).__name__
-        raise SnapshotError(where, f"expected a list of {n} numbers, got {got}")
-    if not set(map(type, raw)) <= {int, float}:  # one pass; bools and strings are out
-        raise SnapshotError(where, "expected numbers only")
-    arr = np.asarray(raw, dtype=np.float64)
-    if arr.size and (not np.all(np.isfinite(arr)) or np.any(arr < 0)):
-        raise SnapshotError(where, "values must be finite and >= 0")
-    return arr
-
-
-def _indices(raw: Any, index: dict[str, int], where: str, *, unique: bool = True) -> IntArray:
-    if not isinstance(raw, list):
-        raise SnapshotError(where, "expected a list of names")
-    try:
-        found = [index.get(name) if isinstance(name, str) else None for name in raw]
-    except TypeError:
-        found = [None]
-    if None in found:
-        i = found.index(None)
-        raise SnapshotError(f"{where}[{i}]", f"unknown name {raw[i]!r:.80} for this topology")
-    out = np.array(found, dtype=np.int64)
-    if unique and len(set(found)) != len(found):
-        raise SnapshotError(where, "duplicate names")
-    return out

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from netkv.core.oracle import CostEstimate, LinkStateOracle
+from netkv.core.costmodel import CostEstimate, LinkStateOracle
 from netkv.core.topology import FloatArray, IntArray, Topology
 
 

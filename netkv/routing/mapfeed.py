@@ -29,13 +29,14 @@ import structlog
 from netkv.adapters.mqtt_client import messages, reconnecting
 from netkv.adapters.redis_client import connect_redis
 from netkv.config import MqttSettings, RedisSettings
-from netkv.core.congestion import CongestionMap, SnapshotError, snapshot_header
-from netkv.core.oracle import CostOracle, static_tier_oracle
+from netkv.contracts.names import MqttTopics, RedisKeys
+from netkv.contracts.snapshot import SnapshotError, decode_snapshot, snapshot_header
+from netkv.core.congestion import CongestionMap
+from netkv.core.costmodel import CostOracle, static_tier_oracle
 from netkv.core.paths import CachedOracle
 from netkv.core.topology import Topology
 from netkv.http.ratelimit import RateLimitedLog
 from netkv.supervisor import Supervisor
-from netkv.telemetry.names import MqttTopics, RedisKeys
 
 log = structlog.get_logger(__name__)
 _errors = RateLimitedLog(__name__)  # a flood of bad messages costs a few lines
@@ -340,11 +341,11 @@ class MapFeed:
             data = data.encode()
         try:
             header = await asyncio.to_thread(snapshot_header, data)
-            epoch = header.get("epoch")
-            if not self.newer(header["version"], header["created_ts"], epoch):
-                self._rejected_version = header["version"]
+            epoch = header.epoch
+            if not self.newer(header.version, header.created_ts, epoch):
+                self._rejected_version = header.version
                 return
-            cmap = await asyncio.to_thread(CongestionMap.from_snapshot, self.topology, data)
+            cmap = await asyncio.to_thread(decode_snapshot, self.topology, data)
         except SnapshotError as exc:
             self.count(f"snapshot: {exc.where or 'envelope'}")
             _errors.warning("map snapshot rejected", error=str(exc)[:200])

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from netkv.core.oracle import LinkStateOracle, static_tier_oracle
+from netkv.core.costmodel import LinkStateOracle, static_tier_oracle
 from netkv.core.policies import Booking, DecisionEngine, PrefillView, make_policy
 from netkv.sim.events import EventQueue, Kind
 from netkv.sim.fabric import FETCH, INF, KV, TENANT, WEIGHTS, Fabric, hot_spots, nic_offsets

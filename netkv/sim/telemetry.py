@@ -11,7 +11,7 @@
 
 Without ``own_flows`` both exclude the scheduler's own KV transfers, which the policy counts
 through its bookings; with it (what a deployed map shows) the sample counts them again until
-they end. Both are :class:`~netkv.core.oracle.LinkStateOracle`\\ s whose per-link arrays are
+they end. Both are :class:`~netkv.core.costmodel.LinkStateOracle`\\ s whose per-link arrays are
 refreshed in place.
 """
 
@@ -21,7 +21,7 @@ import bisect
 
 import numpy as np
 
-from netkv.core.oracle import LinkStateOracle
+from netkv.core.costmodel import LinkStateOracle
 from netkv.core.topology import FloatArray, Topology
 from netkv.sim.fabric import MAX_BACKGROUND
 from netkv.sim.scenario import TelemetrySection

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -28,25 +29,37 @@ from typing import Any
 
 import yaml
 
+from netkv.config import read_config_file
 from netkv.core.policies import policy_names
 from netkv.core.topology import Topology
 from netkv.core.topology_file import load_topology, parse_topology
 from netkv.errors import InputError
 from netkv.logs import configure_logging
 from netkv.testbed.background import HotSpot, Schedule, bulk, core_schedule
-from netkv.testbed.controlplane import ControlPlane
+from netkv.testbed.compare import (
+    EngineApi,
+    RouterComparison,
+    RouterRun,
+    format_comparison,
+    write_comparison,
+)
+from netkv.testbed.controlplane import ControlPlane, Tuning
 from netkv.testbed.enginehost import EngineHostSettings, run_forever
 from netkv.testbed.engines import EngineModel
 from netkv.testbed.fabric import DEFAULT_SCALE, FabricPlan, build
+from netkv.testbed.faults import PRESETS as FAULT_PRESETS
+from netkv.testbed.faults import FaultSchedule
+from netkv.testbed.faults import preset as fault_preset
 from netkv.testbed.netns import Lab, LabError, inside, sweep
+from netkv.testbed.routers import Pinning, RouterError, executable, parse_routers
 from netkv.testbed.runner import (
+    MapEndpoints,
     ReplaySpec,
     format_table,
     load_requests,
     run_policies,
     write_summary,
 )
-from netkv.testbed.selection import HttpSelector
 from netkv.testbed.workload import replay, requests_for
 
 DEFAULT_TOPOLOGY: dict[str, Any] = {
@@ -80,6 +93,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--flows", type=int, default=12, help="flows per default hot spot")
     parser.add_argument("--no-agents", action="store_true",
                         help="skip the agents (the scheduler then uses tier priors only)")
+    peers = parser.add_argument_group("router comparison (run --routers)")
+    peers.add_argument("--routers", help="replay through each router in turn, e.g. "
+                       "netkv,cache_load,vllm-router:round_robin,vllm-router:cache_aware "
+                       "(NetKV policies run in `netkv proxy`; peers need netkv[peers])")
+    peers.add_argument("--faults", default="quiet",
+                       help="fault schedule for --routers: quiet, degraded-nic, failed-rail, "
+                       "moving-hot-spot, or a schedule file (default quiet)")
+    peers.add_argument("--fault-host", help="the host the degraded-nic / failed-rail "
+                       "presets act on (default: the first decode host)")
+    peers.add_argument("--router-cpus", default=None,
+                       help="CPUs every router is pinned to (taskset list; default: the "
+                       "last CPU)")
+    peers.add_argument("--router-nice", type=int, default=0, help="nice of every router")
     compose = parser.add_argument_group("compose testbed (engine, workload)")
     compose.add_argument("--host", help="engine: the topology host this container is")
     compose.add_argument("--scheduler", default="http://127.0.0.1:8090",
@@ -88,6 +114,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     compose.add_argument("--kv-port", type=int, default=9100, help="first KV stream port")
     compose.add_argument("--engine-url", default="http://{host}:9000",
                          help="workload: engine URL template")
+    compose.add_argument("--config", help="workload: shared config (redis, mqtt) whose map "
+                         "the proxy follows")
     compose.add_argument("--listen", help="bulk: sink address HOST:PORT")
     compose.add_argument("--to", help="bulk: send to HOST:PORT")
     compose.add_argument("--seconds", type=float, default=600.0, help="bulk: how long")
@@ -134,13 +162,16 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.action == "up":
             return _up(args)
+        if args.routers:
+            return _compare(args)
         return _run(args)
-    except LabError as exc:
+    except (LabError, RouterError) as exc:
         print(f"netkv testbed: {exc}", file=sys.stderr)
         return 1
 
 
-def _start(lab: Lab, args: argparse.Namespace) -> tuple[FabricPlan, ControlPlane]:
+def _start(lab: Lab, args: argparse.Namespace, tuning: Tuning | None = None
+           ) -> tuple[FabricPlan, ControlPlane]:
     topology, source = _topology(args)
     plan = FabricPlan.of(topology, lab.prefix, args.scale)
     print(plan.describe_scale(), flush=True)
@@ -151,7 +182,7 @@ def _start(lab: Lab, args: argparse.Namespace) -> tuple[FabricPlan, ControlPlane
     build(lab, plan)
     control = ControlPlane(lab, plan, WORK_ROOT / lab.run,
                            bytes_per_token=_bytes_per_token(args.scale),
-                           agents=not args.no_agents)
+                           agents=not args.no_agents, tuning=tuning)
     with inside(plan.control_ns):
         asyncio.run(control.start())
     lab.ledger.extra["scheduler_pid"] = control.scheduler.pid if control.scheduler else 0
@@ -172,6 +203,83 @@ def _up(args: argparse.Namespace) -> int:
     lab.detach()
     print(f"run `netkv testbed run --run {lab.run}` to replay, "
           f"`netkv testbed down --run {lab.run}` to remove it")
+    return 0
+
+
+def _fault_schedule(args: argparse.Namespace, plan: FabricPlan,
+                    duration_s: float) -> FaultSchedule:
+    if args.faults in FAULT_PRESETS:
+        return fault_preset(args.faults, plan, duration_s, host=args.fault_host,
+                            flows=args.flows)
+    try:
+        data = yaml.safe_load(Path(args.faults).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise InputError("--faults", f"not a preset ({', '.join(FAULT_PRESETS)}) and not a "
+                         f"readable schedule file: {exc}") from None
+    schedule = FaultSchedule.parse(data, args.faults)
+    schedule.check(plan)
+    return schedule
+
+
+def _pinning(args: argparse.Namespace) -> Pinning:
+    if args.router_cpus is None:
+        return Pinning(nice=args.router_nice)
+    try:
+        cpus = tuple(int(c) for c in str(args.router_cpus).split(",") if c.strip())
+    except ValueError:
+        raise InputError("--router-cpus", f"expected CPU numbers such as 1 or 0,1, got "
+                         f"{args.router_cpus!r}") from None
+    return Pinning(cpus=cpus, nice=args.router_nice)
+
+
+def _compare(args: argparse.Namespace) -> int:
+    """``run --routers``: the same replay through each router in turn on a fresh testbed,
+    the agents at their default cadences."""
+    specs = parse_routers(args.routers)
+    pinning = _pinning(args)
+    if args.run:
+        raise InputError("--run", "the router comparison builds its own testbed")
+    trace = Path(args.trace or args.environ.get("NETKV_TRACE", DEFAULT_TRACE))
+    spec = ReplaySpec(start=args.start, count=args.count, speedup=args.speedup)
+    requests = load_requests(trace, spec)
+    for s in specs:  # a missing peer binary fails now, not after the fabric is built
+        if s.kind != "netkv":
+            executable(s.kind)
+    EngineApi()  # likewise the vLLM-protocol engines
+    lab = Lab()
+    try:
+        plan, control = _start(lab, args, Tuning.agent_defaults())
+        span = requests[-1].arrival_s + spec.warmup_s + 2.0
+        schedule = _fault_schedule(args, plan, span)
+        model = replace(EngineModel(), bytes_per_token=float(_bytes_per_token(args.scale)))
+
+        def spawn(argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+            return lab.spawn(plan.control_ns, argv, log_path)
+
+        async def replay_all() -> dict[str, RouterRun]:
+            comparison = RouterComparison(plan, model, schedule, spec, spawn=spawn,
+                                          workdir=control.workdir,
+                                          shared_config=control.shared_config(),
+                                          pinning=pinning)
+            runs: dict[str, RouterRun] = {}
+            for s in specs:
+                print(f"replaying through {s.label} ({len(requests)} requests, faults "
+                      f"{args.faults})", flush=True)
+                runs[s.label] = await comparison.run(s, requests)
+            return runs
+
+        with inside(plan.control_ns):
+            runs = asyncio.run(replay_all())
+    finally:
+        lab.teardown()
+    print(format_comparison(runs))
+    meta = {"scale": args.scale, "kv_bytes_per_token": _bytes_per_token(args.scale),
+            "trace": str(trace), "start": args.start, "count": len(requests),
+            "speedup": args.speedup, "faults": args.faults, "schedule": schedule.describe(),
+            "router_cpus": list(pinning.cpus), "router_nice": pinning.nice,
+            "scale_note": plan.describe_scale()}
+    path = write_comparison(Path(args.out), runs, meta)
+    print(f"wrote {path}")
     return 0
 
 
@@ -225,10 +333,9 @@ def _engine(args: argparse.Namespace) -> int:
         raise InputError("--host", "engine needs --host and --topology")
     topology, _ = _topology(args)
     topology.host_id(args.host)
-    settings = EngineHostSettings(host=args.host, scheduler_url=args.scheduler,
-                                  http_port=args.http_port, kv_port=args.kv_port,
-                                  bytes_per_token=float(_bytes_per_token(args.scale)),
-                                  token=args.environ.get("NETKV_SCHEDULER__TOKEN"))
+    settings = EngineHostSettings(host=args.host, http_port=args.http_port,
+                                  kv_port=args.kv_port,
+                                  bytes_per_token=float(_bytes_per_token(args.scale)))
     return run_forever(settings, topology)
 
 
@@ -264,7 +371,10 @@ def _workload(args: argparse.Namespace) -> int:
     policies = _policies(args.policies)
     print(f"workload: {len(requests)} requests from {source}, policies {policies}",
           flush=True)
-    results = asyncio.run(replay(topology, args.engine_url, requests, policies))
+    shared = read_config_file(args.config) if args.config else {}
+    results = asyncio.run(replay(topology, args.engine_url, requests, policies,
+                                 endpoints=MapEndpoints.from_config(shared),
+                                 bytes_per_token=float(_bytes_per_token(args.scale))))
     print(format_table(results), flush=True)
     path = write_summary(Path(args.out), results, {
         "testbed": "compose", "requests": len(requests), "source": source,
@@ -302,11 +412,7 @@ def _schedule(args: argparse.Namespace, plan: FabricPlan, duration_s: float) -> 
 async def _replay(plan: FabricPlan, control: ControlPlane, *, model: EngineModel,
                   schedule: Schedule, spec: ReplaySpec, requests: list[Any],
                   policies: list[str]) -> Any:
-    async with HttpSelector(control.scheduler_url) as selector:
-        async def reset(policy: str) -> None:
-            await control.restart_scheduler()
-
-        return await run_policies(plan, model, selector, schedule=schedule, spec=spec,
-                                  requests=requests, policies=policies, before_each=reset)
-
-
+    # through `netkv proxy`, which follows the control plane's map as the scheduler does
+    return await run_policies(plan, model, schedule=schedule, spec=spec, requests=requests,
+                              policies=policies,
+                              endpoints=MapEndpoints.from_config(control.shared_config()))

@@ -24,6 +24,7 @@ from typing import Any
 import aiohttp
 import structlog
 import yaml
+from netkv_agent.settings import AgentSettings
 
 from netkv.localservers import MosquittoServer, RedisServer, wait_for_port
 from netkv.testbed.fabric import CONTROL_ADDRESS, UPLINK, FabricPlan
@@ -46,6 +47,14 @@ class Tuning:
     probe_interval_leaf_s: float = 0.2
     probe_interval_pod_s: float = 0.3
     probe_interval_core_s: float = 0.3
+
+    @classmethod
+    def agent_defaults(cls) -> Tuning:
+        """The agent's own default cadences (what a deployment runs with), for measuring
+        how fast a fault is seen "at the default probe and counter intervals"."""
+        a = AgentSettings(agent_id="defaults")
+        return cls(a.counter_interval_s, a.publish_interval_s, a.probe_interval_leaf_s,
+                   a.probe_interval_pod_s, a.probe_interval_core_s)
 
 
 class ControlPlane:

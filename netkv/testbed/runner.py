@@ -1,36 +1,45 @@
 """Replay a trace slice once per policy, under the same background schedule, and summarise.
 
-Every policy sees the same requests at the same offsets, the same prefill assignment (round
-robin by request index) and the same hot spots, which start ``warmup_s`` before the first
-request so that the agents and the oracle have seen them; only the decode choice differs.
-Between policies the fabric drains and the scheduler is restarted (fresh bookings and prefix
-caches), so runs do not leak into each other.
+Requests go through ``netkv proxy`` (the OpenAI-compatible P/D proxy) in front of ``netkv
+engine`` instances, as a vLLM deployment's clients would send them. Every policy sees the same
+requests at the same offsets and the same hot spots, which start ``warmup_s`` before the first
+request so that the agents and the oracle have seen them; the proxy picks the prefill (the
+shortest queue) and, with the policy under test, the decode. Between policies the fabric
+drains and the engines and the proxy are rebuilt (fresh prefix caches, bookings and prefix
+index), so runs do not leak into each other.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
-from collections.abc import Awaitable, Callable, Sequence
+import re
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import msgspec
 import numpy as np
 import structlog
+import yaml
+from netkv_proxy.config import ProxySettings, WorkerEntry
+from pydantic import BaseModel, SecretStr
 
-from netkv.core.topology import Tier
+from netkv.config import MqttSettings, RedisSettings
+from netkv.core.topology import Instance, Tier, Topology
+from netkv.engine.model import EngineModel
+from netkv.engine.server import Engine, EngineSettings
 from netkv.errors import InputError
+from netkv.prompts import tokens_for_blocks
 from netkv.testbed.background import Background, Schedule
-from netkv.testbed.engines import (
-    DecodeEngine,
-    EngineModel,
-    Outcome,
-    PrefillEngine,
-    Request,
-    Selector,
-)
+from netkv.testbed.engines import Outcome, Request
 from netkv.testbed.fabric import FabricPlan
 
 log = structlog.get_logger(__name__)
@@ -91,6 +100,7 @@ class PolicyResult:
     outcomes: list[Outcome] = field(default_factory=list)
     hot_crossings: int = 0
     tiers: dict[str, int] = field(default_factory=dict)
+    proxy_ttft_mean_s: float = float("nan")  # the proxy's own histogram (end to end there)
 
     def summary(self) -> dict[str, Any]:
         ok = [o for o in self.outcomes if o.error is None]
@@ -112,91 +122,123 @@ class PolicyResult:
             "kv_bytes_mean": stat(np.array([o.kv_bytes for o in ok]), np.mean),
             "hot_link_transfers": self.hot_crossings,
             "tiers": self.tiers,
+            "proxy_ttft_mean_s": self.proxy_ttft_mean_s,
         }
 
 
-class Replayer:
-    """Owns the engines for one fabric and replays requests under a background schedule."""
+MODEL_NAME = "netkv/emulated"
+TRACE_BLOCK_TOKENS = 512  # the Mooncake trace's prefix-block size
+# Engines, proxy and client share one process here: tokens are streamed 16 per write after
+# the first (vLLM's --stream-interval), which leaves TTFT and the decode's occupancy alone.
+STREAM_INTERVAL = 16
 
-    def __init__(self, plan: FabricPlan, model: EngineModel, selector: Selector,
-                 schedule: Schedule, spec: ReplaySpec) -> None:
-        self.plan, self.model, self.selector = plan, model, selector
-        self.schedule, self.spec = schedule, spec
+
+@dataclass(frozen=True, slots=True)
+class MapEndpoints:
+    """Where the proxy reads the congestion map (the control plane's Redis and broker)."""
+
+    redis: RedisSettings | None = None
+    mqtt: MqttSettings | None = None
+
+    @classmethod
+    def from_config(cls, shared: dict[str, Any]) -> MapEndpoints:
+        mqtt = shared.get("mqtt") or {}
+        return cls(RedisSettings(url=str(shared["redis"]["url"])) if shared.get("redis")
+                   else None,
+                   MqttSettings(host=str(mqtt["host"]), port=int(mqtt["port"])) if mqtt
+                   else None)
+
+
+class ProxyReplay:
+    """One fabric's replays through ``netkv proxy`` in front of ``netkv engine`` instances.
+
+    Every instance of the topology is an :class:`~netkv.engine.server.Engine` whose HTTP
+    port is on the replay's loopback and whose KV side channel (prefill) and pulls (decode)
+    live in its host's namespace, so the KV bytes cross the shaped links. The proxy runs in
+    this process with the control plane's map feed. Engines and proxy are fresh for every
+    policy (no prefix cache, booking or prefix index carries over). The client streams every
+    request (``POST /v1/completions``, the prompt as token ids built from the trace's block
+    ids) and takes TTFT at the first chunk the proxy passes on.
+    """
+
+    def __init__(self, plan: FabricPlan, model: EngineModel, schedule: Schedule,
+                 spec: ReplaySpec, endpoints: MapEndpoints, *,
+                 request_timeout_s: float = 180.0) -> None:
+        self.plan, self.model, self.schedule, self.spec = plan, model, schedule, spec
+        self.endpoints = endpoints
+        self.request_timeout_s = request_timeout_s
         self._loop = asyncio.get_running_loop()
         self._t0 = self._loop.time()
         t = plan.topology
-        self.decoders = {
-            i.name: DecodeEngine(i.name, plan.host_ns[i.host], plan.host_addr[i.host],
-                                 model=model, clock=self.clock, on_done=self._release,
-                                 on_load=self._report)
-            for i in t.instances_with_role("decode")}
-        self.prefills = [PrefillEngine(i.name, plan.host_ns[i.host], model, self.clock)
-                         for i in t.instances_with_role("prefill")]
-        self._reports: set[asyncio.Task[None]] = set()
-        if not self.decoders or not self.prefills:
+        if not t.instances_with_role("decode") or not t.instances_with_role("prefill"):
             raise InputError("topology", "the testbed needs prefill and decode instances")
 
     def clock(self) -> float:
         return self._loop.time() - self._t0
 
-    async def _release(self, request_id: str, decode: str) -> None:
-        try:
-            await self.selector.release(request_id, decode)
-        except Exception as exc:  # a failed release must not kill the decode engine
-            log.warning("release.failed", request=request_id, error=str(exc))
+    def _engine_settings(self, inst: Instance) -> EngineSettings:
+        return EngineSettings(
+            role=inst.role, host="127.0.0.1", port=0,
+            side_channel_host=self.plan.host_addr[inst.host], side_channel_port=0,
+            engine_id=inst.name, block_size=TRACE_BLOCK_TOKENS, ns=self.plan.host_ns[inst.host],
+            record_requests=0, model=self.model, stream_interval=STREAM_INTERVAL,
+            max_model_len=1 << 21)  # trace prompts reach ~130k tokens
 
-    def _report(self, engine: DecodeEngine) -> None:
-        """Push a decoder's load to the scheduler (as a vLLM metrics scrape would show it)."""
-        task = asyncio.create_task(self._push(engine.name, engine.running, engine.waiting,
-                                              engine.kv_use))
-        self._reports.add(task)
-        task.add_done_callback(self._reports.discard)
-
-    async def _push(self, name: str, running: int, waiting: int, kv_use: float) -> None:
-        try:
-            await self.selector.report_load(name, running, waiting, kv_use)
-        except Exception as exc:  # a lost load report must not stop the engine
-            log.warning("load_report.failed", decode=name, error=str(exc))
-
-    async def __aenter__(self) -> Replayer:
-        for d in self.decoders.values():
-            await d.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        for d in self.decoders.values():
-            await d.stop()
-        if self._reports:
-            await asyncio.wait(self._reports, timeout=5.0)
+    def _proxy_settings(self, policy: str, engines: dict[str, Engine]) -> ProxySettings:
+        entries = worker_entries(self.plan.topology, {n: e.url for n, e in engines.items()})
+        return ProxySettings(
+            port=0, prefill=entries["prefill"], decode=entries["decode"], policy=policy,
+            redis=self.endpoints.redis, mqtt=self.endpoints.mqtt,
+            kv_bytes_per_token=self.model.bytes_per_token,
+            capacity_tokens=self.model.capacity_tokens, block_size=TRACE_BLOCK_TOKENS,
+            # engines, proxy and client share one event loop on a loaded machine: generous
+            # health timeouts, so a slow loop is not taken for a dead engine
+            prefill_timeout_s=self.request_timeout_s, health_interval_s=1.0,
+            health_timeout_s=5.0, eject_after=3,
+            map_poll_s=0.5, oracle_cache_s=0.1, log_level="warning")
 
     async def replay(self, policy: str, requests: Sequence[Request]) -> PolicyResult:
-        """Run every request once under ``policy``; background flows run from ``warmup_s``
+        """Every request once under ``policy``; background flows run from ``warmup_s``
         before the first arrival until the schedule ends."""
         result = PolicyResult(policy)
-        async with Background(self.plan, self.schedule, self.clock) as background:
-            background.start()
-            await asyncio.sleep(self.spec.warmup_s)
-            start = self.clock()
-            tasks = []
-            for k, req in enumerate(requests):
-                engine = self.prefills[k % len(self.prefills)]
-                tasks.append(asyncio.create_task(self._at(start + req.arrival_s, engine, req,
-                                                          policy)))
-            result.outcomes = list(await asyncio.gather(*tasks))
-            await background.stop()
-        await asyncio.sleep(self.spec.drain_s)
+        prompts = [tokens_for_blocks(r.block_hashes, r.prompt_tokens, TRACE_BLOCK_TOKENS)
+                   for r in requests]
+        async with contextlib.AsyncExitStack() as stack:
+            engines: dict[str, Engine] = {}
+            for inst in self.plan.topology.instances:
+                engines[inst.name] = await stack.enter_async_context(
+                    Engine(self._engine_settings(inst)))
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(
+                prefix="netkv-replay-")))
+            url = await stack.enter_async_context(proxy_process(
+                self._proxy_settings(policy, engines),
+                self.plan.write_topology(workdir / "topology.yaml"), workdir))
+            http = await stack.enter_async_context(aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0),
+                timeout=aiohttp.ClientTimeout(total=self.request_timeout_s)))
+            async with Background(self.plan, self.schedule, self.clock) as background:
+                background.start()
+                await asyncio.sleep(self.spec.warmup_s)
+                start = self.clock()
+                result.outcomes = list(await asyncio.gather(*(
+                    self._at(http, url, start + r.arrival_s, r, prompt=p, policy=policy)
+                    for r, p in zip(requests, prompts, strict=True))))
+                await background.stop()
+            await asyncio.sleep(self.spec.drain_s)
+            result.proxy_ttft_mean_s = await _proxy_ttft_mean(http, url)
         self._classify(result, start - self.spec.warmup_s)
         return result
 
-    async def _at(self, when: float, engine: PrefillEngine, req: Request,
-                  policy: str) -> Outcome:
+    async def _at(self, http: aiohttp.ClientSession, url: str, when: float, req: Request,
+                  *, prompt: list[int], policy: str) -> Outcome:
         await asyncio.sleep(max(when - self.clock(), 0.0))
-        return await engine.serve(req, policy, self.selector, self.decoders)
+        return await stream_request(http, url, req, prompt=prompt, policy=policy,
+                                    t0=self._t0)
 
     def _classify(self, result: PolicyResult, schedule_t0: float) -> None:
         t = self.plan.topology
         for o in result.outcomes:
-            if o.error is not None or not o.decode:
+            if o.error is not None or not o.decode or not o.prefill:
                 continue
             src = t.instance(o.prefill).host
             dst = t.instance(o.decode).host
@@ -207,19 +249,121 @@ class Replayer:
                 result.hot_crossings += 1
 
 
-async def run_policies(plan: FabricPlan, model: EngineModel, selector: Selector, *,
-                       schedule: Schedule, spec: ReplaySpec, requests: Sequence[Request],
-                       policies: Sequence[str],
-                       before_each: Callable[[str], Awaitable[None]] | None = None,
-                       ) -> dict[str, PolicyResult]:
-    """Replay ``requests`` once per policy; ``before_each`` resets the control plane."""
+async def stream_request(http: aiohttp.ClientSession, url: str, req: Request, *,
+                         prompt: list[int], policy: str, t0: float) -> Outcome:
+    """One replayed request through the proxy at ``url``, streamed; times are seconds since
+    ``t0`` on this host's monotonic clock (which the engines' ``x-netkv-kv-*`` headers use;
+    containers on one kernel share it)."""
+    body = msgspec.json.encode({"model": MODEL_NAME, "prompt": prompt,
+                                "max_tokens": max(req.output_tokens, 1), "stream": True})
+    out = Outcome(req.request_id, "", policy=policy, prompt_tokens=req.prompt_tokens,
+                  arrival_s=time.monotonic() - t0)
+    out.prefill_start_s = out.arrival_s
+    try:
+        async with http.post(url + "/v1/completions", data=body, headers={
+                "Content-Type": "application/json",
+                "x-request-id": f"{policy}-{req.request_id}"}) as resp:
+            if resp.status != 200:
+                out.error = f"HTTP {resp.status}: {(await resp.text())[:300]}"
+                return out
+            await resp.content.readany()  # the first token, as the proxy passed it on
+            out.first_token_s = time.monotonic() - t0
+            h = resp.headers
+            out.prefill, out.decode = h.get("x-netkv-prefill", ""), h.get("x-netkv-decode", "")
+            if "x-netkv-predicted-ms" in h:
+                out.predicted_ttft_s = float(h["x-netkv-predicted-ms"]) / 1e3
+            if "x-netkv-kv-bytes" in h:
+                out.kv_bytes = int(h["x-netkv-kv-bytes"])
+                out.transfer_start_s = float(h["x-netkv-kv-start"]) - t0
+                out.transfer_end_s = float(h["x-netkv-kv-end"]) - t0
+            async for _ in resp.content.iter_any():
+                pass  # the rest of the answer (the booking ends with it)
+    except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+        out.error = f"{type(exc).__name__}: {exc}"
+        log.warning("replay request failed", request=req.request_id, error=out.error)
+    return out
+
+
+def worker_entries(topology: Topology, urls: Mapping[str, str]
+                   ) -> dict[str, tuple[WorkerEntry, ...]]:
+    """Proxy workers for every instance of ``topology`` (``urls``: instance -> base URL),
+    named by instance so the proxy's answers say which instance served."""
+    return {role: tuple(WorkerEntry(url=urls[i.name], host=i.name)
+                        for i in topology.instances_with_role(role))
+            for role in ("prefill", "decode")}
+
+
+def _plain(value: Any) -> Any:
+    """Settings as YAML-ready builtins (tuples become lists, unset values vanish, secrets are
+    written out: the file is the proxy's own config)."""
+    if isinstance(value, BaseModel):
+        return {k: _plain(v) for k, v in value.model_dump(exclude_none=True).items()}
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+@contextlib.asynccontextmanager
+async def proxy_process(settings: ProxySettings, topology: Path, workdir: Path,
+                        timeout_s: float = 60.0) -> AsyncIterator[str]:
+    """``netkv proxy`` as its own process (in this thread's network namespace, which a child
+    inherits), configured from ``settings``; yields its URL once it serves."""
+    config = workdir / "proxy.yaml"
+    plain = _plain(settings) | {"topology": str(topology)}
+    config.write_text(yaml.safe_dump({"proxy": plain}, sort_keys=False))
+    log_path = workdir / "proxy.log"
+    with log_path.open("wb") as log_file:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "netkv.cli", "proxy", "--config", str(config),
+            stdout=log_file, stderr=asyncio.subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + timeout_s
+        url = ""
+        while not url:
+            if proc.returncode is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"netkv proxy did not start; see {log_path}: "
+                                   f"{log_path.read_text()[-2000:]}")
+            found = re.search(r"proxy ready: (\S+)", log_path.read_text())
+            url = found.group(1) if found else ""
+            if not url:
+                await asyncio.sleep(0.1)
+        yield url
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                async with asyncio.timeout(5.0):
+                    await proc.wait()
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+
+
+async def _proxy_ttft_mean(http: aiohttp.ClientSession, url: str) -> float:
+    """The proxy's own end-to-end TTFT histogram, sum / count (NaN when unreadable)."""
+    try:
+        async with http.get(url + "/metrics") as resp:
+            text = await resp.text()
+    except (aiohttp.ClientError, OSError, TimeoutError):
+        return float("nan")
+    values = dict(re.findall(r"^netkv_proxy_ttft_seconds_(sum|count) (\S+)$", text, re.M))
+    count = float(values.get("count", 0.0))
+    return float(values["sum"]) / count if count else float("nan")
+
+
+async def run_policies(plan: FabricPlan, model: EngineModel, *, schedule: Schedule,
+                       spec: ReplaySpec, requests: Sequence[Request], policies: Sequence[str],
+                       endpoints: MapEndpoints) -> dict[str, PolicyResult]:
+    """Replay ``requests`` once per policy through the proxy."""
     results: dict[str, PolicyResult] = {}
-    async with Replayer(plan, model, selector, schedule, spec) as replayer:
-        for policy in policies:
-            if before_each is not None:
-                await before_each(policy)
-            log.info("testbed.replay", policy=policy, requests=len(requests))
-            results[policy] = await replayer.replay(policy, requests)
+    replayer = ProxyReplay(plan, model, schedule, spec, endpoints)
+    for policy in policies:
+        log.info("testbed.replay", policy=policy, requests=len(requests))
+        results[policy] = await replayer.replay(policy, requests)
     return results
 
 

@@ -1,25 +1,37 @@
-"""The compose testbed's one-shot workload: replay a trace slice once per policy through the
-engine hosts' ``POST /v1/generate`` and print the comparison table.
+"""The compose testbed's one-shot workload: replay a trace slice once per policy through
+``netkv proxy`` in front of the engine hosts, and print the comparison table.
 
-Each request goes to the prefill instance chosen round robin by request index (the same for
-every policy); the engine host asks the scheduler for the decode instance and ships the KV
-bytes, and answers with the request's timestamps. Without the trace file (it is not shipped
-with the project) a seeded synthetic slice with the trace's shape is used and said so.
+The proxy runs in this process (fresh for every policy: no booking or prefix index carries
+over), follows the congestion map from the compose testbed's Redis and broker, and routes to
+the hosts' ``netkv engine`` instances; the KV bytes go from the prefill's host to the decode's
+host across the shaped rack links. Without the trace file (it is not shipped with the project)
+a seeded synthetic slice with the trace's shape is used and said so.
 """
 
 from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 import aiohttp
+from netkv_proxy.cli import serving
+from netkv_proxy.config import ProxySettings
 
 from netkv.core.topology import Topology
+from netkv.prompts import tokens_for_blocks
+from netkv.testbed.enginehost import TRACE_BLOCK_TOKENS, engine_urls
 from netkv.testbed.engines import Outcome, Request
-from netkv.testbed.runner import PolicyResult, ReplaySpec, load_requests
+from netkv.testbed.runner import (
+    MapEndpoints,
+    PolicyResult,
+    ReplaySpec,
+    load_requests,
+    stream_request,
+    worker_entries,
+)
 
 
 def synthetic_requests(spec: ReplaySpec, seed: int = 7) -> list[Request]:
@@ -45,47 +57,44 @@ def requests_for(trace: Path | None, spec: ReplaySpec) -> tuple[list[Request], s
 
 
 async def replay(topology: Topology, engine_url: str, requests: Sequence[Request],
-                 policies: Sequence[str], *, drain_s: float = 4.0,
+                 policies: Sequence[str], *, endpoints: MapEndpoints | None = None,
+                 bytes_per_token: float = 33.0, drain_s: float = 4.0,
                  timeout_s: float = 180.0,
                  host_urls: Mapping[str, str] | None = None) -> dict[str, PolicyResult]:
     """Replay once per policy; ``engine_url`` is a template such as ``http://{host}:9000``
-    (``host_urls`` maps hosts to URLs explicitly instead)."""
-    urls = dict(host_urls or {})
-    prefills = topology.instances_with_role("prefill")
+    for a host's first instance (``host_urls`` maps hosts to URLs explicitly instead)."""
+    hosts = {h.name: (host_urls or {}).get(h.name) or engine_url.format(host=h.name)
+             for h in topology.hosts}
+    entries = worker_entries(topology, engine_urls(topology, hosts))
+    prompts = [tokens_for_blocks(r.block_hashes, r.prompt_tokens, TRACE_BLOCK_TOKENS)
+               for r in requests]
+    endpoints = endpoints or MapEndpoints()
     results: dict[str, PolicyResult] = {}
-    timeout = aiohttp.ClientTimeout(total=timeout_s)
-    loop = asyncio.get_running_loop()
-    async with aiohttp.ClientSession(timeout=timeout) as http:
-        for policy in policies:
-            start = loop.time()
+    for policy in policies:
+        settings = ProxySettings(
+            port=0, prefill=entries["prefill"], decode=entries["decode"], policy=policy,
+            redis=endpoints.redis, mqtt=endpoints.mqtt, kv_bytes_per_token=bytes_per_token,
+            block_size=TRACE_BLOCK_TOKENS, prefill_timeout_s=timeout_s, map_poll_s=0.5)
+        async with serving(settings, topology) as (_, url), aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0),
+                timeout=aiohttp.ClientTimeout(total=timeout_s)) as http:
+            t0 = time.monotonic()
 
-            async def one(k: int, req: Request, policy: str = policy,
-                          start: float = start) -> Outcome:
-                await asyncio.sleep(max(start + req.arrival_s - loop.time(), 0.0))
-                inst = prefills[k % len(prefills)]
-                rid = f"{policy}-{req.request_id}"
-                body = {"request_id": rid, "prefill": inst.name,
-                        "prompt_tokens": req.prompt_tokens, "output_tokens": req.output_tokens,
-                        "block_hashes": list(req.block_hashes), "policy": policy}
-                try:
-                    base = urls.get(inst.host) or engine_url.format(host=inst.host)
-                    async with http.post(base + "/v1/generate", json=body) as resp:
-                        data: dict[str, Any] = await resp.json()
-                    if resp.status != 200:
-                        return Outcome(rid, inst.name, policy=policy, error=str(data))
-                except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
-                    return Outcome(rid, inst.name, policy=policy, error=f"{exc!r}")
-                fields = {k: v for k, v in data.items() if k not in ("ttft_s", "transfer_s")}
-                return Outcome(**fields)
+            async def one(req: Request, prompt: list[int], policy: str = policy,
+                          t0: float = t0) -> Outcome:
+                await asyncio.sleep(max(t0 + req.arrival_s - time.monotonic(), 0.0))
+                return await stream_request(http, url, req, prompt=prompt, policy=policy,
+                                            t0=t0)
 
-            outcomes = await asyncio.gather(*(one(k, r) for k, r in enumerate(requests)))
-            result = PolicyResult(policy, list(outcomes))
-            for o in result.outcomes:
-                if o.error is None and o.decode:
-                    src = topology.host_id(topology.instance(o.prefill).host)
-                    dst = topology.host_id(topology.instance(o.decode).host)
-                    tier = topology.tier(src, dst).name.lower()
-                    result.tiers[tier] = result.tiers.get(tier, 0) + 1
-            results[policy] = result
+            outcomes = await asyncio.gather(*(one(r, p) for r, p in zip(requests, prompts,
+                                                                         strict=True)))
             await asyncio.sleep(drain_s)
+        result = PolicyResult(policy, list(outcomes))
+        for o in result.outcomes:
+            if o.error is None and o.decode and o.prefill:
+                src = topology.host_id(topology.instance(o.prefill).host)
+                dst = topology.host_id(topology.instance(o.decode).host)
+                tier = topology.tier(src, dst).name.lower()
+                result.tiers[tier] = result.tiers.get(tier, 0) + 1
+        results[policy] = result
     return results

@@ -5,7 +5,7 @@
   estimate per destination (one source, many destinations: what a decision needs).
 * ``GET /v1/map`` -> the map: per link utilisation, capacity, available bandwidth, queueing,
   age and confidence; per host liveness; the number of probed pairs. ``?format=msgpack``
-  returns the versioned snapshot bytes (:meth:`CongestionMap.to_snapshot`).
+  returns the versioned snapshot bytes (:func:`netkv.contracts.snapshot.encode_snapshot`).
 * ``GET /healthz`` (the loops made progress recently), ``GET /readyz`` (a map is being
   served), ``GET /metrics`` (Prometheus).
 
@@ -27,10 +27,12 @@ import numpy as np
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from netkv.contracts.snapshot import encode_snapshot
 from netkv.core.congestion import CongestionMap
-from netkv.core.oracle import CostEstimate
+from netkv.core.costmodel import CostEstimate
 from netkv.errors import InputError
 from netkv.http.middlewares import middlewares
+from netkv_oracle import view
 from netkv_oracle.metrics import OracleMetrics
 
 MAX_DSTS = 100_000
@@ -152,7 +154,7 @@ async def map_view(request: web.Request) -> web.StreamResponse:
     cmap = _map(request)
     fmt = request.query.get("format", "json")
     if fmt == "msgpack":
-        return web.Response(body=cmap.to_snapshot(cmap.version, cmap.created_ts),
+        return web.Response(body=encode_snapshot(cmap, cmap.version, cmap.created_ts),
                             content_type="application/msgpack")
     if fmt != "json":
         raise InputError("format", "expected json or msgpack")
@@ -206,4 +208,5 @@ def build_app(state: ApiState) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    view.add_routes(app, state.current_map)  # the live congestion view (view.py)
     return app

@@ -5,8 +5,9 @@
   topology's owners), for host and switch agents alike (a leaf's uplink port loads
   ``<leaf>/up`` and ``<leaf>/down``). An unregistered host's interfaces load
   ``<host>/nic/up`` and ``/nic/down``; an unregistered switch is refused at the check.
-  Several interfaces on one link add up; a reported ``speed_bytes_s`` below the topology's
-  capacity lowers it (a NIC that negotiated a lower rate).
+  Several interfaces on one link add up; a reported ``capacity_bps`` below the topology's
+  capacity lowers it (a NIC that negotiated a lower rate, or one shaped by a tbf), and a link
+  whose interfaces all report ``oper_up = False`` is failed (no residual bandwidth).
 * ``RdmaSample``: RDMA traffic bypasses the kernel's netdev counters on RoCE NICs, so a
   link's utilisation is the larger of its netdev sum and its RDMA sum.
 * ``QdiscSample``: backlog / capacity is queueing delay on the interface's ``tx`` link.
@@ -14,21 +15,21 @@
 
 Sample timestamps are clamped to the oracle's clock, so an agent with a fast clock cannot
 keep its links "fresh" forever. Shared links without switch telemetry are inferred from RTT
-inflation by :meth:`CongestionMap.localise_inflation` when the map is published.
+inflation by :func:`netkv.core.tomography.localise_inflation` when the map is published.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
+from netkv.contracts.samples import NicSample, QdiscSample, RdmaSample, RttSample, Sample
 from netkv.core.congestion import CongestionMap, MapParams
 from netkv.core.topology import Topology
-from netkv.telemetry.samples import NicSample, RdmaSample, RttSample, Sample
 from netkv_oracle.identity import Ownership
 
-# per link: (source kind, source name) -> (bytes/s, speed bytes/s, ts)
-_Sources = dict[tuple[str, str], tuple[float, float, float]]
+# per link: (source kind, source name) -> (bytes/s, capacity bytes/s, ts, up)
+_Sources = dict[tuple[str, str], tuple[float, float, float, bool]]
 
 
 class MapBuilder:
@@ -61,27 +62,31 @@ class MapBuilder:
         host = topo.host_index.get(agent)
         if host is not None:
             self.map.observe_host(host, now)
+        self.map.observe_agent(agent, now)
         touched: set[int] = set()
-        for s in samples:
+        rtts = [s for s in samples if type(s) is RttSample]
+        if rtts and host is not None:
+            self.map.observe_rtts(host, self._rtt_rows(host, rtts, now))
+        for s in samples if len(rtts) < len(samples) else ():
+            if type(s) is RttSample:
+                continue
             ts = min(s.ts, now)
-            if isinstance(s, RttSample):
-                if host is not None and s.sent > 0:
-                    self._rtt(host, topo.host_index[s.peer], s, ts)
-            elif isinstance(s, NicSample):
+            if isinstance(s, NicSample):
                 tx_link, rx_link = ownership.nic_links(agent, s.nic)
                 for link, rate in ((tx_link, s.tx_bytes_s), (rx_link, s.rx_bytes_s)):
                     if link is not None:
                         self._sources.setdefault(link, {})[("net", s.nic)] = (
-                            rate, s.speed_bytes_s, ts)
+                            rate, s.capacity_bps / 8, ts, s.oper_up)
                         touched.add(link)
             elif isinstance(s, RdmaSample):
                 tx_link, rx_link = ownership.rdma_links(agent, s.device, s.port)
                 source = f"{s.device}/{s.port}"
                 for link, rate in ((tx_link, s.tx_bytes_s), (rx_link, s.rx_bytes_s)):
                     if link is not None:
-                        self._sources.setdefault(link, {})[("rdma", source)] = (rate, 0.0, ts)
+                        self._sources.setdefault(link, {})[("rdma", source)] = (
+                            rate, 0.0, ts, True)
                         touched.add(link)
-            else:  # QdiscSample: backlog queues on the interface's transmit link
+            elif isinstance(s, QdiscSample):  # backlog queues on the interface's tx link
                 link = ownership.nic_links(agent, s.nic)[0]
                 if link is not None:
                     self.map.observe_queue(link, s.backlog_bytes / self.map.capacity[link], ts)
@@ -89,15 +94,24 @@ class MapBuilder:
             self._refresh(link, now)
         self._mark(now)
 
-    def _rtt(self, host: int, peer: int, s: RttSample, ts: float) -> None:
-        if s.sent > s.lost:
-            self.map.observe_rtt(host, peer, srtt_s=s.srtt_s, min_s=s.min_s, p99_s=s.p99_s,
-                                 loss=s.lost / s.sent, ts=ts)
-            return
-        old = self.map.pairs.get((min(host, peer), max(host, peer)))
-        if old is not None:  # everything lost: keep the last RTT, report full loss
-            self.map.observe_rtt(host, peer, srtt_s=old.srtt_s, min_s=old.min_s,
-                                 p99_s=old.p99_s, loss=1.0, ts=ts)
+    def _rtt_rows(self, host: int, rtts: list[RttSample], now: float
+                  ) -> Iterator[tuple[int, float, float, float, float, float]]:
+        """(peer, srtt, min, p99, loss, ts) per window with probes. A window that lost
+        everything keeps the pair's last RTT and reports full loss (nothing if the pair was
+        never measured)."""
+        index, pairs = self.topology.host_index, self.map.pairs
+        for s in rtts:
+            sent, lost = s.sent, s.lost
+            if sent <= 0:
+                continue
+            peer = index[s.peer]
+            ts = s.ts if s.ts < now else now
+            if sent > lost:
+                yield peer, s.srtt_s, s.min_s, s.p99_s, lost / sent, ts
+                continue
+            old = pairs.get((host, peer) if host <= peer else (peer, host))
+            if old is not None:
+                yield peer, old.srtt_s, old.min_s, old.p99_s, 1.0, ts
 
     def _refresh(self, link: int, now: float) -> None:
         horizon = now - self.map.params.stale_s
@@ -109,6 +123,8 @@ class MapBuilder:
         ts = max(v[2] for _, v in fresh)
         # A reported link speed can only lower the declared capacity (a NIC that negotiated
         # a lower rate); shaping or policy limits below line rate live in the topology.
-        speed = sum(v[1] for k, v in fresh if k[0] == "net")
+        netdevs = [v for k, v in fresh if k[0] == "net"]
+        speed = sum(v[1] for v in netdevs)
         capacity = min(speed, float(self.topology.capacity[link])) if speed > 0 else None
-        self.map.observe_link(link, max(net, rdma), ts, capacity_bytes_s=capacity)
+        up = any(v[3] for v in netdevs) if netdevs else None
+        self.map.observe_link(link, max(net, rdma), ts, capacity_bytes_s=capacity, up=up)

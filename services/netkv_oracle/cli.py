@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import signal
 
 from netkv.config import load_settings
 from netkv.core.topology import Topology
 from netkv.core.topology_file import load_topology, parse_topology
 from netkv.logs import configure_logging
+from netkv.signals import stop_on_signals
 from netkv_oracle.service import OracleService
 from netkv_oracle.settings import OracleSettings
 
@@ -38,13 +37,12 @@ def load(args: argparse.Namespace) -> tuple[OracleSettings, Topology]:
 
 
 async def _serve(settings: OracleSettings, topology: Topology) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError):
-            loop.add_signal_handler(sig, stop.set)
-    async with OracleService(settings, topology):
-        await stop.wait()
+    """Serve until a signal. A background task that dies is logged and turns /healthz and
+    /readyz to 503 (the orchestrator's cue to replace this oracle; a standby takes over the
+    lead when this one stops renewing it)."""
+    with stop_on_signals() as stop:
+        async with OracleService(settings, topology):
+            await stop.wait()
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,12 +3,13 @@
 An agent may only report on its own host's links. Two layers enforce it:
 
 1. **Redis ACL users, one per agent** (:func:`agent_acl_rules`). User ``<agent>`` may
-   ``XADD`` only to its own stream ``<prefix>{s<shard>}:samples:<agent>``, write its own
-   heartbeat key and the registry hash, and read nothing else. So the stream a batch arrives
-   on authenticates its author: another agent cannot write there. (Limitation: ACLs are per
-   key, so the registry hash is writable by every agent; the oracle therefore accepts a
-   registry entry only for the agent it names and only if every link it binds is owned by
-   that agent in the topology.)
+   ``XADD`` only to its own stream ``<prefix>{s<shard>}:samples:<agent>`` and ``SET``/``DEL``
+   only its own heartbeat and registry keys (one registry key per agent, so no agent can write,
+   expire or retype another's entry); it may *read* (``SCAN``, ``MGET``, ``GET``) its peers'
+   registry entries and heartbeats, which it needs to build its pinglist, and nothing else.
+   So the stream a batch arrives on authenticates its author: another agent cannot write
+   there. The oracle still accepts a registry entry only for the agent its key names and only
+   if every link it binds is owned by that agent in the topology.
 2. **The oracle checks every batch** (:meth:`Ownership.check`): the batch's ``agent`` must be
    the stream's owner, every sample's ``reporter`` must be that agent, and each sample's
    subject must belong to it: a host agent reports its own NICs, RDMA devices and probes to
@@ -26,14 +27,20 @@ already authenticates every connection.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from netkv_agent.registration import LinkPair, RegistrationError, decode_registration
-
+from netkv.contracts.names import RedisKeys, shard_of
+from netkv.contracts.registration import (
+    LinkOwnershipError,
+    LinkPair,
+    RegistrationError,
+    decode_registration,
+    resolve_links,
+)
+from netkv.contracts.samples import NicSample, QdiscSample, RdmaSample, RttSample, Sample
+from netkv.contracts.wire import Batch
 from netkv.core.topology import Topology
-from netkv.telemetry.names import RedisKeys, shard_of
-from netkv.telemetry.samples import NicSample, QdiscSample, RdmaSample, RttSample
-from netkv.telemetry.wire import Batch
 
 SAMPLES_MARK = ":samples:"
 
@@ -59,16 +66,21 @@ def stream_owner(keys: RedisKeys, stream: str) -> str | None:
 
 
 def agent_acl_rules(keys: RedisKeys, agent: str, password: str) -> list[str]:
-    """``ACL SETUSER <agent> ...`` rules that confine an agent to its own keys.
+    """``ACL SETUSER <agent> ...`` rules: least privilege for a working agent.
 
-    Also correct on a Redis Cluster (``CLUSTER``/``READONLY`` are allowed for slot discovery).
+    Writes (``XADD``, ``SET``, ``DEL``) reach only the agent's own stream, heartbeat and
+    registry key (``~key`` grants read and write on exactly those); reads (``SCAN``, ``MGET``,
+    ``GET``) reach its peers' registry entries and heartbeats (``%R~pattern``: read only).
+    No other command is allowed: no ``EXPIRE``, ``HSET``, ``RENAME``, ``XRANGE``, no
+    channels. Also correct on a Redis Cluster (``CLUSTER``/``READONLY`` for slot discovery).
     """
-    stream = keys.samples_stream(agent)
-    return ["reset", "on", f">{password}", f"~{stream}", f"~{keys.heartbeat(agent)}",
-            f"~{keys.registry}", "resetchannels",
-            "+xadd", "+xtrim", "+set", "+expire", "+hset", "+ping", "+hello", "+auth",
+    own = (keys.samples_stream(agent), keys.heartbeat(agent), keys.registration(agent))
+    return ["reset", "on", f">{password}", *(f"~{key}" for key in own),
+            f"%R~{keys.registrations_pattern}", f"%R~{keys.heartbeats_pattern}",
+            "resetchannels",
+            "+xadd", "+set", "+del", "+get", "+mget", "+scan", "+ping", "+hello", "+auth",
             "+client|setname", "+cluster|slots", "+cluster|shards",
-            "+cluster|nodes", "+readonly", "+info"]
+            "+cluster|nodes", "+readonly"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,17 +108,11 @@ def binding_from_registration(topology: Topology, agent: str, raw: bytes) -> Bin
                             f"entry of {agent!r} names {reg.agent!r}")
 
     def resolve(table: dict[str, LinkPair], where: str) -> dict[str, tuple[int, int]]:
-        out: dict[str, tuple[int, int]] = {}
-        for key, pair in table.items():
-            ids = []
-            for link in (pair.tx, pair.rx):
-                index = topology.link_index.get(link)
-                if index is None or topology.links[index].owner != agent:
-                    raise RejectedError("bad_registration", f"registration.{where}.{key}",
-                                        f"{link!r} is not a link of {agent!r}")
-                ids.append(index)
-            out[key] = (ids[0], ids[1])
-        return out
+        try:
+            return resolve_links(topology, agent, table)
+        except LinkOwnershipError as exc:
+            raise RejectedError("bad_registration", f"registration.{where}.{exc.key}",
+                                f"{exc.link!r} is not a link of {agent!r}") from None
 
     links = resolve(reg.links, "links")
     return Binding(frozenset(reg.nics) | frozenset(links), links, resolve(reg.rdma, "rdma"))
@@ -130,11 +136,21 @@ class Ownership:
         if batch.agent != owner:
             raise RejectedError("wrong_agent", "batch.agent",
                            f"batch from {batch.agent!r} on the stream of {owner!r}")
-        is_host = owner in self.topology.host_index
+        hosts = self.topology.host_index
+        is_host = owner in hosts
         if not is_host and owner not in self._switches:
             raise RejectedError("unknown_agent", "batch.agent", f"{owner!r} is not in the topology")
+        samples = batch.samples
+        # The common case as set operations (C speed): one reporter, and RTT peers that are
+        # other hosts. Then only the other samples are walked; on any doubt every sample is,
+        # and the walk names the field.
+        todo: Iterable[tuple[int, Sample]] = enumerate(samples)
+        if {s.reporter for s in samples} <= {owner}:
+            peers = {s.peer for s in samples if type(s) is RttSample}
+            if not peers or (is_host and owner not in peers and peers <= hosts.keys()):
+                todo = [(i, s) for i, s in enumerate(samples) if type(s) is not RttSample]
         binding = self.bindings.get(owner)
-        for i, s in enumerate(batch.samples):
+        for i, s in todo:
             where = f"batch.samples[{i}]"
             if s.reporter != owner:
                 raise RejectedError("wrong_reporter", f"{where}.reporter",

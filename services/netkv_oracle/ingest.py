@@ -1,15 +1,19 @@
 """Reads the agents' sample streams through a consumer group and feeds the map builder.
 
 * **Discovery**: every ``discover_interval_s`` the ingestor SCANs for
-  ``<prefix>{s*}:samples:*`` (on a cluster, every primary) and reads the registry hash for
+  ``<prefix>{s*}:samples:*`` (on a cluster, every primary) and reads the per-agent registry keys for
   agents' NIC names; a new stream gets the consumer group (``XGROUP CREATE ... 0``).
 * **Reading**: one task per shard runs ``XREADGROUP GROUP netkv-oracle <oracle> BLOCK ...
   STREAMS <every stream of the shard> >``; the streams of a shard share a hash tag, so this is
   one command on a Redis Cluster too.
-* **Decoding** is strict (:func:`netkv.telemetry.wire.decode_batch`), then the identity check
+* **Decoding** is strict (:func:`netkv.contracts.wire.decode_batch`), then the identity check
   (:class:`~netkv_oracle.identity.Ownership`); a bad entry is rejected whole, counted in
   ``netkv_samples_rejected_total{reason}``, acknowledged and skipped. Nothing an agent sends
   can end the loop; Redis errors are counted and retried with backoff.
+* **Bounding**: a rejected entry is deleted (``XDEL``) as it is acknowledged, so a hostile or
+  broken writer's entries do not stay in Redis; and every discovery round trims each stream
+  to :data:`STREAM_CAP` entries (``XTRIM MAXLEN ~``), which bounds a stream whose writer
+  ignores the ``MAXLEN`` the agents use on write.
 * **Acknowledging**: entries are ``XACK``-ed after they are applied. Pending entries of a
   consumer that died (idle longer than ``claim_idle_s``) are taken over with ``XAUTOCLAIM``.
 * A stream or group that vanished (Redis restarted without persistence) shows up as
@@ -21,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -29,8 +34,10 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError, ResponseError
 
-from netkv.telemetry.names import RedisKeys, shard_of
-from netkv.telemetry.wire import WireError, decode_batch
+from netkv.contracts.names import RedisKeys, shard_of
+from netkv.contracts.registration import read_registry
+from netkv.contracts.samples import Sample
+from netkv.contracts.wire import WireError, decode_batch
 from netkv_oracle.builder import MapBuilder
 from netkv_oracle.identity import (
     Binding,
@@ -44,6 +51,7 @@ from netkv_oracle.metrics import OracleMetrics
 log = structlog.get_logger(__name__)
 
 AnyRedis = Redis | RedisCluster
+STREAM_CAP = 10_000  # entries per stream the oracle keeps at most (agents write MAXLEN ~1000)
 
 
 class Ingestor:
@@ -69,6 +77,8 @@ class Ingestor:
         self.rediscover = asyncio.Event()
         self.last_progress = 0.0  # monotonic time of the last successful Redis round
         self._refused: dict[str, bytes] = {}
+        self._rejected: dict[str, list[Any]] = {}  # stream -> ids to XDEL with the next ack
+        self._ingested: dict[type[Sample], Any] = {}  # sample class -> its metric child
 
     # -- discovery ------------------------------------------------------------------------
     async def discover(self) -> int:
@@ -102,13 +112,10 @@ class Ingestor:
 
     async def _read_registry(self) -> None:
         """Agents' bindings (interface -> links), each validated against the topology."""
-        entries: dict[Any, Any] = await self.redis.hgetall(self.keys.registry)
+        entries = await read_registry(self.redis, self.keys)
         bindings: dict[str, Binding] = {}
         refused: dict[str, bytes] = {}
-        for agent, raw in entries.items():
-            name = agent.decode(errors="replace") if isinstance(agent, bytes) else str(agent)
-            if not isinstance(raw, bytes):
-                continue
+        for name, raw in entries.items():
             previous = self.ownership.bindings.get(name)
             try:
                 bindings[name] = binding_from_registration(self.ownership.topology, name, raw)
@@ -142,11 +149,14 @@ class Ingestor:
             return False
         self.builder.apply(batch.agent, batch.samples, now, self.ownership)
         self.metrics.batches.inc()
-        counts: dict[str, int] = {}
-        for s in batch.samples:
-            counts[s.kind] = counts.get(s.kind, 0) + 1
-        for kind, n in counts.items():
-            self.metrics.samples_ingested.labels(kind).inc(n)
+        # Counted by type in C (collections.Counter over map(type, ...)); each kind's metric
+        # child is looked up once, not per batch.
+        counts: Counter[type[Sample]] = Counter(map(type, batch.samples))
+        for cls, n in counts.items():
+            child = self._ingested.get(cls)
+            if child is None:
+                child = self._ingested[cls] = self.metrics.samples_ingested.labels(cls.kind)
+            child.inc(n)
         return True
 
     def _handle_all(self, stream: str, entries: list[Any]) -> list[Any]:
@@ -156,15 +166,32 @@ class Ingestor:
             ids.append(entry_id)
             if fields is None:  # deleted while pending (trimmed): nothing to apply
                 continue
-            self.handle(stream, fields, now)
+            if not self.handle(stream, fields, now):
+                self._rejected.setdefault(stream, []).append(entry_id)
         return ids
 
     async def _ack(self, acks: dict[str, list[Any]]) -> None:
-        if not acks:
+        """Acknowledge handled entries and delete the rejected ones."""
+        rejected, self._rejected = self._rejected, {}
+        if not acks and not rejected:
             return
         async with self.redis.pipeline(transaction=False) as pipe:
             for stream, ids in acks.items():
                 pipe.xack(stream, self.group, *ids)
+            for stream, ids in rejected.items():
+                pipe.xdel(stream, *ids)
+            await pipe.execute()
+        if rejected:
+            self.metrics.trimmed.inc(sum(len(ids) for ids in rejected.values()))
+
+    async def trim(self) -> None:
+        """Cap every known stream at :data:`STREAM_CAP` entries (approximate, cheap)."""
+        streams = [s for shard in self.shards.values() for s in shard]
+        if not streams:
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for stream in streams:
+                pipe.xtrim(stream, maxlen=STREAM_CAP, approximate=True)
             await pipe.execute()
 
     async def read_shard(self, shard: int) -> int:
@@ -228,8 +255,15 @@ class Ingestor:
                 await asyncio.sleep(0.1)
                 continue
             if not self.shards[shard]:
+                ready = self._shard_ready[shard]
+                # Cleared here, with no await since the check above: discovery sets it again
+                # when it adds a stream. (Left set, Event.wait() would return at once, without
+                # yielding, and this loop would spin and starve the event loop: wait_for
+                # used to hide that by always yielding once.)
+                ready.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._shard_ready[shard].wait(), 0.5)
+                    async with asyncio.timeout(0.5):
+                        await ready.wait()
                 continue
             try:
                 await self.read_shard(shard)
@@ -246,12 +280,14 @@ class Ingestor:
         next_claim = time.monotonic() + claim_s
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.rediscover.wait(), discover_s)
+                async with asyncio.timeout(discover_s):
+                    await self.rediscover.wait()
             self.rediscover.clear()
             if not active():
                 continue
             try:
                 await self.discover()
+                await self.trim()
                 if time.monotonic() >= next_claim:
                     next_claim = time.monotonic() + claim_s
                     await self.claim()

@@ -25,6 +25,9 @@ class OracleMetrics:
             ["op"], registry=r)
         self.mqtt_published = Counter(
             "netkv_map_announcements_total", "Map versions announced on MQTT", registry=r)
+        self.trimmed = Counter(
+            "netkv_entries_deleted_total", "Rejected stream entries deleted from Redis",
+            registry=r)
         self.claimed = Counter(
             "netkv_entries_claimed_total", "Pending entries taken over from idle consumers",
             registry=r)

@@ -13,8 +13,14 @@ even if Redis restarted empty), and a second script stores the snapshot only if 
 the version are unchanged. The lock, the version and the snapshot share the ``{map}`` hash
 tag, so the scripts run on a Redis Cluster unchanged.
 
-**Announcement** (:mod:`netkv.telemetry.announcement`, shared with the scheduler): JSON
-``{"version", "created_ts", "snapshot_key", "oracle"}`` on ``MqttTopics.map_version``,
+**Epochs**: every oracle process starts a new term id (:func:`~netkv.contracts.snapshot.
+new_epoch`) and draws another each time it wins leadership; the snapshot envelope and the
+announcement carry it as ``epoch``. Versions are monotonic within an epoch; a reader that sees
+a new epoch accepts its map even at a lower version (an oracle restarted on an empty Redis
+counts from 1 again).
+
+**Announcement** (:mod:`netkv.contracts.announcement`, shared with the scheduler): JSON
+``{"version", "created_ts", "snapshot_key", "oracle", "epoch"}`` on ``MqttTopics.map_version``,
 retained, QoS 1: a scheduler that (re)connects gets the newest version at once and fetches
 the snapshot from Redis.
 """
@@ -35,10 +41,17 @@ from redis.exceptions import RedisError
 
 from netkv.adapters.mqtt_client import reconnecting
 from netkv.config import MqttSettings
-from netkv.core.congestion import CongestionMap, SnapshotError
+from netkv.contracts.announcement import Announcement
+from netkv.contracts.names import MqttTopics, RedisKeys
+from netkv.contracts.snapshot import (
+    SnapshotError,
+    decode_snapshot,
+    encode_snapshot,
+    new_epoch,
+    snapshot_header,
+)
+from netkv.core.congestion import CongestionMap
 from netkv.core.topology import Topology
-from netkv.telemetry.announcement import Announcement
-from netkv.telemetry.names import MqttTopics, RedisKeys
 from netkv_oracle.metrics import OracleMetrics
 
 log = structlog.get_logger(__name__)
@@ -173,6 +186,12 @@ class Publisher:
         self.clock = clock
         self.version = 0
         self.created_ts = 0.0
+        self.epoch = new_epoch()
+
+    def new_term(self) -> str:
+        """A new leader term: a new epoch for everything published from now on."""
+        self.epoch = new_epoch()
+        return self.epoch
 
     async def publish(self, cmap: CongestionMap) -> int | None:
         """Write the next version; None if we are not (or no longer) the leader."""
@@ -183,33 +202,42 @@ class Publisher:
         if version < 0:
             return None
         created = self.clock()
-        data = cmap.to_snapshot(version, created)
+        data = encode_snapshot(cmap, version, created, self.epoch)
         stored = await self.redis.eval(_STORE, 3, keys.oracle_lock, keys.map_version,
                                        keys.map_snapshot, token, version, data)
         if not stored:
             return None
-        cmap.version, cmap.created_ts = version, created
+        cmap.version, cmap.created_ts, cmap.epoch = version, created, self.epoch
         self.version, self.created_ts = version, created
         self.metrics.publish_seconds.observe(time.perf_counter() - started)
         self.metrics.map_version.set(version)
         self.metrics.map_created.set(created)
         if self.announcer is not None:
-            self.announcer.announce(Announcement(version, created, keys.map_snapshot, token))
+            self.announcer.announce(Announcement(version, created, keys.map_snapshot, token,
+                                                 self.epoch))
         return version
 
 
-async def load_snapshot(redis: AnyRedis, keys: RedisKeys, topology: Topology,
-                        newer_than: int = -1,
+async def load_snapshot(redis: AnyRedis, keys: RedisKeys, topology: Topology, *,
+                        newer_than: int = -1, epoch: str | None = None,
                         clock: Callable[[], float] = time.time) -> CongestionMap | None:
-    """The published map if its version is above ``newer_than`` (followers, new leaders)."""
+    """The published map if its version is above ``newer_than``, or (given the ``epoch`` of
+    the map held) if it comes from another epoch at a different version: an oracle that
+    restarted on an empty Redis. Decoded in a worker thread (a large map takes milliseconds
+    that the event loop should spend on I/O)."""
     raw: Any = await redis.get(keys.map_version)
-    if raw is None or int(raw) <= newer_than:
+    if raw is None or int(raw) == newer_than or (int(raw) < newer_than and epoch is None):
         return None
     data = await redis.get(keys.map_snapshot)
     if not isinstance(data, bytes):
         return None
     try:
-        return CongestionMap.from_snapshot(topology, data, clock)
+        header = snapshot_header(data)
+        if header.version <= newer_than and header.epoch == epoch:
+            return None
+        if header.version <= newer_than and epoch is None:
+            return None
+        return await asyncio.to_thread(decode_snapshot, topology, data, clock)
     except SnapshotError as exc:
         log.warning("published snapshot unreadable", error=str(exc))
         return None

@@ -1,9 +1,11 @@
 """The oracle service: ingest, leadership, publishing and HTTP under one owner.
 
 ``async with OracleService(settings, topology) as oracle: await oracle.serve_forever()``.
-The service owns every background task it spawns (and logs any that dies); leaving the
-context cancels them, releases the leader lock (so a standby takes over at once), stops the
-HTTP site and closes the Redis client, in that order and with bounded waits.
+Every background task is owned by one :class:`~netkv.supervisor.Supervisor`: a task that dies
+is logged and turns ``/healthz`` and ``/readyz`` to 503 naming it. Leaving the context cancels
+them, releases the leader lock (so a standby takes over at once), stops the HTTP site and
+closes the Redis client, in that order and with bounded waits; a start-up that fails half-way
+undoes what it had started (runner, tasks, client) before the error propagates.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ import contextlib
 import os
 import socket
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from types import TracebackType
-from typing import Any, Self
+from typing import Self
 
 import structlog
 from aiohttp import web
@@ -27,10 +29,11 @@ from redis.exceptions import RedisError
 
 from netkv.adapters.redis_client import connect_redis
 from netkv.config import RedisSettings, reveal
+from netkv.contracts.names import RedisKeys
 from netkv.core.congestion import CongestionMap, MapParams
+from netkv.core.tomography import localise_inflation
 from netkv.core.topology import Topology
-from netkv.tasks import cancel_and_wait
-from netkv.telemetry.names import RedisKeys
+from netkv.supervisor import Supervisor
 from netkv_oracle.api import ApiState, build_app
 from netkv_oracle.builder import MapBuilder
 from netkv_oracle.identity import Ownership
@@ -87,8 +90,7 @@ class OracleService:
         self.leading = False  # leader *and* seeded from the predecessor's map
         self.followed: CongestionMap | None = None
         self._tick = time.monotonic()
-        self._owned: list[asyncio.Task[None]] = []  # every background task, cancelled on exit
-        self.failed: BaseException | None = None
+        self.supervisor = Supervisor(f"oracle-{self.oracle_id}", stop_timeout_s=5.0)
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -100,13 +102,23 @@ class OracleService:
 
     def _healthy(self) -> tuple[bool, str]:
         idle = time.monotonic() - self._tick
-        if self.failed is not None:
-            return False, f"a background task died: {self.failed!r}"
+        dead = self._dead()
+        if dead:
+            return False, dead
         if idle > HEALTH_WINDOW_S:
             return False, f"publish loop stalled for {idle:.1f} s"
         return True, "leader" if self.leading else "standby"
 
+    def _dead(self) -> str:
+        failures = self.supervisor.failures
+        if not failures:
+            return ""
+        return "background task died: " + "; ".join(f"{f.name} {f.reason}" for f in failures)
+
     def _ready(self) -> tuple[bool, str]:
+        dead = self._dead()
+        if dead:
+            return False, dead
         cmap = self.current_map()
         if cmap is None:
             return False, "no map yet (standby without a published snapshot)"
@@ -137,7 +149,7 @@ class OracleService:
                     self.builder.changed = False
                     if s.tomography and now - last_tomography >= s.sample_interval_s:
                         last_tomography = now  # new RTT windows arrive once per interval
-                        self.builder.map.localise_inflation()
+                        localise_inflation(self.builder.map)
                     if await self.publisher.publish(self.builder.map) is None:
                         self.builder.changed = changed
                     else:
@@ -153,14 +165,16 @@ class OracleService:
         if seed is not None:
             self.builder.seed(seed)
             self.publisher.version = max(self.publisher.version, seed.version)
+        self.builder.map.epoch = self.publisher.new_term()
         self.leading = True
         self.ingestor.rediscover.set()
         log.info("leading", oracle=self.oracle_id, seeded_from=seed.version if seed else None)
 
     async def _follow(self) -> None:
         held = self.followed.version if self.followed is not None else -1
+        epoch = self.followed.epoch if self.followed is not None else None
         cmap = await load_snapshot(self.redis, self.keys, self.topology, newer_than=held,
-                                   clock=self.clock)
+                                   epoch=epoch, clock=self.clock)
         if cmap is not None:
             self.followed = cmap
             self.metrics.map_version.set(cmap.version)
@@ -168,47 +182,51 @@ class OracleService:
 
     # -- lifecycle ------------------------------------------------------------------------
     async def __aenter__(self) -> Self:
+        try:
+            await self._start()
+        except BaseException:
+            await self._close()  # nothing started half-way is left behind
+            raise
+        log.info("oracle started", oracle=self.oracle_id, port=self.port,
+                 hosts=self.topology.n_hosts, links=self.topology.n_links)
+        return self
+
+    async def _start(self) -> None:
         app = build_app(ApiState(self.current_map, self._healthy, self._ready, self.metrics))
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.settings.http_host, self.settings.http_port)
         await site.start()
-        server = site._server
-        sockets = getattr(server, "sockets", None) or []
-        self.port = int(sockets[0].getsockname()[1]) if sockets else self.settings.http_port
+        addresses = self._runner.addresses  # public: the bound (host, port, ...) tuples
+        self.port = int(addresses[0][1]) if addresses else self.settings.http_port
         s = self.settings
-        self._spawn(self.leadership.run(), "leadership")
-        self._spawn(self._publish_loop(), "publish")
-        self._spawn(self.ingestor.housekeeping_loop(
-            self._ingest_active, s.discover_interval_s, s.claim_idle_s), "discover")
+        sup = await self.supervisor.__aenter__()
+        sup.spawn(self.leadership.run(), name="leadership")
+        sup.spawn(self._publish_loop(), name="publish")
+        sup.spawn(self.ingestor.housekeeping_loop(
+            self._ingest_active, s.discover_interval_s, s.claim_idle_s), name="discover")
         for shard in range(self.keys.shards):
-            self._spawn(self.ingestor.shard_loop(shard, self._ingest_active), f"shard-{shard}")
+            sup.spawn(self.ingestor.shard_loop(shard, self._ingest_active),
+                      name=f"shard-{shard}")
         if self.announcer is not None:
-            self._spawn(self.announcer.run(), "mqtt")
-        log.info("oracle started", oracle=self.oracle_id, port=self.port,
-                 hosts=self.topology.n_hosts, links=self.topology.n_links)
-        return self
-
-    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
-        task = asyncio.create_task(coro, name=f"oracle-{self.oracle_id}-{name}")
-        task.add_done_callback(self._task_done)
-        self._owned.append(task)
-
-    def _task_done(self, task: asyncio.Task[None]) -> None:
-        if not task.cancelled() and task.exception() is not None:
-            self.failed = task.exception()
-            log.error("oracle task died", task=task.get_name(), error=repr(task.exception()))
+            sup.spawn(self.announcer.run(), name="mqtt")
 
     async def serve_forever(self) -> None:
         await asyncio.Event().wait()
 
     async def __aexit__(self, et: type[BaseException] | None, e: BaseException | None,
                         tb: TracebackType | None) -> None:
-        await cancel_and_wait(self._owned, 5.0)
-        self._owned.clear()
+        await self._close()
+
+    async def _close(self) -> None:
+        await self.supervisor.stop()
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.leadership.release(), 2.0)
+            async with asyncio.timeout(2.0):
+                await self.leadership.release()
         if self._runner is not None:
-            await asyncio.wait_for(self._runner.cleanup(), 5.0)
+            runner, self._runner = self._runner, None
+            async with asyncio.timeout(5.0):
+                await runner.cleanup()
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.redis.aclose(), 2.0)
+            async with asyncio.timeout(2.0):
+                await self.redis.aclose()

@@ -13,9 +13,9 @@ import aiohttp
 import aiomqtt
 
 from netkv.config import MqttSettings, RedisSettings
-from netkv.telemetry.names import MqttTopics, RedisKeys
-from netkv.telemetry.samples import NicSample, RttSample, Sample
-from netkv.telemetry.wire import Batch, encode_batch
+from netkv.contracts.names import MqttTopics, RedisKeys
+from netkv.contracts.samples import NicSample, RttSample, Sample
+from netkv.contracts.wire import Batch, encode_batch
 from netkv_oracle.settings import OracleSettings
 
 KEYS = RedisKeys()
@@ -36,7 +36,7 @@ def nic(host: str, tx: float, rx: float = 0.0, ts: float | None = None,
         name: str = "eth0") -> NicSample:
     return NicSample(reporter=host, nic=name, ts=ts or time.time(), window_s=0.2,
                      tx_bytes_s=tx, rx_bytes_s=rx, tx_packets_s=1.0, rx_packets_s=1.0,
-                     drops_s=0.0, errors_s=0.0, speed_bytes_s=0.0)
+                     drops_s=0.0, errors_s=0.0, capacity_bps=0.0, oper_up=True)
 
 
 def rtt(host: str, peer: str, srtt: float = 1e-4, ts: float | None = None) -> RttSample:

@@ -40,6 +40,7 @@ from netkv.routing import (
 )
 from netkv.routing.instances import RegistryFullError
 from netkv.supervisor import Supervisor
+from netkv_scheduler import decisions
 from netkv_scheduler.schema import (
     Breakdown,
     HealthResponse,
@@ -366,5 +367,6 @@ def create_app(settings: SchedulerSettings, topology: Topology | None = None,
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/openapi.json", _openapi)
+    decisions.install(app)  # GET /v1/decisions/recent, for the oracle's live view
     app.cleanup_ctx.append(_background)
     return app

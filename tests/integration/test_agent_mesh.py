@@ -11,16 +11,16 @@ from helpers import until
 from netkv_agent.agent import Agent, run_agents
 from netkv_agent.footprint import measure_agent_cpu
 from netkv_agent.publisher import STREAM_FIELD
-from netkv_agent.registration import LinkPair, decode_registration
 from netkv_agent.settings import AgentSettings
 
 from netkv.adapters.redis_client import connect_redis
 from netkv.config import RedisSettings
+from netkv.contracts.names import RedisKeys
+from netkv.contracts.registration import LinkPair, decode_registration, read_registry
+from netkv.contracts.samples import NicSample, RttSample
+from netkv.contracts.wire import Batch, decode_batch
 from netkv.core.topology_file import parse_topology
 from netkv.localservers import RedisServer
-from netkv.telemetry.names import RedisKeys
-from netkv.telemetry.samples import NicSample, RttSample
-from netkv.telemetry.wire import Batch, decode_batch
 
 pytestmark = pytest.mark.integration
 KEYS = RedisKeys()
@@ -47,8 +47,8 @@ async def test_mesh_of_eight_agents(redis_server: RedisServer) -> None:
     assert all(s["pinglist"] == 7 for s in stats)  # 1 leaf + 2 pod + 4 core peers each
     assert all(s["replies"] > 0 and s["dropped_batches"] == 0 for s in stats)
     async with connect_redis(RedisSettings(url=redis_server.url)) as client:
-        raw: Any = await client.hgetall(KEYS.registry)
-        regs = {k.decode(): decode_registration(v) for k, v in raw.items()}
+        raw = await read_registry(client, KEYS)
+        regs = {k: decode_registration(v) for k, v in raw.items()}
         assert set(regs) == {h.name for h in TOPO.hosts}
         assert len({(r.address, r.echo_port) for r in regs.values()}) == 8
         assert regs["h003"].links == {"lo": LinkPair("h003/nic/up", "h003/nic/down")}
@@ -59,7 +59,7 @@ async def test_mesh_of_eight_agents(redis_server: RedisServer) -> None:
             peers = {s.peer for s in rtt}
             assert peers == {h.name for h in TOPO.hosts} - {host.name}
             assert all(s.lost <= s.sent and s.min_s <= s.p50_s <= s.p99_s for s in rtt)
-            assert any(isinstance(s, NicSample) and s.speed_bytes_s == 10e9 / 8
+            assert any(isinstance(s, NicSample) and s.capacity_bps == 10e9
                        for s in samples)
 
 

@@ -23,10 +23,10 @@ from netkv_agent.settings import AgentSettings
 
 from netkv.adapters.redis_client import connect_redis
 from netkv.config import RedisSettings
+from netkv.contracts.names import RedisKeys
+from netkv.contracts.samples import NicSample, QdiscSample
+from netkv.contracts.wire import Batch, decode_batch
 from netkv.localservers import RedisServer
-from netkv.telemetry.names import RedisKeys
-from netkv.telemetry.samples import NicSample, QdiscSample
-from netkv.telemetry.wire import Batch, decode_batch
 
 if TYPE_CHECKING:  # tests/conftest.py cannot be imported by name: tests/testbed has one too
     from conftest import VethPair
@@ -97,7 +97,8 @@ async def test_nic_rates_match_bytes_sent(veth_pair: VethPair) -> None:
     assert count <= a.tx_packets_s * a.window_s <= count + 5
     assert expected <= b.rx_bytes_s * b.window_s <= expected + 2000
     assert a.rx_bytes_s * a.window_s < 200_000  # only ICMP port-unreachables come back
-    assert a.speed_bytes_s == pytest.approx(10e9 / 8)  # from config: veth has no speed
+    assert a.capacity_bps == pytest.approx(10e9)  # from config: veth has no speed
+    assert a.oper_up and b.oper_up
     assert a.drops_s == 0 and a.errors_s == 0
 
 
@@ -128,7 +129,7 @@ async def test_agent_in_namespace_reports_shaped_rate_and_backlog(
     assert mid == pytest.approx(rate_bit / 8, rel=0.15)  # the shaped rate, not the offered
     assert max(s.backlog_bytes for s in qdisc) > 0  # packets queued at the tbf
     assert sum(s.drops_s * s.window_s for s in qdisc) > 0  # and overflowed it
-    assert all(s.speed_bytes_s == pytest.approx(0.02e9 / 8) for s in nic)
+    assert all(s.capacity_bps == pytest.approx(0.02e9) for s in nic)
 
 
 async def _stream(url: str, agent: str) -> list[Batch]:

@@ -18,8 +18,8 @@ from netkv_agent.agent import Agent
 from netkv_agent.settings import AgentSettings
 
 from netkv.config import MqttSettings, RedisSettings
+from netkv.contracts.names import MqttTopics
 from netkv.localservers import MosquittoServer, RedisServer
-from netkv.telemetry.names import MqttTopics
 
 pytestmark = pytest.mark.integration
 TOPICS = MqttTopics()

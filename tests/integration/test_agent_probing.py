@@ -155,3 +155,36 @@ async def test_interval_is_respected_and_pinglist_change_keeps_stats() -> None:
     assert 8 <= first <= 24  # ~20 at 50 ms (a loaded machine may skip rounds, never add)
     assert 4 <= second <= 13 and second < first  # ~10 at 100 ms
     assert srtt is not None
+
+
+def test_timeouts_follow_the_injected_clock_with_no_sleep() -> None:
+    """The prober reads every send time, deadline, round slot and window from its clocks, so
+    a timeout verdict needs no real waiting: advance the fake clock past the timeout."""
+    wall_ns = [1_000 * 10**9]
+    mono = [50.0]
+    a = Prober("a", timeout_s=0.5, clock_ns=lambda: wall_ns[0], monotonic=lambda: mono[0])
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # bound, never answers
+    sink.bind(("127.0.0.29", 0))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.30", 0))
+    sock.setblocking(False)
+    a.sock = sock
+    try:
+        host, port = sink.getsockname()
+        a.set_peers([PeerTarget("mute", host, port, 1.0)])
+        a.tick()  # round 1000 of 1 s: one probe
+        assert a.counters.probes_sent == 1 and a.counters.lost == 0
+        wall_ns[0] += 400_000_000  # 0.4 s: still within the 0.5 s timeout, same round
+        a.tick()
+        assert a.counters.lost == 0 and a.counters.probes_sent == 1
+        wall_ns[0] += 200_000_000  # 0.6 s after the send: lost, and no new round yet
+        mono[0] += 0.6
+        a.tick()
+        assert a.counters.lost == 1 and a.counters.probes_sent == 1
+        [s] = a.collect()
+        assert s.sent == s.lost == 1 and s.ts == pytest.approx(1000.6)
+        assert s.window_s == pytest.approx(0.6)
+    finally:
+        a.sock = None
+        sock.close()
+        sink.close()

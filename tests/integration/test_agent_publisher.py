@@ -4,23 +4,23 @@ Redis restart survived with a bounded buffer that drops (and counts) the oldest 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from typing import Any
 
+import msgspec
 import pytest
 from helpers import until
 from netkv_agent.agent import Agent
 from netkv_agent.publisher import STREAM_FIELD, Publisher
-from netkv_agent.registration import Registration, decode_registration
 from netkv_agent.settings import AgentSettings
 
 from netkv.adapters.redis_client import connect_redis
 from netkv.config import MqttSettings, RedisSettings
+from netkv.contracts.names import RedisKeys
+from netkv.contracts.registration import Registration, decode_registration
+from netkv.contracts.samples import RttSample
+from netkv.contracts.wire import Batch, decode_batch
 from netkv.localservers import RedisServer
-from netkv.telemetry.names import RedisKeys
-from netkv.telemetry.samples import RttSample
-from netkv.telemetry.wire import Batch, decode_batch
 
 pytestmark = pytest.mark.integration
 KEYS = RedisKeys()
@@ -59,12 +59,13 @@ async def test_batches_heartbeat_and_registry(redis_server: RedisServer) -> None
         assert [len(b.samples) for b in batches] == [3, 3, 1]
         assert [b.seq for b in batches] == [1, 2, 3]
         first = batches[0].samples[0]
-        assert first == dataclasses.replace(sample(0), ts=first.ts)
+        assert first == msgspec.structs.replace(sample(0), ts=first.ts)
         assert isinstance(first, RttSample) and first.sent == 1
         ttl = await client.ttl(KEYS.heartbeat("h001"))
         assert 0 < ttl <= 3
-        raw = await client.hget(KEYS.registry, "h001")
+        raw = await client.get(KEYS.registration("h001"))
         assert isinstance(raw, bytes)
+        assert 0 < await client.ttl(KEYS.registration("h001")) <= 9  # 3 x heartbeat TTL
         reg = decode_registration(raw)
         assert reg == registration()
         assert pub.stats.samples_published == 7 and pub.stats.batches_published == 3
@@ -104,7 +105,7 @@ async def test_redis_restart_is_survived_with_bounded_buffer(redis_server: Redis
         assert pub.buffered_batches == 0
         # a restarted (empty) Redis gets the registry entry back with the next heartbeat
         await pub.flush(force_heartbeat=True)
-        assert await client.hget(KEYS.registry, "h001") is not None
+        assert await client.get(KEYS.registration("h001")) is not None
         assert await client.exists(KEYS.heartbeat("h001")) == 1
 
 

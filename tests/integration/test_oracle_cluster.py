@@ -20,11 +20,12 @@ from netkv_oracle.service import OracleService
 from netkv_oracle.testkit import KEYS, batch, nic, oracle_settings
 from redis.asyncio.cluster import RedisCluster
 
+from netkv.contracts.names import shard_of
+from netkv.contracts.snapshot import decode_snapshot
 from netkv.core.congestion import CongestionMap
 from netkv.core.topology import Topology
 from netkv.core.topology_file import parse_topology
 from netkv.localservers import MosquittoServer, RedisServer, free_port
-from netkv.telemetry.names import shard_of
 
 pytestmark = [pytest.mark.cluster, pytest.mark.integration, pytest.mark.timeout(90)]
 
@@ -89,7 +90,7 @@ async def test_oracle_runs_unchanged_on_a_three_master_cluster(
                 data = await client.get(KEYS.map_snapshot)
                 if not isinstance(data, bytes):
                     return None
-                cmap = CongestionMap.from_snapshot(topology, data)
+                cmap = decode_snapshot(topology, data)
                 return cmap if all(cmap.util[u] > 0 for u in ups) else None
 
             cmap = await until(published, 10)

@@ -30,12 +30,13 @@ from redis.exceptions import NoPermissionError
 
 from netkv.adapters.redis_client import connect_redis
 from netkv.config import RedisSettings
+from netkv.contracts.snapshot import decode_snapshot
+from netkv.contracts.wire import MAX_BATCH_BYTES
 from netkv.core.congestion import CongestionMap
-from netkv.core.oracle import static_tier_oracle
+from netkv.core.costmodel import static_tier_oracle
 from netkv.core.topology import Topology
 from netkv.core.topology_file import parse_topology
 from netkv.localservers import MosquittoServer, RedisServer
-from netkv.telemetry.wire import MAX_BATCH_BYTES
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -90,7 +91,7 @@ async def test_samples_become_a_published_map(
     # Published: the Redis snapshot decodes to the same numbers; MQTT retains the version.
     async def published_map() -> CongestionMap | None:
         snap = await redis.get(KEYS.map_snapshot)
-        cmap = CongestionMap.from_snapshot(topology, snap) if isinstance(snap, bytes) else None
+        cmap = decode_snapshot(topology, snap) if isinstance(snap, bytes) else None
         return cmap if cmap is not None and cmap.util[up1] > 0 else None
 
     published = await until(published_map)
@@ -164,6 +165,9 @@ async def test_hostile_entries_are_rejected_counted_and_survived(
     # Everything was acknowledged: nothing left pending.
     pending = await redis.xpending(KEYS.samples_stream("h003"), KEYS.consumer_group)
     assert pending["pending"] == 0
+    # ...and every rejected entry was deleted: only the good batch is left in Redis.
+    assert await redis.xlen(KEYS.samples_stream("h003")) == 1
+    assert await metric(oracle.port, "netkv_entries_deleted_total") == len(HOSTILE)
 
 
 @pytest.mark.parametrize(("path", "params", "field"), [

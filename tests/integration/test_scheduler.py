@@ -30,9 +30,9 @@ from scheduler_kit import (
 
 from netkv.adapters.mqtt_client import mqtt_client
 from netkv.config import MqttSettings
+from netkv.contracts.names import MqttTopics, RedisKeys
 from netkv.core.topology_file import load_topology, parse_topology
 from netkv.localservers import MosquittoServer, RedisServer
-from netkv.telemetry.names import MqttTopics, RedisKeys
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
 

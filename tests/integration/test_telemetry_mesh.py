@@ -25,7 +25,7 @@ from netkv_oracle.testkit import KEYS, get_json, oracle_settings, retained_versi
 
 from netkv.adapters.redis_client import connect_redis
 from netkv.config import MqttSettings, RedisSettings
-from netkv.core.oracle import static_tier_oracle
+from netkv.core.costmodel import static_tier_oracle
 from netkv.core.topology import Topology
 from netkv.core.topology_file import parse_topology
 from netkv.localservers import MosquittoServer, RedisServer
@@ -97,7 +97,7 @@ async def mesh(redis_server: RedisServer, mosquitto_server: MosquittoServer,
         stack.push_async_callback(redis.aclose)
 
         async def registered() -> bool:
-            return bool(await redis.hexists(KEYS.registry, VICTIM))
+            return bool(await redis.exists(KEYS.registration(VICTIM)))
 
         await until(registered, 20, 0.05)  # the process-run agent is up
         yield oracle, victim

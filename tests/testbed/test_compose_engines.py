@@ -1,24 +1,23 @@
 """The compose testbed's engine hosts and workload, without Docker: two engine hosts on
-loopback addresses, the real scheduler (with the scaled model preset), real Redis and
-Mosquitto; the workload replays requests through ``POST /v1/generate`` and every request's KV
-bytes cross a TCP connection to the decode host the scheduler chose."""
+loopback addresses (``netkv engine`` instances for each host's prefill and decode), real Redis
+and Mosquitto for the proxy's map feed; the workload replays requests through ``netkv proxy``
+and every request's KV bytes are pulled by the chosen decode host from the prefill host."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import sys
+import socket
 from pathlib import Path
 
-import aiohttp
 import pytest
 import yaml
 
+from netkv.config import MqttSettings, RedisSettings
 from netkv.core.topology_file import load_topology
 from netkv.errors import InputError
-from netkv.localservers import MosquittoServer, RedisServer, free_port
-from netkv.testbed.enginehost import EngineHostSettings, GenerateBody, kv_endpoints, serve
-from netkv.testbed.runner import ReplaySpec
+from netkv.localservers import MosquittoServer, RedisServer
+from netkv.testbed.enginehost import EngineHostSettings, engine_urls, serve
+from netkv.testbed.runner import MapEndpoints, ReplaySpec
 from netkv.testbed.workload import replay, synthetic_requests
 
 pytestmark = pytest.mark.integration
@@ -34,70 +33,61 @@ TOPOLOGY = {
 }
 
 
-async def _wait_http(url: str, timeout_s: float = 30.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=1)) as http:
-        while loop.time() < deadline:
-            with contextlib.suppress(aiohttp.ClientError, OSError, TimeoutError):
-                async with http.get(url) as resp:
-                    if resp.status == 200:
-                        return
-            await asyncio.sleep(0.2)
-    raise AssertionError(f"{url} did not come up")
+def two_free_ports(address: str) -> int:
+    """A port p such that p and p + 1 are free on ``address`` (bounded tries)."""
+    for _ in range(50):
+        with socket.socket() as s1:
+            s1.bind((address, 0))
+            port: int = s1.getsockname()[1]
+            if port >= 65000:
+                continue
+            with socket.socket() as s2:
+                try:
+                    s2.bind((address, port + 1))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError(f"no two consecutive free ports on {address}")
 
 
 @pytest.mark.timeout(120)
-async def test_workload_through_engine_hosts_and_the_real_scheduler(
+async def test_workload_through_the_proxy_and_engine_hosts(
         redis_server: RedisServer, mosquitto_server: MosquittoServer, tmp_path: Path) -> None:
     topo_path = tmp_path / "topology.yaml"
     topo_path.write_text(yaml.safe_dump(TOPOLOGY))
     topology = load_topology(topo_path)
-    port = free_port()
-    config = tmp_path / "netkv.yaml"
-    config.write_text(yaml.safe_dump({
-        "redis": {"url": redis_server.url},
-        "mqtt": {"host": "127.0.0.1", "port": mosquitto_server.port},
-        "topology": str(topo_path),
-        "scheduler": {"host": "127.0.0.1", "port": port, "kv_bytes_per_token": 33}}))
-    log = (tmp_path / "scheduler.log").open("wb")
-    sched = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "netkv.cli", "scheduler", "--config",
-        str(config), stdout=log, stderr=log)
     stop = asyncio.Event()
     hosts = []
     try:
-        url = f"http://127.0.0.1:{port}"
-        await _wait_http(url + "/healthz")
-        http_ports = {"a": free_port("127.0.0.2"), "b": free_port("127.0.0.3")}
-        kv_port = free_port()
+        urls = {}
         for name, address in (("a", "127.0.0.2"), ("b", "127.0.0.3")):
-            settings = EngineHostSettings(host=name, scheduler_url=url, bind=address,
-                                          http_port=http_ports[name], kv_port=kv_port,
-                                          bytes_per_token=33.0)
+            http_port, kv_port = two_free_ports(address), two_free_ports(address)
+            settings = EngineHostSettings(host=name, bind=address, http_port=http_port,
+                                          kv_port=kv_port, bytes_per_token=33.0)
             hosts.append(asyncio.create_task(serve(settings, topology, stop)))
-        for name, address in (("a", "127.0.0.2"), ("b", "127.0.0.3")):
-            await _wait_http(f"http://{address}:{http_ports[name]}/healthz")
+            urls[name] = f"http://{address}:{http_port}"
+        await asyncio.sleep(1.0)
+        b_port = int(urls["b"].rsplit(":", 1)[1])
+        assert engine_urls(topology, urls)["b-d"] == f"http://127.0.0.3:{b_port + 1}"
         requests = synthetic_requests(ReplaySpec(count=12, speedup=20.0))
-        urls = {"a": f"http://127.0.0.2:{http_ports['a']}",
-                "b": f"http://127.0.0.3:{http_ports['b']}"}
-        out = await replay(topology, "http://{host}:9000", requests, ["cache_load", "netkv"],
-                           drain_s=0.5, host_urls=urls)
+        endpoints = MapEndpoints(RedisSettings(url=redis_server.url),
+                                 MqttSettings(port=mosquitto_server.port))
+        out = await replay(topology, "unused", requests, ["cache_load", "netkv"],
+                           endpoints=endpoints, drain_s=0.5, host_urls=urls)
         assert set(out) == {"cache_load", "netkv"}
         for policy, result in out.items():
             s = result.summary()
             assert s["completed"] == len(requests), (policy, [o.error for o in result.outcomes])
             for o in result.outcomes:
-                assert o.decode in {"a-d", "b-d"}
-                assert o.kv_bytes == o.prompt_tokens * 33
+                assert o.prefill in {"a-p", "b-p"} and o.decode in {"a-d", "b-d"}
+                assert 0 < o.kv_bytes <= o.prompt_tokens * 33
                 assert o.first_token_s >= o.transfer_end_s >= o.transfer_start_s > 0
+            # the first request's KV is nowhere yet: all of it moves
+            first = result.outcomes[0]
+            assert first.kv_bytes == first.prompt_tokens * 33
     finally:
         stop.set()
         if hosts:
             await asyncio.wait(hosts, timeout=10)
-        sched.terminate()
-        await asyncio.wait_for(sched.wait(), 10)
-        log.close()
-    assert kv_endpoints(topology, 9100)["b-d"].address == "127.0.0.3"
-    with pytest.raises(InputError, match="prompt_tokens"):
-        GenerateBody("x", "a-p", prompt_tokens=0)
+    with pytest.raises(InputError, match="http-port"):
+        EngineHostSettings(host="a", http_port=0)

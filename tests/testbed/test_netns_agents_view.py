@@ -15,10 +15,11 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
+from netkv.contracts.names import RedisKeys
+from netkv.contracts.snapshot import decode_snapshot
 from netkv.core.congestion import CongestionMap
 from netkv.core.topology import Topology
 from netkv.core.topology_file import load_topology
-from netkv.telemetry.names import RedisKeys
 from netkv.testbed.background import Background, HotSpot, Schedule
 from netkv.testbed.controlplane import REDIS_PORT, ControlPlane
 from netkv.testbed.fabric import CONTROL_ADDRESS, FabricPlan, build
@@ -35,7 +36,7 @@ async def _map(redis: aioredis.Redis, topology: Topology) -> CongestionMap | Non
     if data is None:
         return None
     assert isinstance(data, bytes)
-    return CongestionMap.from_snapshot(topology, data)
+    return decode_snapshot(topology, data)
 
 
 async def _congested(redis: aioredis.Redis, topology: Topology, link: int) -> bool:

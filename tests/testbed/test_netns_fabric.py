@@ -13,13 +13,16 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from netkv.core.topology import Topology
 from netkv.testbed.background import Background, HotSpot, Schedule
 from netkv.testbed.engines import connect_from, listening_socket
-from netkv.testbed.fabric import FabricPlan, build
+from netkv.testbed.fabric import CONTROL_ADDRESS, FabricPlan, build
+from netkv.testbed.faults import Fabric, Fault
 from netkv.testbed.netns import Lab, LabError, list_namespaces, sweep
+from netkv.testbed.routers import Pinning, RouterSpec, Worker, router_command
 
 pytestmark = [pytest.mark.netns, pytest.mark.testbed]
 
@@ -87,10 +90,16 @@ def test_links_run_at_the_scaled_rate_and_a_hot_spot_slows_only_its_paths(
 
 
 def test_teardown_after_an_exception_removes_everything(
-        netns_available: None, small_topology: Topology) -> None:
+        netns_available: None, small_topology: Topology, tmp_path: Path) -> None:
+    """Also the peer routers (started as the comparison starts them: pinned, in the control
+    namespace) and a fault left applied when the owner failed."""
     veths_before = _root_veths()
     lab = Lab()
     started: list[subprocess.Popen[bytes]] = []
+    peers = [k for k in ("vllm-router", "sglang-router")
+             if (Path(sys.executable).parent / k).exists()]
+    if len(peers) < 2:
+        pytest.skip("the peer routers are not installed (pip install 'netkv[peers]')")
 
     def build_then_fail() -> None:
         with lab:
@@ -98,15 +107,31 @@ def test_teardown_after_an_exception_removes_everything(
             build(lab, plan)
             started.append(lab.spawn(plan.host_ns["h000"], ["sleep", "300"],
                                      Path(f"/tmp/netkv-test-{lab.run}.log")))
+            prefill = [Worker(f"http://{plan.host_mgmt['h000']}:8100", "h000", 5600)]
+            decode = [Worker(f"http://{plan.host_mgmt['h001']}:8200", "h001")]
+            for k, kind in enumerate(peers):  # they wait for workers that never come
+                cmd = router_command(RouterSpec.parse(kind), prefill, decode,
+                                     host=CONTROL_ADDRESS, port=8000 + k,
+                                     metrics_port=29000 + k)
+                started.append(lab.spawn(plan.control_ns, Pinning().wrap(cmd.argv),
+                                         tmp_path / f"{kind}.log"))
+            asyncio.run(Fabric(plan).apply(Fault("link_down", "h001")))
             assert lab.ledger.path.exists()
+            time.sleep(0.5)
+            assert all(p.poll() is None for p in started)
             raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
         build_then_fail()
-    (proc,) = started
+    assert len(started) == 1 + len(peers)
     assert not [n for n in list_namespaces() if n.startswith(lab.prefix)]
-    assert proc.poll() is not None
-    assert _root_veths() == veths_before  # nothing was ever created in the root namespace
+    for proc in started:
+        assert proc.poll() is not None, proc.args
+        assert not psutil.pid_exists(proc.pid)
+    # nothing was ever created in the root namespace (Docker's own vethXXXXXXX, from other
+    # jobs on a shared machine, may come and go meanwhile; the fabric never names one so)
+    appeared = {v for v in _root_veths() - veths_before if not v.startswith("veth")}
+    assert not appeared, appeared
     assert not lab.ledger.path.exists()
 
 

@@ -7,16 +7,16 @@ from pathlib import Path
 import msgpack
 import pytest
 from netkv_agent.agent import Agent, link_bindings
-from netkv_agent.registration import (
+from netkv_agent.settings import AgentSettings, NicBinding, load_agent_settings
+from netkv_oracle.identity import binding_from_registration
+
+from netkv.contracts.registration import (
     LinkPair,
     Registration,
     RegistrationError,
     decode_registration,
     encode_registration,
 )
-from netkv_agent.settings import AgentSettings, NicBinding, load_agent_settings
-from netkv_oracle.identity import binding_from_registration
-
 from netkv.core.topology_file import parse_topology
 from netkv.errors import InputError
 

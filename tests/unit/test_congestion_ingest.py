@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any, cast
 
 import msgpack
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from netkv_agent.registration import LinkPair, Registration, encode_registration
 from netkv_oracle.builder import MapBuilder
 from netkv_oracle.identity import (
     Ownership,
@@ -20,12 +20,13 @@ from netkv_oracle.identity import (
 from netkv_oracle.ingest import Ingestor
 from netkv_oracle.metrics import OracleMetrics
 
+from netkv.contracts.names import RedisKeys
+from netkv.contracts.registration import LinkPair, Registration, encode_registration
+from netkv.contracts.samples import NicSample, QdiscSample, RdmaSample, RttSample, Sample
+from netkv.contracts.wire import Batch
 from netkv.core.congestion import MapParams
 from netkv.core.topology import Topology
 from netkv.core.topology_file import parse_topology
-from netkv.telemetry.names import RedisKeys
-from netkv.telemetry.samples import NicSample, QdiscSample, RdmaSample, RttSample, Sample
-from netkv.telemetry.wire import Batch
 
 pytestmark = pytest.mark.unit
 
@@ -37,10 +38,11 @@ def topo() -> Topology:
 
 
 def nic(reporter: str, name: str = "eth0", *, tx: float = 1.0, rx: float = 2.0,
-        ts: float = NOW, speed: float = 0.0) -> NicSample:
+        ts: float = NOW, speed: float = 0.0, up: bool = True) -> NicSample:
+    """``speed`` in bytes/s (sent as ``capacity_bps``, bits/s)."""
     return NicSample(reporter=reporter, nic=name, ts=ts, window_s=1.0, tx_bytes_s=tx,
                      rx_bytes_s=rx, tx_packets_s=0.0, rx_packets_s=0.0, drops_s=0.0,
-                     errors_s=0.0, speed_bytes_s=speed)
+                     errors_s=0.0, capacity_bps=speed * 8, oper_up=up)
 
 
 def rdma(reporter: str, tx: float, rx: float) -> RdmaSample:
@@ -244,3 +246,27 @@ def test_ingest_never_raises_on_hostile_entries(payload: bytes) -> None:
     rejected = sum(s.value for f in metrics.registry.collect() for s in f.samples
                    if s.name == "netkv_samples_rejected_total")
     assert accepted or rejected == 1
+
+
+@pytest.mark.faults
+def test_reported_capacity_is_min_of_nominal_and_reported_and_a_down_nic_is_failed() -> None:
+    t = topo()  # 8 Gb/s NICs: 1e9 bytes/s nominal
+    b = builder(t)
+    own = Ownership(t)
+    up = t.link_index["h004/nic/up"]
+    nominal = float(t.capacity[up])
+    b.apply("h004", (nic("h004", tx=1e8, speed=4 * nominal),), NOW, own)
+    assert b.map.capacity[up] == nominal  # a faster report never raises capacity
+    b.apply("h004", (nic("h004", tx=1e8, speed=nominal / 4, ts=NOW + 0.1),), NOW + 0.1, own)
+    assert b.map.capacity[up] == nominal / 4  # negotiated (or shaped) lower: used
+    dst = np.array([t.host_index["h000"]])
+    healthy = b.map.estimate(4, dst, 1e9, now=NOW + 0.1).bandwidth_bytes_s[0]
+    assert healthy == pytest.approx(nominal / 4 - 1e8)
+    b.apply("h004", (nic("h004", tx=0.0, speed=nominal, up=False, ts=NOW + 0.2),),
+            NOW + 0.2, own)
+    assert not b.map.link_up[up]
+    assert b.map.available(NOW + 0.2)[up] == 0.0  # no residual: never 'healthy' or 'idle'
+    down = b.map.estimate(4, dst, 1e9, now=NOW + 0.2)
+    assert down.bandwidth_bytes_s[0] <= 1.0 and down.seconds[0] > 1e8
+    b.apply("h004", (nic("h004", tx=0.0, speed=nominal, ts=NOW + 0.3),), NOW + 0.3, own)
+    assert b.map.link_up[up]  # back up: healthy again

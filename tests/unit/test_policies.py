@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from netkv.core.oracle import LinkStateOracle
+from netkv.core.costmodel import LinkStateOracle
 from netkv.core.policies import (
     Bookings,
     CandidateView,

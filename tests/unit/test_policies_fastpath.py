@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from netkv.core.congestion import CongestionMap
-from netkv.core.oracle import LinkStateOracle, static_tier_oracle
+from netkv.core.costmodel import LinkStateOracle, static_tier_oracle
 from netkv.core.paths import CachedOracle
 from netkv.core.policies import (
     Bookings,

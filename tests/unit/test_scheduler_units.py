@@ -15,7 +15,7 @@ from netkv_scheduler.app import check_select, openapi_document
 from netkv_scheduler.settings import SchedulerSettings, settings_from_args
 
 from netkv.core.congestion import CachedMapView, CongestionMap
-from netkv.core.oracle import static_tier_oracle
+from netkv.core.costmodel import static_tier_oracle
 from netkv.core.paths import CachedOracle
 from netkv.core.policies import policy_names
 from netkv.core.topology import Topology

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import msgpack
 import pytest
 
-from netkv.telemetry.samples import NicSample, QdiscSample, RdmaSample, RttSample
-from netkv.telemetry.wire import Batch, decode_batch, encode_batch
+from netkv.contracts.samples import NicSample, QdiscSample, RdmaSample, RttSample
+from netkv.contracts.wire import Batch, decode_batch, encode_batch
 
 pytestmark = pytest.mark.unit
 
 SAMPLES: tuple[NicSample | QdiscSample | RdmaSample | RttSample, ...] = (
     NicSample(reporter="h000", nic="eth0", ts=1.0, window_s=0.5, tx_bytes_s=1.0,
               rx_bytes_s=2.0, tx_packets_s=3.0, rx_packets_s=4.0, drops_s=0.0, errors_s=0.0,
-              speed_bytes_s=5.0),
+              capacity_bps=5.0, oper_up=True),
     QdiscSample(reporter="h000", nic="eth0", ts=1.0, window_s=0.5, backlog_bytes=7.0,
                 backlog_packets=1.0, drops_s=0.5),
     RdmaSample(reporter="h000", device="mlx5_0", port=1, ts=1.0, window_s=0.5,
@@ -33,4 +31,4 @@ def test_every_sample_kind_round_trips_with_all_its_fields() -> None:
         assert decode_batch(data) == batch
     raw = msgpack.unpackb(data)
     for body, sample in zip(raw["samples"], SAMPLES, strict=True):
-        assert list(body) == ["k", *(f.name for f in dataclasses.fields(sample))]
+        assert list(body) == ["k", *sample.__struct_fields__]

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from netkv.core.oracle import CostOracle, static_tier_oracle
+from netkv.core.costmodel import CostOracle, static_tier_oracle
 from netkv.core.topology import Tier
 from netkv.core.topology_file import load_topology, parse_topology
 from netkv.errors import InputError

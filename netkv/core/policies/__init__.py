@@ -13,7 +13,7 @@ Interface (stable; other packages build on it)
   params strictly (``netkv.fields.from_mapping``) and has defaults for all of them.
 * ``policy.decide(request, candidates, oracle, bookings=None) -> Decision``: pure,
   synchronous, numpy-vectorised, O(|D|) (``netkv_pair``: O(|P| |D|)). ``oracle`` is any
-  :class:`~netkv.core.oracle.CostOracle`; ``bookings`` (:class:`Bookings`) holds the caller's
+  :class:`~netkv.core.costmodel.CostOracle`; ``bookings`` (:class:`Bookings`) holds the caller's
   in-flight transfers per directed link. The :class:`Decision` has the chosen index into the
   candidates, predicted ``ttft_s`` with ``queue_s``/``transfer_s``/``first_token_s``, the
   tier, the bytes to move, the prefill index (joint choice) and optionally per-candidate

@@ -7,7 +7,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
-from netkv.core.oracle import CostOracle
+from netkv.core.costmodel import CostOracle
 from netkv.core.policies.bookings import Bookings
 from netkv.core.policies.prediction import Prediction
 from netkv.core.policies.views import CandidateView, Decision, RequestView

@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from netkv.core.oracle import CostOracle
+from netkv.core.costmodel import CostOracle
 from netkv.core.policies.base import TieBreaker, decision_from, parse_params, require_overlap
 from netkv.core.policies.bookings import Bookings
 from netkv.core.policies.prediction import DecodeModel, predict, tiers_to

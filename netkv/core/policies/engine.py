@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from netkv.core.oracle import CostOracle
+from netkv.core.costmodel import CostOracle
 from netkv.core.policies.base import DecodePolicy
 from netkv.core.policies.bookings import Booking, Bookings
 from netkv.core.policies.registry import make_policy

@@ -8,7 +8,7 @@
 * ``transfer`` is the cost oracle's estimate for the bytes the decoder does not already hold,
   plus the delay of the booked transfers it shares its worst link with (see ``bookings``;
   per-link rates come from the oracle when it exposes ``available_bytes_s``, as
-  :class:`~netkv.core.oracle.LinkStateOracle` does, else from link capacities);
+  :class:`~netkv.core.costmodel.LinkStateOracle` does, else from link capacities);
 * ``first_step`` is the decoder's current time per output token.
 """
 
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from netkv.core.congestion import CachedMapView
-from netkv.core.oracle import CostOracle, LinkStateOracle
+from netkv.core.costmodel import CostOracle, LinkStateOracle
 from netkv.core.paths import CachedOracle, PathTable, path_table
 from netkv.core.policies.bookings import Bookings
 from netkv.core.policies.views import CandidateView, RequestView
@@ -64,12 +64,13 @@ def predict(
 ) -> Prediction:
     """Predict for all candidates, or only those in ``index`` (baselines report their pick).
 
-    A :class:`~netkv.core.oracle.LinkStateOracle` is evaluated inline over cached path tables
-    (same arithmetic as its ``estimate``, without recomputing paths); so is a caching oracle
-    (:class:`~netkv.core.paths.CachedOracle`, :class:`~netkv.core.congestion.CachedMapView`:
-    its per-source row, gathered for the candidates once per view); any other oracle goes
-    through the protocol. Over all candidates, what depends on the candidates' hosts alone is
-    kept in ``candidates.cache``. Every route gives the same numbers bit for bit.
+    A :class:`~netkv.core.costmodel.LinkStateOracle` is evaluated inline over cached path
+    tables (same arithmetic as its ``estimate``, without recomputing paths); so is a caching
+    oracle (:class:`~netkv.core.paths.CachedOracle`,
+    :class:`~netkv.core.congestion.CachedMapView`: its per-source row, gathered for the
+    candidates once per view); any other oracle goes through the protocol. Over all
+    candidates, what depends on the candidates' hosts alone is kept in ``candidates.cache``.
+    Every route gives the same numbers bit for bit.
     """
     host = candidates.host if index is None else candidates.host[index]
     src = request.prefill_host if src_host is None else src_host
@@ -164,7 +165,7 @@ def decode_side(model: DecodeModel, request: RequestView, candidates: CandidateV
 def transfer_matrix(oracle: CostOracle, bookings: Bookings | None, srcs: IntArray,
                     host: IntArray, nbytes: FloatArray) -> tuple[FloatArray, IntArray]:
     """:func:`transfer_times` from each of ``srcs`` (distinct hosts): ``(S, n)`` arrays.
-    Vectorised over sources for a :class:`~netkv.core.oracle.LinkStateOracle`."""
+    Vectorised over sources for a :class:`~netkv.core.costmodel.LinkStateOracle`."""
     if type(oracle) is not LinkStateOracle:
         pairs = [transfer_times(oracle, bookings, int(s), host, nbytes) for s in srcs]
         return np.stack([t for t, _ in pairs]), np.stack([k for _, k in pairs])

@@ -5,6 +5,12 @@ tag. Samples go to one stream per agent, ``<prefix>{s<shard>}:samples:<agent>``;
 (a stable hash of the agent id) groups streams into a fixed number of slots so that the oracle
 can read a whole shard with one XREADGROUP, while per-agent stream names let a Redis ACL pin
 each agent to its own stream (``~<prefix>{s*}:samples:<agent>``).
+
+The registry is one key per agent, ``<prefix>{reg}:agent:<agent>`` (a string holding the
+msgpack :class:`~netkv.contracts.registration.Registration`, with a TTL), so an ACL can let an
+agent write and expire only its own entry while it reads everyone's
+(``%W~<prefix>{reg}:agent:<agent>``, ``%R~<prefix>{reg}:agent:*``). The ``{reg}`` hash tag
+keeps every entry in one slot, so one ``MGET`` reads them all on a Redis Cluster too.
 """
 
 from __future__ import annotations
@@ -34,10 +40,23 @@ class RedisKeys:
     def heartbeat(self, agent: str) -> str:
         return f"{self.prefix}agent:{agent}:heartbeat"
 
+    def registration(self, agent: str) -> str:
+        """String: the agent's msgpack registration (address, ports, NICs, version)."""
+        return f"{self.prefix}{{reg}}:agent:{agent}"
+
     @property
-    def registry(self) -> str:
-        """Hash: agent id -> msgpack registration (address, ports, NICs, version)."""
-        return f"{self.prefix}registry"
+    def registrations_pattern(self) -> str:
+        """SCAN/ACL pattern matching every agent's registration key."""
+        return f"{self.prefix}{{reg}}:agent:*"
+
+    def registration_owner(self, key: str) -> str | None:
+        """The agent a registration key belongs to (None if it is not one)."""
+        head = f"{self.prefix}{{reg}}:agent:"
+        return key[len(head):] or None if key.startswith(head) else None
+
+    @property
+    def heartbeats_pattern(self) -> str:
+        return f"{self.prefix}agent:*:heartbeat"
 
     @property
     def map_snapshot(self) -> str:

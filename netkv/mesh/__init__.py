@@ -1,0 +1,1 @@
+"""Parts of `netkv up`: its child processes, the demo and its emulated fabric."""

@@ -1,0 +1,124 @@
+"""Prompts as token ids, and token ids as vLLM-style prefix block hashes.
+
+Both the emulated engines and the proxy need the token ids of a prompt: the engines to size
+the KV cache and find their prefix-cache hit, the proxy to know which prefix blocks each
+decoder already holds (the delta-transfer term of a decision).
+
+* Token ids given in the request (``prompt: [1, 2, ...]``) are used as they are.
+* Text is tokenized with a real tokenizer when one is configured (the ``tokenizers`` library
+  reading a local ``tokenizer.json``, the file every Hugging Face model ships).
+* Otherwise text is *approximated*: its UTF-8 bytes in groups of four become one pseudo-token
+  each (OpenAI's rule of thumb is about four characters per token). The count is near a real
+  tokenizer's for English, and equal text prefixes give equal token prefixes, which is what
+  prefix matching needs; the ids themselves mean nothing. A chat is rendered as
+  ``<|role|>\\ncontent\\n`` per message plus ``<|assistant|>\\n`` (no model chat template).
+
+Block hashes follow vLLM's prefix caching: only full blocks of ``block_tokens`` tokens are
+hashed, and each hash covers its parent's hash and the block's tokens, so a block's hash
+stands for the whole prefix up to it. The hash is BLAKE2b-64 (vLLM uses SHA-256 or Python's
+``hash``; only equality matters here and the proxy and the engines use the same function).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from netkv.errors import InputError
+
+VLLM_BLOCK_TOKENS = 16  # vLLM's default --block-size on GPUs
+VOCAB = 32_000
+
+
+class TokenCounter(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+
+
+class ApproxTokenizer:
+    """Four UTF-8 bytes per pseudo-token (see the module docstring)."""
+
+    name = "approx-4-bytes"
+
+    def encode(self, text: str) -> list[int]:
+        raw = text.encode("utf-8")
+        if not raw:
+            return []
+        pad = -len(raw) % 4
+        words = np.frombuffer(raw + b"\0" * pad, dtype="<u4")
+        out: list[int] = (words & 0x7FFFFFFF).tolist()
+        return out
+
+
+class FileTokenizer:
+    """A Hugging Face ``tokenizer.json`` read with the ``tokenizers`` library."""
+
+    def __init__(self, path: str | Path) -> None:
+        try:
+            from tokenizers import Tokenizer  # noqa: PLC0415 - optional dependency
+        except ImportError:  # pragma: no cover - depends on the install
+            raise InputError("--tokenizer", "needs the `tokenizers` package "
+                             "(pip install 'netkv[tokenizer]')") from None
+        try:
+            self._tok: Any = Tokenizer.from_file(str(path))
+        except Exception as exc:  # the library raises its own Exception type
+            raise InputError(str(path), f"cannot read tokenizer: {exc}") from None
+        self.name = str(path)
+
+    def encode(self, text: str) -> list[int]:
+        ids: list[int] = self._tok.encode(text, add_special_tokens=False).ids
+        return ids
+
+
+def tokenizer_from(path: str | None) -> TokenCounter:
+    return FileTokenizer(path) if path else ApproxTokenizer()
+
+
+def render_chat(messages: Sequence[tuple[str, str]]) -> str:
+    """The text a chat stands for when no chat template is known."""
+    parts = [f"<|{role}|>\n{content}\n" for role, content in messages]
+    parts.append("<|assistant|>\n")
+    return "".join(parts)
+
+
+def block_hashes(tokens: Sequence[int], block_tokens: int) -> list[int]:
+    """Prefix-chained hashes of the full blocks of ``tokens`` (63-bit, non-negative)."""
+    n = len(tokens) // block_tokens
+    if n == 0:
+        return []
+    raw = memoryview(np.asarray(tokens[: n * block_tokens], dtype="<u4").tobytes())
+    step = 4 * block_tokens
+    out: list[int] = []
+    parent = b"\0" * 8
+    blake = hashlib.blake2b
+    for i in range(n):
+        h = blake(parent, digest_size=8)
+        h.update(raw[i * step:(i + 1) * step])
+        parent = h.digest()
+        out.append(int.from_bytes(parent, "little") & 0x7FFFFFFFFFFFFFFF)
+    return out
+
+
+def tokens_for_blocks(hash_ids: Sequence[int], total_tokens: int,
+                      block_tokens: int) -> list[int]:
+    """Token ids for a trace request given as prefix-block ids (the Mooncake trace): each
+    block id always yields the same ``block_tokens`` ids, so requests that share leading
+    block ids share leading tokens; the rest of the prompt is filled from the last id."""
+    need = max(total_tokens, 0)
+    blocks: list[np.ndarray[Any, Any]] = []
+    have = 0
+    ids = list(hash_ids) or [total_tokens]
+    k = 0
+    while have < need:
+        seed = ids[k] if k < len(ids) else (ids[-1] * 1_000_003 + k)
+        rng = np.random.default_rng(seed & 0xFFFFFFFFFFFFFFFF)
+        blocks.append(rng.integers(0, VOCAB, block_tokens, dtype=np.int64))
+        have += block_tokens
+        k += 1
+    if not blocks:
+        return []
+    out: list[int] = np.concatenate(blocks)[:need].tolist()
+    return out

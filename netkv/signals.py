@@ -1,0 +1,59 @@
+"""Signal-to-stop wiring, once: SIGINT and SIGTERM set an event the process waits on.
+
+::
+
+    with stop_on_signals() as stop:
+        async with Service(...) as service:
+            await stop.wait()
+
+The handlers are removed when the block ends (a test that runs a service in-process leaves the
+loop as it found it). Where the loop cannot install handlers (not the main thread, or a
+platform without ``add_signal_handler``) the event is still returned and simply never set by a
+signal. Used by the agent and the oracle; other commands can adopt it as they are touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Iterator, Sequence
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def stop_on_signals(signals: Sequence[signal.Signals] = STOP_SIGNALS) -> Iterator[asyncio.Event]:
+    """An event set by the first of ``signals`` (call inside a running event loop)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    installed: list[signal.Signals] = []
+    for sig in signals:
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError, ValueError):
+            continue
+        installed.append(sig)
+    try:
+        yield stop
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+async def wait_for_stop_or_failure(stop: asyncio.Event, failed: asyncio.Future[object] | None,
+                                   timeout_s: float | None = None) -> bool:
+    """Wait until ``stop`` is set, ``failed`` completes (a supervised task died) or
+    ``timeout_s`` passes; True if it was the failure."""
+    waiter = asyncio.ensure_future(stop.wait())
+    pending = {waiter} | ({failed} if failed is not None else set())
+    try:
+        done, _ = await asyncio.wait(pending, timeout=timeout_s,
+                                     return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for future in pending:
+            future.cancel()
+        for future in pending:
+            with contextlib.suppress(asyncio.CancelledError):
+                await future
+    return failed is not None and failed in done

@@ -1,0 +1,362 @@
+"""The same replay through each router in turn: NetKV's proxy beside the real peers.
+
+For every router of ``--routers`` (see :mod:`netkv.testbed.routers`) the comparison builds
+fresh ``netkv engine`` instances (HTTP on the control namespace's loopback, KV side channels
+and pulls in the host namespaces, so the KV bytes cross the shaped links), starts the router
+as a separate, pinned process in the control namespace, runs the same fault and hot-spot
+schedule (:mod:`netkv.testbed.faults`, :mod:`netkv.testbed.background`) at the same offsets,
+replays the same requests at the same times, and stops everything before the next router.
+NetKV's proxy runs as a process too (``netkv proxy``), with the same CPU share as the peers,
+following the control plane's congestion map; the peers see only what they see in a real
+deployment (their own health checks and, for ``power_of_two``, their in-flight counts).
+
+Measured at the client: TTFT (request sent -> first streamed chunk) and errors. Measured at
+the engines: each request's KV transfer (the decode engine times its pull and says so in
+``x-netkv-kv-*`` response headers, which every router here passes on) and, as a cross-check,
+the decode engines' ``netkv_engine_kv_transfer_seconds`` histograms. Which prefill and decode
+served a request comes from the proxy's ``x-netkv-prefill``/``x-netkv-decode`` headers, from
+vllm-router's request id (``___prefill_addr_<a>___decode_addr_<b>_<uuid>``, the id of every
+streamed chunk), or from the engines' ``x-netkv-engine``/``x-netkv-kv-from`` headers where
+they send them; a request whose pair is unknown is counted as unclassified, never guessed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgspec
+import structlog
+import yaml
+
+from netkv.core.topology import Tier
+from netkv.testbed.background import Background
+from netkv.testbed.engines import EngineModel, Outcome, Request
+from netkv.testbed.fabric import FabricPlan
+from netkv.testbed.faults import FaultEvent, Faults, FaultSchedule
+from netkv.testbed.routers import (
+    Pinning,
+    RouterError,
+    RouterProcess,
+    RouterSpec,
+    Spawn,
+    Worker,
+    router_command,
+)
+from netkv.testbed.runner import PolicyResult, ReplaySpec
+
+log = structlog.get_logger(__name__)
+MODEL_NAME = "netkv/emulated"
+TRACE_BLOCK_TOKENS = 512  # the Mooncake trace's prefix-block size
+
+
+class EngineApi:
+    """The vLLM-protocol engines of issue 12 (``netkv.engine``, ``netkv.prompts``), looked
+    up when a comparison starts, so that this module imports (and its pure parts are
+    tested) where they are not installed yet."""
+
+    def __init__(self) -> None:
+        try:
+            server = importlib.import_module("netkv.engine.server")
+            prompts = importlib.import_module("netkv.prompts")
+        except ImportError as exc:
+            raise RouterError("the router comparison needs the vLLM-protocol engines "
+                              f"(netkv.engine, `netkv engine`): {exc}") from None
+        self.Engine: Any = server.Engine
+        self.EngineSettings: Any = server.EngineSettings
+        self.tokens_for_blocks: Any = prompts.tokens_for_blocks
+
+ROUTER_HOST = "127.0.0.1"  # the control namespace's loopback, where the engines' HTTP is
+ROUTER_PORT = 18000
+METRICS_PORT = 19000
+VLLM_ROUTER_ID = "___prefill_addr_"
+
+
+@dataclass
+class RouterRun:
+    """One router's replay: the per-request outcomes and what they add up to."""
+
+    spec: RouterSpec
+    result: PolicyResult
+    faulty_crossings: int = 0  # transfers that crossed a degraded or failed link
+    unclassified: int = 0  # completed requests whose prefill/decode pair is unknown
+    recomputed: int = 0  # decoded with no KV transfer: the pull failed, the decode prefilled
+    engine_kv_mean_s: float = float("nan")  # the decode engines' own histograms
+    router_cpu_s: float = 0.0
+    ready_after_s: float = 0.0
+    fault_events: list[FaultEvent] = field(default_factory=list)
+    reaction: dict[str, float | None] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        s = self.result.summary()
+        s.update({"router": self.spec.kind, "policy": self.spec.policy,
+                  "faulty_link_transfers": self.faulty_crossings,
+                  "unclassified": self.unclassified,
+                  "kv_pull_failed_recomputed": self.recomputed,
+                  "engine_kv_transfer_mean_s": self.engine_kv_mean_s,
+                  "router_cpu_s": round(self.router_cpu_s, 3),
+                  "router_ready_after_s": round(self.ready_after_s, 3),
+                  "fault_events": [_event(e) for e in self.fault_events],
+                  "reaction": self.reaction})
+        return s
+
+
+def _event(e: FaultEvent) -> dict[str, Any]:
+    return {"kind": e.kind, "host": e.host, "action": e.action, "at_s": round(e.at_s, 3)}
+
+
+class RouterComparison:
+    """Replays through each router on one built fabric with a running control plane."""
+
+    def __init__(self, plan: FabricPlan, model: EngineModel, schedule: FaultSchedule,
+                 spec: ReplaySpec, *, spawn: Spawn, workdir: Path, shared_config: dict[str, Any],
+                 pinning: Pinning | None = None, request_timeout_s: float = 120.0) -> None:
+        schedule.check(plan)
+        self.plan, self.model, self.schedule, self.spec = plan, model, schedule, spec
+        self.spawn, self.workdir = spawn, workdir
+        self.shared_config = shared_config
+        self.pinning = pinning or Pinning()
+        self.request_timeout_s = request_timeout_s
+        self._loop = asyncio.get_running_loop()
+        self._t0 = self._loop.time()
+        self._runs = 0
+        self.api = EngineApi()
+
+    def clock(self) -> float:
+        return self._loop.time() - self._t0
+
+    # -- engines and routers ----------------------------------------------------------------
+    def _engine_settings(self, name: str) -> Any:
+        inst = self.plan.topology.instance(name)
+        return self.api.EngineSettings(
+            role=inst.role, host=ROUTER_HOST, port=0,
+            side_channel_host=self.plan.host_addr[inst.host], side_channel_port=0,
+            engine_id=inst.name, block_size=TRACE_BLOCK_TOKENS,
+            ns=self.plan.host_ns[inst.host], record_requests=0, model=self.model)
+
+    def proxy_config(self) -> Path:
+        """``netkv proxy``'s config: the control plane's map and the testbed's KV model."""
+        path = self.workdir / "proxy.yaml"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(self.shared_config | {"proxy": {
+            "kv_bytes_per_token": self.model.bytes_per_token,
+            "capacity_tokens": self.model.capacity_tokens, "block_size": TRACE_BLOCK_TOKENS,
+            "prefill_timeout_s": self.request_timeout_s, "health_interval_s": 0.5,
+            "map_poll_s": 0.5, "oracle_cache_s": 0.1}}, sort_keys=False))
+        return path
+
+    def _router(self, spec: RouterSpec, engines: dict[str, Any]) -> RouterProcess:
+        t = self.plan.topology
+        prefill = [Worker(engines[i.name].url, i.name, engines[i.name].side_channel_port)
+                   for i in t.instances_with_role("prefill")]
+        decode = [Worker(engines[i.name].url, i.name) for i in t.instances_with_role("decode")]
+        k = self._runs
+        self._runs += 1
+        command = router_command(spec, prefill, decode, host=ROUTER_HOST,
+                                 port=ROUTER_PORT + k, metrics_port=METRICS_PORT + k,
+                                 netkv_args=["--config", str(self.proxy_config())])
+        log_path = self.workdir / "logs" / f"router-{k}-{spec.kind}-{spec.policy}.log"
+        return RouterProcess(spec, command, self.spawn, log_path, pinning=self.pinning)
+
+    # -- one replay ---------------------------------------------------------------------------
+    async def run(self, spec: RouterSpec, requests: Sequence[Request]) -> RouterRun:
+        prompts = [self.api.tokens_for_blocks(r.block_hashes, r.prompt_tokens, TRACE_BLOCK_TOKENS)
+                   for r in requests]
+        result = PolicyResult(spec.label)
+        run = RouterRun(spec, result)
+        async with contextlib.AsyncExitStack() as stack:
+            engines: dict[str, Any] = {}
+            for inst in self.plan.topology.instances:
+                engines[inst.name] = await stack.enter_async_context(
+                    self.api.Engine(self._engine_settings(inst.name)))
+            names = _names_by_address(engines)
+            router = await stack.enter_async_context(self._router(spec, engines))
+            run.ready_after_s = router.ready_after_s
+            cpu0 = router.cpu_seconds()
+            http = await stack.enter_async_context(aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=0),
+                timeout=aiohttp.ClientTimeout(total=self.request_timeout_s)))
+            background = await stack.enter_async_context(
+                Background(self.plan, self.schedule.background, self.clock))
+            faults = await stack.enter_async_context(
+                Faults(self.plan, self.schedule, self.clock))
+            background.start()
+            faults.start()
+            schedule_t0 = self.clock()
+            await asyncio.sleep(self.spec.warmup_s)
+            start = self.clock()
+            result.outcomes = list(await asyncio.gather(*(
+                self._at(http, router.url, start + r.arrival_s, r, prompt=p, label=spec.label,
+                         names=names)
+                for r, p in zip(requests, prompts, strict=True))))
+            await faults.stop()
+            await background.stop()
+            run.fault_events = list(faults.events)
+            run.router_cpu_s = router.cpu_seconds() - cpu0
+            run.engine_kv_mean_s = _engine_kv_mean(engines.values())
+        await asyncio.sleep(self.spec.drain_s)
+        self._classify(run, schedule_t0)
+        return run
+
+    async def _at(self, http: aiohttp.ClientSession, url: str, when: float, req: Request, *,
+                  prompt: list[int], label: str, names: dict[str, str]) -> Outcome:
+        await asyncio.sleep(max(when - self.clock(), 0.0))
+        body = msgspec.json.encode({"model": MODEL_NAME, "prompt": prompt,
+                                    "max_tokens": max(req.output_tokens, 1), "stream": True})
+        out = Outcome(req.request_id, "", policy=label, prompt_tokens=req.prompt_tokens,
+                      arrival_s=self.clock())
+        out.prefill_start_s = out.arrival_s
+        try:
+            async with http.post(url + "/v1/completions", data=body, headers={
+                    "Content-Type": "application/json",
+                    "x-request-id": f"{label}-{req.request_id}"}) as resp:
+                if resp.status != 200:
+                    out.error = f"HTTP {resp.status}: {(await resp.text())[:300]}"
+                    return out
+                first = await resp.content.readline()  # the first SSE line: first token
+                out.first_token_s = self.clock()
+                identify(out, resp.headers, first, names, self._t0)
+                async for _ in resp.content.iter_any():
+                    pass  # the rest of the answer
+        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+            out.error = f"{type(exc).__name__}: {exc}"
+            log.warning("compare.request_failed", router=label, request=req.request_id,
+                        error=out.error)
+        return out
+
+    def _classify(self, run: RouterRun, schedule_t0: float) -> None:
+        t = self.plan.topology
+        result = run.result
+        for o in result.outcomes:
+            if o.error is not None:
+                continue
+            if not (o.prefill and o.decode):
+                run.unclassified += 1
+                continue
+            src, dst = t.instance(o.prefill).host, t.instance(o.decode).host
+            tier = Tier(t.tier(t.host_id(src), t.host_id(dst))).name.lower()
+            result.tiers[tier] = result.tiers.get(tier, 0) + 1
+            if not o.kv_bytes:  # no KV arrived: the engine recomputed the prompt instead
+                run.recomputed += 1
+            at = _decided_at(o) - schedule_t0
+            if any(self.plan.crosses(src, dst, link)
+                   for link in self.schedule.hot_links(at)):
+                result.hot_crossings += 1
+            if any(self.plan.crosses(src, dst, link)
+                   for link in self.schedule.faulty_links(at)):
+                run.faulty_crossings += 1
+        run.reaction = reaction(run, self.plan, self.schedule, schedule_t0)
+
+
+def identify(out: Outcome, headers: Any, first_line: bytes, names: dict[str, str],
+             t0: float) -> None:
+    """Who served a request and how long its KV took (see the module docstring); ``t0`` is
+    the replay clock's zero on the engines' monotonic clock."""
+    out.prefill = headers.get("x-netkv-prefill", "") or headers.get("x-netkv-kv-from", "")
+    out.decode = headers.get("x-netkv-decode", "") or headers.get("x-netkv-engine", "")
+    if not (out.prefill and out.decode):
+        rid = _chunk_id(first_line)
+        if rid.startswith(VLLM_ROUTER_ID):
+            p_addr, _, rest = rid[len(VLLM_ROUTER_ID):].partition("___decode_addr_")
+            out.prefill = names.get(p_addr, "")
+            out.decode = names.get(rest.rsplit("_", 1)[0], "")
+    if out.prefill in names:  # an address (x-netkv-kv-from in bootstrap mode)
+        out.prefill = names[out.prefill]
+    if "x-netkv-kv-bytes" in headers:
+        out.kv_bytes = int(headers["x-netkv-kv-bytes"])
+        out.transfer_start_s = float(headers["x-netkv-kv-start"]) - t0
+        out.transfer_end_s = float(headers["x-netkv-kv-end"]) - t0
+
+
+def _decided_at(o: Outcome) -> float:
+    """When a request's KV started to move, or (no transfer: the pull failed and the decode
+    recomputed) when it arrived."""
+    return o.transfer_start_s if o.kv_bytes else o.arrival_s
+
+
+def _names_by_address(engines: dict[str, Any]) -> dict[str, str]:
+    """``host:port`` of every engine's HTTP URL -> its instance name."""
+    return {e.url.removeprefix("http://").rstrip("/"): name for name, e in engines.items()}
+
+
+def _chunk_id(line: bytes) -> str:
+    text = line.decode(errors="replace").strip()
+    if not text.startswith("data:"):
+        return ""
+    try:
+        data = json.loads(text[5:])
+    except ValueError:
+        return ""
+    return str(data.get("id", "")) if isinstance(data, dict) else ""
+
+
+def _engine_kv_mean(engines: Any) -> float:
+    total = count = 0.0
+    for engine in engines:
+        for metric in engine.metrics.kv_transfer_s.collect():
+            for sample in metric.samples:
+                if sample.name.endswith("_sum"):
+                    total += sample.value
+                elif sample.name.endswith("_count"):
+                    count += sample.value
+    return total / count if count else float("nan")
+
+
+def reaction(run: RouterRun, plan: FabricPlan, schedule: FaultSchedule,
+             schedule_t0: float) -> dict[str, float | None]:
+    """For the first fault: seconds from its start to the last transfer that still went to
+    the faulty host during it (after that, every transfer avoided it; 0 when none did), and
+    from its end to the first transfer to that host again (None when none came). Transfers
+    happen only when requests do, so both are bounded below by the arrival spacing."""
+    if not schedule.faults:
+        return {}
+    f = schedule.faults[0]
+    t = plan.topology
+    start, end = schedule_t0 + f.start_s, schedule_t0 + f.end_s
+    hits = [_decided_at(o) for o in run.result.outcomes
+            if o.error is None and o.decode and t.instance(o.decode).host == f.host]
+    during = [x for x in hits if start <= x < end]
+    after = [x for x in hits if x >= end]
+    return {"uses_before_fault": float(sum(x < start for x in hits)),
+            "uses_during_fault": float(len(during)),
+            "last_use_during_fault_s": (max(during) - start) if during else 0.0,
+            "first_use_after_fault_s": (min(after) - end) if after else None}
+
+
+def format_comparison(runs: dict[str, RouterRun]) -> str:
+    head = (f"{'router:policy':<28}{'done':>5}{'err':>5}{'TTFT mean':>11}{'TTFT p99':>10}"
+            f"{'KV mean':>9}{'KV p99':>9}{'KV eng':>8}{'hot':>5}{'fault':>6}{'recmp':>6}"
+            f"{'unkn':>5}{'cpu s':>7}")
+    lines = [head, "-" * len(head)]
+    for label, run in runs.items():
+        s = run.summary()
+        lines.append(
+            f"{label:<28}{s['completed']:>5}{s['errors']:>5}"
+            f"{s['ttft_mean_s'] * 1e3:>9.0f}ms{s['ttft_p99_s'] * 1e3:>8.0f}ms"
+            f"{s['transfer_mean_s'] * 1e3:>7.0f}ms{s['transfer_p99_s'] * 1e3:>7.0f}ms"
+            f"{s['engine_kv_transfer_mean_s'] * 1e3:>6.0f}ms{s['hot_link_transfers']:>5}"
+            f"{s['faulty_link_transfers']:>6}{s['kv_pull_failed_recomputed']:>6}"
+            f"{s['unclassified']:>5}{s['router_cpu_s']:>7.2f}")
+    return "\n".join(lines)
+
+
+def write_comparison(out: Path, runs: dict[str, RouterRun], meta: dict[str, Any]) -> Path:
+    """``out/routers.json`` (one summary per router) and ``out/router-requests.jsonl``."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "routers.json"
+    path.write_text(json.dumps({"routers": {k: r.summary() for k, r in runs.items()},
+                                "testbed": meta, "written": time.time()}, indent=2,
+                               allow_nan=True, default=str))
+    with (out / "router-requests.jsonl").open("w") as f:
+        for label, run in runs.items():
+            for o in run.result.outcomes:
+                f.write(json.dumps({"router": label, **o.as_dict()}) + "\n")
+    return path

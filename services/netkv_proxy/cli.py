@@ -1,0 +1,92 @@
+"""``netkv proxy --prefill URL[=HOST] ... --decode URL[=HOST] ...``: the P/D proxy.
+
+Binds 127.0.0.1:8000 unless told otherwise and prints ``proxy ready: URL`` once it serves.
+With ``--redis-url`` (or ``redis``/``mqtt`` sections in ``--config``) it follows the live
+congestion map exactly as the scheduler service does; without, every decision uses the tier
+priors of the topology and says so (``x-netkv-map: prior: ...``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from netkv.core.topology import FabricSpec, Host, Instance, Topology, build_topology
+from netkv.core.topology_file import load_topology
+from netkv.engine.kvchannel import listening_socket
+from netkv.logs import configure_logging
+from netkv.routing.mapfeed import MapFeed
+from netkv_proxy.app import Proxy
+from netkv_proxy.config import ProxySettings, add_arguments, settings_from
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    add_arguments(parser)
+
+
+def flat_topology(settings: ProxySettings) -> Topology:
+    """Without a topology file: every worker host on one leaf (the priors then only tell
+    "same host" from "another host")."""
+    hosts: dict[str, Host] = {}
+    instances: list[Instance] = []
+    for role, entries in (("prefill", settings.prefill), ("decode", settings.decode)):
+        for i, w in enumerate(entries):
+            name = w.host_name
+            hosts.setdefault(name, Host(name, "leaf0", "pod0", 8, None))
+            instances.append(Instance(f"{role}-{i}", "prefill" if role == "prefill"
+                                      else "decode", name, 1))
+    return build_topology(list(hosts.values()), instances, FabricSpec())
+
+
+def topology_for(settings: ProxySettings) -> Topology:
+    return load_topology(settings.topology) if settings.topology else flat_topology(settings)
+
+
+@contextlib.asynccontextmanager
+async def serving(settings: ProxySettings, topology: Topology | None = None
+                  ) -> AsyncIterator[tuple[Proxy, str]]:
+    """Run the proxy on its HTTP port until the block ends; yields it and its URL."""
+    topology = topology or topology_for(settings)
+    feed = None
+    if settings.redis is not None or settings.mqtt is not None:
+        feed = MapFeed(topology, settings.redis, settings.mqtt, stale_s=settings.map_stale_s,
+                       poll_s=settings.map_poll_s, redis_timeout_s=settings.redis_timeout_s,
+                       cache_s=settings.oracle_cache_s)
+    async with Proxy(settings, topology, feed) as proxy:
+        runner = web.AppRunner(proxy.app(), access_log=None, handler_cancellation=True,
+                               shutdown_timeout=2.0)
+        await runner.setup()
+        try:
+            sock = listening_socket(None, settings.host, settings.port)
+            port = sock.getsockname()[1]
+            await web.SockSite(runner, sock).start()
+            yield proxy, f"http://{settings.host}:{port}"
+        finally:
+            await runner.cleanup()
+
+
+async def serve(settings: ProxySettings) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with serving(settings) as (proxy, url):
+        print(f"proxy ready: {url} mode={settings.mode} policy={settings.policy} "
+              f"prefill={len(settings.prefill)} decode={len(settings.decode)}", flush=True)
+        failed = asyncio.ensure_future(proxy.supervisor.wait_failed())
+        stopped = asyncio.ensure_future(stop.wait())
+        await asyncio.wait({failed, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        for t in (failed, stopped):
+            t.cancel()
+        return 1 if failed.done() and not failed.cancelled() else 0
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = settings_from(args)
+    configure_logging(settings.log_level)
+    return asyncio.run(serve(settings))

@@ -1,0 +1,182 @@
+"""Where a request goes: the prefill, then the decode chosen knowing the prefill's host.
+
+This is NetKV's decision core in process: the same policies (:mod:`netkv.core.policies`),
+the same live congestion map (:class:`netkv.routing.mapfeed.MapFeed`) and the same prefix
+index (:class:`netkv.routing.prefixes.PrefixIndex`) as the scheduler service, with no HTTP
+hop. What differs is what the proxy knows first-hand: the workers' health, their vLLM load
+gauges, the requests it has in flight, and which prompt blocks it has itself sent to each
+decoder (the delta-transfer term).
+
+Every placement books its transfer on the links of its path (:class:`Bookings`) and hands it
+back when the decode stream ends or fails (:meth:`Placement.release`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from netkv.core.costmodel import CostOracle, static_tier_oracle
+from netkv.core.paths import CachedOracle
+from netkv.core.policies import (
+    Booking,
+    Bookings,
+    CandidateView,
+    Decision,
+    DecisionEngine,
+    PrefillView,
+    RequestView,
+    make_policy,
+    policy_names,
+)
+from netkv.core.topology import Tier, Topology
+from netkv.errors import InputError
+from netkv.routing.mapfeed import MapFeed
+from netkv.routing.prefixes import PrefixIndex
+from netkv_proxy.workers import Worker, WorkerPool
+
+MapSource = Literal["map", "prior"]
+
+
+@dataclass(frozen=True, slots=True)
+class MapState:
+    oracle: CostOracle
+    source: MapSource
+    version: int | None
+    age_s: float | None
+    reason: str  # why the priors are used ("" when the map is)
+
+
+@dataclass(slots=True)
+class Placed:
+    """One placement and what the answer and the metrics report about it."""
+
+    prefill: Worker
+    decode: Worker
+    decision: Decision
+    policy: str
+    map: MapState
+    booking: Booking | None
+    decide_s: float
+    released: bool = False
+
+    @property
+    def tier(self) -> str:
+        return Tier(self.decision.tier).name.lower()
+
+
+class Placement:
+    """Decisions, bookings and the prefix index of one proxy."""
+
+    def __init__(self, topology: Topology, pool: WorkerPool, *, feed: MapFeed | None,
+                 policy: str, policy_params: dict[str, dict[str, object]],
+                 bytes_per_token: float, capacity_tokens: float, block_tokens: int,
+                 prefix_blocks: int) -> None:
+        self.topology, self.pool, self.feed = topology, pool, feed
+        self.prior = CachedOracle(static_tier_oracle(topology))
+        self.bookings = Bookings(topology)
+        if policy not in policy_names():
+            raise InputError("proxy.policy", f"unknown policy {policy!r}; known: "
+                             f"{', '.join(policy_names())}")
+        self.policy = policy
+        self.engine = DecisionEngine(make_policy(policy, policy_params.get(policy)), topology,
+                                     bookings=self.bookings)
+        self.bytes_per_token = bytes_per_token
+        self.capacity_tokens = capacity_tokens
+        self.block_tokens = block_tokens
+        self.prefix = PrefixIndex(prefix_blocks)
+        self.open: set[int] = set()  # ids of Placed not yet released
+        self._hosts = np.array([w.host_index for w in pool.decodes], dtype=np.int64)
+        self._capacity = np.full(len(pool.decodes), capacity_tokens)
+
+    # -- the map ----------------------------------------------------------------------------
+    def map_state(self) -> MapState:
+        if self.feed is None:
+            return MapState(self.prior, "prior", None, None, "no congestion map configured")
+        view = self.feed.view()
+        if view.stale:
+            reason = "no congestion map yet" if view.version is None else \
+                f"congestion map is stale ({view.age_s:.1f} s old)"
+            return MapState(view.oracle, "prior", view.version, view.age_s, reason)
+        return MapState(view.oracle, "map", view.version, view.age_s, "")
+
+    # -- decisions --------------------------------------------------------------------------
+    def _candidates(self, decodes: list[Worker]) -> CandidateView:
+        """The view over ``decodes``; requests the proxy has in flight beyond what the last
+        scrape saw count as waiting."""
+        n = len(decodes)
+        if n == len(self.pool.decodes):  # the common case: all admitted, cached host array
+            host = self._hosts
+        else:
+            host = np.fromiter((w.host_index for w in decodes), np.int64, n)
+        load = np.fromiter((x for w in decodes for x in (w.running, w.waiting, w.inflight,
+                                                         w.kv_use)), np.float64, 4 * n)
+        load = load.reshape(n, 4)
+        running, waiting = load[:, 0], load[:, 1]
+        waiting = waiting + np.maximum(load[:, 2] - running - waiting, 0.0)
+        return CandidateView(host=host, running=running.astype(np.int64),
+                             waiting=waiting.astype(np.int64), kv_use=load[:, 3],
+                             capacity_tokens=self._capacity[:n])
+
+    def _overlap(self, hashes: list[int], decodes: list[Worker]
+                 ) -> np.ndarray[tuple[int], np.dtype[np.int64]] | None:
+        if not hashes:
+            return None
+        full = self.prefix.overlap(hashes, len(self.pool.decodes))
+        if full is None:
+            return None
+        return full[[w.index for w in decodes]]
+
+    def place(self, prefill: Worker | None, prompt_tokens: int, hashes: list[int],
+              output_tokens: int) -> Placed | None:
+        """Choose the decode (and, without ``prefill``, the pair: ``netkv_pair``)."""
+        start = time.perf_counter()
+        decodes = self.pool.healthy("decode")
+        if not decodes:
+            return None
+        joint = None
+        prefills: list[Worker] = []
+        if prefill is None:
+            prefills = self.pool.healthy("prefill")
+            if not prefills:
+                return None
+            # ready_s: the queue ahead times the prefill time the proxy has measured there
+            joint = PrefillView(host=np.array([w.host_index for w in prefills], dtype=np.int64),
+                                ready_s=np.array([w.queue * w.prefill_ewma_s
+                                                  for w in prefills]))
+            src = prefills[0]
+        else:
+            src = prefill
+        state = self.map_state()
+        request = RequestView(prefill_host=src.host_index, prompt_tokens=prompt_tokens,
+                              kv_bytes_per_token=self.bytes_per_token,
+                              overlap_blocks=self._overlap(hashes, decodes),
+                              block_tokens=self.block_tokens, output_tokens=output_tokens,
+                              prefill=joint)
+        decision = self.engine.decide(request, self._candidates(decodes), state.oracle)
+        decode = decodes[decision.index]
+        if decision.prefill_index is not None and prefills:
+            src = prefills[decision.prefill_index]
+        booking = self.bookings.reserve(src.host_index, decode.host_index,
+                                        decision.transfer_bytes)
+        if hashes:
+            self.prefix.add(hashes, decode.index)
+        decode.inflight += 1
+        placed = Placed(src, decode, decision, self.policy, state, booking,
+                        time.perf_counter() - start)
+        self.open.add(id(placed))
+        return placed
+
+    def release(self, placed: Placed) -> None:
+        """Hand back the booking and the in-flight count (idempotent)."""
+        if placed.released:
+            return
+        placed.released = True
+        if placed.booking is not None:
+            self.bookings.release(placed.booking)
+            placed.booking = None
+        placed.decode.inflight -= 1
+        self.open.discard(id(placed))
