@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 import uuid
 from collections import deque
@@ -80,6 +81,7 @@ WORDS = (" the", " network", " moves", " the", " cache", " to", " the", " decode
          " and", " the", " first", " token", " follows", ".")
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
                 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)  # vLLM's TTFT buckets
+_HEADER_SAFE = re.compile(r"^[\x21-\x7e]{1,256}$")
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions; used for chat too
 
 
@@ -552,12 +554,13 @@ class Engine:
                                                       finish_reason="length")],
                                   usage=usage, kv_transfer_params=extra)
         return web.Response(body=msgspec.json.encode(body), content_type="application/json",
-                            headers=_headers(prep))
+                            headers=_headers(prep, self.settings.engine_id))
 
     async def _stream(self, request: web.Request, prep: Prepared, n_out: int, step: float,
                       extra: dict[str, Any] | None) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                           "Cache-Control": "no-cache", **_headers(prep)})
+        resp = web.StreamResponse(headers={
+            "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+            **_headers(prep, self.settings.engine_id)})
         await resp.prepare(request)
         created = now_s()
         every = self.settings.stream_interval
@@ -607,10 +610,20 @@ class Engine:
             yield sse(chunk)
 
 
-def _headers(prep: Prepared) -> dict[str, str]:
-    """The request id, and where the KV came from (bytes; start and end on this host's
-    monotonic clock, which the testbeds share with their clients)."""
-    out = {"x-request-id": prep.request_id}
+def _headers(prep: Prepared, engine_id: str) -> dict[str, str]:
+    """The request id; ``x-netkv-engine``, this engine's id; on a decode handed a remote
+    prefill, ``x-netkv-kv-from``: the prefill it was told to take the KV from (its
+    ``remote_engine_id``, or ``bootstrap_host:bootstrap_port``), sent whether or not the
+    transfer worked, so that whatever router chose the pair, the pair is known; and, when the
+    KV arrived, its bytes, start and end on this host's monotonic clock (which the testbeds
+    share with their clients)."""
+    out = {"x-request-id": prep.request_id, "x-netkv-engine": engine_id}
+    params = prep.params
+    if prep.bootstrap is not None:
+        out["x-netkv-kv-from"] = f"{prep.bootstrap[0]}:{prep.bootstrap[1]}"
+    elif params is not None and params.do_remote_prefill and params.remote_engine_id \
+            and _HEADER_SAFE.match(params.remote_engine_id):  # from a body: no CR/LF
+        out["x-netkv-kv-from"] = params.remote_engine_id
     if prep.kv is not None:
         out["x-netkv-kv-bytes"] = str(prep.kv.nbytes)
         out["x-netkv-kv-start"] = f"{prep.kv_start:.6f}"

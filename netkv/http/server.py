@@ -191,9 +191,18 @@ class Served:
 @contextlib.asynccontextmanager
 async def serving(app: web.Application, host: str, port: int,
                   limits: HttpLimits = HttpLimits(),
-                  on_start: Callable[[Served], None] | None = None) -> AsyncIterator[Served]:
-    """Serve ``app`` on ``host:port`` (0: any free port) until the block ends."""
+                  on_start: Callable[[Served], None] | None = None, *,
+                  handler_cancellation: bool = False,
+                  lingering_time: float = 10.0) -> AsyncIterator[Served]:
+    """Serve ``app`` on ``host:port`` (0: any free port) until the block ends.
+
+    ``handler_cancellation``: cancel a handler when its client goes away (aiohttp's flag;
+    the proxy needs it to release a booking and cancel both legs). ``lingering_time``: how
+    long aiohttp keeps reading an unread body after the answer (0: close at once, so a
+    trickled body answered 408 does not hold the connection)."""
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                           handler_cancellation=handler_cancellation,
+                           lingering_time=lingering_time,
                            keepalive_timeout=limits.keepalive_timeout_s,
                            max_line_size=limits.max_line_size,
                            max_field_size=limits.max_field_size,

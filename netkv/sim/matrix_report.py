@@ -18,8 +18,8 @@ def _vs(entry: dict[str, Any] | None) -> str:
         return "n/a"
     m, p, s = (entry["ttft_mean_reduction_pct"], entry["ttft_p99_reduction_pct"],
                entry["slo_points"])
-    return (f"{m['mean']:+.1f} ± {m['ci95']:.1f}% / {p['mean']:+.1f} ± {p['ci95']:.1f}% / "
-            f"{s['mean']:+.1f} ± {s['ci95']:.1f} pt, **{entry['verdict_mean_ttft']}**")
+    return (f"{m['mean']:+.2f} ± {m['ci95']:.2f}% / {p['mean']:+.2f} ± {p['ci95']:.2f}% / "
+            f"{s['mean']:+.2f} ± {s['ci95']:.2f} pt, **{entry['verdict_mean_ttft']}**")
 
 
 def summary_table(report: dict[str, Any]) -> list[str]:
@@ -32,7 +32,8 @@ def summary_table(report: dict[str, Any]) -> list[str]:
     lines.append("")
     lines.append("Cells: netkv's reduction of mean TTFT / of p99 TTFT / SLO-attainment points, "
                  "each the mean ± 95% CI of the per-seed paired difference (positive = netkv "
-                 "better); the verdict (mean TTFT) is a win or loss only beyond the interval.")
+                 "better); the verdict (mean TTFT) is a win or loss only beyond the interval "
+                 "and beyond 0.1%, else a tie.")
     return lines
 
 
@@ -58,7 +59,7 @@ def markdown(report: dict[str, Any]) -> str:
     lines += summary_table(report)
     lines += ["", "## Headline (largest gains, with the scenario where each occurs)", ""]
     for key, h in report["headline"].items():
-        lines.append(f"* {key} ({h['policy']}): {h['mean']:+.1f} ± {h['ci95']:.1f} "
+        lines.append(f"* {key} ({h['policy']}): {h['mean']:+.2f} ± {h['ci95']:.2f} "
                      f"in `{h['scenario']}`")
     lines += ["", "## Per scenario (mean ± 95% CI over seeds)", ""]
     for name, t in report["scenarios"].items():

@@ -20,7 +20,6 @@ from types import TracebackType
 from typing import Self
 
 import structlog
-from aiohttp import web
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
@@ -33,6 +32,7 @@ from netkv.contracts.names import RedisKeys
 from netkv.core.congestion import CongestionMap, MapParams
 from netkv.core.tomography import localise_inflation
 from netkv.core.topology import Topology
+from netkv.http.server import HttpLimits, serving
 from netkv.supervisor import Supervisor
 from netkv_oracle.api import ApiState, build_app
 from netkv_oracle.builder import MapBuilder
@@ -91,7 +91,7 @@ class OracleService:
         self.followed: CongestionMap | None = None
         self._tick = time.monotonic()
         self.supervisor = Supervisor(f"oracle-{self.oracle_id}", stop_timeout_s=5.0)
-        self._runner: web.AppRunner | None = None
+        self._http: contextlib.AsyncExitStack | None = None
         self.port = 0
 
     # -- what is served -------------------------------------------------------------------
@@ -193,12 +193,11 @@ class OracleService:
 
     async def _start(self) -> None:
         app = build_app(ApiState(self.current_map, self._healthy, self._ready, self.metrics))
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.settings.http_host, self.settings.http_port)
-        await site.start()
-        addresses = self._runner.addresses  # public: the bound (host, port, ...) tuples
-        self.port = int(addresses[0][1]) if addresses else self.settings.http_port
+        # The shared server: header/body/idle deadlines and a connection cap, as the scheduler.
+        self._http = contextlib.AsyncExitStack()
+        served = await self._http.enter_async_context(
+            serving(app, self.settings.http_host, self.settings.http_port, HttpLimits()))
+        self.port = served.port
         s = self.settings
         sup = await self.supervisor.__aenter__()
         sup.spawn(self.leadership.run(), name="leadership")
@@ -223,10 +222,10 @@ class OracleService:
         with contextlib.suppress(Exception):
             async with asyncio.timeout(2.0):
                 await self.leadership.release()
-        if self._runner is not None:
-            runner, self._runner = self._runner, None
+        if self._http is not None:
+            http, self._http = self._http, None
             async with asyncio.timeout(5.0):
-                await runner.cleanup()
+                await http.aclose()
         with contextlib.suppress(Exception):
             async with asyncio.timeout(2.0):
                 await self.redis.aclose()

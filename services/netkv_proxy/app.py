@@ -40,6 +40,7 @@ import msgspec
 import structlog
 from aiohttp import web
 from prometheus_client import generate_latest
+from yarl import URL
 
 from netkv.contracts.kvtransfer import (
     KVTransferParams,
@@ -57,12 +58,14 @@ from netkv.contracts.openai import (
     sse,
 )
 from netkv.core.topology import Topology
+from netkv.http.server import ConnectionGuard
 from netkv.prompts import TokenCounter, block_hashes, render_chat, tokenizer_from
 from netkv.routing.mapfeed import MapFeed
 from netkv.supervisor import Supervisor
 from netkv_proxy.config import ProxySettings
 from netkv_proxy.metrics import ProxyMetrics
 from netkv_proxy.placement import Placed, Placement
+from netkv_proxy.prefill import PrefillChooser
 from netkv_proxy.workers import Worker, WorkerPool
 
 log = structlog.get_logger(__name__)
@@ -71,6 +74,10 @@ Kind = Literal["completion", "chat"]
 PATHS: dict[Kind, str] = {"completion": "/v1/completions", "chat": "/v1/chat/completions"}
 RETRY_STATUS = frozenset({502, 503, 504})
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,256}$")
+
+
+class BodyTimeoutError(Exception):
+    """The client's body did not arrive within ``body_timeout_s``."""
 
 
 class UpstreamError(Exception):
@@ -121,20 +128,33 @@ class Proxy:
             policy_params=settings.policy_params, bytes_per_token=settings.bytes_per_token,
             capacity_tokens=settings.capacity_tokens, block_tokens=settings.block_size,
             prefix_blocks=settings.prefix_blocks)
+        self.prefills = PrefillChooser(self.pool, block_tokens=settings.block_size,
+                                       prefix_blocks=settings.prefix_blocks)
         self.metrics = ProxyMetrics()
         self.tokenizer: TokenCounter = tokenizer_from(settings.tokenizer)
         self.supervisor = Supervisor("proxy")
         self.upstream_open = 0
         self._session: aiohttp.ClientSession | None = None
         self._health_session: aiohttp.ClientSession | None = None
+        self.guard: ConnectionGuard | None = None  # set by the server (client connections)
+        # The hot path's constants, built once: parsed upstream URLs, the decode leg's
+        # timeout, and the metric children of the fixed label sets.
+        self._urls: dict[tuple[str, Kind], URL] = {}
+        self._decode_timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=settings.connect_timeout_s,
+            sock_read=settings.decode_read_timeout_s)
+        self._counted: dict[tuple[str, str], Any] = {}
+        self._decided: dict[tuple[str, str, str], Any] = {}
 
     # -- lifecycle --------------------------------------------------------------------------
     async def __aenter__(self) -> Proxy:
         s = self.settings
+        # One session for every leg: keep-alive connections to the workers are reused, no
+        # cookie jar (the workers set none; the jar is consulted on every request otherwise).
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=s.max_connections, limit_per_host=0),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout_s),
-            auto_decompress=False)
+            auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())
         self._health_session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=64))
         await self.supervisor.__aenter__()
@@ -160,6 +180,19 @@ class Proxy:
     def session(self) -> aiohttp.ClientSession:
         assert self._session is not None, "use Proxy as an async context manager"
         return self._session
+
+    def _url(self, worker: Worker, kind: Kind) -> URL:
+        url = self._urls.get((worker.base, kind))
+        if url is None:
+            url = self._urls[(worker.base, kind)] = URL(worker.base + PATHS[kind])
+        return url
+
+    def _count(self, endpoint: str, outcome: str) -> None:
+        child = self._counted.get((endpoint, outcome))
+        if child is None:
+            child = self._counted[(endpoint, outcome)] = self.metrics.requests.labels(
+                endpoint, outcome)
+        child.inc()
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.settings.max_body_bytes,
@@ -247,12 +280,18 @@ class Proxy:
         rid = given if _REQUEST_ID.match(given) else f"netkv-{uuid.uuid4().hex}"
         endpoint = "completions" if kind == "completion" else "chat"
         try:
-            job = self._job(request, await request.read(), kind, rid)
+            job = self._job(request, await self._read(request), kind, rid)
         except BodyError as exc:
             self.metrics.rejected.labels(exc.reason).inc()
-            self.metrics.requests.labels(endpoint, "bad_request").inc()
+            self._count(endpoint, "bad_request")
             return openai_error(400, exc.message, "BadRequestError", param=exc.field,
                                 headers={"x-request-id": rid})
+        except BodyTimeoutError:
+            self._count(endpoint, "bad_request")
+            return openai_error(408, f"body not received within "
+                                f"{self.settings.body_timeout_s:g} s", "RequestTimeoutError",
+                                param="body", headers={"x-request-id": rid,
+                                                       "Connection": "close"})
         job.arrived = arrived
         outcome = "cancelled"
         try:
@@ -267,7 +306,17 @@ class Proxy:
             exc.response.headers["x-request-id"] = rid
             return exc.response
         finally:
-            self.metrics.requests.labels(endpoint, outcome).inc()
+            self._count(endpoint, outcome)
+
+    async def _read(self, request: web.Request) -> bytes:
+        """The body, within ``body_timeout_s`` (a trickled body is a 408)."""
+        if request.content.is_eof():  # it all came with the head: no timer needed
+            return await request.read()
+        try:
+            async with asyncio.timeout(self.settings.body_timeout_s):
+                return await request.read()
+        except TimeoutError:
+            raise BodyTimeoutError from None
 
     # -- the prefill leg --------------------------------------------------------------------
     def _prefill_body(self, job: Job) -> bytes:
@@ -289,7 +338,7 @@ class Proxy:
         start = time.perf_counter()
         try:
             async with asyncio.timeout(self.settings.prefill_timeout_s):
-                async with self.session.post(worker.base + PATHS[job.kind], data=data,
+                async with self.session.post(self._url(worker, job.kind), data=data,
                                              headers=job.headers) as resp:
                     payload = await resp.read()
             if resp.status == 200:
@@ -307,9 +356,10 @@ class Proxy:
         tried: set[int] = set()
         last = "no healthy prefill worker"
         for attempt in range(self.settings.prefill_retries + 1):
-            worker = self.pool.pick_prefill(tried)
-            if worker is None:
+            choice = self.prefills.choose(job.tokens, job.hashes, tried)
+            if choice is None:
                 break
+            worker = choice.worker
             tried.add(worker.index)
             reason = ""
             try:
@@ -329,6 +379,8 @@ class Proxy:
                                          "upstream_error")
                 else:
                     return worker, self._kv_params(worker, payload)
+            finally:
+                self.prefills.release(choice)
             if attempt < self.settings.prefill_retries:
                 self.metrics.retries.labels(reason).inc()
             log.warning("prefill leg failed", request=job.request_id, worker=worker.name,
@@ -370,9 +422,12 @@ class Proxy:
 
     async def _bootstrap(self, request: web.Request, job: Job) -> web.StreamResponse:
         joint = self.settings.policy == "netkv_pair"
-        prefill = None if joint else self.pool.pick_prefill(set())
+        choice = None if joint else self.prefills.choose(job.tokens, job.hashes, set())
+        prefill = None if choice is None else choice.worker
         placed = None if (prefill is None and not joint) else \
             self.placement.place(prefill, job.tokens, job.hashes, job.output_tokens)
+        if choice is not None and placed is None:
+            self.prefills.release(choice)
         if placed is None:
             raise UpstreamError(openai_error(503, "no healthy prefill/decode pair",
                                               "ServiceUnavailableError"), "no_worker")
@@ -386,6 +441,9 @@ class Proxy:
             pbody.pop("stream_options", None)
             prefill_task = asyncio.ensure_future(self._post_prefill(
                 placed.prefill, job, msgspec.json.encode(pbody)))
+            if choice is not None:  # its work is done when the prefill leg is
+                booked = choice
+                prefill_task.add_done_callback(lambda _: self.prefills.release(booked))
             decode_task = asyncio.ensure_future(self._decode(
                 request, job, placed, msgspec.json.encode(body), time.perf_counter()))
             try:
@@ -407,6 +465,8 @@ class Proxy:
             if prefill_task is not None:
                 prefill_task.cancel()
                 await asyncio.gather(prefill_task, return_exceptions=True)
+            if choice is not None:
+                self.prefills.release(choice)
             self.placement.release(placed)
 
     # -- the decode leg ---------------------------------------------------------------------
@@ -421,17 +481,20 @@ class Proxy:
     async def _decode(self, request: web.Request, job: Job, placed: Placed, data: bytes,
                       handover_from: float) -> web.StreamResponse:
         m = self.metrics
-        m.decisions.labels(placed.policy, placed.tier, placed.map.source).inc()
+        key = (placed.policy, placed.tier, placed.map.source)
+        child = self._decided.get(key)
+        if child is None:
+            child = self._decided[key] = m.decisions.labels(*key)
+        child.inc()
         m.decision_time.observe(placed.decide_s)
         m.predicted.observe(placed.decision.ttft_s)
         decode = placed.decode
         headers = self._placed_headers(job, placed)
-        timeout = aiohttp.ClientTimeout(total=None, sock_connect=self.settings.connect_timeout_s,
-                                        sock_read=self.settings.decode_read_timeout_s)
         self.upstream_open += 1
         try:
-            async with self.session.post(decode.base + PATHS[job.kind], data=data,
-                                         headers=job.headers, timeout=timeout) as resp:
+            async with self.session.post(self._url(decode, job.kind), data=data,
+                                         headers=job.headers,
+                                         timeout=self._decode_timeout) as resp:
                 if resp.status != 200:
                     payload = await resp.read()
                     if 400 <= resp.status < 500:

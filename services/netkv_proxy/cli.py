@@ -14,11 +14,9 @@ import contextlib
 import signal
 from collections.abc import AsyncIterator
 
-from aiohttp import web
-
 from netkv.core.topology import FabricSpec, Host, Instance, Topology, build_topology
 from netkv.core.topology_file import load_topology
-from netkv.engine.kvchannel import listening_socket
+from netkv.http.server import serving as http_serving
 from netkv.logs import configure_logging
 from netkv.routing.mapfeed import MapFeed
 from netkv_proxy.app import Proxy
@@ -57,17 +55,11 @@ async def serving(settings: ProxySettings, topology: Topology | None = None
         feed = MapFeed(topology, settings.redis, settings.mqtt, stale_s=settings.map_stale_s,
                        poll_s=settings.map_poll_s, redis_timeout_s=settings.redis_timeout_s,
                        cache_s=settings.oracle_cache_s)
-    async with Proxy(settings, topology, feed) as proxy:
-        runner = web.AppRunner(proxy.app(), access_log=None, handler_cancellation=True,
-                               shutdown_timeout=2.0)
-        await runner.setup()
-        try:
-            sock = listening_socket(None, settings.host, settings.port)
-            port = sock.getsockname()[1]
-            await web.SockSite(runner, sock).start()
-            yield proxy, f"http://{settings.host}:{port}"
-        finally:
-            await runner.cleanup()
+    async with Proxy(settings, topology, feed) as proxy, http_serving(
+            proxy.app(), settings.host, settings.port, settings.http_limits(),
+            handler_cancellation=True, lingering_time=0.0) as served:
+        proxy.guard = served.guard
+        yield proxy, served.urls[0]
 
 
 async def serve(settings: ProxySettings) -> int:

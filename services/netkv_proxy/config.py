@@ -36,6 +36,7 @@ from netkv.config import (
 from netkv.core.kvsize import PRESETS
 from netkv.core.policies import policy_names
 from netkv.errors import InputError
+from netkv.http.server import HttpLimits
 from netkv.prompts import VLLM_BLOCK_TOKENS
 
 Mode = Literal["pull", "push", "bootstrap"]
@@ -102,8 +103,22 @@ class ProxySettings(ServiceSettings):
     redis_timeout_s: Positive = 1.0
     oracle_cache_s: float = Field(default=0.5, ge=0, allow_inf_nan=False)
     max_body_bytes: int = Field(default=32 << 20, ge=1024)
-    max_connections: int = Field(default=1000, ge=1)
+    max_connections: int = Field(default=1000, ge=1)  # upstream (to the workers)
+    # The client side (issue 9): a head must arrive within header_timeout_s of connecting, a
+    # body within body_timeout_s, an idle keep-alive connection is closed after
+    # keepalive_timeout_s, and at most max_client_connections are open (idle and slow ones
+    # are evicted first); the same names and defaults as the scheduler's.
+    header_timeout_s: Positive = 5.0
+    body_timeout_s: Positive = 10.0
+    keepalive_timeout_s: Positive = 15.0
+    max_client_connections: int = Field(default=4096, ge=16)
     log_level: LogLevel = "info"
+
+    def http_limits(self) -> HttpLimits:
+        return HttpLimits(max_connections=self.max_client_connections,
+                          header_timeout_s=self.header_timeout_s,
+                          keepalive_timeout_s=self.keepalive_timeout_s,
+                          body_timeout_s=self.body_timeout_s)
 
     @field_validator("model")
     @classmethod

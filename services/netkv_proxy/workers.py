@@ -52,6 +52,8 @@ class Worker:
     kv_use: float = 0.0
     scraped: bool = False
     inflight: int = 0
+    inflight_at_scrape: int = 0  # the proxy's own in-flight count when the gauges were read
+    prefill_work: float = 0.0  # uncached prompt tokens in flight here (prefill workers)
     prefill_ewma_s: float = 0.0  # measured prefill time (prefill workers)
     models: list[str] = field(default_factory=list)
 
@@ -163,6 +165,7 @@ class WorkerPool:
                         raise ValueError(f"/health: HTTP {resp.status}")
                 async with session.get(worker.base + "/metrics") as resp:
                     if resp.status == 200:
+                        at = worker.inflight
                         text = (await resp.content.read(MAX_SCRAPE_BYTES)).decode(
                             "utf-8", errors="replace")
                         try:
@@ -172,6 +175,7 @@ class WorkerPool:
                         else:
                             worker.running, worker.waiting = load.running, load.waiting
                             worker.kv_use, worker.scraped = load.kv_use, True
+                            worker.inflight_at_scrape = min(at, worker.inflight)
                     else:
                         await resp.read()
                 if not worker.models:

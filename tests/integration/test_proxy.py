@@ -9,6 +9,7 @@ tasks can be counted after every failure.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import select
@@ -594,3 +595,69 @@ async def test_map_steers_decodes_and_stale_map_falls_back_to_priors(
             await asyncio.sleep(0)
         finally:
             await client.close()
+
+
+async def test_idle_and_slowloris_flood_neither_blocks_a_client_nor_stays_open(
+        engines: dict[str, EngineProc], topology: Topology) -> None:
+    """Issue 9 item 4: 150 idle sockets + 50 slowloris heads (a byte every 0.2 s) + 10 bodies
+    trickled after a full head, with a 12-connection cap and 1 s header/body/keep-alive
+    deadlines: the openai client still gets its answer quickly, every flood socket is closed
+    by the proxy, and the counters say why."""
+    limits = {"header_timeout_s": 1.0, "body_timeout_s": 1.0, "keepalive_timeout_s": 1.0,
+              "max_client_connections": 16}
+    async with running(engines, topology, **limits) as (proxy, client):
+        assert proxy.guard is not None
+        port = int(str(client.base_url).rsplit(":", 1)[1].split("/")[0])
+        idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(150)]
+        slow = [await asyncio.open_connection("127.0.0.1", port) for _ in range(50)]
+        body_slow = [await asyncio.open_connection("127.0.0.1", port) for _ in range(10)]
+        head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        for _, w in body_slow:
+            w.write(head + b"Content-Length: 100\r\n\r\n{")
+
+        async def trickle() -> None:
+            for i in range(25):  # bounded: 5 s at most
+                for _, w in slow:
+                    if not w.is_closing():
+                        with contextlib.suppress(OSError):
+                            w.write(head[i:i + 1])
+                await asyncio.sleep(0.2)
+
+        trickling = asyncio.ensure_future(trickle())
+        try:
+            await asyncio.sleep(0.3)
+            start = time.perf_counter()
+            done = await client.completions.create(model=MODEL, prompt="hello " * 20,
+                                                   max_tokens=3)
+            took = time.perf_counter() - start
+            assert done.choices[0].text == text_of(3)
+            assert took < 3.0, f"a legitimate request took {took:.2f} s under the flood"
+
+            async def closed(r: asyncio.StreamReader) -> bytes | None:
+                """What the proxy sent before closing (None: still open after 4 s)."""
+                got = b""
+                try:
+                    async with asyncio.timeout(4.0):
+                        while chunk := await r.read(4096):
+                            got += chunk
+                except TimeoutError:
+                    return None
+                except OSError:
+                    pass
+                return got
+
+            results = await asyncio.gather(*(closed(r) for r, _ in idle + slow + body_slow))
+            assert None not in results, f"{results.count(None)} flood sockets still open " \
+                f"{results[200:]}"
+            # the trickled bodies were answered 408 in OpenAI's shape before the close
+            for answer in results[200:]:
+                assert answer is not None and answer.startswith(b"HTTP/1.1 408"), answer
+                assert b'"type":"RequestTimeoutError"' in answer and b'"param":"body"' in answer
+            g = proxy.guard
+            assert g.evicted_total + g.header_timeouts_total >= 200
+            assert len(g.open) <= g.cap
+        finally:
+            trickling.cancel()
+            await asyncio.gather(trickling, return_exceptions=True)
+            for _, w in idle + slow + body_slow:
+                w.close()

@@ -62,7 +62,7 @@ async def test_a_failed_oracle_start_leaves_nothing_running(
         before = set(asyncio.all_tasks())
         with pytest.raises(OSError, match="address already in use|Address already in use"):
             await oracle.__aenter__()
-    assert oracle._runner is None  # the HTTP runner was cleaned up
+    assert oracle._http is None  # the HTTP server was cleaned up
     assert set(asyncio.all_tasks()) - before == set()  # no background task left
     assert oracle.supervisor.failures == ()
 
