@@ -32,6 +32,8 @@ class PrefixIndex:
         self.max_blocks = max_blocks
         self._slack = max_blocks // 16
         self._holders: dict[int, int] = {}
+        self._bits_of: dict[int, IntArray] = {}
+        self._bits_n = -1
 
     def __len__(self) -> int:
         return len(self._holders)
@@ -52,6 +54,9 @@ class PrefixIndex:
                 runs[-1][1] += 1
             else:
                 runs.append([alive, 1])
+        if len(runs) == 1:  # one holder set (often one decoder): its bits, unpacked once
+            single: IntArray = self._bits(runs[0][0], n_decoders) * runs[0][1]
+            return single
         # One unpack for all runs: row r holds the bits of run r's holder set.
         width = (n_decoders + 7) // 8
         low = (1 << n_decoders) - 1
@@ -61,11 +66,30 @@ class PrefixIndex:
         out: IntArray = counts @ bits.reshape(len(runs), width * 8)[:, :n_decoders]
         return out
 
+    def _bits(self, mask: int, n_decoders: int) -> IntArray:
+        """Bit ``d`` of ``mask`` at position ``d`` (int64, read-only), unpacked once per
+        holder set: the same few sets (a shared system prompt's, a conversation's) recur."""
+        if n_decoders != self._bits_n:
+            self._bits_of.clear()
+            self._bits_n = n_decoders
+        hit = self._bits_of.get(mask)
+        if hit is None:
+            if len(self._bits_of) >= max(16, min(4096, (1 << 20) // max(n_decoders, 1))):
+                self._bits_of.clear()
+            width = (n_decoders + 7) // 8
+            raw = (mask & ((1 << n_decoders) - 1)).to_bytes(width, "little")
+            unpacked = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
+            hit = unpacked[:n_decoders].astype(np.int64)
+            hit.flags.writeable = False
+            self._bits_of[mask] = hit
+        return hit
+
     def clear(self) -> None:
         """Forget every holding (after the decoder set was compacted: bits would shift). The
         index is a cache of our own placements: an empty one costs full-transfer estimates
         until it refills, nothing else."""
         self._holders.clear()
+        self._bits_of.clear()
 
     def add(self, hashes: Sequence[int], decoder: int) -> None:
         holders = self._holders

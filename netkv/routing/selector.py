@@ -110,6 +110,8 @@ class Selector:
                              f"known: {', '.join(self.engines)}")
         self._swept_at = -1.0
         self._expiry_check_at = -1.0
+        self._view: CandidateView | None = None
+        self._view_key: tuple[Any, ...] = ()
 
     @property
     def policies(self) -> tuple[str, ...]:
@@ -141,11 +143,24 @@ class Selector:
         return known
 
     def candidates(self) -> CandidateView:
+        """The decoders as the policies see them: one view kept while the registry's and the
+        bookings' arrays stay the same objects (their values change in place), so the
+        policies' per-view caches (paths, oracle rows gathered for these hosts) live on;
+        only the waiting counts (reported plus booked) are refreshed, in place."""
         reg = self.registry
         self.reservations.resize(len(reg.decoders))
-        return CandidateView(host=reg.decode_host, running=reg.running,
-                             waiting=reg.waiting + self.reservations.pending,
-                             kv_use=reg.kv_use, capacity_tokens=reg.capacity_tokens)
+        pending = self.reservations.pending
+        key = (reg.decode_host, reg.running, reg.waiting, reg.kv_use, reg.capacity_tokens,
+               pending)
+        view = self._view
+        if view is None or any(a is not b for a, b in zip(key, self._view_key, strict=True)):
+            view = self._view = CandidateView(
+                host=reg.decode_host, running=reg.running, waiting=reg.waiting + pending,
+                kv_use=reg.kv_use, capacity_tokens=reg.capacity_tokens)
+            self._view_key = key
+        else:
+            np.add(reg.waiting, pending, out=view.waiting)
+        return view
 
     def select(self, body: SelectRequest) -> Choice:
         """Decide for one request (and book it unless told not to).

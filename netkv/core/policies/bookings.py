@@ -29,6 +29,9 @@ class Booking:
     nbytes: float
 
 
+_MAX_ROUTES = 1 << 16  # (source, destination) pairs whose path is kept
+
+
 class Bookings:
     """Own in-flight KV transfers per directed link of ``topology``.
 
@@ -41,6 +44,9 @@ class Bookings:
         self.bytes_ext = np.zeros(topology.n_links + 1, dtype=np.float64)
         self.flows_ext = np.zeros(topology.n_links + 1, dtype=np.float64)
         self.active = 0
+        # Each (source, destination)'s path once: its links and their index array.
+        self._routes: dict[tuple[int, int], tuple[int, ...]] = {}
+        self._index: dict[tuple[int, ...], IntArray] = {}
 
     @property
     def bytes(self) -> FloatArray:
@@ -54,19 +60,33 @@ class Bookings:
         out: FloatArray = self.flows_ext[:-1]
         return out
 
+    def route(self, src_host: int, dst_host: int) -> tuple[int, ...]:
+        """The links of the path from ``src_host`` to ``dst_host`` (``Topology.path``, read
+        from the cached path table once per pair)."""
+        links = self._routes.get((src_host, dst_host))
+        if links is None:
+            if len(self._routes) >= _MAX_ROUTES:
+                self._routes.clear()
+                self._index.clear()
+            paths = self.paths.from_src(src_host)
+            idx: list[int] = paths.links[:, dst_host][paths.on_path[:, dst_host] > 0].tolist()
+            links = self._routes[src_host, dst_host] = tuple(idx)
+            self._index[links] = np.array(idx, dtype=np.int64)
+        return links
+
     def reserve(self, src_host: int, dst_host: int, nbytes: float) -> Booking:
-        """Count a started transfer against the links of its path (``Topology.path``, read
-        from the cached path table)."""
-        paths = self.paths.from_src(src_host)
-        idx: list[int] = paths.links[:, dst_host][paths.on_path[:, dst_host] > 0].tolist()
-        booking = Booking(tuple(idx), float(nbytes))
+        """Count a started transfer against the links of its path."""
+        booking = Booking(self.route(src_host, dst_host), float(nbytes))
+        idx = self._index[booking.links]
         self.bytes_ext[idx] += booking.nbytes
         self.flows_ext[idx] += 1.0
         self.active += 1
         return booking
 
     def release(self, booking: Booking) -> None:
-        idx = list(booking.links)
+        idx = self._index.get(booking.links)
+        if idx is None:  # booked before the route cache was last cleared
+            idx = np.array(booking.links, dtype=np.int64)
         self.bytes_ext[idx] = np.maximum(self.bytes_ext[idx] - booking.nbytes, 0.0)
         self.flows_ext[idx] = np.maximum(self.flows_ext[idx] - 1.0, 0.0)
         self.active = max(self.active - 1, 0)

@@ -15,11 +15,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from netkv.core.congestion import CachedMapView
 from netkv.core.costmodel import CostOracle, LinkStateOracle
-from netkv.core.paths import path_table
+from netkv.core.paths import CachedOracle, PathTable, path_table
 from netkv.core.policies.bookings import Bookings
 from netkv.core.policies.views import CandidateView, RequestView
 from netkv.core.topology import FloatArray, IntArray, Topology
@@ -62,14 +64,26 @@ def predict(
 ) -> Prediction:
     """Predict for all candidates, or only those in ``index`` (baselines report their pick).
 
-    A :class:`~netkv.core.costmodel.LinkStateOracle` is evaluated inline over cached path tables
-    (same arithmetic as its ``estimate``, without recomputing paths); any other oracle goes
-    through the protocol.
+    A :class:`~netkv.core.costmodel.LinkStateOracle` is evaluated inline over cached path
+    tables (same arithmetic as its ``estimate``, without recomputing paths); so is a caching
+    oracle (:class:`~netkv.core.paths.CachedOracle`,
+    :class:`~netkv.core.congestion.CachedMapView`: its per-source row, gathered for the
+    candidates once per view); any other oracle goes through the protocol. Over all
+    candidates, what depends on the candidates' hosts alone is kept in ``candidates.cache``.
+    Every route gives the same numbers bit for bit.
     """
     host = candidates.host if index is None else candidates.host[index]
     src = request.prefill_host if src_host is None else src_host
     queue, first, nbytes = decode_side(model, request, candidates, index)
-    transfer, tier = transfer_times(oracle, bookings, src, host, nbytes)
+    if index is not None:
+        transfer, tier = transfer_times(oracle, bookings, src, host, nbytes)
+    elif type(oracle) is CachedMapView or type(oracle) is CachedOracle:
+        transfer, tier = _row_transfer(oracle, bookings, src, candidates, nbytes)
+    elif type(oracle) is LinkStateOracle and host.shape[0] <= _CHUNK:
+        transfer, tier = _link_state_transfer(oracle, bookings, src, host, nbytes,
+                                              candidates=candidates)
+    else:
+        transfer, tier = transfer_times(oracle, bookings, src, host, nbytes)
     dst_nic = candidates.nic_bytes_s
     if dst_nic is not None and index is not None:
         dst_nic = dst_nic[index]
@@ -83,6 +97,8 @@ def nic_bound(transfer_s: FloatArray, tier: IntArray, nbytes: FloatArray,
               src_nic: FloatArray | float, dst_nic: FloatArray | None) -> FloatArray:
     """A transfer off the source host is at least ``bytes / min(source NICs, destination
     NICs)`` when the instances are bound to part of their hosts' NICs (0 / None: unknown)."""
+    if dst_nic is None and isinstance(src_nic, float | int) and not src_nic > 0:
+        return transfer_s  # the common case, without numpy calls
     src = np.asarray(src_nic, dtype=np.float64)
     if dst_nic is None and not np.any(src > 0):
         return transfer_s
@@ -126,7 +142,9 @@ def decode_side(model: DecodeModel, request: RequestView, candidates: CandidateV
     used = use * capacity
     if pend is None:
         waiting = candidates.waiting if index is None else candidates.waiting[index]
-        pending: FloatArray = (waiting * need).astype(np.float64)
+        scaled: Any = waiting * need  # float64 already for the usual int64 counts
+        pending: FloatArray = (scaled if scaled.dtype == np.float64
+                               else scaled.astype(np.float64))
     else:
         pending = pend
     deficit = np.maximum(need + pending + used - capacity, 0.0)
@@ -134,7 +152,13 @@ def decode_side(model: DecodeModel, request: RequestView, candidates: CandidateV
         queue = deficit / (np.maximum(used, float(request.block_tokens)) / model.residence_s)
     else:
         queue = deficit
-    first = tbt if tbt is not None else np.full(n, model.tbt_s)
+    if tbt is not None:
+        first = tbt
+    elif index is None:  # the same constant for every decision over this view
+        first = _cached(candidates, ("tbt", model.tbt_s),
+                        lambda: _readonly(np.full(n, model.tbt_s)))
+    else:
+        first = np.full(n, model.tbt_s)
     return queue, first, nbytes
 
 
@@ -196,11 +220,23 @@ _CHUNK = 2048
 
 
 def _link_state_transfer(oracle: LinkStateOracle, bookings: Bookings | None, src: int,
-                         host: IntArray, nbytes: FloatArray) -> tuple[FloatArray, IntArray]:
+                         host: IntArray, nbytes: FloatArray, *,
+                         candidates: CandidateView | None = None
+                         ) -> tuple[FloatArray, IntArray]:
     """``LinkStateOracle.estimate`` plus the bookings' delay, over cached path tables: a few
-    gathers and reductions over ``(6, |D|)``, with no per-link (O(links)) work per call."""
-    paths = path_table(oracle.topology).from_src(src)
+    gathers and reductions over ``(6, |D|)``, with no per-link (O(links)) work per call.
+    ``candidates`` (whose hosts are ``host``, at most ``_CHUNK``): the gathered paths come
+    from its cache."""
+    table = path_table(oracle.topology)
     n = host.shape[0]
+    if candidates is not None:
+        links, on_path, tiers = candidate_paths(table, src, candidates)
+        if 6 * n < oracle.latency_s.shape[0]:
+            latency = np.add.reduce(oracle.latency_s[links] * on_path, axis=0)
+        else:
+            latency = table.from_src(src).path_latency(oracle.latency_s)[host]
+        return latency + _transfer_part(oracle, bookings, links, nbytes), tiers
+    paths = table.from_src(src)
     if 6 * n < oracle.latency_s.shape[0]:  # few candidates: sum their path latencies directly
         links = np.take(paths.links, host, axis=1)
         latency = np.add.reduce(oracle.latency_s[links] * np.take(paths.on_path, host, axis=1),
@@ -233,3 +269,72 @@ def _transfer_part(oracle: LinkStateOracle, bookings: Bookings | None, links: In
             competing = np.minimum(bookings.bytes_ext[links], flows * nbytes)
             transfer = transfer + np.maximum.reduce(competing / rate, axis=0)
     return transfer
+
+
+# -- what depends on the candidates' hosts alone, kept on the view --------------------------
+def _readonly(arr: Any) -> Any:
+    """``arr``, made read-only: a cached array is shared by every decision over a view."""
+    arr.flags.writeable = False
+    return arr
+
+
+def _cache_limit(candidates: CandidateView) -> int:
+    """Entries a view's cache may hold: about 64 K candidates' worth in all (every source of
+    a |D| = 64 view, 32 sources of a |D| = 2048 one)."""
+    return max(8, 65536 // max(len(candidates), 1))
+
+
+def _cached(candidates: CandidateView, key: Any, make: Any) -> Any:
+    """``candidates.cache[key]``, made by ``make()`` on a miss."""
+    hit = candidates.cache.get(key)
+    if hit is None:
+        hit = _store(candidates, key, make())
+    return hit
+
+
+def _store(candidates: CandidateView, key: Any, value: Any) -> Any:
+    cache = candidates.cache
+    if key not in cache and len(cache) >= _cache_limit(candidates):
+        cache.clear()
+    cache[key] = value
+    return value
+
+
+def candidate_paths(table: PathTable, src: int, candidates: CandidateView
+                    ) -> tuple[IntArray, FloatArray, IntArray]:
+    """``(links, on_path, tiers)`` of ``src``'s paths in ``table`` to the candidates' hosts,
+    i.e. ``np.take(table.from_src(src).links, candidates.host, axis=1)`` and so on, gathered
+    once per view, table and source (read-only)."""
+    key = ("paths", src)
+    hit = candidates.cache.get(key)
+    if hit is None or hit[0] is not table:
+        paths = table.from_src(src)
+        host = candidates.host
+        hit = _store(candidates, key, (table, _readonly(np.take(paths.links, host, axis=1)),
+                                       _readonly(np.take(paths.on_path, host, axis=1)),
+                                       _readonly(paths.tiers[host])))
+    return hit[1], hit[2], hit[3]
+
+
+def _row_transfer(oracle: CachedMapView | CachedOracle, bookings: Bookings | None, src: int,
+                  candidates: CandidateView, nbytes: FloatArray) -> tuple[FloatArray, IntArray]:
+    """:func:`transfer_times` for an oracle answering from per-source rows (its ``estimate``
+    is :func:`~netkv.core.paths.pick` of ``row(src)``), with the row gathered for the
+    candidates once per row and view: the same arithmetic, without the per-call gathers."""
+    row = oracle.row(src)
+    key = ("row", src)
+    hit = candidates.cache.get(key)
+    if hit is None or hit[0] is not row:  # a new row (the map view was refreshed)
+        host = candidates.host
+        hit = _store(candidates, key, (row, _readonly(row.latency_s[host]),
+                                       _readonly(row.bandwidth_bytes_s[host]),
+                                       _readonly(row.tier[host])))
+    latency, bandwidth, tier = hit[1], hit[2], hit[3]
+    transfer: FloatArray = latency + np.asarray(nbytes, dtype=np.float64) / bandwidth
+    if bookings is not None and bookings.active:  # Bookings.extra_seconds, links cached
+        links = candidate_paths(bookings.paths, src, candidates)[0]
+        rate = oracle.available_bytes_s
+        competing = np.minimum(bookings.bytes_ext[links], bookings.flows_ext[links] * nbytes)
+        transfer = transfer + np.maximum.reduce(competing / np.maximum(rate[links], 1.0),
+                                                axis=0)
+    return transfer, tier

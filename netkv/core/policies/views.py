@@ -8,7 +8,8 @@ owner's edge, so the views only check shapes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -85,6 +86,11 @@ class CandidateView:
     output token) and ``waiting_tokens`` (KV tokens the admission queue will claim) are
     optional: a policy falls back to its own defaults without them; so is ``nic_bytes_s``, the
     rate of the NICs each decoder is bound to (a transfer from another host cannot beat it).
+
+    ``cache`` holds what policies derive from ``host`` alone (per source host: the candidates'
+    path links, their rows of a caching oracle), so an owner that keeps one view across
+    decisions, updating the load arrays in place, pays for those gathers once. ``host`` must
+    therefore not change in place while a view is in use: build a new view instead.
     """
 
     host: IntArray
@@ -95,6 +101,7 @@ class CandidateView:
     tbt_s: FloatArray | None = None
     waiting_tokens: FloatArray | None = None
     nic_bytes_s: FloatArray | None = None
+    cache: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         n = self.host.shape
