@@ -20,6 +20,7 @@ markdown and the wall time with the machine's load average.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from collections.abc import Hashable, Sequence
@@ -70,6 +71,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="fractions of the trace's time span for scoring (default 0.5,1)")
     parser.add_argument("--no-sensitivity", action="store_true",
                         help="skip the headline's sensitivity sweeps")
+    parser.add_argument("--tuned", default=None,
+                        help="reuse the tuned baseline weights of an earlier matrix.json "
+                        "(or matrix.partial.json) instead of tuning again")
+    parser.add_argument("--combine", default=None,
+                        help="comma-separated matrix.json files: merge their per-seed cells "
+                        "(later files win per scenario and policy) into --out, no simulation")
 
 
 def slice_trace(trace: Trace, lo: float, hi: float) -> Trace:
@@ -225,10 +232,80 @@ def sensitivity(scenario_name: str, trace: Trace, policies: Sequence[str],
         s = summarise(r, base.spec.slo.tbt_s)
         cells.setdefault(knob_value, {}).setdefault(item, []).append(
             {m: float(s[m]) for m in METRICS})
-    return {"scenario": scenario_name, "rows": {k: compare(v) for k, v in cells.items()}}
+    return {"scenario": scenario_name, "rows": {k: compare(v) for k, v in cells.items()},
+            "cells": cells}
+
+
+def _load_json(path: str, flag: str) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(flag, f"cannot read {path}: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("tuned"), dict):
+        raise InputError(flag, f"{path} is not a matrix.json (no 'tuned' weights)")
+    return data
+
+
+def combine(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Merge the per-seed cells of several matrix reports (later reports win per scenario
+    and policy) and recompute every comparison from the merged cells."""
+    cells: dict[str, dict[str, list[dict[str, float]]]] = {}
+    tuned: dict[str, dict[str, dict[str, Any]]] = {}
+    sens_cells: dict[str, dict[str, list[dict[str, float]]]] = {}
+    sens_name: str | None = None
+    for rep in reports:
+        if "cells" not in rep:
+            raise InputError("--combine", "a report without per-seed 'cells' (older format)")
+        for name, by_policy in rep["cells"].items():
+            cells.setdefault(name, {}).update(by_policy)
+        for name, weights in rep["tuned"].items():
+            tuned.setdefault(name, {}).update(weights)
+        sens = rep.get("sensitivity")
+        if sens and "cells" in sens:
+            if sens_name not in (None, sens["scenario"]):
+                sens_cells = {}
+            sens_name = sens["scenario"]
+            for knob, by_policy in sens["cells"].items():
+                sens_cells.setdefault(knob, {}).update(by_policy)
+    order = [p for p in BASELINES + NETKV if any(p in c for c in cells.values())]
+    cells = {n: {p: c[p] for p in order + sorted(set(c) - set(order)) if p in c}
+             for n, c in cells.items()}
+    tables = {name: compare(c) for name, c in cells.items()}
+    sensitivity_out = None if sens_name is None else {
+        "scenario": sens_name, "rows": {k: compare(v) for k, v in sens_cells.items()},
+        "cells": sens_cells}
+    return {"tuned": {n: tuned.get(n, {}) for n in cells}, "cells": cells,
+            "scenarios": tables, "headline": headline(tables), "sensitivity": sensitivity_out}
+
+
+def run_combine(args: argparse.Namespace) -> int:
+    paths = [p.strip() for p in args.combine.split(",") if p.strip()]
+    reports = [_load_json(p, "--combine") for p in paths]
+    merged = combine(reports)
+    last = reports[-1]
+    report: dict[str, Any] = {
+        key: last.get(key) for key in ("trace", "tune_slice", "score_slice", "tune_requests",
+                                       "score_requests", "seeds", "jobs", "cpus")}
+    report.update(merged)
+    report["combined_from"] = paths
+    report["wall_s"] = sum(float(r.get("wall_s", 0.0)) for r in reports)
+    report["loadavg_start"] = reports[0].get("loadavg_start", [0.0, 0.0, 0.0])
+    report["loadavg_end"] = last.get("loadavg_end", [0.0, 0.0, 0.0])
+    report["scenario_descriptions"] = {
+        n: d for r in reports for n, d in r.get("scenario_descriptions", {}).items()}
+    out = Path(args.out)
+    write_json(out / "matrix.json", report)
+    text = markdown(report)
+    (out / "matrix.md").write_text(text, encoding="utf-8")
+    plot(out / "matrix.png", report)
+    print(text)
+    print(f"combined {len(paths)} reports into {out / 'matrix.json'}, .md and .png")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.combine:
+        return run_combine(args)
     wall = time.perf_counter()
     load_start = os.getloadavg()
     if args.seeds < 2:
@@ -245,17 +322,27 @@ def run(args: argparse.Namespace) -> int:
     score_trace = slice_trace(full, score_lo, score_hi)
     progress = not args.no_progress
     out = Path(args.out)
-    tuned = tune(scenarios, tune_trace, args.jobs, progress)
+    if args.tuned:
+        prior = _load_json(args.tuned, "--tuned")["tuned"]
+        missing = [n for n in names if n not in prior]
+        if missing:
+            raise InputError("--tuned", f"{args.tuned} has no tuned weights for {missing}")
+        tuned = {n: prior[n] for n in names}
+    else:
+        tuned = tune(scenarios, tune_trace, args.jobs, progress)
     tables: dict[str, dict[str, Any]] = {}
+    all_cells: dict[str, dict[str, list[dict[str, float]]]] = {}
     for name in names:  # one scenario at a time, checkpointed, so a partial run is usable
         cells = score({name: scenarios[name]}, score_trace, policies, tuned, seeds=args.seeds,
                       jobs=args.jobs, progress=progress)
         tables[name] = compare(cells[name])
+        all_cells[name] = cells[name]
         write_json(out / "matrix.partial.json", {"tuned": tuned, "scenarios": tables,
+                                                 "cells": all_cells,
                                                  "wall_s": time.perf_counter() - wall})
     head = headline(tables)
     sens = None
-    if not args.no_sensitivity and head:
+    if not args.no_sensitivity and head and "netkv" in policies:
         where = head.get("best_baseline.ttft_mean_reduction_pct", {}).get("scenario", names[0])
         best = tables[where]["best_baseline"]
         sens_policies = list(dict.fromkeys(
@@ -269,6 +356,7 @@ def run(args: argparse.Namespace) -> int:
         "score_requests": len(score_trace), "seeds": args.seeds, "jobs": args.jobs,
         "wall_s": wall, "cpus": os.cpu_count(), "loadavg_start": list(load_start),
         "loadavg_end": list(os.getloadavg()), "tuned": tuned, "scenarios": tables,
+        "cells": all_cells,
         "headline": head, "sensitivity": sens,
         "scenario_descriptions": {n: s.spec.description for n, s in scenarios.items()},
     }
