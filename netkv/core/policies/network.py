@@ -5,19 +5,30 @@
   the bytes the candidate lacks, priced by the cost oracle and inflated by the transfers this
   scheduler has itself booked on the same links; the argmin wins.
 * ``netkv_pair`` (beyond the paper): the joint choice. Given prefill candidates with their
-  predicted KV-ready times, pick ``argmin_{p,d} ready(p) + TTFT(p -> d)``, O(|P| |D|).
+  predicted KV-ready times, pick the prefill instance by ``argmin_{p,d} ready(p) +
+  TTFT(p -> d)``, O(|P| |D|), then the decoder for that instance exactly as ``netkv`` does.
   Without prefill candidates it is ``netkv``.
+
+  The transfer the joint term prices starts a whole prefill later (after ``ready(p)`` when
+  pulling; when prefill starts, behind its queue, when streaming), so by default
+  (``prefill_oracle="static"``) it is priced on the static per-tier prior (distance known,
+  congestion not): the live map at arrival mostly shows this scheduler's own in-flight
+  transfers (counted by the link counters and again by the bookings), which last tens of
+  milliseconds and are gone by then. Priced live (``"live"``, the former rule) the pair moved
+  prefills off the least-loaded instance for predicted savings of 0.1-5 s that were that
+  transient load (``xpyd-3p1d-rails``, ``a800-64``: worse than ``netkv``). The decoder is then
+  chosen on the live map, with ``netkv``'s tie rule, where the map is current.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
 
 import numpy as np
 
-from netkv.core.costmodel import CostOracle
+from netkv.core.costmodel import CostOracle, LinkStateOracle, static_tier_oracle
 from netkv.core.policies.base import TieBreaker, decision_from, parse_params
 from netkv.core.policies.bookings import Bookings
 from netkv.core.policies.prediction import (
@@ -46,12 +57,16 @@ class NetkvParams:
     predicted transfer of the best are a tie the telemetry cannot resolve (its per-link
     estimates carry a relative error of this order: 10% log-normal in the simulator's
     telemetry, a choice stated there); among them the lowest tier (the static ranking: same
-    host, then rail, then pod, ...) wins, then the lowest prediction. 0 turns it off."""
+    host, then rail, then pod, ...) wins, then the lowest prediction. 0 turns it off.
+    ``prefill_oracle`` (``netkv_pair``): what prices the joint term that picks the prefill
+    instance, ``static`` (the per-tier prior, default) or ``live`` (the oracle given, with
+    bookings: the rule before; an ablation)."""
 
     use_bookings: bool = True
     handover_s: float = field(default=0.0, metadata=bound(ge=0))
     prefill_margin_s: float = field(default=0.1, metadata=bound(ge=0))
     tie_rel: float = field(default=0.1, metadata=bound(ge=0, le=1))
+    prefill_oracle: Literal["static", "live"] = "static"
     seed: int = 0
     tbt_s: float = field(default=0.03, metadata=bound(gt=0))
     residence_s: float = field(default=10.0, metadata=bound(gt=0))
@@ -81,17 +96,20 @@ class Netkv:
 
 class NetkvPair(Netkv):
     name = "netkv_pair"
+    _static: LinkStateOracle | None = None
 
     def decide(self, request: RequestView, candidates: CandidateView, oracle: CostOracle,
                bookings: Bookings | None = None) -> Decision:
         prefill = request.prefill
         if prefill is None:
             return super().decide(request, candidates, oracle, bookings)
-        booked = bookings if self.params.use_bookings else None
+        live = self.params.prefill_oracle == "live"
+        booked = bookings if self.params.use_bookings and live else None
+        prior: CostOracle = oracle if live else self._prior(oracle)
         queue, first, nbytes = decode_side(self.model, request, candidates)
         # Prefill hosts repeat (several instances per host): price each host's paths once.
         hosts, inverse = np.unique(prefill.host, return_inverse=True)
-        by_host, tiers = transfer_matrix(oracle, booked, hosts, candidates.host, nbytes)
+        by_host, tiers = transfer_matrix(prior, booked, hosts, candidates.host, nbytes)
         transfer = by_host[inverse]
         src_nic = (prefill.nic_bytes_s[:, None] if prefill.nic_bytes_s is not None
                    else request.src_nic_bytes_s)
@@ -101,18 +119,30 @@ class NetkvPair(Netkv):
         if self.params.handover_s > 0:
             transfer = transfer + np.where(nbytes > 0, self.params.handover_s, 0.0)
         totals = transfer + (queue + first) + prefill.ready_s[:, None]
-        p, d = divmod(self.ties.argmin(totals.ravel()), len(candidates))
+        p = divmod(self.ties.argmin(totals.ravel()), len(candidates))[0]
         if self.params.prefill_margin_s > 0:
             usual = int(np.argmin(prefill.ready_s))
-            if totals[usual].min() - totals[p, d] <= self.params.prefill_margin_s:
-                p, d = usual, self.ties.argmin(totals[usual])
-        k = int(inverse[p])
-        return Decision(
-            index=d, ttft_s=float(queue[d] + transfer[p, d] + first[d]),
-            queue_s=float(queue[d]), transfer_s=float(transfer[p, d]),
-            first_token_s=float(first[d]), tier=int(tiers[k][d]),
-            transfer_bytes=float(nbytes[d]), prefill_index=p,
-            prefill_s=float(prefill.ready_s[p]))
+            if totals[usual].min() - totals[p].min() <= self.params.prefill_margin_s:
+                p = usual
+        # The decoder for that prefill instance, on the live map, as netkv picks it.
+        single = replace(
+            request, prefill=None, prefill_host=int(prefill.host[p]),
+            src_nic_bytes_s=(float(prefill.nic_bytes_s[p]) if prefill.nic_bytes_s is not None
+                             else request.src_nic_bytes_s),
+            prefill_compute_s=(float(prefill.compute_s[p]) if prefill.compute_s is not None
+                               else request.prefill_compute_s))
+        return replace(super().decide(single, candidates, oracle, bookings), prefill_index=p,
+                       prefill_s=float(prefill.ready_s[p]))
+
+    def _prior(self, oracle: CostOracle) -> CostOracle:
+        """The static per-tier prior over the oracle's topology (cached), or the oracle
+        itself when it has no topology to build one from."""
+        topology = getattr(oracle, "topology", None)
+        if topology is None:
+            return oracle
+        if self._static is None or self._static.topology is not topology:
+            self._static = static_tier_oracle(topology)
+        return self._static
 
 
 def prefer_lower_tier(scores: FloatArray, transfer_s: FloatArray, tier: IntArray, best: int,
