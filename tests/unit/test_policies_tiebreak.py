@@ -43,3 +43,27 @@ def test_tie_rel_is_a_validated_param() -> None:
     assert NetkvParams().tie_rel == 0.1
     policy = make_policy("netkv", {"tie_rel": 0.0})
     assert policy.params.tie_rel == 0.0  # type: ignore[attr-defined]
+
+
+def test_load_rule_takes_the_least_full_decoder_of_no_higher_tier() -> None:
+    from netkv.core.policies.network import prefer_less_loaded
+
+    # Best: candidate 1 (tier 2, 0.100 s, transfer 0.070): slack 0.007 s. Candidates 0
+    # (tier 1, 0.1015 s, KV 60% used), 3 (tier 2, 0.1050 s, 20%) and 4 (tier 3, 0.1010 s,
+    # 5%) are within it; 4 is of a higher tier than the best, so it is out; 3 is the least
+    # full of the rest. Candidate 2 (0.110 s) is beyond the slack.
+    scores = np.array([0.1015, 0.100, 0.110, 0.1050, 0.1010])
+    transfer = np.array([0.0715, 0.070, 0.080, 0.0750, 0.0710])
+    tier = np.array([1, 2, 0, 2, 3])
+    kv_use = np.array([0.6, 0.5, 0.0, 0.2, 0.05])
+    assert prefer_less_loaded(scores, transfer, tier, kv_use, 1, tie_rel=0.1,
+                              ties=TieBreaker(0)) == 3
+    # The old rule picks the lowest tier (candidate 0) instead.
+    assert prefer_lower_tier(scores, transfer, tier, 1, tie_rel=0.1, ties=TieBreaker(0)) == 0
+    # No slack without a transfer; alone within the slack, the best stays.
+    assert prefer_less_loaded(scores, np.zeros(5), tier, kv_use, 1, tie_rel=0.1,
+                              ties=TieBreaker(0)) == 1
+    assert prefer_less_loaded(np.array([0.1, 0.2]), np.array([0.07, 0.07]),
+                              np.array([1, 1]), np.array([0.9, 0.0]), 0, tie_rel=0.1,
+                              ties=TieBreaker(0)) == 0
+    assert NetkvParams().tie_rule == "load"

@@ -58,6 +58,11 @@ class NetkvParams:
     estimates carry a relative error of this order: 10% log-normal in the simulator's
     telemetry, a choice stated there); among them the lowest tier (the static ranking: same
     host, then rail, then pod, ...) wins, then the lowest prediction. 0 turns it off.
+    ``tie_rule`` says what decides among those near-ties: ``load`` (default) the candidate
+    with the least KV in use among those of no higher tier than the best (the decode-side
+    load the predictor leaves out: a fuller decoder steps slower for this and every later
+    request, what llm-d's KV-utilisation scorer weighs), ``tier`` the lowest tier, then the
+    lowest prediction (the rule before, an ablation).
     ``prefill_oracle`` (``netkv_pair``): what prices the joint term that picks the prefill
     instance, ``static`` (the per-tier prior, default) or ``live`` (the oracle given, with
     bookings: the rule before; an ablation)."""
@@ -66,6 +71,7 @@ class NetkvParams:
     handover_s: float = field(default=0.0, metadata=bound(ge=0))
     prefill_margin_s: float = field(default=0.1, metadata=bound(ge=0))
     tie_rel: float = field(default=0.1, metadata=bound(ge=0, le=1))
+    tie_rule: Literal["load", "tier"] = "load"
     prefill_oracle: Literal["static", "live"] = "static"
     seed: int = 0
     tbt_s: float = field(default=0.03, metadata=bound(gt=0))
@@ -88,7 +94,10 @@ class Netkv:
             pred = with_handover(pred, self.params.handover_s)
         scores = pred.ttft_s
         chosen = self.ties.argmin(scores)
-        if self.params.tie_rel > 0:
+        if self.params.tie_rel > 0 and self.params.tie_rule == "load":
+            chosen = prefer_less_loaded(scores, pred.transfer_s, pred.tier, candidates.kv_use,
+                                        chosen, tie_rel=self.params.tie_rel, ties=self.ties)
+        elif self.params.tie_rel > 0:
             chosen = prefer_lower_tier(scores, pred.transfer_s, pred.tier, chosen,
                                        tie_rel=self.params.tie_rel, ties=self.ties)
         return decision_from(pred, chosen, chosen, scores)
@@ -159,6 +168,21 @@ def prefer_lower_tier(scores: FloatArray, transfer_s: FloatArray, tier: IntArray
     if int(tier[best]) == low:
         return best
     masked: FloatArray = np.where(near & (tier == low), scores, np.inf)
+    return ties.argmin(masked)
+
+
+def prefer_less_loaded(scores: FloatArray, transfer_s: FloatArray, tier: IntArray,
+                       kv_use: FloatArray, best: int, *, tie_rel: float,
+                       ties: TieBreaker) -> int:
+    """Among candidates predicted within ``tie_rel * transfer_s[best]`` of ``scores[best]``
+    and of no higher tier than ``best``, the one with the least KV in use (ties at random)."""
+    slack = tie_rel * float(transfer_s[best])
+    if slack <= 0:
+        return best
+    near = (scores <= float(scores[best]) + slack) & (tier <= tier[best])
+    if np.count_nonzero(near) == 1:
+        return best
+    masked: FloatArray = np.where(near, kv_use, np.inf)
     return ties.argmin(masked)
 
 
