@@ -170,7 +170,7 @@ async def test_faults_apply_and_revert_on_time(plan: FabricPlan) -> None:
     nominal = plan.rate_bps("h001/nic/up")
     async with Faults(plan, schedule, loop.time, fabric) as faults:
         faults.start()
-        await asyncio.sleep(0.35)
+        await faults.wait_events(4, 5.0)  # two applies and two reverts, on the loop clock
     assert fabric.calls == [
         ("rate", "h001/nic/up", nominal * 0.25), ("rate", "h001/nic/down", nominal * 0.25),
         ("link", "h003", 0.0),
@@ -190,7 +190,7 @@ async def test_leaving_early_reverts_what_was_applied(plan: FabricPlan) -> None:
                               Fault("link_down", "h003", 30.0, 60.0)))
     async with Faults(plan, schedule, loop.time, fabric) as faults:
         faults.start()
-        await asyncio.sleep(0.1)
+        await faults.wait_events(1, 5.0)  # h001 down; h003's fault is 30 s away
     assert fabric.calls == [("link", "h001", 0.0), ("link", "h001", 1.0)]  # h003 never came
     assert [e.action for e in faults.events] == ["apply", "revert"]
 
