@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from netkv.core.topology import Topology
-from netkv.core.topology_file import parse_topology
 from netkv.errors import InputError
 from netkv.testbed.fabric import FabricPlan
 from netkv.testbed.faults import (
@@ -27,17 +26,10 @@ from netkv.testbed.routers import Pinning, RouterSpec, Worker, parse_routers, ro
 
 pytestmark = pytest.mark.unit
 
-TOPOLOGY = {
-    "fabric": {"nic_gbps": 400, "leaf_oversubscription": 1, "pod_oversubscription": 2},
-    "fat_tree": {"pods": 2, "leaves_per_pod": 2, "hosts_per_leaf": 2, "gpus_per_host": 8,
-                 "instance_gpus": 8, "role_pattern": "PD"},
-}
-
 
 @pytest.fixture
-def plan() -> FabricPlan:
-    topology: Topology = parse_topology(TOPOLOGY, "test")
-    return FabricPlan.of(topology, "nkvtest-")
+def plan(small_topology: Topology) -> FabricPlan:
+    return FabricPlan.of(small_topology, "nkvtest-")
 
 
 # -- routers ------------------------------------------------------------------------------
