@@ -27,7 +27,7 @@ import math
 import os
 import struct
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from netkv.sim import stages
+from netkv.sim import runs, stages
 from netkv.sim.events import Kind
 from netkv.sim.scenario import load_scenario
 from netkv.sim.simulation import RunConfig, RunResult, Simulation
@@ -215,6 +215,38 @@ def test_real_trace_slices_match_the_pre_optimisation_figures(
         real: Trace, scenario: str, item: str, seed: int) -> None:
     want = golden()["real"][key(scenario, item, seed)]
     assert run_case(real, scenario, item, seed) == want
+
+
+def test_default_jobs_is_every_usable_core() -> None:
+    assert runs.default_jobs() == len(os.sched_getaffinity(0))
+
+
+def test_pool_results_in_task_order_and_repeats_reused(tmp_path: Path) -> None:
+    trace = load_trace(synthetic_trace(tmp_path / "t.jsonl", n=60)).scaled(rate_scale=4.0)
+    small = Simulation(load_scenario(str(HERE / "fat-tree-64.yaml")), trace)
+    split = Simulation(load_scenario(str(HERE / "fat-tree-64-layerwise.yaml")), trace)
+    sims: dict[Hashable, Simulation] = {"a": small, "b": split}
+    tasks = [("a", RunConfig("round_robin", seed=1)), ("b", RunConfig("netkv", seed=1)),
+             ("a", RunConfig("netkv", seed=2, label="n2"))]
+    serial = [s.run(c) for s, c in ((sims[k], c) for k, c in tasks)]
+    runs._MEMO.clear()
+    before = runs.USAGE.runs
+    pooled = runs.run_all(sims, tasks, jobs=2, show_progress=False)
+    assert runs.USAGE.runs - before == 3 and runs.USAGE.cpu_s > 0
+    for want, got in zip(serial, pooled, strict=True):
+        assert got.name == want.name
+        np.testing.assert_array_equal(got.ttft_s, want.ttft_s)
+        np.testing.assert_array_equal(got.tier, want.tier)
+    # The same run again under another label: answered from the memo, renamed.
+    reused = runs.USAGE.reused
+    again = runs.run_all(sims, [("a", RunConfig("round_robin", seed=1, label="rr"))],
+                         jobs=2, show_progress=False)
+    assert runs.USAGE.reused == reused + 1 and again[0].name == "rr"
+    np.testing.assert_array_equal(again[0].ttft_s, serial[0].ttft_s)
+    # A different seed is a different run.
+    simulated = runs.USAGE.runs
+    runs.run_all(sims, [("a", RunConfig("round_robin", seed=3))], jobs=1, show_progress=False)
+    assert runs.USAGE.reused == reused + 1 and runs.USAGE.runs == simulated + 1
 
 
 def _write(argv: list[str]) -> int:
