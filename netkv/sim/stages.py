@@ -165,8 +165,7 @@ class Run(SourceStages):
         sim, trace, pool = self.sim, self.trace, self.prefills
         tokens = int(trace.input_tokens[r])
         hit_p = np.array([c.match(trace.hash_ids[r]) for c in pool.caches], np.int64)
-        compute = np.array([sim.prefill_time(p, tokens, int(hit_p[p]))
-                            for p in range(len(pool))])
+        compute = sim.prefill_times(tokens, hit_p)
         ready = pool.wait(now) + compute
         p = int(np.argmin(ready))
         d = -1

@@ -249,6 +249,18 @@ def test_pool_results_in_task_order_and_repeats_reused(tmp_path: Path) -> None:
     assert runs.USAGE.reused == reused + 1 and runs.USAGE.runs == simulated + 1
 
 
+def test_vectorised_prefill_times_equal_the_scalar_model_exactly() -> None:
+    sim = Simulation(load_scenario(str(HERE / "a800-64.yaml")),
+                     Trace("t", np.zeros(2), np.array([900, 40_000]), np.array([5, 5]),
+                           ((0, 1), (0, 2))))
+    rng = np.random.default_rng(4)
+    n = len(sim.prefill_gpus)
+    for tokens in (1, 511, 512, 3_000, 40_000, 123_457):
+        hits = rng.integers(0, tokens // 512 + 3, n)
+        want = [sim.prefill_time(p, tokens, int(hits[p])) for p in range(n)]
+        assert sim.prefill_times(tokens, hits).tolist() == want  # exact
+
+
 def _write(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description="re-record the golden figures")
     parser.add_argument("--write", action="store_true", required=True)
