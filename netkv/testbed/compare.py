@@ -53,7 +53,7 @@ from netkv.testbed.routers import (
     Worker,
     router_command,
 )
-from netkv.testbed.runner import PolicyResult, ReplaySpec
+from netkv.testbed.runner import STREAM_INTERVAL, PolicyResult, ReplaySpec
 
 log = structlog.get_logger(__name__)
 MODEL_NAME = "netkv/emulated"
@@ -153,16 +153,23 @@ class RouterComparison:
             side_channel_host=self.plan.host_addr[inst.host], side_channel_port=0,
             engine_id=inst.name, block_size=TRACE_BLOCK_TOKENS,
             ns=self.plan.host_ns[inst.host], record_requests=0, model=self.model,
-            timeline=TIMELINE_REQUESTS)
+            # 16 tokens per streamed write after the first, as the policy replay does: the
+            # modelled 2 ms per token is ~15x a 70B decode's, so one write per token would
+            # stream ~15x a deployment's chunk rate through every router and the client
+            # (the first token still goes out at once; TTFT and occupancy are unchanged)
+            timeline=TIMELINE_REQUESTS, stream_interval=STREAM_INTERVAL)
 
     def proxy_config(self) -> Path:
-        """``netkv proxy``'s config: the control plane's map and the testbed's KV model."""
+        """``netkv proxy``'s config: the control plane's map and the testbed's KV model.
+        Health checks and load scrapes at the proxy's own default cadence (1 s; the peers
+        check every 60 s and never scrape); the map is re-read on every announcement, with a
+        0.5 s poll as the fallback."""
         path = self.workdir / "proxy.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(self.shared_config | {"proxy": {
             "kv_bytes_per_token": self.model.bytes_per_token,
             "capacity_tokens": self.model.capacity_tokens, "block_size": TRACE_BLOCK_TOKENS,
-            "prefill_timeout_s": self.request_timeout_s, "health_interval_s": 0.5,
+            "prefill_timeout_s": self.request_timeout_s,
             "map_poll_s": 0.5, "oracle_cache_s": 0.1}}, sort_keys=False))
         return path
 
@@ -178,11 +185,16 @@ class RouterComparison:
                                  netkv_args=["--config", str(self.proxy_config())])
         log_path = self.workdir / "logs" / f"router-{k}-{spec.kind}-{spec.policy}.log"
         profile = os.environ.get("TESTBED_ROUTER_PROFILE")
-        if profile and spec.kind == "netkv" and command.argv[1:3] == ["-m", "netkv.cli"]:
-            # diagnosis only (it slows the proxy): cProfile the proxy, written when it stops
-            out = Path(profile) / f"router-{k}-{spec.policy}.prof"
-            command = replace(command, argv=[command.argv[0], "-m", "cProfile", "-o",
-                                             str(out), *command.argv[1:]])
+        wrap = os.environ.get("TESTBED_ROUTER_WRAP")
+        if spec.kind == "netkv" and command.argv[1:3] == ["-m", "netkv.cli"]:
+            # diagnosis only: cProfile the proxy (written when it stops; it slows the proxy),
+            # or run it through a script that takes netkv's arguments (e.g. to time its steps)
+            if profile:
+                out = Path(profile) / f"router-{k}-{spec.policy}.prof"
+                command = replace(command, argv=[command.argv[0], "-m", "cProfile", "-o",
+                                                 str(out), *command.argv[1:]])
+            elif wrap:
+                command = replace(command, argv=[command.argv[0], wrap, *command.argv[3:]])
         return RouterProcess(spec, command, self.spawn, log_path, pinning=self.pinning)
 
     # -- one replay ---------------------------------------------------------------------------
