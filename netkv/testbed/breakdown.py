@@ -143,6 +143,24 @@ def ceiling(outcomes: list[dict[str, Any]], nic_bytes_s: float
     return out
 
 
+def map_reaction(series: list[list[Any]], start_s: float, end_s: float, host: str,
+                 factor: float = 2.0) -> tuple[float | None, float | None]:
+    """From the comparison's oracle samples (``router-map.json``: replay clock, version,
+    {decode host: estimated seconds}; fault times on the same clock): seconds from the
+    fault's start until the map first estimates ``host`` at least ``factor`` times the best
+    other decode host, and from its end until it first no longer does (None: never seen)."""
+    def slow(costs: dict[str, float]) -> bool:
+        others = [v for h, v in costs.items() if h != host]
+        return bool(others) and host in costs and costs[host] >= factor * min(others)
+    seen = next((t - start_s for t, _, c in series if start_s <= t < end_s and slow(c)), None)
+    gone = next((t - end_s for t, _, c in series if t >= end_s and not slow(c)), None)
+    return seen, gone
+
+
+def _s(value: float | None) -> str:
+    return "never" if value is None else f"{value:.2f} s"
+
+
 def main(argv: list[str]) -> int:
     if len(argv) < 2:
         print("usage: python -m netkv.testbed.breakdown TRACE DIR...", file=sys.stderr)
@@ -160,7 +178,19 @@ def main(argv: list[str]) -> int:
         for router, m in measured(rows).items():
             terms = "  ".join(f"{k} {m[k]:6.0f}" for k in ("ttft", *(t for t, _, _ in MEASURED)))
             print(f"  measured {router:<28} n={int(m['n']):>3}  {terms}")
-        meta = json.loads((Path(d) / "routers.json").read_text()).get("testbed", {})
+        summary = json.loads((Path(d) / "routers.json").read_text())
+        meta = summary.get("testbed", {})
+        maps = Path(d) / "router-map.json"
+        series = json.loads(maps.read_text()) if maps.exists() else {}
+        for router, run in summary.get("routers", {}).items():
+            events = {e["action"]: e for e in run.get("fault_events", [])}
+            if "apply" in events and "revert" in events and series.get(router):
+                t0 = float(run.get("schedule_t0_s") or series[router][0][0])
+                seen, gone = map_reaction(series[router], t0 + events["apply"]["at_s"],
+                                          t0 + events["revert"]["at_s"],
+                                          events["apply"]["host"])
+                print(f"  map      {router:<28} fault seen after {_s(seen)}, its end after "
+                      f"{_s(gone)}; reaction {run.get('reaction')}")
         nic = NIC_GBPS * 1e9 / 8 * float(meta.get("scale", 1e-4))
         for router, c in ceiling(rows, nic).items():
             print(f"  ceiling  {router:<28} mean {c['mean']:6.0f} -> {c['ideal_mean']:6.0f} "

@@ -97,6 +97,7 @@ class RouterRun:
     engine_kv_mean_s: float = float("nan")  # the decode engines' own histograms
     router_cpu_s: float = 0.0
     ready_after_s: float = 0.0
+    schedule_t0_s: float = 0.0  # the fault and background schedule's zero, on the replay clock
     fault_events: list[FaultEvent] = field(default_factory=list)
     reaction: dict[str, float | None] = field(default_factory=dict)
     # (replay clock s, router CPU s, this replay process's CPU s), every CPU_SAMPLE_S
@@ -114,6 +115,7 @@ class RouterRun:
                   "engine_kv_transfer_mean_s": self.engine_kv_mean_s,
                   "router_cpu_s": round(self.router_cpu_s, 3),
                   "router_ready_after_s": round(self.ready_after_s, 3),
+                  "schedule_t0_s": round(self.schedule_t0_s, 6),
                   "fault_events": [_event(e) for e in self.fault_events],
                   "reaction": self.reaction})
         return s
@@ -221,7 +223,7 @@ class RouterComparison:
                 Faults(self.plan, self.schedule, self.clock))
             background.start()
             faults.start()
-            schedule_t0 = self.clock()
+            schedule_t0 = run.schedule_t0_s = self.clock()
             sampler = asyncio.ensure_future(self._sample_cpu(router, run.cpu_series))
             watcher = asyncio.ensure_future(self._watch_map(http, requests, run.map_series))
             try:

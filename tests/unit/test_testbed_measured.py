@@ -73,3 +73,14 @@ def test_the_proxy_decision_headers_are_kept() -> None:
     bad = Outcome("r2", "")
     identify(bad, {"x-netkv-predicted-ms": "fast"}, b"", {}, 0.0)
     assert bad.predicted_ttft_s is None
+
+
+def test_map_reaction_reads_when_the_fault_shows_and_goes() -> None:
+    from netkv.testbed.breakdown import map_reaction
+
+    ok, slow = {"h1": 0.1, "h3": 0.1}, {"h1": 0.4, "h3": 0.1}
+    series: list[list[Any]] = [[t, 1, slow if 2.3 <= t < 6.4 else ok]
+                               for t in (1.0, 2.0, 2.25, 2.5, 4.0, 6.0, 6.25, 6.5)]
+    seen, gone = map_reaction(series, 2.0, 6.0, "h1")
+    assert seen == pytest.approx(0.5) and gone == pytest.approx(0.5)
+    assert map_reaction([[3.0, 1, ok]], 2.0, 6.0, "h1") == (None, None)
