@@ -283,9 +283,16 @@ def run_combine(args: argparse.Namespace) -> int:
     reports = [_load_json(p, "--combine") for p in paths]
     merged = combine(reports)
     last = reports[-1]
+    # Run metadata from the last report that has it (a partial checkpoint has none).
     report: dict[str, Any] = {
-        key: last.get(key) for key in ("trace", "tune_slice", "score_slice", "tune_requests",
-                                       "score_requests", "seeds", "jobs", "cpus")}
+        key: next((r[key] for r in reversed(reports) if r.get(key) is not None), None)
+        for key in ("trace", "tune_slice", "score_slice", "tune_requests", "score_requests",
+                    "seeds", "jobs", "cpus")}
+    for key in ("trace", "tune_slice", "score_slice", "tune_requests", "score_requests",
+                "seeds", "jobs", "cpus"):
+        if report[key] is None:
+            raise InputError("--combine", f"no report in {paths} records {key!r} (only "
+                             "partial checkpoints?); include one finished matrix.json")
     report.update(merged)
     report["combined_from"] = paths
     report["wall_s"] = sum(float(r.get("wall_s", 0.0)) for r in reports)
