@@ -267,6 +267,8 @@ def combine(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
             sens_name = sens["scenario"]
             for knob, by_policy in sens["cells"].items():
                 sens_cells.setdefault(knob, {}).update(by_policy)
+    known = {n: i for i, n in enumerate(SCENARIOS)}
+    cells = dict(sorted(cells.items(), key=lambda kv: known.get(kv[0], len(known))))
     order = [p for p in BASELINES + NETKV if any(p in c for c in cells.values())]
     cells = {n: {p: c[p] for p in order + sorted(set(c) - set(order)) if p in c}
              for n, c in cells.items()}
