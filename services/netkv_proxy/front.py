@@ -20,10 +20,11 @@ import msgspec
 from aiohttp import web
 
 from netkv.contracts.openai import BodyError, ChatCompletionRequest, CompletionRequest, decode_body
+from netkv.http.openai_errors import openai_error
 from netkv.prompts import TokenCounter, block_hashes, render_chat
 from netkv_proxy.config import ProxySettings
 from netkv_proxy.metrics import ProxyMetrics
-from netkv_proxy.upstream import Job, Kind, UpstreamError, openai_error
+from netkv_proxy.upstream import Job, Kind, UpstreamError
 
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,256}$")
 

@@ -37,12 +37,13 @@ from netkv.contracts.kvtransfer import (
     prefill_request_params,
     push_decode_params,
 )
+from netkv.http.openai_errors import openai_error
 from netkv_proxy.config import ProxySettings
 from netkv_proxy.metrics import ProxyMetrics
 from netkv_proxy.placement import Placement
 from netkv_proxy.prefill import PrefillChooser
 from netkv_proxy.relay import DecodeLeg
-from netkv_proxy.upstream import RETRY_STATUS, Job, Upstream, UpstreamError, openai_error
+from netkv_proxy.upstream import RETRY_STATUS, Job, Upstream, UpstreamError
 from netkv_proxy.workers import Worker, WorkerPool
 
 log = structlog.get_logger(__name__)

@@ -14,9 +14,10 @@ import structlog
 from aiohttp import web
 
 from netkv.contracts.openai import sse
+from netkv.http.openai_errors import openai_error
 from netkv_proxy.metrics import ProxyMetrics
 from netkv_proxy.placement import Placed
-from netkv_proxy.upstream import Job, Upstream, UpstreamError, openai_error
+from netkv_proxy.upstream import Job, Upstream, UpstreamError
 from netkv_proxy.workers import WorkerPool
 
 log = structlog.get_logger(__name__)

@@ -11,20 +11,12 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from netkv.contracts.openai import error_body
 from netkv_proxy.config import ProxySettings
 from netkv_proxy.workers import Worker
 
 Kind = Literal["completion", "chat"]
 PATHS: dict[Kind, str] = {"completion": "/v1/completions", "chat": "/v1/chat/completions"}
 RETRY_STATUS = frozenset({502, 503, 504})
-
-
-def openai_error(status: int, message: str, type_: str, *, param: str | None = None,
-                 headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(status=status, body=error_body(message, type_, param=param,
-                                                       code=status),
-                        content_type="application/json", headers=headers)
 
 
 class UpstreamError(Exception):
