@@ -7,9 +7,23 @@ chunks, all without waiting), the floor (one leg: forward the body to the decode
 answer) and ``netkv proxy`` (both legs, a decision with the ``netkv`` policy, booking and
 release). The load generator (this process) sends requests open loop at ``--rate`` per
 second; *added latency* is a percentile through a proxy minus the same percentile sent
-straight to the decode. The highest rate per process is measured closed loop
-(``--concurrency`` connections) and cross-checked by the proxy process's CPU time per request.
-Streaming: the per-chunk cost is (through the proxy - direct) / chunks on a long stream.
+straight to the decode, at the same rate. The highest rate per process is measured closed
+loop (``--concurrency`` connections) and cross-checked by the proxy process's CPU time per
+request. Streaming: the per-chunk cost is (through the proxy - direct) / chunks on a long
+stream.
+
+Fairness (the same treatment for the direct path, the floor and netkv):
+
+* CPUs (``--pin auto``, with two or more CPUs): the proxy under test (floor or netkv, one at a
+  time is loaded) runs alone on the last CPU this process may use; the engine and the load
+  generator share the others. Without pinning the three compete for the same cores and the
+  scheduler's choices show up as proxy latency. ``--pin off`` leaves placement to the OS.
+* Time: the open loop runs in ``--rounds`` rounds; each round measures every path in turn
+  (the order rotates), so a burst of other work on the machine falls on all paths alike.
+* The generator: requests are sent by a dispatcher at their scheduled times (not thousands of
+  sleeping tasks created up front), the generator's garbage collector is off while it
+  measures, and how late it sent (``generator_lag_p99_ms``) is reported: a late generator
+  would make every path look slow, and says the machine, not the proxy, was the limit.
 """
 
 from __future__ import annotations
@@ -17,8 +31,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -46,6 +62,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--closed-seconds", type=float, default=4.0)
     parser.add_argument("--chunks", type=int, default=256, help="SSE chunks per stream")
     parser.add_argument("--streams", type=int, default=200, help="streams measured")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="open-loop rounds; each measures every path in turn")
+    parser.add_argument("--pin", choices=("auto", "off"), default="auto",
+                        help="auto: the proxy under test alone on one CPU, the engine and "
+                        "the load generator on the others (needs 2+ CPUs)")
     parser.add_argument("--out", type=Path, help="write the JSON result here")
 
 
@@ -155,20 +176,73 @@ async def _one(http: aiohttp.ClientSession, url: str, data: bytes) -> float:
     return time.perf_counter() - start
 
 
-async def _open_loop(url: str, rate: float, seconds: float) -> np.ndarray[Any, Any]:
+async def _open_loop(http: aiohttp.ClientSession, url: str, rate: float, seconds: float
+                     ) -> tuple[list[float], list[float]]:
+    """Send ``rate * seconds`` requests at their scheduled times; (latencies, lateness)."""
     data = _body(False)
     n = int(rate * seconds)
+    latencies: list[float] = []
+    late: list[float] = []
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def one() -> None:
+        latencies.append(await _one(http, url, data))
+
+    t0 = time.perf_counter()
+    for i in range(n):
+        due = t0 + i / rate
+        wait = due - time.perf_counter()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        late.append(max(time.perf_counter() - due, 0.0))
+        task = asyncio.ensure_future(one())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    if tasks:
+        await asyncio.gather(*tasks)
+    return latencies, late
+
+
+async def _rounds(urls: dict[str, str], rate: float, seconds: float, rounds: int,
+                  pids: dict[str, int]) -> dict[str, dict[str, Any]]:
+    """The open loop, interleaved: each round measures every path in turn (rotated)."""
+    names = list(urls)
+    lat: dict[str, list[float]] = {k: [] for k in names}
+    late: dict[str, list[float]] = {k: [] for k in names}
+    per_round: dict[str, list[float]] = {k: [] for k in names}
+    cpu = dict.fromkeys(names, 0.0)
+    procs = {k: psutil.Process(pid) for k, pid in pids.items()}
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
-        for _ in range(50):  # warm the connections
-            await _one(http, url, data)
-        t0 = time.perf_counter()
-
-        async def at(i: int) -> float:
-            await asyncio.sleep(max(t0 + i / rate - time.perf_counter(), 0.0))
-            return await _one(http, url, data)
-
-        out = await asyncio.gather(*(at(i) for i in range(n)))
-    return np.array(out)
+        for k in names:
+            for _ in range(100):  # warm the connections (and the proxies' caches)
+                await _one(http, urls[k], _body(False))
+        gc.collect()
+        gc.freeze()
+        gc.disable()  # no collector pause in the generator while it measures
+        try:
+            for r in range(rounds):
+                for k in names[r % len(names):] + names[:r % len(names)]:
+                    proc = procs.get(k)
+                    cpu0 = sum(proc.cpu_times()[:2]) if proc else 0.0
+                    got, lag = await _open_loop(http, urls[k], rate, seconds / rounds)
+                    if proc:
+                        cpu[k] += sum(proc.cpu_times()[:2]) - cpu0
+                    lat[k] += got
+                    late[k] += lag
+                    per_round[k].append(float(np.percentile(got, 99) * 1e3))
+        finally:
+            gc.enable()
+            gc.unfreeze()
+    out: dict[str, dict[str, Any]] = {}
+    for k in names:
+        v = np.array(lat[k])
+        out[k] = {"p50_ms": float(np.percentile(v, 50) * 1e3),
+                  "p99_ms": float(np.percentile(v, 99) * 1e3),
+                  "p99_ms_by_round": per_round[k], "requests": len(v),
+                  "generator_lag_p99_ms": float(np.percentile(late[k], 99) * 1e3)}
+        if k in procs:
+            out[k]["cpu_us_per_request"] = cpu[k] / len(v) * 1e6
+    return out
 
 
 async def _closed_loop(url: str, concurrency: int, seconds: float,
@@ -217,12 +291,27 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(5)
 
 
+def placement(pin: str) -> tuple[set[int], set[int]] | None:
+    """(CPUs of the proxies under test, CPUs of the engine and the generator), or None when
+    not pinning (``--pin off``, fewer than two CPUs, or no ``sched_setaffinity``)."""
+    if pin == "off" or not hasattr(os, "sched_setaffinity"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    return {cpus[-1]}, set(cpus[:-1])
+
+
 def run(args: argparse.Namespace) -> int:
-    if not (1 <= args.rate <= 20000 and 0 < args.seconds <= 120 and args.chunks >= 1):
-        print("netkv bench proxy: --rate in 1..20000, --seconds in (0, 120]", file=sys.stderr)
+    if not (1 <= args.rate <= 20000 and 0 < args.seconds <= 120 and args.chunks >= 1
+            and 1 <= args.rounds <= 100):
+        print("netkv bench proxy: --rate in 1..20000, --seconds in (0, 120], --rounds in "
+              "1..100", file=sys.stderr)
         return 2
     pp, pd, pf, px = free_port(), free_port(), free_port(), free_port()
     me = "netkv.bench.proxy"
+    cpus = placement(args.pin)
+    before = os.sched_getaffinity(0) if cpus else None
     procs = [_spawn("-m", me, "instant", str(pp), str(pd), str(args.chunks)),
              _spawn("-m", me, "floor", str(pf), str(pd))]
     try:
@@ -231,12 +320,23 @@ def run(args: argparse.Namespace) -> int:
                        f"http://127.0.0.1:{pp}=prefill-host", "--decode",
                        f"http://127.0.0.1:{pd}=decode-host")
         procs.append(proxy)
+        if cpus is not None:
+            tested, rest = cpus
+            for p in (procs[1], proxy):
+                os.sched_setaffinity(p.pid, tested)
+            os.sched_setaffinity(procs[0].pid, rest)
+            os.sched_setaffinity(0, rest)
         asyncio.run(_wait([px]))
         result = asyncio.run(_measure(args, {"direct": pd, "floor": pf, "netkv": px},
                                       {"floor": procs[1].pid, "netkv": proxy.pid}))
     finally:
+        if before is not None:
+            os.sched_setaffinity(0, before)
         for p in procs:
             _stop(p)
+    result["pinned"] = None if cpus is None else {
+        "proxy_under_test": sorted(cpus[0]), "engine_and_generator": sorted(cpus[1])}
+    result["load_average"] = os.getloadavg()
     _print(result)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -254,9 +354,7 @@ async def _wait(ports: list[int]) -> None:
 async def _measure(args: argparse.Namespace, ports: dict[str, int],
                    pids: dict[str, int]) -> dict[str, Any]:
     url = {k: f"http://127.0.0.1:{p}/v1/completions" for k, p in ports.items()}
-    lat = {k: await _open_loop(url[k], args.rate, args.seconds) for k in url}
-    pct = {k: {"p50_ms": float(np.percentile(v, 50) * 1e3),
-               "p99_ms": float(np.percentile(v, 99) * 1e3)} for k, v in lat.items()}
+    pct = await _rounds(url, args.rate, args.seconds, args.rounds, pids)
     for k in ("floor", "netkv"):
         pct[k]["added_p50_ms"] = pct[k]["p50_ms"] - pct["direct"]["p50_ms"]
         pct[k]["added_p99_ms"] = pct[k]["p99_ms"] - pct["direct"]["p99_ms"]
@@ -265,25 +363,38 @@ async def _measure(args: argparse.Namespace, ports: dict[str, int],
     streams = {k: await _streams(url[k], args.streams) for k in url}
     per_chunk = {k: float((np.median(streams[k]) - np.median(streams["direct"]))
                           / args.chunks * 1e6) for k in ("floor", "netkv")}
-    return {"rate": args.rate, "seconds": args.seconds, "chunks": args.chunks,
-            "latency": pct, "closed_loop": closed, "stream_per_chunk_us": per_chunk,
+    return {"rate": args.rate, "seconds": args.seconds, "rounds": args.rounds,
+            "chunks": args.chunks, "latency": pct, "closed_loop": closed,
+            "stream_per_chunk_us": per_chunk,
             "stream_median_ms": {k: float(np.median(v) * 1e3) for k, v in streams.items()},
-            "note": "loopback, one machine; the load generator shares the CPU"}
+            "note": "loopback, one machine"}
 
 
 def _print(r: dict[str, Any]) -> None:
     lat, closed = r["latency"], r["closed_loop"]
-    print(f"open loop at {r['rate']:g} req/s for {r['seconds']:g} s, non-streaming")
+    pinned = r.get("pinned")
+    where = ("proxy under test on CPU " + ",".join(map(str, pinned["proxy_under_test"]))
+             + ", engine and generator on " + ",".join(map(str, pinned["engine_and_generator"]))
+             if pinned else "not pinned")
+    load = r.get("load_average")
+    print(f"open loop at {r['rate']:g} req/s for {r['seconds']:g} s in {r['rounds']} "
+          f"interleaved rounds, non-streaming; {where}"
+          + (f"; load average {load[0]:.2f}" if load else ""))
     print(f"{'path':<8}{'p50':>9}{'p99':>9}{'added p50':>11}{'added p99':>11}"
-          f"{'max req/s':>11}{'CPU/req':>10}{'per chunk':>11}")
+          f"{'CPU/req':>10}{'max req/s':>11}{'CPU/req':>10}{'per chunk':>11}{'gen lag':>10}")
+    print(f"{'':<8}{'':>9}{'':>9}{'':>11}{'':>11}{'at rate':>10}{'closed':>11}{'closed':>10}"
+          f"{'':>11}{'p99':>10}")
     for k in ("direct", "floor", "netkv"):
         added = (f"{lat[k]['added_p50_ms']:>9.2f}ms{lat[k]['added_p99_ms']:>9.2f}ms"
                  if k != "direct" else f"{'':>11}{'':>11}")
         cpu = closed[k]["cpu_us_per_request"]
+        at_rate = lat[k].get("cpu_us_per_request")
         chunk = f"{r['stream_per_chunk_us'][k]:>9.1f}us" if k != "direct" else f"{'':>11}"
         print(f"{k:<8}{lat[k]['p50_ms']:>7.2f}ms{lat[k]['p99_ms']:>7.2f}ms{added}"
+              f"{(f'{at_rate:.0f}us' if at_rate is not None else '-'):>10}"
               f"{closed[k]['rate']:>11.0f}"
-              f"{(f'{cpu:.0f}us' if not math.isnan(cpu) else '-'):>10}{chunk}")
+              f"{(f'{cpu:.0f}us' if not math.isnan(cpu) else '-'):>10}{chunk}"
+              f"{lat[k]['generator_lag_p99_ms']:>8.2f}ms")
 
 
 if __name__ == "__main__":
