@@ -16,7 +16,7 @@ from aiohttp import web
 from netkv.contracts.openai import sse
 from netkv.http.openai_errors import openai_error
 from netkv_proxy.metrics import ProxyMetrics
-from netkv_proxy.placement import Placed
+from netkv_proxy.placement import Placed, Placement
 from netkv_proxy.upstream import Job, Upstream, UpstreamError
 from netkv_proxy.workers import WorkerPool
 
@@ -33,8 +33,10 @@ def placed_headers(job: Job, placed: Placed) -> dict[str, str]:
 
 
 class DecodeLeg:
-    def __init__(self, upstream: Upstream, pool: WorkerPool, metrics: ProxyMetrics) -> None:
+    def __init__(self, upstream: Upstream, pool: WorkerPool, placement: Placement,
+                 metrics: ProxyMetrics) -> None:
         self.upstream, self.pool, self.metrics = upstream, pool, metrics
+        self.placement = placement
         self._decided: dict[tuple[str, str, str], Any] = {}  # metric children by labels
 
     async def decode(self, request: web.Request, job: Job, placed: Placed, data: bytes,
@@ -55,6 +57,7 @@ class DecodeLeg:
             async with up.session.post(up.url(decode, job.kind), data=data,
                                        headers=job.headers,
                                        timeout=up.decode_timeout) as resp:
+                self.placement.transferred(placed)  # the KV is in (or its pull failed)
                 if resp.status != 200:
                     payload = await resp.read()
                     if 400 <= resp.status < 500:
