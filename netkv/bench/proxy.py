@@ -7,7 +7,9 @@ chunks, all without waiting), the floor (one leg: forward the body to the decode
 answer) and ``netkv proxy`` (both legs, a decision with the ``netkv`` policy, booking and
 release). The load generator (this process) sends requests open loop at ``--rate`` per
 second; *added latency* is a percentile through a proxy minus the same percentile sent
-straight to the decode, at the same rate. The highest rate per process is measured closed
+straight to the decode, at the same rate. A fourth path, ``direct2``, sends both legs of the
+pull flow from the client itself (prefill, then decode with its ``kv_transfer_params``): netkv
+minus direct2 is what the proxy adds beyond the second engine round trip any pull flow needs. The highest rate per process is measured closed
 loop (``--concurrency`` connections) and cross-checked by the proxy process's CPU time per
 request. Streaming: the per-chunk cost is (through the proxy - direct) / chunks on a long
 stream.
@@ -39,6 +41,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +55,7 @@ from netkv.localservers import free_port, wait_for_port
 
 PROMPT = "Summarise the state of the network for the operator in one short paragraph. " * 6
 MODEL = "bench/instant"
+JSON = {"Content-Type": "application/json"}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -169,24 +173,55 @@ def _body(stream: bool) -> bytes:
 
 async def _one(http: aiohttp.ClientSession, url: str, data: bytes) -> float:
     start = time.perf_counter()
-    async with http.post(url, data=data, headers={"Content-Type": "application/json"}) as r:
+    async with http.post(url, data=data, headers=JSON) as r:
         await r.read()
         if r.status != 200:
             raise RuntimeError(f"{url}: HTTP {r.status}")
     return time.perf_counter() - start
 
 
-async def _open_loop(http: aiohttp.ClientSession, url: str, rate: float, seconds: float
+Send = Callable[[aiohttp.ClientSession], Awaitable[float]]
+
+
+def one_leg(url: str) -> Send:
+    """One request to ``url`` (straight to the decode, or through a proxy)."""
+    data = _body(False)
+    return lambda http: _one(http, url, data)
+
+
+def both_legs(prefill_url: str, decode_url: str) -> Send:
+    """What a client doing the pull flow itself would send: the prefill leg, then the decode
+    leg with the prefill's ``kv_transfer_params`` (the engine time both legs take, without
+    any proxy)."""
+    body = msgspec.json.decode(_body(False))
+    pdata = msgspec.json.encode({**body, "max_tokens": 1, "kv_transfer_params": {
+        "do_remote_decode": True, "do_remote_prefill": False}})
+
+    async def send(http: aiohttp.ClientSession) -> float:
+        start = time.perf_counter()
+        async with http.post(prefill_url, data=pdata, headers=JSON) as r:
+            answer = msgspec.json.decode(await r.read())
+        ddata = msgspec.json.encode({**body, "kv_transfer_params":
+                                     answer["kv_transfer_params"]})
+        async with http.post(decode_url, data=ddata, headers=JSON) as r:
+            await r.read()
+            if r.status != 200:
+                raise RuntimeError(f"{decode_url}: HTTP {r.status}")
+        return time.perf_counter() - start
+
+    return send
+
+
+async def _open_loop(http: aiohttp.ClientSession, send: Send, rate: float, seconds: float
                      ) -> tuple[list[float], list[float]]:
     """Send ``rate * seconds`` requests at their scheduled times; (latencies, lateness)."""
-    data = _body(False)
     n = int(rate * seconds)
     latencies: list[float] = []
     late: list[float] = []
     tasks: set[asyncio.Task[None]] = set()
 
     async def one() -> None:
-        latencies.append(await _one(http, url, data))
+        latencies.append(await send(http))
 
     t0 = time.perf_counter()
     for i in range(n):
@@ -203,19 +238,19 @@ async def _open_loop(http: aiohttp.ClientSession, url: str, rate: float, seconds
     return latencies, late
 
 
-async def _rounds(urls: dict[str, str], rate: float, seconds: float, rounds: int,
+async def _rounds(paths: dict[str, Send], rate: float, seconds: float, rounds: int,
                   pids: dict[str, int]) -> dict[str, dict[str, Any]]:
     """The open loop, interleaved: each round measures every path in turn (rotated)."""
-    names = list(urls)
+    names = list(paths)
     lat: dict[str, list[float]] = {k: [] for k in names}
     late: dict[str, list[float]] = {k: [] for k in names}
     per_round: dict[str, list[float]] = {k: [] for k in names}
     cpu = dict.fromkeys(names, 0.0)
     procs = {k: psutil.Process(pid) for k, pid in pids.items()}
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
-        for k in names:
-            for _ in range(100):  # warm the connections (and the proxies' caches)
-                await _one(http, urls[k], _body(False))
+        for k in names:  # warm a pool of connections (and the proxies' caches) on each path
+            for _ in range(8):
+                await asyncio.gather(*(paths[k](http) for _ in range(16)))
         gc.collect()
         gc.freeze()
         gc.disable()  # no collector pause in the generator while it measures
@@ -224,7 +259,7 @@ async def _rounds(urls: dict[str, str], rate: float, seconds: float, rounds: int
                 for k in names[r % len(names):] + names[:r % len(names)]:
                     proc = procs.get(k)
                     cpu0 = sum(proc.cpu_times()[:2]) if proc else 0.0
-                    got, lag = await _open_loop(http, urls[k], rate, seconds / rounds)
+                    got, lag = await _open_loop(http, paths[k], rate, seconds / rounds)
                     if proc:
                         cpu[k] += sum(proc.cpu_times()[:2]) - cpu0
                     lat[k] += got
@@ -327,7 +362,8 @@ def run(args: argparse.Namespace) -> int:
             os.sched_setaffinity(procs[0].pid, rest)
             os.sched_setaffinity(0, rest)
         asyncio.run(_wait([px]))
-        result = asyncio.run(_measure(args, {"direct": pd, "floor": pf, "netkv": px},
+        result = asyncio.run(_measure(args, {"direct": pd, "floor": pf, "netkv": px,
+                                             "prefill": pp},
                                       {"floor": procs[1].pid, "netkv": proxy.pid}))
     finally:
         if before is not None:
@@ -353,11 +389,19 @@ async def _wait(ports: list[int]) -> None:
 
 async def _measure(args: argparse.Namespace, ports: dict[str, int],
                    pids: dict[str, int]) -> dict[str, Any]:
-    url = {k: f"http://127.0.0.1:{p}/v1/completions" for k, p in ports.items()}
-    pct = await _rounds(url, args.rate, args.seconds, args.rounds, pids)
+    url = {k: f"http://127.0.0.1:{p}/v1/completions" for k, p in ports.items()
+           if k != "prefill"}
+    paths = {k: one_leg(u) for k, u in url.items()}
+    paths["direct2"] = both_legs(f"http://127.0.0.1:{ports['prefill']}/v1/completions",
+                                 url["direct"])
+    pct = await _rounds(paths, args.rate, args.seconds, args.rounds, pids)
     for k in ("floor", "netkv"):
         pct[k]["added_p50_ms"] = pct[k]["p50_ms"] - pct["direct"]["p50_ms"]
         pct[k]["added_p99_ms"] = pct[k]["p99_ms"] - pct["direct"]["p99_ms"]
+    # netkv's two legs against the same two legs sent by the client itself: the proxy's own
+    # part, without the second engine round trip the pull flow needs with or without a proxy
+    pct["netkv"]["added_p50_vs_both_legs_ms"] = pct["netkv"]["p50_ms"] - pct["direct2"]["p50_ms"]
+    pct["netkv"]["added_p99_vs_both_legs_ms"] = pct["netkv"]["p99_ms"] - pct["direct2"]["p99_ms"]
     closed = {k: await _closed_loop(url[k], args.concurrency, args.closed_seconds,
                                     pids.get(k)) for k in url}
     streams = {k: await _streams(url[k], args.streams) for k in url}
@@ -384,17 +428,25 @@ def _print(r: dict[str, Any]) -> None:
           f"{'CPU/req':>10}{'max req/s':>11}{'CPU/req':>10}{'per chunk':>11}{'gen lag':>10}")
     print(f"{'':<8}{'':>9}{'':>9}{'':>11}{'':>11}{'at rate':>10}{'closed':>11}{'closed':>10}"
           f"{'':>11}{'p99':>10}")
-    for k in ("direct", "floor", "netkv"):
+    for k in ("direct", "direct2", "floor", "netkv"):
+        proxied = k in ("floor", "netkv")
         added = (f"{lat[k]['added_p50_ms']:>9.2f}ms{lat[k]['added_p99_ms']:>9.2f}ms"
-                 if k != "direct" else f"{'':>11}{'':>11}")
-        cpu = closed[k]["cpu_us_per_request"]
+                 if proxied else f"{'':>11}{'':>11}")
         at_rate = lat[k].get("cpu_us_per_request")
-        chunk = f"{r['stream_per_chunk_us'][k]:>9.1f}us" if k != "direct" else f"{'':>11}"
+        if k in closed:
+            cpu = closed[k]["cpu_us_per_request"]
+            top = (f"{closed[k]['rate']:>11.0f}"
+                   f"{(f'{cpu:.0f}us' if not math.isnan(cpu) else '-'):>10}")
+        else:
+            top = f"{'-':>11}{'-':>10}"
+        chunk = f"{r['stream_per_chunk_us'][k]:>9.1f}us" if proxied else f"{'':>11}"
         print(f"{k:<8}{lat[k]['p50_ms']:>7.2f}ms{lat[k]['p99_ms']:>7.2f}ms{added}"
-              f"{(f'{at_rate:.0f}us' if at_rate is not None else '-'):>10}"
-              f"{closed[k]['rate']:>11.0f}"
-              f"{(f'{cpu:.0f}us' if not math.isnan(cpu) else '-'):>10}{chunk}"
+              f"{(f'{at_rate:.0f}us' if at_rate is not None else '-'):>10}{top}{chunk}"
               f"{lat[k]['generator_lag_p99_ms']:>8.2f}ms")
+    n = lat["netkv"]
+    print("direct: straight to the decode; direct2: the client sends both legs itself (no "
+          f"proxy). netkv over direct2: added p50 {n['added_p50_vs_both_legs_ms']:.2f} ms, "
+          f"p99 {n['added_p99_vs_both_legs_ms']:.2f} ms")
 
 
 if __name__ == "__main__":
