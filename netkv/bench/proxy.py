@@ -35,12 +35,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import gc
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -52,12 +50,11 @@ import aiohttp
 import msgspec
 import numpy as np
 import psutil
-from aiohttp import web
 
+from netkv.bench.proxy_servers import MODEL
 from netkv.localservers import free_port, wait_for_port
 
 PROMPT = "Summarise the state of the network for the operator in one short paragraph. " * 6
-MODEL = "bench/instant"
 JSON = {"Content-Type": "application/json"}
 
 
@@ -75,97 +72,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="auto: the proxy under test alone on one CPU, the engine and "
                         "the load generator on the others (needs 2+ CPUs)")
     parser.add_argument("--out", type=Path, help="write the JSON result here")
-
-
-# -- the servers (separate processes) ---------------------------------------------------------
-def _instant(prefill_port: int, decode_port: int, chunks: int) -> None:
-    completion = msgspec.json.encode({
-        "id": "x", "object": "text_completion", "created": 0, "model": MODEL,
-        "choices": [{"index": 0, "text": " ok", "logprobs": None, "finish_reason": "length"}],
-        "usage": {"prompt_tokens": 100, "completion_tokens": 1, "total_tokens": 101}})
-    prefilled = msgspec.json.encode({
-        "id": "x", "object": "text_completion", "created": 0, "model": MODEL,
-        "choices": [{"index": 0, "text": " ok", "logprobs": None, "finish_reason": "length"}],
-        "kv_transfer_params": {"do_remote_prefill": True, "do_remote_decode": False,
-                               "remote_block_ids": [1, 2, 3, 4, 5, 6, 7], "remote_engine_id":
-                               "bench", "remote_request_id": "x", "remote_host": "127.0.0.1",
-                               "remote_port": 5600, "tp_size": 1}})
-    chunk = b'data: {"id":"x","object":"text_completion","created":0,"model":"m",' \
-        b'"choices":[{"index":0,"text":" ok","logprobs":null,"finish_reason":null}]}\n\n'
-    metrics = (b"vllm:num_requests_running 0\nvllm:num_requests_waiting 0\n"
-               b"vllm:kv_cache_usage_perc 0\n")
-
-    async def completions(request: web.Request) -> web.StreamResponse:
-        body = msgspec.json.decode(await request.read())
-        if (body.get("kv_transfer_params") or {}).get("do_remote_decode"):
-            return web.Response(body=prefilled, content_type="application/json")
-        if body.get("stream"):  # max_tokens chunks (the bench sends long and short streams)
-            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-            await resp.prepare(request)
-            for _ in range(min(int(body.get("max_tokens") or chunks), 1 << 16)):
-                await resp.write(chunk)
-            await resp.write(b"data: [DONE]\n\n")
-            await resp.write_eof()
-            return resp
-        return web.Response(body=completion, content_type="application/json")
-
-    async def ok(request: web.Request) -> web.Response:
-        return web.Response(body=metrics if request.path == "/metrics" else b"")
-
-    async def models(request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": MODEL}]})
-
-    app = web.Application()
-    app.router.add_post("/v1/completions", completions)
-    app.router.add_get("/health", ok)
-    app.router.add_get("/metrics", ok)
-    app.router.add_get("/v1/models", models)
-    _run_sites(app, [prefill_port, decode_port])
-
-
-def _floor(port: int, decode_port: int) -> None:
-    """The constant pass-through proxy: one leg, no decision."""
-    target = f"http://127.0.0.1:{decode_port}/v1/completions"
-    state: dict[str, aiohttp.ClientSession] = {}
-
-    async def handler(request: web.Request) -> web.StreamResponse:
-        data = await request.read()
-        async with state["http"].post(target, data=data, headers={
-                "Content-Type": "application/json"}) as resp:
-            if "text/event-stream" not in resp.headers.get("Content-Type", ""):
-                return web.Response(body=await resp.read(), content_type="application/json")
-            out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-            await out.prepare(request)
-            async for chunk in resp.content.iter_any():
-                await out.write(chunk)
-            await out.write_eof()
-            return out
-
-    async def session(app: web.Application) -> Any:
-        state["http"] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
-        yield
-        await state["http"].close()
-
-    app = web.Application()
-    app.router.add_post("/v1/completions", handler)
-    app.cleanup_ctx.append(session)
-    _run_sites(app, [port])
-
-
-def _run_sites(app: web.Application, ports: list[int]) -> None:
-    async def main() -> None:
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        for p in ports:
-            await web.TCPSite(runner, "127.0.0.1", p).start()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        await runner.cleanup()
-
-    asyncio.run(main())
 
 
 # -- the load ---------------------------------------------------------------------------------
@@ -353,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
               "1..100", file=sys.stderr)
         return 2
     pp, pd, pf, px = free_port(), free_port(), free_port(), free_port()
-    me = "netkv.bench.proxy"
+    me = "netkv.bench.proxy_servers"
     cpus = placement(args.pin)
     before = os.sched_getaffinity(0) if cpus else None
     procs = [_spawn("-m", me, "instant", str(pp), str(pd), str(args.chunks)),
@@ -472,12 +378,3 @@ def _print(r: dict[str, Any]) -> None:
     print("direct: straight to the decode; direct2: the client sends both legs itself (no "
           f"proxy). netkv over direct2: added p50 {n['added_p50_vs_both_legs_ms']:.2f} ms, "
           f"p99 {n['added_p99_vs_both_legs_ms']:.2f} ms")
-
-
-if __name__ == "__main__":
-    kind, *rest = sys.argv[1:]
-    with contextlib.suppress(KeyboardInterrupt):
-        if kind == "instant":
-            _instant(int(rest[0]), int(rest[1]), int(rest[2]))
-        elif kind == "floor":
-            _floor(int(rest[0]), int(rest[1]))
