@@ -14,8 +14,49 @@ from pathlib import Path
 
 import pytest
 
+from netkv.core.topology import Topology
+from netkv.core.topology_file import parse_topology
 from netkv.localservers import MosquittoServer, RedisServer
 from netkv.workload.synth import synthesise, write_trace
+
+SMALL_FAT_TREE = {
+    "fabric": {"nic_gbps": 400, "leaf_oversubscription": 1, "pod_oversubscription": 2},
+    "fat_tree": {"pods": 2, "leaves_per_pod": 2, "hosts_per_leaf": 2, "gpus_per_host": 8,
+                 "instance_gpus": 8, "role_pattern": "PD"},
+}
+
+
+@pytest.fixture
+def small_topology() -> Topology:
+    """8 hosts; prefill and decode hosts alternate (every transfer crosses the network)."""
+    return parse_topology(SMALL_FAT_TREE, "test topology")
+
+
+TIERS = ("unit", "integration", "netns", "testbed")
+# A whole-testbed test is also a namespace (or compose) test; no other tier mixes.
+ALSO_ALLOWED = {"testbed": {"netns"}}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The folder is the tier: every test in ``tests/<tier>/`` gets the ``<tier>`` marker
+    (so ``-m unit`` selects exactly ``tests/unit``), and a test marked for another tier
+    than its folder's stops the run, naming it."""
+    root = Path(__file__).parent
+    wrong: list[str] = []
+    for item in items:
+        parts = item.path.relative_to(root).parts if item.path.is_relative_to(root) else ()
+        folder = parts[0] if len(parts) > 1 else ""
+        if folder not in TIERS:
+            continue
+        marked = {m.name for m in item.iter_markers() if m.name in TIERS}
+        others = marked - {folder} - ALSO_ALLOWED.get(folder, set())
+        if others:
+            wrong.append(f"{item.nodeid}: marked {', '.join(sorted(others))} "
+                         f"but lives in tests/{folder}/")
+        if folder not in marked:
+            item.add_marker(folder)
+    if wrong:
+        raise pytest.UsageError("tests in the wrong tier folder:\n  " + "\n  ".join(wrong))
 
 
 @pytest.fixture

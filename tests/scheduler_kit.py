@@ -45,13 +45,15 @@ def settings_for(redis: RedisServer, mosquitto: MosquittoServer, **kw: Any) -> S
 
 
 async def publish_map(redis: RedisServer, mosquitto: MosquittoServer, cmap: CongestionMap,
-                      version: int, *, announce: bool = True) -> None:
-    """What the oracle does: snapshot + version in Redis, then the retained announcement."""
+                      version: int, *, announce: bool = True,
+                      created_ts: float | None = None) -> None:
+    """What the oracle does: snapshot + version in Redis, then the retained announcement.
+    ``created_ts`` is the map's creation time (default: the map's clock, now)."""
     import redis.asyncio as aioredis
     keys = RedisKeys()
     client = aioredis.Redis.from_url(redis.url)
     try:
-        await client.set(keys.map_snapshot, encode_snapshot(cmap, version))
+        await client.set(keys.map_snapshot, encode_snapshot(cmap, version, created_ts))
         await client.set(keys.map_version, version)
     finally:
         await client.aclose()

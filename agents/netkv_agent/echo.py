@@ -142,14 +142,14 @@ def percentile(ordered: list[float], q: float) -> float:
 MAX_DRAIN = 4096  # datagrams handled per tick, so a flood cannot starve the loop
 
 
-def _rx_time_ns(ancdata: list[tuple[int, int, bytes]]) -> int:
-    """The kernel receive timestamp (``SO_TIMESTAMPNS``), or now if the kernel gave none."""
+def _rx_time_ns(ancdata: list[tuple[int, int, bytes]], now_ns: Callable[[], int]) -> int:
+    """The kernel receive timestamp (``SO_TIMESTAMPNS``), or ``now_ns()`` if it gave none."""
     for level, kind, data in ancdata:
         if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS \
                 and len(data) >= _TIMESPEC.size:
             sec, nsec = _TIMESPEC.unpack_from(data)
             return int(sec) * 1_000_000_000 + int(nsec)
-    return time.time_ns()
+    return now_ns()
 
 
 def drain(sock: socket.socket, prober: Prober) -> int:
@@ -171,16 +171,16 @@ def drain(sock: socket.socket, prober: Prober) -> int:
             counters.malformed += 1
             continue
         kind = data[3]
-        rx_ns = _rx_time_ns(ancdata)
-        if kind == REQUEST:
+        if kind == REQUEST:  # the hold time is the responder's own: real clock, as the kernel's
+            rx_ns = _rx_time_ns(ancdata, time.time_ns)
             hold = max(0, time.time_ns() - rx_ns)
             try:
                 sock.sendto(data[:3] + _REPLY_BYTE + data[4:20] + _HOLD.pack(hold), addr)
                 counters.requests_answered += 1
             except OSError:
                 counters.send_errors += 1
-        elif kind == REPLY:
-            prober.on_reply(data, addr, rx_ns)
+        elif kind == REPLY:  # compared with the send time: the prober's (injected) clock
+            prober.on_reply(data, addr, _rx_time_ns(ancdata, prober.clock_ns))
         else:
             counters.malformed += 1
     return n
@@ -245,6 +245,11 @@ class Prober:
     @property
     def peers(self) -> dict[str, PeerState]:
         return self._peers
+
+    @property
+    def clock_ns(self) -> Callable[[], int]:
+        """The wall clock send times and deadlines are read from (injected in tests)."""
+        return self._clock_ns
 
     @property
     def round_s(self) -> float:

@@ -2,11 +2,16 @@
 
 Three measurements per run, all on real servers and sockets:
 
-* **ingest_samples_per_s**: the oracle's ingest path alone (XREADGROUP over N per-agent
-  streams, strict decode, identity check, map update, XACK) on one core, draining streams
-  pre-filled with batches in the agents' wire format (up to 64 RTT samples + 1 NIC sample
-  each). Wall-clock rate, and per CPU-second of the oracle process (on a shared machine the
-  wall-clock figure includes time the process was not scheduled).
+* **ingest_samples_per_s / ingest_samples_per_cpu_s**: the oracle's ingest path alone
+  (:meth:`~netkv_oracle.ingest.Ingestor.read_shard`: XREADGROUP over N per-agent streams,
+  strict decode, identity check, map update, XACK) in this one process (one core; Redis runs
+  in its own process), draining streams pre-filled with batches in the agents' wire format
+  (one NIC sample + one RTT sample per pinglist peer, at most 64, so 16 samples per batch at
+  16 agents and 65 from 65 agents up). Samples applied per wall-clock second, and per
+  CPU-second of this process (on a shared machine the wall-clock figure includes time the
+  process was not scheduled). Each of ``--rounds`` rounds drains a fresh pre-fill into a fresh
+  map; the table shows the mean and 95% CI over rounds, the JSON every round.
+  ``--ingest-only`` measures only this (no live mesh).
 * **freshness_p50_s / p99_s**: N real agents (one measured agent in its own process plus
   N-1 peers in worker processes; probe, counter and publish intervals 0.1 s) publish to a
   real redis-server, and the real oracle service publishes map versions to a real mosquitto.
@@ -28,6 +33,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import math
 import multiprocessing
 import os
 import socket
@@ -58,6 +64,7 @@ from netkv.contracts.wire import Batch, encode_batch
 from netkv.core.congestion import MapParams
 from netkv.core.topology import Topology
 from netkv.localservers import MosquittoServer, RedisServer
+from netkv.sim.stats import ci95
 
 KEYS = RedisKeys()
 BURST_BYTES_S_MIN = 100e6  # a burst must load lo by at least this much to count as seen
@@ -75,6 +82,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="samples pre-filled for the ingest measurement")
     parser.add_argument("--peer-processes", type=int, default=2,
                         help="worker processes that run the peer agents")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="ingest measurements per N (mean and 95%% CI over rounds)")
+    parser.add_argument("--ingest-only", action="store_true",
+                        help="measure the oracle's ingest only (no live mesh: no freshness, "
+                             "no agent CPU)")
 
 
 # -- ingest -------------------------------------------------------------------------------
@@ -114,6 +126,7 @@ async def measure_ingest(topology: Topology, redis_url: str, total_samples: int
         ingestor = Ingestor(redis, keys, "bench", builder, ownership=Ownership(topology),
                             metrics=metrics, read_count=256, block_ms=1)
         await ingestor.discover()
+        load = os.getloadavg()[0]
         wall0, cpu0 = time.perf_counter(), time.process_time()
         handled = 0
         while handled < batches:
@@ -129,8 +142,25 @@ async def measure_ingest(topology: Topology, redis_url: str, total_samples: int
         await redis.flushdb()
     finally:
         await redis.aclose()
-    return {"samples": applied, "rejected": rejected, "wall_s": wall, "cpu_s": cpu,
-            "ingest_samples_per_s": applied / wall, "ingest_samples_per_cpu_s": applied / cpu}
+    return {"samples": applied, "rejected": rejected, "batches": float(batches),
+            "samples_per_batch": float(per_batch), "wall_s": wall, "cpu_s": cpu,
+            "ingest_samples_per_s": applied / wall, "ingest_samples_per_cpu_s": applied / cpu,
+            "load_average_1m": load}
+
+
+async def measure_ingest_rounds(topology: Topology, redis_url: str, total_samples: int,
+                                rounds: int) -> dict[str, Any]:
+    """:func:`measure_ingest` ``rounds`` times: every round, and the mean and 95% CI of the
+    two rates over rounds."""
+    runs = [await measure_ingest(topology, redis_url, total_samples) for _ in range(rounds)]
+    out: dict[str, Any] = {"rounds": runs}
+    for key in ("ingest_samples_per_s", "ingest_samples_per_cpu_s"):
+        interval = ci95([r[key] for r in runs])
+        out[key] = interval.mean
+        out[f"{key}_ci95"] = interval.half
+    out["samples_per_batch"] = runs[0]["samples_per_batch"]
+    out["load_average_1m"] = [r["load_average_1m"] for r in runs]
+    return out
 
 
 def _counter(metrics: Any, name: str) -> list[float]:
@@ -237,12 +267,25 @@ async def measure_freshness(topology: Topology, redis_url: str, mqtt_port: int,
 
 # -- one run ------------------------------------------------------------------------------
 async def run_one(agents: int, seconds: float, ingest_samples: int,
-                  peer_processes: int) -> dict[str, Any]:
+                  peer_processes: int, *, rounds: int = 1, ingest_only: bool = False
+                  ) -> dict[str, Any]:
     topology = layout_topology(agents, "fat-tree")
     async with contextlib.AsyncExitStack() as stack:
         redis = await stack.enter_async_context(RedisServer())
+        ingest = await measure_ingest_rounds(topology, redis.url, ingest_samples, rounds)
+        row: dict[str, Any] = {
+            "agents": agents,
+            "ingest_samples_per_s": ingest["ingest_samples_per_s"],
+            "ingest_samples_per_s_ci95": ingest["ingest_samples_per_s_ci95"],
+            "ingest_samples_per_cpu_s": ingest["ingest_samples_per_cpu_s"],
+            "ingest_samples_per_cpu_s_ci95": ingest["ingest_samples_per_cpu_s_ci95"],
+            "samples_per_batch": ingest["samples_per_batch"],
+            "load_average_1m": ingest["load_average_1m"],
+            "detail": {"ingest": ingest, "pid": os.getpid(), "cpus": os.cpu_count()},
+        }
+        if ingest_only:
+            return row
         mqtt = await stack.enter_async_context(MosquittoServer())
-        ingest = await measure_ingest(topology, redis.url, ingest_samples)
         settings = OracleSettings(
             redis=RedisSettings(url=redis.url), mqtt=MqttSettings(port=mqtt.port),
             http_port=0, sample_interval_s=0.1, stale_intervals=5.0, publish_interval_s=0.05,
@@ -264,33 +307,43 @@ async def run_one(agents: int, seconds: float, ingest_samples: int,
     # A missed burst was not reflected before the next one began: count it as one burst
     # cycle (a lower bound on its freshness), never drop it.
     values = fresh + [BURST_CYCLE_S] * missed
-    p50 = float(np.percentile(values, 50)) if values else float("nan")
-    p99 = float(np.percentile(values, 99)) if values else float("nan")
-    return {
-        "agents": agents,
-        "ingest_samples_per_s": ingest["ingest_samples_per_s"],
-        "freshness_p50_s": p50,
-        "freshness_p99_s": p99,
+    row.update({
+        "freshness_p50_s": float(np.percentile(values, 50)) if values else float("nan"),
+        "freshness_p99_s": float(np.percentile(values, 99)) if values else float("nan"),
         "agent_cpu_fraction": cpu["cpu_fraction"],
         "probe_bytes_per_s": cpu["probe_bytes_per_s"],
-        "detail": {"ingest": ingest, "freshness_samples_s": fresh, "bursts_missed": missed,
-                   "agent": cpu,
-                   "probe_interval_s": 0.1, "pid": os.getpid()},
-    }
+    })
+    row["detail"].update({"freshness_samples_s": fresh, "bursts_missed": missed,
+                          "agent": cpu, "probe_interval_s": 0.1})
+    return row
+
+
+def _interval(mean: float, half: float) -> str:
+    return f"{mean:,.0f} +- {half:,.0f}" if math.isfinite(half) else f"{mean:,.0f}"
 
 
 def run(args: argparse.Namespace) -> int:
-    rows = [asyncio.run(run_one(n, args.seconds, args.ingest_samples, args.peer_processes))
+    if args.rounds < 1:
+        raise SystemExit("--rounds must be at least 1")
+    rows = [asyncio.run(run_one(n, args.seconds, args.ingest_samples, args.peer_processes,
+                                rounds=args.rounds, ingest_only=args.ingest_only))
             for n in args.agents]
-    print(f"{'agents':>6} {'ingest samples/s':>16} {'per cpu-s':>10} {'fresh p50 s':>11} "
-          f"{'fresh p99 s':>11} {'missed':>6} {'agent cpu':>9} {'probe B/s':>10}")
+    print(f"oracle ingest, one process (mean +- 95% CI over {args.rounds} round(s) of "
+          f"{args.ingest_samples:,} samples; load average shown per round)")
+    print(f"{'agents':>6} {'samples/batch':>13} {'ingest samples/s (wall)':>26} "
+          f"{'per CPU-s':>22}  load 1m")
     for r in rows:
-        d = r["detail"]
-        print(f"{r['agents']:>6} {r['ingest_samples_per_s']:>16.0f} "
-              f"{d['ingest']['ingest_samples_per_cpu_s']:>10.0f} "
-              f"{r['freshness_p50_s']:>11.3f} {r['freshness_p99_s']:>11.3f} "
-              f"{d['bursts_missed']:>6} "
-              f"{100 * r['agent_cpu_fraction']:>8.2f}% {r['probe_bytes_per_s']:>10.0f}")
+        print(f"{r['agents']:>6} {r['samples_per_batch']:>13.0f} "
+              f"{_interval(r['ingest_samples_per_s'], r['ingest_samples_per_s_ci95']):>26} "
+              f"{_interval(r['ingest_samples_per_cpu_s'], r['ingest_samples_per_cpu_s_ci95']):>22}"
+              f"  {' '.join(f'{x:.2f}' for x in r['load_average_1m'])}")
+    if not args.ingest_only:
+        print(f"\n{'agents':>6} {'fresh p50 s':>11} {'fresh p99 s':>11} {'missed':>6} "
+              f"{'agent cpu':>9} {'probe B/s':>10}")
+        for r in rows:
+            print(f"{r['agents']:>6} {r['freshness_p50_s']:>11.3f} "
+                  f"{r['freshness_p99_s']:>11.3f} {r['detail']['bursts_missed']:>6} "
+                  f"{100 * r['agent_cpu_fraction']:>8.2f}% {r['probe_bytes_per_s']:>10.0f}")
     if args.out:
         out = rows[0] if len(rows) == 1 else rows
         Path(args.out).write_text(json.dumps(out, indent=2), encoding="utf-8")

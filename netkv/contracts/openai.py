@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Annotated, Any, Literal, NoReturn, TypeVar
+from typing import Annotated, Any, Literal, NoReturn, TypeVar, cast
 
 import msgspec
 
@@ -21,6 +21,10 @@ from netkv.contracts.kvtransfer import MAX_BOOTSTRAP_ROOM, KVTransferParams, Por
 
 Tokens = Annotated[int, msgspec.Meta(ge=1, le=10_000_000)]
 TokenId = Annotated[int, msgspec.Meta(ge=0, le=(1 << 31) - 1)]
+# A prompt of token ids is recognised by the set of its element types (msgspec decodes a JSON
+# integer to exactly ``int``): one C-level pass. A generator of isinstance() calls plus a
+# copy took ~1.3 ms on a 12k-token prompt, paid per request by the proxy and by both engines.
+_INT = frozenset({int})
 Room = Annotated[int, msgspec.Meta(ge=0, le=MAX_BOOTSTRAP_ROOM)]
 MAX_BODY_BYTES = 32 << 20  # a 1M-token prompt given as ids fits
 
@@ -58,8 +62,8 @@ class CompletionRequest(_Common, kw_only=True):
             return p
         if not p:
             raise BodyError("prompt", "must not be empty", "invalid")
-        if all(isinstance(x, int) for x in p):
-            return [x for x in p if isinstance(x, int)]
+        if set(map(type, p)) == _INT:  # token ids: one C-level pass, no copy (see below)
+            return cast("list[int]", p)
         if len(p) == 1 and isinstance(p[0], str):
             return p[0]
         if len(p) == 1 and isinstance(p[0], list):

@@ -31,14 +31,16 @@ class WireError(ContractError):
     """A batch or sample that does not follow the schema. ``reason`` is a metric label."""
 
 
-class Batch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+# gc=False: a batch holds numbers, strings and a tuple of samples (themselves untracked), so
+# no reference cycle can pass through it (see netkv.contracts.samples).
+class Batch(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
     agent: Name
     seq: Annotated[int, msgspec.Meta(ge=0)]
     ts: UnixTime
     samples: tuple[Sample, ...]
 
 
-class _WireBatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class _WireBatch(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
     """The batch as it travels: ``v`` first, then the batch's fields."""
 
     v: Literal[2]

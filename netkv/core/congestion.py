@@ -50,7 +50,7 @@ import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -94,6 +94,26 @@ class PairState:
     p99_s: float
     loss: float
     ts: float
+
+
+class RttWindow(Protocol):
+    """One window of probes from a source host to ``peer`` (what an agent's RTT sample
+    says; :class:`netkv.contracts.samples.RttSample` is one)."""
+
+    @property
+    def peer(self) -> str: ...
+    @property
+    def ts(self) -> float: ...
+    @property
+    def sent(self) -> int: ...
+    @property
+    def lost(self) -> int: ...
+    @property
+    def srtt_s(self) -> float: ...
+    @property
+    def min_s(self) -> float: ...
+    @property
+    def p99_s(self) -> float: ...
 
 
 def _pair_key(a: int, b: int) -> tuple[int, int]:
@@ -185,6 +205,35 @@ class CongestionMap:
             if old.min_s <= 0 or min_s < old.min_s:
                 old.min_s = min_s
             old.srtt_s, old.p99_s, old.loss, old.ts = srtt_s, p99_s, loss, ts
+        self.generation += 1
+
+    def observe_rtt_windows(self, src: int, windows: Iterable[RttWindow], now: float) -> None:
+        """:meth:`observe_rtts` for agents' probe windows, in one loop (the ingest hot path).
+
+        The peer is named (a host of the topology), the window's end is clamped to ``now``,
+        loss is ``lost / sent``; a window without probes says nothing; a window that lost
+        every probe keeps the pair's last RTT and reports full loss (nothing if the pair was
+        never measured). Same result as building those rows for :meth:`observe_rtts`."""
+        index, pairs = self.topology.host_index, self.pairs
+        for w in windows:
+            sent = w.sent
+            if sent <= 0:
+                continue
+            lost = w.lost
+            dst = index[w.peer]
+            ts = t if (t := w.ts) < now else now
+            old = pairs.get((src, dst) if src <= dst else (dst, src))
+            if sent > lost:
+                if old is None:
+                    self.set_pair(src, dst, PairState(w.srtt_s, w.min_s, w.p99_s,
+                                                      lost / sent, ts))
+                elif ts >= old.ts:
+                    min_s = w.min_s
+                    if old.min_s <= 0 or min_s < old.min_s:
+                        old.min_s = min_s
+                    old.srtt_s, old.p99_s, old.loss, old.ts = w.srtt_s, w.p99_s, lost / sent, ts
+            elif old is not None and ts >= old.ts:  # all lost: the last RTT, full loss
+                old.loss, old.ts = 1.0, ts
         self.generation += 1
 
     def set_pair(self, src: int, dst: int, pair: PairState) -> None:

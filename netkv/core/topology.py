@@ -227,14 +227,11 @@ def _gbps(rate: float) -> float:
     return rate * 1e9 / 8.0
 
 
-def build_topology(
+def _index_hosts(
     hosts: list[Host] | tuple[Host, ...],
-    instances: list[Instance] | tuple[Instance, ...],
-    fabric: FabricSpec,
-    *,
-    nic_gbps_by_host: dict[str, float] | None = None,
-) -> Topology:
-    """Lay out links for ``hosts`` and index everything; validates names and references."""
+) -> tuple[dict[str, int], dict[str, int], dict[str, int], dict[str, str]]:
+    """Host, leaf and pod indices and each leaf's pod; rejects duplicate hosts and a leaf
+    claimed by two pods."""
     if not hosts:
         raise InputError("hosts", "at least one host is required")
     host_index: dict[str, int] = {}
@@ -251,54 +248,13 @@ def build_topology(
                              f"{leaf_pod[h.leaf]!r}; a leaf belongs to one pod")
         leaves.setdefault(h.leaf, len(leaves))
         pods.setdefault(h.pod, len(pods))
+    return host_index, leaves, pods, leaf_pod
 
-    nic_rates = nic_gbps_by_host or {}
-    hosts_per_leaf: dict[str, float] = {}
-    for h in hosts:
-        hosts_per_leaf[h.leaf] = hosts_per_leaf.get(h.leaf, 0.0) + nic_rates.get(
-            h.name, fabric.nic_gbps)
-    leaf_down_gbps = hosts_per_leaf
-    pod_down_gbps: dict[str, float] = {}
-    for leaf, rate in leaf_down_gbps.items():
-        pod = leaf_pod[leaf]
-        pod_down_gbps[pod] = pod_down_gbps.get(pod, 0.0) + rate / fabric.leaf_oversubscription
 
-    links: list[Link] = []
-    link_index: dict[str, int] = {}
-
-    def add(name: str, kind: LinkKind, owner: str, gbps: float, latency: float) -> int:
-        link_index[name] = len(links)
-        links.append(Link(name, kind, owner, _gbps(gbps), latency))
-        return link_index[name]
-
-    n = len(hosts)
-    up = np.zeros((n, 3), dtype=np.int64)
-    down = np.zeros((n, 3), dtype=np.int64)
-    fabric_link = np.zeros(n, dtype=np.int64)
-    leaf_links: dict[str, tuple[int, int]] = {}
-    for leaf, rate in leaf_down_gbps.items():
-        uplink = rate / fabric.leaf_oversubscription
-        leaf_links[leaf] = (
-            add(f"{leaf}/up", LinkKind.LEAF_UP, leaf, uplink, fabric.leaf_latency_s),
-            add(f"{leaf}/down", LinkKind.LEAF_DOWN, leaf, uplink, fabric.leaf_latency_s),
-        )
-    pod_links: dict[str, tuple[int, int]] = {}
-    for pod, rate in pod_down_gbps.items():
-        uplink = rate / fabric.pod_oversubscription
-        pod_links[pod] = (
-            add(f"{pod}/up", LinkKind.POD_UP, pod, uplink, fabric.pod_latency_s),
-            add(f"{pod}/down", LinkKind.POD_DOWN, pod, uplink, fabric.pod_latency_s),
-        )
-    for i, h in enumerate(hosts):
-        rate = nic_rates.get(h.name, fabric.nic_gbps)
-        fabric_link[i] = add(f"{h.name}/fabric", LinkKind.HOST_FABRIC, h.name,
-                             fabric.host_fabric_gbps, fabric.host_fabric_latency_s)
-        up[i] = (add(f"{h.name}/nic/up", LinkKind.NIC_UP, h.name, rate, fabric.nic_latency_s),
-                 leaf_links[h.leaf][0], pod_links[h.pod][0])
-        down[i] = (add(f"{h.name}/nic/down", LinkKind.NIC_DOWN, h.name, rate,
-                       fabric.nic_latency_s),
-                   leaf_links[h.leaf][1], pod_links[h.pod][1])
-
+def _index_instances(
+    instances: list[Instance] | tuple[Instance, ...], host_index: dict[str, int],
+) -> tuple[dict[str, int], IntArray]:
+    """Instance indices and each instance's host; rejects duplicates, unknown hosts, bad roles."""
     instance_index: dict[str, int] = {}
     instance_host = np.zeros(len(instances), dtype=np.int64)
     for i, inst in enumerate(instances):
@@ -311,13 +267,88 @@ def build_topology(
             raise InputError(f"{where}.role", f"must be 'prefill' or 'decode', got {inst.role!r}")
         instance_index[inst.name] = i
         instance_host[i] = host_index[inst.host]
+    return instance_index, instance_host
 
+
+@dataclass
+class _LinkLayout:
+    """The directed links of one fabric and each host's chains into them, built in order:
+    leaf bundles, pod bundles, then each host's fabric and NIC links."""
+
+    links: list[Link] = field(default_factory=list)
+    index: dict[str, int] = field(default_factory=dict)
+
+    def add(self, name: str, kind: LinkKind, owner: str, gbps: float, latency: float) -> int:
+        self.index[name] = len(self.links)
+        self.links.append(Link(name, kind, owner, _gbps(gbps), latency))
+        return self.index[name]
+
+    def bundles(self, kinds: tuple[LinkKind, LinkKind], down_gbps: dict[str, float],
+                oversubscription: float, latency: float) -> dict[str, tuple[int, int]]:
+        """An up and a down bundle per leaf (or pod), sized by its host-facing capacity."""
+        out: dict[str, tuple[int, int]] = {}
+        for name, rate in down_gbps.items():
+            uplink = rate / oversubscription
+            out[name] = (self.add(f"{name}/up", kinds[0], name, uplink, latency),
+                         self.add(f"{name}/down", kinds[1], name, uplink, latency))
+        return out
+
+
+def _bundle_rates(hosts: list[Host] | tuple[Host, ...], fabric: FabricSpec,
+                  nic_rates: dict[str, float], leaf_pod: dict[str, str],
+                  ) -> tuple[dict[str, float], dict[str, float]]:
+    """Host-facing capacity (Gb/s) of each leaf and of each pod."""
+    leaf_down_gbps: dict[str, float] = {}
+    for h in hosts:
+        leaf_down_gbps[h.leaf] = leaf_down_gbps.get(h.leaf, 0.0) + nic_rates.get(
+            h.name, fabric.nic_gbps)
+    pod_down_gbps: dict[str, float] = {}
+    for leaf, rate in leaf_down_gbps.items():
+        pod = leaf_pod[leaf]
+        pod_down_gbps[pod] = pod_down_gbps.get(pod, 0.0) + rate / fabric.leaf_oversubscription
+    return leaf_down_gbps, pod_down_gbps
+
+
+def build_topology(
+    hosts: list[Host] | tuple[Host, ...],
+    instances: list[Instance] | tuple[Instance, ...],
+    fabric: FabricSpec,
+    *,
+    nic_gbps_by_host: dict[str, float] | None = None,
+) -> Topology:
+    """Lay out links for ``hosts`` and index everything; validates names and references."""
+    host_index, leaves, pods, leaf_pod = _index_hosts(hosts)
+    nic_rates = nic_gbps_by_host or {}
+    leaf_down_gbps, pod_down_gbps = _bundle_rates(hosts, fabric, nic_rates, leaf_pod)
+
+    layout = _LinkLayout()
+    leaf_links = layout.bundles((LinkKind.LEAF_UP, LinkKind.LEAF_DOWN), leaf_down_gbps,
+                                fabric.leaf_oversubscription, fabric.leaf_latency_s)
+    pod_links = layout.bundles((LinkKind.POD_UP, LinkKind.POD_DOWN), pod_down_gbps,
+                               fabric.pod_oversubscription, fabric.pod_latency_s)
+    add = layout.add
+    n = len(hosts)
+    up = np.zeros((n, 3), dtype=np.int64)
+    down = np.zeros((n, 3), dtype=np.int64)
+    fabric_link = np.zeros(n, dtype=np.int64)
+    for i, h in enumerate(hosts):
+        rate = nic_rates.get(h.name, fabric.nic_gbps)
+        fabric_link[i] = add(f"{h.name}/fabric", LinkKind.HOST_FABRIC, h.name,
+                             fabric.host_fabric_gbps, fabric.host_fabric_latency_s)
+        up[i] = (add(f"{h.name}/nic/up", LinkKind.NIC_UP, h.name, rate, fabric.nic_latency_s),
+                 leaf_links[h.leaf][0], pod_links[h.pod][0])
+        down[i] = (add(f"{h.name}/nic/down", LinkKind.NIC_DOWN, h.name, rate,
+                       fabric.nic_latency_s),
+                   leaf_links[h.leaf][1], pod_links[h.pod][1])
+
+    instance_index, instance_host = _index_instances(instances, host_index)
+    links = layout.links
     return Topology(
         hosts=tuple(hosts),
         instances=tuple(instances),
         links=tuple(links),
         host_index=host_index,
-        link_index=link_index,
+        link_index=layout.index,
         instance_index=instance_index,
         host_leaf=np.array([leaves[h.leaf] for h in hosts], dtype=np.int64),
         host_pod=np.array([pods[h.pod] for h in hosts], dtype=np.int64),

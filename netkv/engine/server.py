@@ -105,6 +105,7 @@ class EngineSettings:
     max_model_len: int = 131_072  # prompt + output tokens (vLLM's --max-model-len)
     ns: str | None = None  # network namespace for the sockets (testbed only)
     model: EngineModel = EngineModel()
+    timeline: int = 0  # keep the phase timestamps of up to this many requests (testbeds)
 
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode"):
@@ -219,6 +220,8 @@ class Engine:
         self.port = settings.port
         self._runner: web.AppRunner | None = None
         self._supervisor = Supervisor(f"engine-{settings.role}")
+        # request id -> phase -> time.monotonic(), for up to settings.timeline requests
+        self.timeline: dict[str, dict[str, float]] = {}
 
     # -- lifecycle ------------------------------------------------------------------------
     @property
@@ -285,6 +288,17 @@ class Engine:
         m.kv_usage.set(min(held / self.model.capacity_tokens, 1.0))
         m.leases.set(len(self.store.leases))
 
+    def mark(self, request_id: str, phase: str, at: float | None = None) -> None:
+        """Record when ``request_id`` reached ``phase`` (only with ``settings.timeline``)."""
+        if not self.settings.timeline or not request_id:
+            return
+        marks = self.timeline.get(request_id)
+        if marks is None:
+            if len(self.timeline) >= self.settings.timeline:
+                return
+            marks = self.timeline[request_id] = {}
+        marks.setdefault(phase, time.monotonic() if at is None else at)
+
     # -- HTTP -------------------------------------------------------------------------------
     def app(self) -> web.Application:
         app = web.Application(client_max_size=64 << 20)
@@ -349,6 +363,9 @@ class Engine:
             except BodyError as exc:
                 self.metrics.rejected.labels(exc.reason).inc()
                 return _error(400, exc.message, "BadRequestError", exc.field)
+            if self.settings.timeline:
+                self.mark(prep.request_id, "received", arrived)
+                self.mark(prep.request_id, "parsed")
             if self.settings.test_hooks:
                 self.received.append({"path": request.path, "request_id": prep.request_id,
                                       "body": msgspec.json.decode(raw)})
@@ -393,7 +410,7 @@ class Engine:
                         body.model or self.settings.model_name)
 
     # -- the two phases ---------------------------------------------------------------------
-    async def _prefill(self, tokens: list[int]) -> float:
+    async def _prefill(self, tokens: list[int], request_id: str = "") -> float:
         """Modelled prefill of the tokens not in this engine's prefix cache; returns s."""
         hashes = block_hashes(tokens, self.settings.block_size)
         cached = self.prefix.match(hashes) * self.settings.block_size
@@ -406,11 +423,13 @@ class Engine:
                 entered = True
                 self.running += 1
                 self._gauges()
+                self.mark(request_id, "compute_start")
                 try:
                     seconds = self.model.prefill_s(max(len(tokens) - cached, 0))
                     await asyncio.sleep(seconds)
                 finally:
                     self.running -= 1
+                    self.mark(request_id, "compute_end")
         finally:
             if not entered:
                 self.waiting -= 1
@@ -444,8 +463,10 @@ class Engine:
             self.metrics.kv_failures.inc()
             log.warning("kv pull failed; recomputing", request=prep.request_id,
                         error=repr(exc))
-            await self._prefill(prep.tokens)
+            await self._prefill(prep.tokens, prep.request_id)
             return
+        self.mark(prep.request_id, "kv_start", start)
+        self.mark(prep.request_id, "kv_end", start + done.seconds)
         self.prefix.insert(hashes)
         prep.kv, prep.kv_start = done, start
         self.metrics.kv_pulled.inc(done.nbytes)
@@ -459,7 +480,7 @@ class Engine:
         n_out = prep.max_tokens
         role = self.settings.role
         if params is not None and params.do_remote_decode:  # the prefill leg
-            await self._prefill(prep.tokens)
+            await self._prefill(prep.tokens, prep.request_id)
             lease = self.store.hold(prep.request_id, len(prep.tokens), self.settings.block_size)
             self._gauges()
             extra = {"do_remote_prefill": True, "do_remote_decode": False,
@@ -470,7 +491,7 @@ class Engine:
                      "remote_port": self.side_channel_port, "tp_size": 1}
             return await self._prefill_answer(request, prep, arrived, extra)
         if prep.bootstrap is not None and role == "prefill":
-            await self._prefill(prep.tokens)
+            await self._prefill(prep.tokens, prep.request_id)
             self.store.hold(prep.request_id, len(prep.tokens), self.settings.block_size,
                             room=prep.bootstrap[2])
             self._gauges()
@@ -483,7 +504,7 @@ class Engine:
             finally:
                 self.waiting -= 1
         else:
-            await self._prefill(prep.tokens)
+            await self._prefill(prep.tokens, prep.request_id)
         return await self._decode(request, prep, n_out, arrived, extra)
 
     async def _prefill_answer(self, request: web.Request, prep: Prepared, arrived: float,
@@ -497,6 +518,7 @@ class Engine:
         m.generation_tokens.inc(1)
         m.success.labels(**m.labels, finished_reason="length").inc()
         m.e2e.observe(time.monotonic() - arrived)
+        self.mark(prep.request_id, "answered")
         return resp
 
     async def _decode(self, request: web.Request, prep: Prepared, n_out: int,
@@ -510,6 +532,7 @@ class Engine:
             acquired = True
             self.waiting -= 1
             self.running += 1
+            self.mark(prep.request_id, "slot")
             held = len(prep.tokens) + n_out
             self.kv_tokens += held
             self._gauges()
@@ -531,6 +554,7 @@ class Engine:
             finally:
                 self.running -= 1
                 self.kv_tokens -= held
+                self.mark(prep.request_id, "done")
         finally:
             if acquired:
                 self.slots.release()
@@ -576,6 +600,8 @@ class Engine:
                     owed = 0.0
                 await resp.write(b"".join(buf))
                 buf.clear()
+                if i == 0:
+                    self.mark(prep.request_id, "first_write")
         if owed:
             await asyncio.sleep(owed)
         await resp.write(b"".join(buf) + SSE_DONE)

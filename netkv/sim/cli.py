@@ -14,6 +14,7 @@ scenario, policy and seed with tuned baselines and 95% CIs (see :mod:`netkv.sim.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from netkv.core.policies import make_policy
 from netkv.errors import InputError
 from netkv.sim import matrix
 from netkv.sim.report import cdf_plot, comparisons, summarise, table, write_json
-from netkv.sim.runs import run_all
+from netkv.sim.runs import USAGE, default_jobs, run_all
 from netkv.sim.scenario import load_scenario
 from netkv.sim.simulation import OracleKind, RunConfig, Simulation
 from netkv.sim.sweep import SWEEPS, sweep, sweep_table, tune, tune_table
@@ -57,7 +58,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--congestion", type=float, default=1.0,
                         help="multiplier on background hot-spot intensity")
     parser.add_argument("--limit", type=int, default=None, help="only the first N requests")
-    parser.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
+    parser.add_argument("--jobs", type=int, default=None,
+                        help="worker processes (default: every core this process may use)")
     parser.add_argument("--sweep", choices=sorted(SWEEPS), default=None,
                         help="sweep one knob instead of a single comparison")
     parser.add_argument("--values", default=None, help="comma-separated sweep values")
@@ -103,6 +105,8 @@ def run(args: argparse.Namespace) -> int:
         _positive(value, flag, zero)
     if args.limit is not None and args.limit < 1:
         raise InputError("--limit", f"must be >= 1, got {args.limit}")
+    if args.jobs is None:
+        args.jobs = default_jobs()
     if args.jobs < 1:
         raise InputError("--jobs", f"must be >= 1, got {args.jobs}")
     if args.action == "matrix":
@@ -140,9 +144,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {out / ('sweep_' + args.sweep + '.json')} and .png")
         return 0
     wall = time.perf_counter()
+    cpu = USAGE.cpu_s
     sim = Simulation(scenario, trace.scaled(rate, length))
     results = run_all({"base": sim}, [("base", c) for c in configs], args.jobs, progress)
     wall = time.perf_counter() - wall
+    cpu = USAGE.cpu_s - cpu
     rows = {r.name: summarise(r, spec.slo.tbt_s) for r in results}
     summary = {
         "scenario": spec.name,
@@ -153,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
         "slo": {"ttft_scale": spec.slo.ttft_scale, "ttft_floor_s": spec.slo.ttft_floor_s,
                 "tbt_s": spec.slo.tbt_s},
         "wall_s": wall,
+        "cpu_s": cpu,
         "jobs": args.jobs,
         "policies": rows,
         "netkv_vs": comparisons(rows, "netkv"),
@@ -161,6 +168,8 @@ def run(args: argparse.Namespace) -> int:
     cdf_plot(out / "ttft_cdf.png", results,
              f"{spec.name}: TTFT CDF, {len(trace)} requests (rate x{rate:g}, length x{length:g})")
     print(table(rows))
-    print(f"{len(trace)} requests x {len(configs)} policies in {wall:.1f} s "
-          f"({args.jobs} jobs); wrote {out / 'summary.json'} and {out / 'ttft_cdf.png'}")
+    print(f"{len(trace)} requests x {len(configs)} policies in {wall:.1f} s wall, "
+          f"{cpu:.1f} s CPU ({cpu / max(len(configs), 1):.1f} s per policy; {args.jobs} jobs; "
+          f"load average {os.getloadavg()[0]:.1f}); wrote {out / 'summary.json'} and "
+          f"{out / 'ttft_cdf.png'}")
     return 0

@@ -34,6 +34,7 @@ import numpy as np
 
 from netkv.core.topology import FloatArray, IntArray, LinkKind, Topology
 from netkv.sim.scenario import BackgroundSection
+from netkv.sim.waterfill import fill_vectorised
 
 MAX_BACKGROUND = 0.99
 SMALL = 12  # up to this many flows the dict-based filling beats numpy
@@ -259,40 +260,17 @@ class Fabric:
         return self.now + soonest
 
     def _fill(self, flows: list[Flow]) -> None:
-        col: dict[int, int] = {}
-        rows: list[int] = []
-        cols: list[int] = []
-        for i, f in enumerate(flows):
-            for link in f.links:
-                rows.append(i)
-                cols.append(col.setdefault(link, len(col)))
-        incidence = np.zeros((len(flows), len(col)))
-        incidence[rows, cols] = 1.0
-        links = np.fromiter(col, dtype=np.int64, count=len(col))
+        """Water-filling for many flows (:mod:`netkv.sim.waterfill`)."""
+        fill_vectorised(flows, self.free)
+
+    def free(self, links: IntArray) -> FloatArray:
+        """What physical ``links`` leave to flows: capacity less the inelastic background
+        (which never takes more than ``MAX_BACKGROUND``)."""
         cap = self.capacity[links]
         owner = self.owner[links]
         taken = self.background[owner] * cap / self.topology.capacity[owner]
-        left = np.maximum(cap - taken, cap * (1.0 - MAX_BACKGROUND))
-        count = incidence.sum(axis=0)
-        caps = np.array([f.cap for f in flows])
-        rate = np.zeros(len(flows))
-        active = np.ones(len(flows), dtype=np.bool_)
-        while active.any():
-            share = np.full(left.shape, INF)
-            np.divide(left, count, out=share, where=count > 0.5)
-            level = float(share.min())
-            group = active & (caps < level)
-            if group.any():
-                rate[group] = caps[group]
-            else:
-                group = active & (incidence[:, int(share.argmin())] > 0)
-                rate[group] = max(level, 0.0)
-            active &= ~group
-            part = incidence[group]
-            left -= rate[group] @ part
-            count -= part.sum(axis=0)
-        for f, r in zip(flows, rate.tolist(), strict=True):
-            f.rate = r
+        out: FloatArray = np.maximum(cap - taken, cap * (1.0 - MAX_BACKGROUND))
+        return out
 
     def _fill_small(self, flows: list[Flow]) -> None:
         """The same water-filling with dicts: faster than numpy for a handful of flows."""

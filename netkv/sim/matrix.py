@@ -32,7 +32,7 @@ import numpy as np
 from netkv.errors import InputError
 from netkv.sim.matrix_report import markdown, plot
 from netkv.sim.report import summarise, write_json
-from netkv.sim.runs import run_all
+from netkv.sim.runs import USAGE, cpu_now, default_jobs, run_all
 from netkv.sim.scenario import Scenario, load_scenario
 from netkv.sim.simulation import RunConfig, Simulation
 from netkv.sim.stats import ci95, paired, reduction_pct, verdict
@@ -230,6 +230,7 @@ def sensitivity(scenario_name: str, trace: Trace, policies: Sequence[str],
 
 def run(args: argparse.Namespace) -> int:
     wall = time.perf_counter()
+    cpu = cpu_now()
     load_start = os.getloadavg()
     if args.seeds < 2:
         raise InputError("--seeds", "at least 2 seeds are needed for an interval")
@@ -272,12 +273,17 @@ def run(args: argparse.Namespace) -> int:
         "headline": head, "sensitivity": sens,
         "scenario_descriptions": {n: s.spec.description for n, s in scenarios.items()},
     }
+    report["cpu_s"] = cpu = cpu_now() - cpu
+    report["runs"] = {"simulated": USAGE.runs, "reused": USAGE.reused,
+                      "simulating_cpu_s": USAGE.cpu_s}
     write_json(out / "matrix.json", report)
     text = markdown(report)
     (out / "matrix.md").write_text(text, encoding="utf-8")
     plot(out / "matrix.png", report)
     print(text)
     print(f"matrix: {len(scenarios)} scenarios x {len(policies)} policies x {args.seeds} seeds "
-          f"in {wall:.0f} s wall ({args.jobs} jobs; load average {load_start[0]:.1f} at start, "
+          f"in {wall:.0f} s wall, {cpu:.0f} s CPU ({USAGE.runs} runs simulated, "
+          f"{USAGE.reused} reused; {args.jobs} jobs on {default_jobs()} usable cores; "
+          f"load average {load_start[0]:.1f} at start, "
           f"{os.getloadavg()[0]:.1f} at end); wrote {out / 'matrix.json'}, .md and .png")
     return 0

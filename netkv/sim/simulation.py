@@ -31,6 +31,7 @@ from collections.abc import Callable
 import numpy as np
 
 from netkv.core.policies import PrefillView, RequestView
+from netkv.core.topology import FloatArray, IntArray
 from netkv.sim.pools import Decoder
 from netkv.sim.runconfig import OracleKind, RunConfig, RunResult
 from netkv.sim.scenario import Scenario
@@ -80,6 +81,18 @@ class Simulation:
         flops = 2.0 * params * new + 4.0 * self.layers * spec.model.hidden * new * (
             cached + new / 2.0)
         return float(flops / self.flops_rate[p] + spec.prefill.overhead_s)
+
+    def prefill_times(self, tokens: int, hit_blocks: IntArray) -> FloatArray:
+        """:meth:`prefill_time` on every prefill instance at once (``hit_blocks`` per
+        instance); the same operations in the same order, so the same floats."""
+        cached = np.minimum(hit_blocks * BLOCK_TOKENS, tokens - 1)
+        new = tokens - cached
+        spec = self.scenario.spec
+        params = spec.model.params_billion * 1e9
+        flops = 2.0 * params * new + 4.0 * self.layers * spec.model.hidden * new * (
+            cached + new / 2.0)
+        out: FloatArray = flops / self.flops_rate + spec.prefill.overhead_s
+        return out
 
     def step_time(self, d: int, ctx_tokens: float) -> float:
         weights = self.scenario.weights_bytes

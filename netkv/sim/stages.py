@@ -6,8 +6,8 @@ instance; with layer-wise streaming also the decoder), ``start_prefill`` (prefix
 from the KV store; streaming starts), ``prefill_done`` (choose a decoder when pulling),
 ``admit`` (memory at the decoder; the handover, then the transfer), the fabric's ``flow``
 completions (``join`` the batch), ``decode`` completions, and the background sources'
-and faults' changes. See :mod:`netkv.sim.simulation` for the models and the request life
-cycle.
+and faults' changes (those, and the telemetry samples, in :mod:`netkv.sim.sources_stages`).
+See :mod:`netkv.sim.simulation` for the models and the request life cycle.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import numpy as np
 from netkv.core.costmodel import LinkStateOracle, static_tier_oracle
 from netkv.core.policies import Booking, DecisionEngine, PrefillView, make_policy
 from netkv.sim.events import EventQueue, Kind
-from netkv.sim.fabric import FETCH, INF, KV, TENANT, WEIGHTS, Fabric, hot_spots, nic_offsets
+from netkv.sim.fabric import FETCH, INF, KV, Fabric, nic_offsets
 from netkv.sim.pools import DecodePool, PrefillPool
 from netkv.sim.runconfig import RunConfig, RunResult
-from netkv.sim.sources import fault_episodes, restart_times, tenant_episodes
+from netkv.sim.sources_stages import SourceStages
 from netkv.sim.telemetry import BackgroundHistory, TelemetryView
 from netkv.workload.trace import BLOCK_TOKENS
 
@@ -35,7 +35,7 @@ PROGRESS_EVERY = 256
 DRAIN_S = 300.0  # background keeps running this long after the last arrival
 
 
-class Run:
+class Run(SourceStages):
     """The mutable state of one run of one policy; :meth:`execute` runs it to the end."""
 
     def __init__(self, sim: Simulation, config: RunConfig,
@@ -69,40 +69,13 @@ class Run:
                                                if config.oracle == "static" else None)
         self.view = TelemetryView(topo, self.history, self.tel, seed,
                                   ground_truth=config.oracle == "truth")
-        horizon = float(trace.arrival_s[-1]) + DRAIN_S
-        self.horizon = horizon
-        bg = spec.background
-        self.elastic = bg.model == "elastic"
+        self.horizon = float(trace.arrival_s[-1]) + DRAIN_S
         self.events = events = EventQueue()
-        self.spots = (hot_spots(topo, bg, horizon + 3300.0, seed, config.congestion)
-                      if not self.elastic else [])
-        for i, s in enumerate(self.spots):
-            events.push(s.start_s, Kind.BACKGROUND, i, 1)
-            events.push(s.end_s, Kind.BACKGROUND, i, -1)
-        self.tenants = (tenant_episodes(topo, bg.tenants, horizon, seed,
-                                        intensity=config.congestion,
-                                        dwell_scale=config.dwell_scale) if self.elastic else [])
-        self.tenant_cap = bg.tenants.flow_gbps * 1e9 / 8.0
-        for i, e in enumerate(self.tenants):
-            events.push(e.start_s, Kind.TENANT, i, 1)
-            events.push(e.end_s, Kind.TENANT, i, -1)
         self.prefill_instances = [topo.instance_index[i.name]
                                   for i in topo.instances_with_role("prefill")]
         self.decode_instances = [topo.instance_index[i.name]
                                  for i in topo.instances_with_role("decode")]
-        everyone = self.prefill_instances + self.decode_instances
-        self.restarts = [(t, everyone[i]) for t, i in restart_times(
-            bg.weight_loads.per_hour if self.elastic else 0.0, horizon, len(everyone), seed)]
-        for i, (t, _) in enumerate(self.restarts):
-            events.push(t, Kind.WEIGHTS, i)
-        self.faults = fault_episodes(spec.faults, topo, self.fabric, horizon)
-        for i, f in enumerate(self.faults):
-            events.push(f.start_s, Kind.FAULT, i, 1)
-            events.push(f.end_s, Kind.FAULT, i, -1)
-        k = 0
-        while k * self.tel.interval_s <= horizon + self.tel.delay_s:
-            events.push(k * self.tel.interval_s, Kind.SAMPLE, k)
-            k += 1
+        self.schedule_sources(seed)
         for r in range(n):
             events.push(float(trace.arrival_s[r]), Kind.ARRIVAL, r)
 
@@ -192,8 +165,7 @@ class Run:
         sim, trace, pool = self.sim, self.trace, self.prefills
         tokens = int(trace.input_tokens[r])
         hit_p = np.array([c.match(trace.hash_ids[r]) for c in pool.caches], np.int64)
-        compute = np.array([sim.prefill_time(p, tokens, int(hit_p[p]))
-                            for p in range(len(pool))])
+        compute = sim.prefill_times(tokens, hit_p)
         ready = pool.wait(now) + compute
         p = int(np.argmin(ready))
         d = -1
@@ -410,60 +382,3 @@ class Run:
         if self.progress is not None and self.finished - self.reported >= PROGRESS_EVERY:
             self.progress(self.finished - self.reported)
             self.reported = self.finished
-
-    # -- background sources, faults and telemetry samples ---------------------------------
-    def background(self, now: float, i: int, sign: int) -> None:
-        """Inelastic hot spots (the sensitivity model)."""
-        s = self.spots[i]
-        fabric = self.fabric
-        fabric.advance(now)
-        fabric.set_background(s.link, sign * s.load)
-        if fabric.flows:
-            self.reallocate()
-
-    def tenant(self, now: float, i: int, sign: int) -> None:
-        """Another tenant's elephants on one link start (+1) or stop (-1)."""
-        e = self.tenants[i]
-        fabric = self.fabric
-        fabric.advance(now)
-        for j in range(e.flows):
-            if sign > 0:
-                phys = fabric.resolve((e.link,), i, j)
-                fabric.add(i, phys, INF, kind=TENANT, sub=j, cap=self.tenant_cap,
-                           physical=True)
-            else:
-                fabric.remove((TENANT, i, j))
-        self.reallocate()
-
-    def weights(self, now: float, i: int, _: int) -> None:
-        """An instance (re)starts: its weights come from storage behind the core, striped
-        over its NICs."""
-        inst = self.restarts[i][1]
-        h = int(self.topo.instance_host[inst])
-        links = tuple(int(x) for x in self.topo.down_chain[h, ::-1])
-        width = int(self.nic_width[inst])
-        fabric = self.fabric
-        fabric.advance(now)
-        for j in range(width):
-            phys = fabric.resolve(links, i, j, nic_dst=int(self.nic_first[inst]), dst_host=h)
-            fabric.add(i, phys, self.sim.scenario.weights_bytes / width, kind=WEIGHTS, sub=j,
-                       physical=True)
-        self.reallocate()
-
-    def fault(self, now: float, i: int, sign: int) -> None:
-        f = self.faults[i]
-        fabric = self.fabric
-        fabric.advance(now)
-        if f.skew_host >= 0:
-            if sign > 0:
-                fabric.skewed.add(f.skew_host)
-            else:
-                fabric.skewed.discard(f.skew_host)
-            return
-        fabric.scale_capacity(f.phys, f.factor if sign > 0 else 1.0)
-        if fabric.flows:
-            self.reallocate()
-
-    def sample(self, now: float, k: int, _: int) -> None:
-        """What the link counters show at a sampling instant."""
-        self.history.record(now, self.fabric.unavailable(self.tel.own_flows))

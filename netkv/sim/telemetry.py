@@ -18,6 +18,7 @@ refreshed in place.
 from __future__ import annotations
 
 import bisect
+from collections import OrderedDict
 
 import numpy as np
 
@@ -25,6 +26,40 @@ from netkv.core.costmodel import LinkStateOracle
 from netkv.core.topology import FloatArray, Topology
 from netkv.sim.fabric import MAX_BACKGROUND
 from netkv.sim.scenario import TelemetrySection
+
+NOISE_CACHE_BYTES = 64 * 2**20
+_NOISE: OrderedDict[tuple[int, int, int, float, float],
+                    tuple[FloatArray | None, FloatArray | None]] = OrderedDict()
+_noise_bytes = [0]
+
+
+def sample_noise(seed: int, k: int, n: int, noise: float,
+                 idle_noise: float) -> tuple[FloatArray | None, FloatArray | None]:
+    """Sample ``k``'s measurement errors: the log-normal factor per link (``noise`` > 0) and
+    the absolute standard normal of the idle error (``idle_noise`` > 0), drawn in that order
+    from the generator seeded ``(seed, k)``.
+
+    They depend on nothing else, and every policy of a matrix runs with the same seeds, so
+    they are kept (up to ``NOISE_CACHE_BYTES`` per process) instead of re-seeding a generator
+    per sample per run; the arrays are never written to."""
+    key = (seed, k, n, noise, idle_noise)
+    hit = _NOISE.get(key)
+    if hit is not None:
+        _NOISE.move_to_end(key)
+        return hit
+    rng = np.random.default_rng((seed, k))
+    factor = rng.lognormal(0.0, noise, n) if noise > 0 else None
+    idle = np.abs(rng.standard_normal(n)) if idle_noise > 0 else None
+    for arr in (factor, idle):
+        if arr is not None:
+            arr.flags.writeable = False
+            _noise_bytes[0] += arr.nbytes
+    _NOISE[key] = (factor, idle)
+    while _noise_bytes[0] > NOISE_CACHE_BYTES and _NOISE:
+        for arr in _NOISE.popitem(last=False)[1]:
+            if arr is not None:
+                _noise_bytes[0] -= arr.nbytes
+    return factor, idle
 
 
 class BackgroundHistory:
@@ -76,13 +111,12 @@ class TelemetryView:
             sample_t = k * self.spec.interval_s
             measured = self.history.at(sample_t)
             if self.spec.noise > 0 or self.spec.idle_noise > 0:
-                rng = np.random.default_rng((self.seed, k))
-                n = measured.shape[0]
-                if self.spec.noise > 0:
-                    measured = measured * rng.lognormal(0.0, self.spec.noise, n)
-                if self.spec.idle_noise > 0:
-                    measured = measured + self.capacity * self.spec.idle_noise * np.abs(
-                        rng.standard_normal(n))
+                factor, idle = sample_noise(self.seed, k, measured.shape[0], self.spec.noise,
+                                            self.spec.idle_noise)
+                if factor is not None:
+                    measured = measured * factor
+                if idle is not None:
+                    measured = measured + self.capacity * self.spec.idle_noise * idle
             np.maximum(self.capacity - measured, self._floor, out=self.oracle.available_bytes_s)
             self.oracle.age_s[:] = max(now - sample_t, 0.0)
         return self.oracle

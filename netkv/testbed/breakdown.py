@@ -1,6 +1,16 @@
 """Where a request's TTFT went, from a router comparison's ``router-requests.jsonl``.
 
-``python -m netkv.testbed.breakdown TRACE DIR...`` prints, per router, the mean of:
+Measured (:func:`measured`, from the engines' own timestamps of each request, on the replay's
+clock): ``leg1``, the client's send to the prefill engine's receipt (the client, the router's
+first leg and its parsing); ``pqueue``, the wait for the prefill's FIFO; ``compute``; ``turn``,
+the prefill's answer to the decode engine's receipt (the router between its two legs);
+``kvwait``, the decode's receipt to the start of its KV pull; ``kv``; ``after``, the KV's
+arrival to the first token at the client (decode slot, first step, the router's relay).
+:func:`ceiling` is the best TTFT any router could reach by its decode choice alone: every
+KV transfer at the healthy NIC rate, all else as measured.
+
+Modelled (:func:`breakdown`, the earlier estimate; kept for comparison), per router the
+mean of:
 ``queue``, the wait a FIFO prefill would give the router's own assignment (in arrival order,
 with the engines' model: :class:`netkv.engine.model.EngineModel`'s prefill time of the
 prompt tokens not in that prefill's prefix cache, replayed from the trace's block ids);
@@ -19,9 +29,12 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from netkv.engine.model import EngineModel
 
 TRACE_BLOCK_TOKENS = 512
+NIC_GBPS = 400.0  # the default topology's NIC, before the testbed's --scale
 
 
 def breakdown(trace: list[dict[str, Any]], outcomes: list[dict[str, Any]],
@@ -61,6 +74,93 @@ def breakdown(trace: list[dict[str, Any]], outcomes: list[dict[str, Any]],
     return out
 
 
+MEASURED = (("leg1", "arrival_s", "prefill.received"),
+            ("pqueue", "prefill.received", "prefill.compute_start"),
+            ("compute", "prefill.compute_start", "prefill.compute_end"),
+            ("turn", "prefill.answered", "decode.received"),
+            ("kvwait", "decode.received", "decode.kv_start"),
+            ("kv", "decode.kv_start", "decode.kv_end"),
+            ("after", "decode.kv_end", "first_token_s"))
+
+
+def _at(o: dict[str, Any], name: str) -> float | None:
+    value = o.get(name) if name in o else o.get("phases", {}).get(name)
+    return None if value is None else float(value)
+
+
+def measured(outcomes: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per router, the mean of each measured term in ms over the requests that have both
+    ends of it (``n``: completed requests)."""
+    by_router: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for o in outcomes:
+        if o.get("error") is None:
+            by_router[o["router"]].append(o)
+    out: dict[str, dict[str, float]] = {}
+    for router, rows in by_router.items():
+        terms: dict[str, float] = {"ttft": 1e3 * statistics.mean(float(o["ttft_s"])
+                                                                 for o in rows)}
+        for name, a, b in MEASURED:
+            spans = [y - x for o in rows
+                     if (x := _at(o, a)) is not None and (y := _at(o, b)) is not None]
+            terms[name] = 1e3 * statistics.mean(spans) if spans else float("nan")
+        terms["n"] = float(len(rows))
+        out[router] = terms
+    return out
+
+
+def _p99(values: list[float]) -> float:
+    """As the comparison's table computes it (numpy's linear interpolation)."""
+    return float(np.percentile(values, 99))
+
+
+def ceiling(outcomes: list[dict[str, Any]], nic_bytes_s: float
+            ) -> dict[str, dict[str, float]]:
+    """Per router: its TTFT mean and p99 (ms), and what they would be had every KV transfer
+    of its run moved at ``nic_bytes_s`` (the healthy NIC rate, the fastest any path allows),
+    everything else as measured (``ideal_*``), and with no KV time at all (``nokv_*``). The
+    ratio ``ideal / actual`` bounds what any decode choice could gain on that replay."""
+    by_router: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for o in outcomes:
+        if o.get("error") is None:
+            by_router[o["router"]].append(o)
+    out: dict[str, dict[str, float]] = {}
+    for router, rows in by_router.items():
+        actual, ideal, nokv = [], [], []
+        for o in rows:
+            ttft = float(o["ttft_s"])
+            kv = float(o["transfer_s"]) if o.get("kv_bytes") else 0.0
+            best = float(o.get("kv_bytes") or 0) / nic_bytes_s
+            actual.append(ttft)
+            ideal.append(ttft - max(kv - best, 0.0))
+            nokv.append(ttft - kv)
+        out[router] = {"mean": 1e3 * statistics.mean(actual), "p99": 1e3 * _p99(actual),
+                       "ideal_mean": 1e3 * statistics.mean(ideal),
+                       "ideal_p99": 1e3 * _p99(ideal),
+                       "nokv_mean": 1e3 * statistics.mean(nokv), "nokv_p99": 1e3 * _p99(nokv),
+                       "kv_share": statistics.mean(a - b for a, b in zip(actual, nokv,
+                                                                          strict=True))
+                       / statistics.mean(actual)}
+    return out
+
+
+def map_reaction(series: list[list[Any]], start_s: float, end_s: float, host: str,
+                 factor: float = 2.0) -> tuple[float | None, float | None]:
+    """From the comparison's oracle samples (``router-map.json``: replay clock, version,
+    {decode host: estimated seconds}; fault times on the same clock): seconds from the
+    fault's start until the map first estimates ``host`` at least ``factor`` times the best
+    other decode host, and from its end until it first no longer does (None: never seen)."""
+    def slow(costs: dict[str, float]) -> bool:
+        others = [v for h, v in costs.items() if h != host]
+        return bool(others) and host in costs and costs[host] >= factor * min(others)
+    seen = next((t - start_s for t, _, c in series if start_s <= t < end_s and slow(c)), None)
+    gone = next((t - end_s for t, _, c in series if t >= end_s and not slow(c)), None)
+    return seen, gone
+
+
+def _s(value: float | None) -> str:
+    return "never" if value is None else f"{value:.2f} s"
+
+
 def main(argv: list[str]) -> int:
     if len(argv) < 2:
         print("usage: python -m netkv.testbed.breakdown TRACE DIR...", file=sys.stderr)
@@ -74,7 +174,30 @@ def main(argv: list[str]) -> int:
         for router, m in breakdown(trace, rows).items():
             terms = "  ".join(f"{k} {m.get(k, float('nan')):6.0f}"
                               for k in ("ttft", "queue", "compute", "hand", "kv", "after"))
-            print(f"  {router:<28} n={int(m['n']):>3}  {terms}")
+            print(f"  modelled {router:<28} n={int(m['n']):>3}  {terms}")
+        for router, m in measured(rows).items():
+            terms = "  ".join(f"{k} {m[k]:6.0f}" for k in ("ttft", *(t for t, _, _ in MEASURED)))
+            print(f"  measured {router:<28} n={int(m['n']):>3}  {terms}")
+        summary = json.loads((Path(d) / "routers.json").read_text())
+        meta = summary.get("testbed", {})
+        maps = Path(d) / "router-map.json"
+        series = json.loads(maps.read_text()) if maps.exists() else {}
+        for router, run in summary.get("routers", {}).items():
+            events = {e["action"]: e for e in run.get("fault_events", [])}
+            if "apply" in events and "revert" in events and series.get(router):
+                t0 = float(run.get("schedule_t0_s") or series[router][0][0])
+                seen, gone = map_reaction(series[router], t0 + events["apply"]["at_s"],
+                                          t0 + events["revert"]["at_s"],
+                                          events["apply"]["host"])
+                print(f"  map      {router:<28} fault seen after {_s(seen)}, its end after "
+                      f"{_s(gone)}; reaction {run.get('reaction')}")
+        nic = NIC_GBPS * 1e9 / 8 * float(meta.get("scale", 1e-4))
+        for router, c in ceiling(rows, nic).items():
+            print(f"  ceiling  {router:<28} mean {c['mean']:6.0f} -> {c['ideal_mean']:6.0f} "
+                  f"({c['ideal_mean'] / c['mean']:.2f}x; no KV at all {c['nokv_mean']:6.0f}, "
+                  f"{c['nokv_mean'] / c['mean']:.2f}x)  p99 {c['p99']:6.0f} -> "
+                  f"{c['ideal_p99']:6.0f} ({c['ideal_p99'] / c['p99']:.2f}x)  "
+                  f"KV share {100 * c['kv_share']:.0f}%")
     return 0
 
 

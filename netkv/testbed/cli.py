@@ -273,7 +273,7 @@ def _compare(args: argparse.Namespace) -> int:
             comparison = RouterComparison(plan, model, schedule, spec, spawn=spawn,
                                           workdir=control.workdir,
                                           shared_config=control.shared_config(),
-                                          pinning=pinning)
+                                          pinning=pinning, oracle_url=control.oracle_url)
             runs: dict[str, RouterRun] = {}
             for s in specs:
                 print(f"replaying through {s.label} ({len(requests)} requests, faults "

@@ -26,14 +26,16 @@ import asyncio
 import contextlib
 import importlib
 import json
+import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import msgspec
+import psutil
 import structlog
 import yaml
 
@@ -51,7 +53,7 @@ from netkv.testbed.routers import (
     Worker,
     router_command,
 )
-from netkv.testbed.runner import PolicyResult, ReplaySpec
+from netkv.testbed.runner import STREAM_INTERVAL, PolicyResult, ReplaySpec
 
 log = structlog.get_logger(__name__)
 MODEL_NAME = "netkv/emulated"
@@ -78,6 +80,9 @@ ROUTER_HOST = "127.0.0.1"  # the control namespace's loopback, where the engines
 ROUTER_PORT = 18000
 METRICS_PORT = 19000
 VLLM_ROUTER_ID = "___prefill_addr_"
+TIMELINE_REQUESTS = 100_000  # the engines keep every replayed request's phase timestamps
+CPU_SAMPLE_S = 0.1  # how often the router's and the replay's CPU time are sampled
+MAP_SAMPLE_S = 0.25  # how often the oracle's estimates to every decode host are read
 
 
 @dataclass
@@ -92,8 +97,14 @@ class RouterRun:
     engine_kv_mean_s: float = float("nan")  # the decode engines' own histograms
     router_cpu_s: float = 0.0
     ready_after_s: float = 0.0
+    schedule_t0_s: float = 0.0  # the fault and background schedule's zero, on the replay clock
     fault_events: list[FaultEvent] = field(default_factory=list)
     reaction: dict[str, float | None] = field(default_factory=dict)
+    # (replay clock s, router CPU s, this replay process's CPU s), every CPU_SAMPLE_S
+    cpu_series: list[tuple[float, float, float]] = field(default_factory=list)
+    # what the control plane's map said during the replay: (replay clock s, map version,
+    # {decode host: estimated seconds to move a mean-sized KV there from one prefill host})
+    map_series: list[tuple[float, int, dict[str, float]]] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
         s = self.result.summary()
@@ -104,6 +115,7 @@ class RouterRun:
                   "engine_kv_transfer_mean_s": self.engine_kv_mean_s,
                   "router_cpu_s": round(self.router_cpu_s, 3),
                   "router_ready_after_s": round(self.ready_after_s, 3),
+                  "schedule_t0_s": round(self.schedule_t0_s, 6),
                   "fault_events": [_event(e) for e in self.fault_events],
                   "reaction": self.reaction})
         return s
@@ -118,13 +130,15 @@ class RouterComparison:
 
     def __init__(self, plan: FabricPlan, model: EngineModel, schedule: FaultSchedule,
                  spec: ReplaySpec, *, spawn: Spawn, workdir: Path, shared_config: dict[str, Any],
-                 pinning: Pinning | None = None, request_timeout_s: float = 120.0) -> None:
+                 pinning: Pinning | None = None, request_timeout_s: float = 120.0,
+                 oracle_url: str | None = None) -> None:
         schedule.check(plan)
         self.plan, self.model, self.schedule, self.spec = plan, model, schedule, spec
         self.spawn, self.workdir = spawn, workdir
         self.shared_config = shared_config
         self.pinning = pinning or Pinning()
         self.request_timeout_s = request_timeout_s
+        self.oracle_url = oracle_url
         self._loop = asyncio.get_running_loop()
         self._t0 = self._loop.time()
         self._runs = 0
@@ -140,16 +154,24 @@ class RouterComparison:
             role=inst.role, host=ROUTER_HOST, port=0,
             side_channel_host=self.plan.host_addr[inst.host], side_channel_port=0,
             engine_id=inst.name, block_size=TRACE_BLOCK_TOKENS,
-            ns=self.plan.host_ns[inst.host], record_requests=0, model=self.model)
+            ns=self.plan.host_ns[inst.host], record_requests=0, model=self.model,
+            # 16 tokens per streamed write after the first, as the policy replay does: the
+            # modelled 2 ms per token is ~15x a 70B decode's, so one write per token would
+            # stream ~15x a deployment's chunk rate through every router and the client
+            # (the first token still goes out at once; TTFT and occupancy are unchanged)
+            timeline=TIMELINE_REQUESTS, stream_interval=STREAM_INTERVAL)
 
     def proxy_config(self) -> Path:
-        """``netkv proxy``'s config: the control plane's map and the testbed's KV model."""
+        """``netkv proxy``'s config: the control plane's map and the testbed's KV model.
+        Health checks and load scrapes at the proxy's own default cadence (1 s; the peers
+        check every 60 s and never scrape); the map is re-read on every announcement, with a
+        0.5 s poll as the fallback."""
         path = self.workdir / "proxy.yaml"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(self.shared_config | {"proxy": {
             "kv_bytes_per_token": self.model.bytes_per_token,
             "capacity_tokens": self.model.capacity_tokens, "block_size": TRACE_BLOCK_TOKENS,
-            "prefill_timeout_s": self.request_timeout_s, "health_interval_s": 0.5,
+            "prefill_timeout_s": self.request_timeout_s,
             "map_poll_s": 0.5, "oracle_cache_s": 0.1}}, sort_keys=False))
         return path
 
@@ -164,6 +186,17 @@ class RouterComparison:
                                  port=ROUTER_PORT + k, metrics_port=METRICS_PORT + k,
                                  netkv_args=["--config", str(self.proxy_config())])
         log_path = self.workdir / "logs" / f"router-{k}-{spec.kind}-{spec.policy}.log"
+        profile = os.environ.get("TESTBED_ROUTER_PROFILE")
+        wrap = os.environ.get("TESTBED_ROUTER_WRAP")
+        if spec.kind == "netkv" and command.argv[1:3] == ["-m", "netkv.cli"]:
+            # diagnosis only: cProfile the proxy (written when it stops; it slows the proxy),
+            # or run it through a script that takes netkv's arguments (e.g. to time its steps)
+            if profile:
+                out = Path(profile) / f"router-{k}-{spec.policy}.prof"
+                command = replace(command, argv=[command.argv[0], "-m", "cProfile", "-o",
+                                                 str(out), *command.argv[1:]])
+            elif wrap:
+                command = replace(command, argv=[command.argv[0], wrap, *command.argv[3:]])
         return RouterProcess(spec, command, self.spawn, log_path, pinning=self.pinning)
 
     # -- one replay ---------------------------------------------------------------------------
@@ -190,13 +223,21 @@ class RouterComparison:
                 Faults(self.plan, self.schedule, self.clock))
             background.start()
             faults.start()
-            schedule_t0 = self.clock()
-            await asyncio.sleep(self.spec.warmup_s)
-            start = self.clock()
-            result.outcomes = list(await asyncio.gather(*(
-                self._at(http, router.url, start + r.arrival_s, r, prompt=p, label=spec.label,
-                         names=names)
-                for r, p in zip(requests, prompts, strict=True))))
+            schedule_t0 = run.schedule_t0_s = self.clock()
+            sampler = asyncio.ensure_future(self._sample_cpu(router, run.cpu_series))
+            watcher = asyncio.ensure_future(self._watch_map(http, requests, run.map_series))
+            try:
+                await asyncio.sleep(self.spec.warmup_s)
+                start = self.clock()
+                result.outcomes = list(await asyncio.gather(*(
+                    self._at(http, router.url, start + r.arrival_s, r, prompt=p,
+                             label=spec.label, names=names)
+                    for r, p in zip(requests, prompts, strict=True))))
+            finally:
+                sampler.cancel()
+                watcher.cancel()
+                await asyncio.gather(sampler, watcher, return_exceptions=True)
+            _attach_phases(result.outcomes, engines.values(), self._t0)
             await faults.stop()
             await background.stop()
             run.fault_events = list(faults.events)
@@ -205,6 +246,42 @@ class RouterComparison:
         await asyncio.sleep(self.spec.drain_s)
         self._classify(run, schedule_t0)
         return run
+
+    async def _sample_cpu(self, router: RouterProcess,
+                          series: list[tuple[float, float, float]]) -> None:
+        """The router's and this process's CPU seconds, every ``CPU_SAMPLE_S`` (where the
+        time goes: a router that is CPU-bound shows a slope of 1 s/s)."""
+        me = psutil.Process()
+        while True:
+            own = sum(me.cpu_times()[:2])
+            series.append((round(self.clock(), 3), round(router.cpu_seconds(), 4),
+                           round(own, 4)))
+            await asyncio.sleep(CPU_SAMPLE_S)
+
+    async def _watch_map(self, http: aiohttp.ClientSession, requests: Sequence[Request],
+                         series: list[tuple[float, int, dict[str, float]]]) -> None:
+        """The oracle's estimate, every ``MAP_SAMPLE_S``, of a mean-sized KV transfer from
+        the first prefill host to every decode host: when a fault shows in the map (a
+        diagnosis of the decisions, not an input to any router)."""
+        if self.oracle_url is None or not requests:
+            return
+        t = self.plan.topology
+        src = t.instances_with_role("prefill")[0].host
+        dsts = sorted({i.host for i in t.instances_with_role("decode")})
+        mean_tokens = sum(r.prompt_tokens for r in requests) / len(requests)
+        body = {"src": src, "dsts": dsts, "bytes": int(self.model.kv_bytes(int(mean_tokens)))}
+        while True:
+            try:
+                async with http.post(self.oracle_url + "/v1/costs", json=body,
+                                     timeout=aiohttp.ClientTimeout(total=1.0)) as resp:
+                    if resp.status == 200:
+                        data = await resp.json()
+                        series.append((round(self.clock(), 3), int(data["map_version"]),
+                                       {c["dst"]: round(float(c["seconds"]), 4)
+                                        for c in data["costs"]}))
+            except (aiohttp.ClientError, OSError, TimeoutError, ValueError, KeyError) as exc:
+                log.debug("compare.map_watch_failed", error=repr(exc))
+            await asyncio.sleep(MAP_SAMPLE_S)
 
     async def _at(self, http: aiohttp.ClientSession, url: str, when: float, req: Request, *,
                   prompt: list[int], label: str, names: dict[str, str]) -> Outcome:
@@ -262,18 +339,34 @@ def identify(out: Outcome, headers: Any, first_line: bytes, names: dict[str, str
     the replay clock's zero on the engines' monotonic clock."""
     out.prefill = headers.get("x-netkv-prefill", "") or headers.get("x-netkv-kv-from", "")
     out.decode = headers.get("x-netkv-decode", "") or headers.get("x-netkv-engine", "")
-    if not (out.prefill and out.decode):
-        rid = _chunk_id(first_line)
-        if rid.startswith(VLLM_ROUTER_ID):
-            p_addr, _, rest = rid[len(VLLM_ROUTER_ID):].partition("___decode_addr_")
-            out.prefill = names.get(p_addr, "")
-            out.decode = names.get(rest.rsplit("_", 1)[0], "")
+    rid = out.upstream_id = _chunk_id(first_line)
+    if not (out.prefill and out.decode) and rid.startswith(VLLM_ROUTER_ID):
+        p_addr, _, rest = rid[len(VLLM_ROUTER_ID):].partition("___decode_addr_")
+        out.prefill = names.get(p_addr, "")
+        out.decode = names.get(rest.rsplit("_", 1)[0], "")
     if out.prefill in names:  # an address (x-netkv-kv-from in bootstrap mode)
         out.prefill = names[out.prefill]
+    predicted = headers.get("x-netkv-predicted-ms")
+    if predicted:
+        with contextlib.suppress(ValueError):
+            out.predicted_ttft_s = float(predicted) / 1e3
+    out.map_source = headers.get("x-netkv-map", "")
     if "x-netkv-kv-bytes" in headers:
         out.kv_bytes = int(headers["x-netkv-kv-bytes"])
         out.transfer_start_s = float(headers["x-netkv-kv-start"]) - t0
         out.transfer_end_s = float(headers["x-netkv-kv-end"]) - t0
+
+
+def _attach_phases(outcomes: Sequence[Outcome], engines: Any, t0: float) -> None:
+    """Each outcome's engine-side timestamps (``<role>.<phase>``, on the replay clock), found
+    by the request id the engines saw (the streamed chunks' id, for every router here)."""
+    by_id = {o.upstream_id: o for o in outcomes if o.upstream_id}
+    for engine in engines:
+        role = engine.settings.role
+        for rid, marks in engine.timeline.items():
+            o = by_id.get(rid)
+            if o is not None:
+                o.phases.update({f"{role}.{k}": round(v - t0, 6) for k, v in marks.items()})
 
 
 def _decided_at(o: Outcome) -> float:
@@ -359,4 +452,8 @@ def write_comparison(out: Path, runs: dict[str, RouterRun], meta: dict[str, Any]
         for label, run in runs.items():
             for o in run.result.outcomes:
                 f.write(json.dumps({"router": label, **o.as_dict()}) + "\n")
+    (out / "router-cpu.json").write_text(json.dumps(
+        {label: run.cpu_series for label, run in runs.items()}))
+    (out / "router-map.json").write_text(json.dumps(
+        {label: run.map_series for label, run in runs.items()}))
     return path

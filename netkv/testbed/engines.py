@@ -9,7 +9,7 @@ put ``netkv proxy`` in front of them (:mod:`netkv.testbed.runner`,
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from netkv.engine.kvchannel import connect_from, listening_socket
@@ -48,6 +48,11 @@ class Outcome:
     first_token_s: float = 0.0
     predicted_ttft_s: float | None = None
     error: str | None = None
+    map_source: str = ""  # the proxy's x-netkv-map: "map v<version>" or "prior: <why>"
+    upstream_id: str = ""  # the request id the engines saw (the streamed chunks' id)
+    # the engines' own timestamps of this request, on the replay clock: "prefill.received",
+    # "prefill.compute_start", ..., "decode.first_write" (see netkv.engine.server's marks)
+    phases: dict[str, float] = field(default_factory=dict)
 
     @property
     def ttft_s(self) -> float:

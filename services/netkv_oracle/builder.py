@@ -21,7 +21,7 @@ inflation by :func:`netkv.core.tomography.localise_inflation` when the map is pu
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from netkv.contracts.samples import NicSample, QdiscSample, RdmaSample, RttSample, Sample
 from netkv.core.congestion import CongestionMap, MapParams
@@ -66,7 +66,7 @@ class MapBuilder:
         touched: set[int] = set()
         rtts = [s for s in samples if type(s) is RttSample]
         if rtts and host is not None:
-            self.map.observe_rtts(host, self._rtt_rows(host, rtts, now))
+            self.map.observe_rtt_windows(host, rtts, now)
         for s in samples if len(rtts) < len(samples) else ():
             if type(s) is RttSample:
                 continue
@@ -94,37 +94,33 @@ class MapBuilder:
             self._refresh(link, now)
         self._mark(now)
 
-    def _rtt_rows(self, host: int, rtts: list[RttSample], now: float
-                  ) -> Iterator[tuple[int, float, float, float, float, float]]:
-        """(peer, srtt, min, p99, loss, ts) per window with probes. A window that lost
-        everything keeps the pair's last RTT and reports full loss (nothing if the pair was
-        never measured)."""
-        index, pairs = self.topology.host_index, self.map.pairs
-        for s in rtts:
-            sent, lost = s.sent, s.lost
-            if sent <= 0:
-                continue
-            peer = index[s.peer]
-            ts = s.ts if s.ts < now else now
-            if sent > lost:
-                yield peer, s.srtt_s, s.min_s, s.p99_s, lost / sent, ts
-                continue
-            old = pairs.get((host, peer) if host <= peer else (peer, host))
-            if old is not None:
-                yield peer, old.srtt_s, old.min_s, old.p99_s, 1.0, ts
-
     def _refresh(self, link: int, now: float) -> None:
-        horizon = now - self.map.params.stale_s
-        fresh = [(k, v) for k, v in self._sources.get(link, {}).items() if v[2] >= horizon]
-        if not fresh:
+        """The link's state from its fresh sources: the larger of the netdev and the RDMA
+        sums; the netdevs' summed speed can only lower the declared capacity (a NIC that
+        negotiated a lower rate; shaping or policy limits below line rate live in the
+        topology); up if any netdev is up (None: no netdev). One pass over the sources (a
+        link has one or two), in their order, so the sums are the same floats as ``sum``."""
+        sources = self._sources.get(link)
+        if not sources:
             return
-        net = sum(v[0] for k, v in fresh if k[0] == "net")
-        rdma = sum(v[0] for k, v in fresh if k[0] == "rdma")
-        ts = max(v[2] for _, v in fresh)
-        # A reported link speed can only lower the declared capacity (a NIC that negotiated
-        # a lower rate); shaping or policy limits below line rate live in the topology.
-        netdevs = [v for k, v in fresh if k[0] == "net"]
-        speed = sum(v[1] for v in netdevs)
+        horizon = now - self.map.params.stale_s
+        net: float = 0
+        rdma: float = 0
+        speed: float = 0
+        ts: float | None = None
+        up: bool | None = None
+        for (kind, _), (rate, capacity_bytes_s, at, is_up) in sources.items():
+            if at < horizon:
+                continue
+            if ts is None or at > ts:
+                ts = at
+            if kind == "net":
+                net += rate
+                speed += capacity_bytes_s
+                up = True if is_up else bool(up)
+            else:
+                rdma += rate
+        if ts is None:
+            return
         capacity = min(speed, float(self.topology.capacity[link])) if speed > 0 else None
-        up = any(v[3] for v in netdevs) if netdevs else None
         self.map.observe_link(link, max(net, rdma), ts, capacity_bytes_s=capacity, up=up)

@@ -79,6 +79,7 @@ class Ingestor:
         self._refused: dict[str, bytes] = {}
         self._rejected: dict[str, list[Any]] = {}  # stream -> ids to XDEL with the next ack
         self._ingested: dict[type[Sample], Any] = {}  # sample class -> its metric child
+        self._owners: dict[str, str | None] = {}  # stream -> its agent (stream_owner)
 
     # -- discovery ------------------------------------------------------------------------
     async def discover(self) -> int:
@@ -130,9 +131,28 @@ class Ingestor:
         self.ownership.bindings = bindings
 
     # -- entries --------------------------------------------------------------------------
+    def _owner(self, stream: str) -> str | None:
+        """:func:`stream_owner`, remembered per stream name (the same few, every round)."""
+        try:
+            return self._owners[stream]
+        except KeyError:
+            if len(self._owners) >= 65536:
+                self._owners.clear()
+            owner = self._owners[stream] = stream_owner(self.keys, stream)
+            return owner
+
     def handle(self, stream: str, fields: dict[Any, Any], now: float) -> bool:
         """Decode, check and apply one stream entry. Returns False if it was rejected."""
-        owner = stream_owner(self.keys, stream)
+        tally: Counter[type[Sample] | None] = Counter()
+        accepted = self._entry(stream, self._owner(stream), fields, now, tally)
+        self._count(tally)
+        return accepted
+
+    def _entry(self, stream: str, owner: str | None, fields: dict[Any, Any], now: float,
+               tally: Counter[type[Sample] | None]) -> bool:
+        """:meth:`handle` without the metric updates of accepted entries: those are added to
+        ``tally`` (samples by type; batches under ``None``) for :meth:`_count` to apply once
+        per round. Rejections are counted at once."""
         try:
             if owner is None:
                 raise RejectedError("bad_stream", "stream", f"{stream!r} is not a sample stream")
@@ -148,26 +168,34 @@ class Ingestor:
             log.debug("rejected entry", stream=stream, reason=exc.reason, error=str(exc))
             return False
         self.builder.apply(batch.agent, batch.samples, now, self.ownership)
-        self.metrics.batches.inc()
-        # Counted by type in C (collections.Counter over map(type, ...)); each kind's metric
-        # child is looked up once, not per batch.
-        counts: Counter[type[Sample]] = Counter(map(type, batch.samples))
-        for cls, n in counts.items():
+        tally[None] += 1
+        tally.update(map(type, batch.samples))  # counted in C (Counter over map)
+        return True
+
+    def _count(self, tally: Counter[type[Sample] | None]) -> None:
+        """Apply a round's tally to the metrics: one increment per kind, not per batch (each
+        kind's metric child is looked up once)."""
+        for cls, n in tally.items():
+            if cls is None:
+                self.metrics.batches.inc(n)
+                continue
             child = self._ingested.get(cls)
             if child is None:
                 child = self._ingested[cls] = self.metrics.samples_ingested.labels(cls.kind)
             child.inc(n)
-        return True
 
     def _handle_all(self, stream: str, entries: list[Any]) -> list[Any]:
         now = self.clock()
+        owner = self._owner(stream)
+        tally: Counter[type[Sample] | None] = Counter()
         ids = []
         for entry_id, fields in entries:
             ids.append(entry_id)
             if fields is None:  # deleted while pending (trimmed): nothing to apply
                 continue
-            if not self.handle(stream, fields, now):
+            if not self._entry(stream, owner, fields, now, tally):
                 self._rejected.setdefault(stream, []).append(entry_id)
+        self._count(tally)
         return ids
 
     async def _ack(self, acks: dict[str, list[Any]]) -> None:

@@ -12,7 +12,8 @@ knowing the prefill's host, by NetKV's decision core.
 2. The decode is placed (:mod:`netkv_proxy.placement`) and booked.
 3. The decode gets the client's body with the prefill's ``kv_transfer_params`` (verbatim in
    pull mode; without block ids in push mode), and its answer is passed to the client chunk
-   by chunk. The booking is released when the stream ends, fails or the client goes away.
+   by chunk. The transfer's booking is handed back when the decode answers (the KV is in);
+   the placement when the stream ends, fails or the client goes away.
 
 Bootstrap flow (SGLang): the pair is chosen first (``netkv_pair`` chooses it jointly), the
 same body goes to both with ``bootstrap_host``/``bootstrap_port`` of the prefill and a random
@@ -495,6 +496,7 @@ class Proxy:
             async with self.session.post(self._url(decode, job.kind), data=data,
                                          headers=job.headers,
                                          timeout=self._decode_timeout) as resp:
+                self.placement.transferred(placed)  # the KV is in (or its pull failed)
                 if resp.status != 200:
                     payload = await resp.read()
                     if 400 <= resp.status < 500:

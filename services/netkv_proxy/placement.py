@@ -8,7 +8,8 @@ gauges, the requests it has in flight, and which prompt blocks it has itself sen
 decoder (the delta-transfer term).
 
 Every placement books its transfer on the links of its path (:class:`Bookings`) and hands it
-back when the decode stream ends or fails (:meth:`Placement.release`).
+back when the decode answers, i.e. once the KV is in (:meth:`Placement.transferred`), or when
+the request ends or fails (:meth:`Placement.release`).
 """
 
 from __future__ import annotations
@@ -169,6 +170,15 @@ class Placement:
                         time.perf_counter() - start)
         self.open.add(id(placed))
         return placed
+
+    def transferred(self, placed: Placed) -> None:
+        """The decode has the KV (it answered, and an engine answers only once its KV is
+        in): hand back the transfer's booking now, not when the stream ends. A booking
+        stands for bytes on the links; held for the whole decode it made every decoder
+        with long streams look as if its NIC were busy (idempotent)."""
+        if placed.booking is not None:
+            self.bookings.release(placed.booking)
+            placed.booking = None
 
     def release(self, placed: Placed) -> None:
         """Hand back the booking and the in-flight count (idempotent)."""

@@ -7,6 +7,7 @@ import asyncio
 from typing import Any
 
 import pytest
+from helpers import until
 from netkv_agent.agent import Agent
 from netkv_agent.bandwidth import MAX_CONNECTIONS, bandwidth_sink, burst
 from netkv_agent.settings import AgentSettings
@@ -21,7 +22,7 @@ async def test_burst_is_rate_capped_and_fully_received() -> None:
     async with bandwidth_sink("127.0.3.1") as (sink, port):
         cap = 4e6  # 4 MB/s (32 Mbit/s)
         result = await burst("p", "127.0.3.1", port, 2_000_000, cap)
-        await asyncio.sleep(0.1)
+        await until(lambda: sink.received >= 2_000_000, 5.0, what="the burst received")
     assert result.nbytes == 2_000_000
     assert result.bytes_s <= cap * 1.05  # never above the cap...
     assert result.bytes_s >= cap * 0.5  # ...and loopback is far faster, so close to it
@@ -32,11 +33,13 @@ async def test_sink_refuses_beyond_its_connection_cap() -> None:
     async with bandwidth_sink("127.0.3.2") as (sink, port):
         conns = [await asyncio.open_connection("127.0.3.2", port)
                  for _ in range(MAX_CONNECTIONS + 2)]
-        await asyncio.sleep(0.2)
+        await until(lambda: sink.refused + sink.active == MAX_CONNECTIONS + 2, 5.0,
+                    what="every connection accepted or refused")
         assert sink.refused == 2 and sink.active == MAX_CONNECTIONS
         for _, writer in conns:
             writer.close()
-        await asyncio.sleep(0.1)
+        await asyncio.gather(*(writer.wait_closed() for _, writer in conns))
+        await until(lambda: sink.active == 0, 5.0, what="the sink's connections closed")
     assert sink.active == 0
 
 
@@ -50,9 +53,7 @@ async def test_agents_probe_each_other_when_enabled(redis_server: RedisServer) -
     async with Agent(settings("h001", "127.0.3.11")) as a, \
             Agent(settings("h002", "127.0.3.12")):
         assert a.registration().bandwidth_port > 0
-        async with asyncio.timeout(10):
-            while not a.stats()["bandwidth_probes"]:  # noqa: ASYNC110 - polling stats
-                await asyncio.sleep(0.1)
+        await until(lambda: a.stats()["bandwidth_probes"], 10.0, what="a bandwidth probe")
         probes: list[dict[str, Any]] = a.stats()["bandwidth_probes"]
     assert probes[0]["peer"] == "h002" and probes[0]["bytes"] == 200_000
     assert 0 < probes[0]["bytes_s"] <= 2e6 * 1.05

@@ -14,11 +14,13 @@ from typing import Any
 
 import aiomqtt
 import pytest
+from helpers import until
 from netkv_agent.agent import Agent
 from netkv_agent.settings import AgentSettings
 
+from netkv.adapters.redis_client import connect_redis
 from netkv.config import MqttSettings, RedisSettings
-from netkv.contracts.names import MqttTopics
+from netkv.contracts.names import MqttTopics, RedisKeys
 from netkv.localservers import MosquittoServer, RedisServer
 
 pytestmark = pytest.mark.integration
@@ -69,6 +71,10 @@ async def _cli(*args: str, env: dict[str, str], log: Path | None = None
             err.close()
 
 
+async def _gone(redis: Any, key: str) -> bool:
+    return int(await redis.exists(key)) == 0
+
+
 async def test_killed_agent_process_goes_offline_by_last_will(
         redis_server: RedisServer, mosquitto_server: MosquittoServer, tmp_path: Path) -> None:
     env = dict(os.environ) | {"NETKV_HEARTBEAT_TTL_S": "1", "NETKV_MQTT__KEEPALIVE_S": "2"}
@@ -84,7 +90,10 @@ async def test_killed_agent_process_goes_offline_by_last_will(
         proc.send_signal(signal.SIGKILL)  # no clean MQTT disconnect, no final flush
         await asyncio.wait_for(proc.wait(), 10)
         assert await next_status(watch, 15) == "offline"  # published by the broker (will)
-        await asyncio.sleep(1.5)  # heartbeat TTL is 1 s
+        # the heartbeat key expires in Redis (TTL 1 s, Redis's clock); then --check says so
+        async with connect_redis(RedisSettings(url=redis_server.url)) as redis:
+            beat = RedisKeys().heartbeat("h011")
+            await until(lambda: _gone(redis, beat), 10.0, what="the heartbeat expired")
         check = await _cli(*common, "--check", env=env, log=tmp_path / "check.log")
         assert await asyncio.wait_for(check.wait(), 20) == 1
     finally:

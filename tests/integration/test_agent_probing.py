@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
+from helpers import until
 from netkv_agent.echo import MAGIC, PACKET, REPLY, VERSION, PeerTarget, Prober, echo_endpoint
 
 pytestmark = pytest.mark.integration
@@ -32,7 +33,7 @@ async def test_rtt_between_two_agents_on_loopback() -> None:
     async with running(a, "127.0.0.21") as ea, running(b, "127.0.0.22") as eb:
         a.set_peers([PeerTarget("b", *eb, 0.02)])
         b.set_peers([PeerTarget("a", *ea, 0.02)])
-        await asyncio.sleep(0.6)
+        await until(lambda: a.peers["b"].sent >= 10, what="10 probes resolved")
         samples = a.collect()
     assert len(samples) == 1
     s = samples[0]
@@ -49,13 +50,13 @@ async def test_loss_counted_when_peer_dies() -> None:
     async with running(a, "127.0.0.23"):
         async with running(b, "127.0.0.24") as eb:
             a.set_peers([PeerTarget("b", *eb, 0.02)])
-            await asyncio.sleep(0.4)
+            await until(lambda: a.peers["b"].sent >= 5, what="probes answered")
             alive = a.collect()
         # b is gone: probes now time out (the first window after death may still hold a
         # reply that was in flight; the next one is all loss)
-        await asyncio.sleep(0.3)
+        await until(lambda: a.peers["b"].lost > 0, what="a first loss")
         a.collect()
-        await asyncio.sleep(0.6)
+        await until(lambda: a.peers["b"].lost >= 5, what="five losses")
         dead = a.collect()
     assert alive and alive[0].lost == 0 and alive[0].sent > 0
     assert dead and dead[0].sent > 0
@@ -73,7 +74,7 @@ async def test_rtt_fields_report_timeout_when_nothing_ever_answered() -> None:
         async with running(a, "127.0.0.26"):
             host, port = sink.getsockname()
             a.set_peers([PeerTarget("mute", host, port, 0.02)])
-            await asyncio.sleep(0.4)
+            await until(lambda: a.peers["mute"].lost > 0, what="a probe timed out")
             [s] = a.collect()
     finally:
         sink.close()
@@ -98,7 +99,8 @@ async def test_hostile_datagrams_are_dropped_and_counted() -> None:
             reply = await asyncio.get_running_loop().run_in_executor(None, s.recv, 64)
         finally:
             s.close()
-        await asyncio.sleep(0.05)
+        # the request came after the five others, so its answer means all six were drained
+        await until(lambda: a.counters.requests_answered == 1, what="the request answered")
     *fields, hold = PACKET.unpack(reply)
     assert fields == [MAGIC, VERSION, REPLY, 7, 8, 9]
     assert 0 <= hold < 2e9
@@ -131,7 +133,7 @@ async def test_responder_hold_time_is_taken_out_of_the_rtt() -> None:
             host, port = slow.getsockname()
             a.set_peers([PeerTarget("slow", host, port, 0.1)])
             await loop.run_in_executor(None, answer_slowly, 5)
-            await asyncio.sleep(0.1)
+            await until(lambda: a.peers["slow"].sent == 5, what="the fifth reply")
             [s] = a.collect()
     finally:
         slow.close()
@@ -141,20 +143,48 @@ async def test_responder_hold_time_is_taken_out_of_the_rtt() -> None:
     assert s.min_s >= 0
 
 
-async def test_interval_is_respected_and_pinglist_change_keeps_stats() -> None:
-    a, b = Prober("a", timeout_s=0.5), Prober("b")
-    async with running(a, "127.0.0.29"), running(b, "127.0.0.30") as eb:
-        a.set_peers([PeerTarget("b", *eb, 0.05)])
-        await asyncio.sleep(1.0)
-        first = a.counters.probes_sent
-        a.set_peers([PeerTarget("b", *eb, 0.1)])  # slower: must not double-schedule
-        srtt = a.peers["b"].srtt
+def test_interval_is_respected_and_pinglist_change_keeps_stats() -> None:
+    """One second of ticks every 10 ms on the injected clock: exactly one probe per round
+    slot (20 at 50 ms, then 10 at 100 ms: a slower pinglist is not double-scheduled), and
+    a peer whose interval changes keeps its statistics. Real sends, fake time."""
+    wall_ns = [1000_002_000_000]  # 2 ms past a round boundary: no tick lands on one
+    a = Prober("a", timeout_s=0.5, clock_ns=lambda: wall_ns[0], monotonic=lambda: 50.0)
+    sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)  # the peer; answers by hand
+    sink.bind(("127.0.0.29", 0))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.30", 0))
+    sock.setblocking(False)
+    a.sock = sock
+
+    def one_second() -> int:
         a.counters.probes_sent = 0
-        await asyncio.sleep(1.0)
-        second = a.counters.probes_sent
-    assert 8 <= first <= 24  # ~20 at 50 ms (a loaded machine may skip rounds, never add)
-    assert 4 <= second <= 13 and second < first  # ~10 at 100 ms
-    assert srtt is not None
+        for _ in range(100):
+            a.tick()
+            wall_ns[0] += 10_000_000
+        return a.counters.probes_sent
+
+    try:
+        host, port = sink.getsockname()
+        a.set_peers([PeerTarget("b", host, port, 0.05)])
+        first = one_second()
+        # answer the latest probe (still in time; the wire packet itself) 1 ms after its send
+        sink.settimeout(2.0)
+        data = b""
+        for _ in range(first):
+            data, _ = sink.recvfrom(64)
+        magic, version, _, token, seq, t_send, _ = PACKET.unpack(data)
+        a.on_reply(PACKET.pack(magic, version, REPLY, token, seq, t_send, 0), (host, port),
+                   t_send + 1_000_000)
+        a.set_peers([PeerTarget("b", host, port, 0.1)])  # slower: must not double-schedule
+        srtt = a.peers["b"].srtt
+        second = one_second()
+    finally:
+        a.sock = None
+        sock.close()
+        sink.close()
+    assert first == 20  # one per 50 ms round slot
+    assert second == 10 and second < first  # one per 100 ms round slot
+    assert srtt == pytest.approx(0.001)  # kept across the pinglist change
 
 
 def test_timeouts_follow_the_injected_clock_with_no_sleep() -> None:

@@ -3,7 +3,6 @@ Redis restart survived with a bounded buffer that drops (and counts) the oldest 
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
@@ -122,7 +121,10 @@ async def test_agent_keeps_probing_through_a_redis_outage(redis_server: RedisSer
         await until(lambda: a.stats()["replies"] > 5, 5.0)
         await redis_server.stop()
         before = a.stats()
-        await asyncio.sleep(1.5)
+        # probing goes on while the buffer (8 batches at one per 0.1 s) overflows
+        await until(lambda: a.stats()["dropped_batches"] > 0
+                    and a.stats()["replies"] > before["replies"] + 10, 10.0,
+                    what="batches dropped during the outage")
         during = a.stats()
         assert during["replies"] > before["replies"] + 10  # probing went on
         assert not during["redis_connected"]

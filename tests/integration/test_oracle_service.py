@@ -3,7 +3,6 @@ fail over, survive restarts. Batches are written in the agents' wire format with
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -125,7 +124,8 @@ async def test_stale_agent_falls_back_to_the_prior(
     await until(lambda: oracle.builder.map.link_confidence()[
         topology.link_index["h001/nic/up"]] == 1.0)
     # Three intervals (0.2 s each) later nothing fresh remains: costs equal the tier prior.
-    await asyncio.sleep(0.7)
+    await until(lambda: oracle.builder.map.link_confidence()[
+        topology.link_index["h001/nic/up"]] == 0.0, what="the sample gone stale")
     _, cost = await get_json(oracle.port, "/v1/cost", src="h001", dst="h000", bytes="1e9")
     prior = static_tier_oracle(topology).estimate(1, __import__("numpy").array([0]), 1e9)
     assert cost["confidence"] == 0.0

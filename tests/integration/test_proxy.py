@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +26,7 @@ import aiohttp
 import openai
 import pytest
 import redis.asyncio as aioredis
+from helpers import until
 from netkv_proxy.app import Proxy
 from netkv_proxy.cli import serving
 from netkv_proxy.config import ProxySettings, WorkerEntry
@@ -158,19 +159,6 @@ async def running(engines: dict[str, EngineProc], topology: Topology,
             yield proxy, client
         finally:
             await client.close()
-
-
-async def until(check: Callable[[], Any], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if asyncio.iscoroutine(value):
-            value = await value
-        if value:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.05)
 
 
 async def assert_no_leaks(proxy: Proxy, engines: dict[str, EngineProc], tasks_before: int
@@ -442,7 +430,9 @@ async def test_client_disconnect_cancels_both_legs(engines: dict[str, EngineProc
                 http.post(url + "/v1/completions", json=body) as resp:
             assert resp.status == 200
             await resp.content.readline()  # the first chunk arrived
-            assert proxy.placement.bookings.active == 1
+            # the KV is in: its booking is handed back, the placement stays open
+            assert proxy.placement.bookings.active == 0
+            assert len(proxy.placement.open) == 1
         # leaving the block closed the connection mid-stream
         await assert_no_leaks(proxy, engines, tasks)
         # ... and during the prefill leg

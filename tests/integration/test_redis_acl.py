@@ -10,7 +10,6 @@ volatile-* eviction policy, so eviction can never take the map."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -82,15 +81,11 @@ async def full_mesh_seconds(url: str, *, acl: bool) -> float:
     async with contextlib.AsyncExitStack() as stack:
         agents = [await stack.enter_async_context(Agent(settings(i, url, acl=acl), TOPO))
                   for i in range(TOPO.n_hosts)]
-        deadline = started + 20
-        while time.monotonic() < deadline:
-            if all(len(a.prober.peers) == TOPO.n_hosts - 1 for a in agents):
-                took = time.monotonic() - started
-                assert all(a.stats()["registry_errors"] == 0 for a in agents)
-                return took
-            await asyncio.sleep(0.05)
-    raise AssertionError(f"mesh not complete under acl={acl}: "
-                         f"{[len(a.prober.peers) for a in agents]}")
+        await until(lambda: all(len(a.prober.peers) == TOPO.n_hosts - 1 for a in agents),
+                    20.0, what=f"the full mesh under acl={acl}")
+        took = time.monotonic() - started
+        assert all(a.stats()["registry_errors"] == 0 for a in agents)
+        return took
 
 
 async def test_the_mesh_forms_under_acls_as_fast_as_without(

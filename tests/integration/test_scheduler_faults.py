@@ -5,7 +5,6 @@ silent agents and a dead background task left /readyz "ready"."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import aiohttp
@@ -57,14 +56,16 @@ async def test_a_restarted_oracle_with_lower_versions_is_followed(
     topo = load_topology(demo_topology_path())
     settings = settings_for(redis_server, mosquitto_server, map_poll_s=0.5)
     async with serving(settings, topo) as base, aiohttp.ClientSession() as http:
-        await publish_map(redis_server, mosquitto_server, measured_map(topo), 1574)
+        # made 1 s ago (fresh: map_stale_s is 10 s), so the restarted oracle's map is strictly
+        # later without waiting for the wall clock to move
+        await publish_map(redis_server, mosquitto_server, measured_map(topo), 1574,
+                          created_ts=time.time() - 1.0)
         await until(readyz_is(http, base, map_version=1574))
         client = aioredis.Redis.from_url(redis_server.url)
         try:
             await client.flushall()  # the oracle restarts on an empty Redis
         finally:
             await client.aclose()
-        await asyncio.sleep(0.01)  # the new map is made strictly later (wall clock)
         await publish_map(redis_server, mosquitto_server, measured_map(topo), 1)
         await until(readyz_is(http, base, map_version=1), 15.0)
         code, answer = await post(http, f"{base}/v1/select", select_body("e", "h000-p0"))

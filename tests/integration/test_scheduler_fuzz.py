@@ -130,6 +130,10 @@ def test_no_5xx_for_generated_requests(server: ThreadedServer, schema: Any, path
         response = case.call(base_url=server.url, session=session, timeout=5)
         check_answer(response)
         statuses.append(response.status_code)
+        if path == "/v1/select" and response.status_code == 200:  # a real, listed decoder
+            listed = session.get(f"{server.url}/v1/instances", timeout=5).json()["instances"]
+            decoders = {i["name"] for i in listed if i["role"] == "decode"}
+            assert response.json()["decode"] in decoders, response.text[:300]
 
     run()
     if mode is GenerationMode.POSITIVE and path == "/v1/select":

@@ -76,10 +76,13 @@ async def test_registrations_expire_unless_refreshed_and_can_be_removed() -> Non
             assert status == 200
         async with http.delete(f"{base}/v1/instances/removed") as resp:
             assert resp.status == 200 and (await resp.json())["removed"] is True
-        start = time.monotonic()
-        while time.monotonic() - start < 3.0:  # refresh one of the two; bounded
+        async def refresh_kept_until_ghost_expires() -> bool:
             await post(http, f"{base}/v1/instances", {"name": "kept", "kv_use": 0.0})
-            await asyncio.sleep(0.3)
+            return "ghost" not in {i["name"] for i in (await listing(http, base))["instances"]}
+
+        # refresh one of the two every 0.3 s (TTL 1.5 s) until the other has expired
+        await until(refresh_kept_until_ghost_expires, 10.0, step_s=0.3,
+                    what="the unrefreshed registration expired")
         names = {i["name"] for i in (await listing(http, base))["instances"]}
         assert "kept" in names and "ghost" not in names and "removed" not in names
         chosen = Counter([(await post(http, f"{base}/v1/select", select(i)))[1]["decode"]
@@ -182,7 +185,12 @@ async def test_big_metrics_pages_do_not_stall_decisions(page_server: dict[str, A
                 "name": f"big{i}", "role": "decode", "host": "h002",
                 "metrics_url": f"{page_server['own']}/big"})
             assert status == 200
-        await asyncio.sleep(1.0)
+
+        async def scraping() -> bool:  # the first oversized page was fetched and refused
+            listed = (await listing(http, base))["instances"]
+            return any(i.get("scrape_error") == "too large" for i in listed)
+
+        await until(scraping, 10.0, step_s=0.1, what="the big pages being scraped")
         busy = await _select_p99_ms(http, base)
         entry = next(i for i in (await listing(http, base))["instances"]
                      if i["name"] == "big0")

@@ -10,15 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from netkv.core.topology import Topology
-from netkv.core.topology_file import parse_topology
 from netkv.testbed.netns import Lab, list_namespaces
-
-SMALL_FAT_TREE = {
-    "fabric": {"nic_gbps": 400, "leaf_oversubscription": 1, "pod_oversubscription": 2},
-    "fat_tree": {"pods": 2, "leaves_per_pod": 2, "hosts_per_leaf": 2, "gpus_per_host": 8,
-                 "instance_gpus": 8, "role_pattern": "PD"},
-}
 
 
 def _netns_unavailable() -> str | None:
@@ -47,12 +39,6 @@ def netns_available() -> None:
     reason = _netns_unavailable()
     if reason:
         pytest.skip(reason)
-
-
-@pytest.fixture
-def small_topology() -> Topology:
-    """8 hosts; prefill and decode hosts alternate (every transfer crosses the network)."""
-    return parse_topology(SMALL_FAT_TREE, "test topology")
 
 
 @pytest.fixture

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import msgpack
 import pytest
-from netkv_agent.agent import Agent, link_bindings
+from netkv_agent.agent import Agent
+from netkv_agent.bindings import link_bindings
 from netkv_agent.settings import AgentSettings, NicBinding, load_agent_settings
 from netkv_oracle.identity import binding_from_registration
 

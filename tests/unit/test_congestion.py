@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import msgpack
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from netkv.contracts.snapshot import (
@@ -318,22 +316,69 @@ _json_like = st.recursive(
     max_leaves=20)
 
 
+def _good_snapshot() -> bytes:
+    good = cmap(topo())
+    good.observe_rtt(0, 7, srtt_s=0.004, min_s=0.001, p99_s=0.008, loss=0.01, ts=NOW)
+    return encode_snapshot(good, 1, NOW)
+
+
 @settings(max_examples=200, deadline=None)
 @given(data=st.binary(max_size=256))
+@example(data=_good_snapshot())  # the accepted branch, every run
 def test_snapshot_decoding_never_raises_anything_else_on_bytes(data: bytes) -> None:
-    with contextlib.suppress(SnapshotError):
-        decode_snapshot(topo(), data)
+    t = topo()
+    try:
+        decoded = decode_snapshot(t, data)
+    except SnapshotError as exc:  # rejected: the error names the (top-level) field, if any
+        _assert_names_a_field(exc, "")
+    else:  # accepted: what was read is what is written back
+        _assert_round_trips(t, decoded)
+
+
+_SECTIONS = ("links", "hosts", "pairs", "params", "version", "created_ts", "schema", "epoch",
+             "agents")
+
+
+def _assert_names_a_field(exc: SnapshotError, section: str) -> None:
+    """A rejection is a bad_snapshot naming the tampered section (or the root, for bytes
+    that are not a snapshot at all) and says so in its message."""
+    assert exc.reason == "bad_snapshot"
+    assert str(exc).startswith(f"snapshot.{exc.where}: ") and str(exc) != f"snapshot.{exc.where}: "
+    head = exc.where.split(".")[0].split("[")[0]
+    if section:
+        assert head == section, (exc.where, section)
+    else:
+        assert head in ("", *_SECTIONS), exc.where
+
+
+def _assert_round_trips(t: Topology, decoded: CongestionMap) -> None:
+    again = decode_snapshot(t, encode_snapshot(decoded, decoded.version, decoded.created_ts))
+    assert (again.version, again.created_ts, again.epoch) == \
+        (decoded.version, decoded.created_ts, decoded.epoch)
+    for name in ("util", "capacity", "queue_s", "updated_ts", "source_confidence", "link_up",
+                 "host_seen_ts"):
+        np.testing.assert_array_equal(getattr(again, name), getattr(decoded, name))
+    assert again.pairs == decoded.pairs
 
 
 @settings(max_examples=200, deadline=None)
 @given(section=st.sampled_from(["links", "hosts", "pairs", "params", "version",
                                 "created_ts", "schema"]),
        value=_json_like)
+@example(section="version", value=7)  # accepted tamperings, every run
+@example(section="created_ts", value=NOW + 1)
 def test_snapshot_decoding_never_raises_anything_else_on_structure(section: str,
                                                                    value: object) -> None:
     t = topo()
     good = cmap(t)
     good.observe_rtt(0, 7, srtt_s=0.004, min_s=0.001, p99_s=0.008, loss=0.01, ts=NOW)
     data = _tamper(encode_snapshot(good, 1, NOW), (section,), value)
-    with contextlib.suppress(SnapshotError):
-        decode_snapshot(t, data)
+    try:
+        decoded = decode_snapshot(t, data)
+    except SnapshotError as exc:
+        _assert_names_a_field(exc, section)
+    else:  # accepted: the tampered value is what was read, and the rest is intact
+        if section in ("version", "created_ts"):
+            assert getattr(decoded, section) == value
+        assert decoded.pairs == decode_snapshot(t, encode_snapshot(good, 1, NOW)).pairs
+        _assert_round_trips(t, decoded)

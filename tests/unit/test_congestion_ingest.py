@@ -7,7 +7,7 @@ from typing import Any, cast
 import msgpack
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from netkv_oracle.builder import MapBuilder
 from netkv_oracle.identity import (
@@ -23,7 +23,7 @@ from netkv_oracle.metrics import OracleMetrics
 from netkv.contracts.names import RedisKeys
 from netkv.contracts.registration import LinkPair, Registration, encode_registration
 from netkv.contracts.samples import NicSample, QdiscSample, RdmaSample, RttSample, Sample
-from netkv.contracts.wire import Batch
+from netkv.contracts.wire import Batch, decode_batch, encode_batch
 from netkv.core.congestion import MapParams
 from netkv.core.topology import Topology
 from netkv.core.topology_file import parse_topology
@@ -236,6 +236,7 @@ def test_builder_switch_agent_and_rtt_loss() -> None:
         | st.lists(st.dictionaries(st.sampled_from(["k", "reporter", "nic", "ts"]),
                                    st.text(max_size=4) | st.floats(), max_size=4),
                    max_size=3), max_size=6)))
+@example(payload=encode_batch(batch("h001", rtt("h001", "h002"))))  # accepted, every run
 def test_ingest_never_raises_on_hostile_entries(payload: bytes) -> None:
     t = topo()
     metrics = OracleMetrics()
@@ -243,9 +244,24 @@ def test_ingest_never_raises_on_hostile_entries(payload: bytes) -> None:
                         metrics=metrics)
     stream = RedisKeys().samples_stream("h001")
     accepted = ingestor.handle(stream, {b"batch": payload}, NOW)
-    rejected = sum(s.value for f in metrics.registry.collect() for s in f.samples
-                   if s.name == "netkv_samples_rejected_total")
+
+    def total(name: str) -> float:
+        return sum(s.value for f in metrics.registry.collect() for s in f.samples
+                   if s.name == name)
+
+    rejected = total("netkv_samples_rejected_total")
     assert accepted or rejected == 1
+    if accepted:  # a valid batch of this stream's own agent, applied whole and counted
+        batch = decode_batch(payload)
+        assert batch.agent == "h001" and rejected == 0
+        assert total("netkv_batches_ingested_total") == 1
+        assert total("netkv_samples_ingested_total") == len(batch.samples)
+    else:  # rejected with a reason label, and nothing of it applied
+        [reason] = [s.labels["reason"] for f in metrics.registry.collect() for s in f.samples
+                    if s.name == "netkv_samples_rejected_total" and s.value == 1]
+        assert reason
+        assert total("netkv_batches_ingested_total") == 0
+        assert total("netkv_samples_ingested_total") == 0
 
 
 @pytest.mark.faults

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from netkv.core.topology import Topology
-from netkv.core.topology_file import parse_topology
 from netkv.errors import InputError
 from netkv.testbed.fabric import FabricPlan
 from netkv.testbed.faults import (
@@ -27,17 +26,10 @@ from netkv.testbed.routers import Pinning, RouterSpec, Worker, parse_routers, ro
 
 pytestmark = pytest.mark.unit
 
-TOPOLOGY = {
-    "fabric": {"nic_gbps": 400, "leaf_oversubscription": 1, "pod_oversubscription": 2},
-    "fat_tree": {"pods": 2, "leaves_per_pod": 2, "hosts_per_leaf": 2, "gpus_per_host": 8,
-                 "instance_gpus": 8, "role_pattern": "PD"},
-}
-
 
 @pytest.fixture
-def plan() -> FabricPlan:
-    topology: Topology = parse_topology(TOPOLOGY, "test")
-    return FabricPlan.of(topology, "nkvtest-")
+def plan(small_topology: Topology) -> FabricPlan:
+    return FabricPlan.of(small_topology, "nkvtest-")
 
 
 # -- routers ------------------------------------------------------------------------------
@@ -170,7 +162,7 @@ async def test_faults_apply_and_revert_on_time(plan: FabricPlan) -> None:
     nominal = plan.rate_bps("h001/nic/up")
     async with Faults(plan, schedule, loop.time, fabric) as faults:
         faults.start()
-        await asyncio.sleep(0.35)
+        await faults.wait_events(4, 5.0)  # two applies and two reverts, on the loop clock
     assert fabric.calls == [
         ("rate", "h001/nic/up", nominal * 0.25), ("rate", "h001/nic/down", nominal * 0.25),
         ("link", "h003", 0.0),
@@ -190,7 +182,7 @@ async def test_leaving_early_reverts_what_was_applied(plan: FabricPlan) -> None:
                               Fault("link_down", "h003", 30.0, 60.0)))
     async with Faults(plan, schedule, loop.time, fabric) as faults:
         faults.start()
-        await asyncio.sleep(0.1)
+        await faults.wait_events(1, 5.0)  # h001 down; h003's fault is 30 s away
     assert fabric.calls == [("link", "h001", 0.0), ("link", "h001", 1.0)]  # h003 never came
     assert [e.action for e in faults.events] == ["apply", "revert"]
 
