@@ -24,13 +24,8 @@ import aiohttp
 import structlog
 
 from netkv.core.topology import Topology
-from netkv.routing.scrape import (
-    MAX_SCRAPE_BYTES,
-    VLLM_KV_USAGE,
-    VLLM_RUNNING,
-    VLLM_WAITING,
-    parse_vllm_metrics,
-)
+from netkv.routing import scrape
+from netkv.routing.scrape import MAX_SCRAPE_BYTES, parse_vllm_metrics
 from netkv_proxy.config import WorkerEntry
 
 log = structlog.get_logger(__name__)
@@ -73,7 +68,8 @@ class Worker:
             (1 - alpha) * self.prefill_ewma_s + alpha * seconds
 
 
-_GAUGES = tuple(b"\n" + n.encode() for n in (VLLM_RUNNING, VLLM_WAITING, VLLM_KV_USAGE))
+_GAUGES = tuple(b"\n" + n.encode() for n in (scrape.VLLM_RUNNING, scrape.VLLM_WAITING,
+                                                scrape.VLLM_KV_USAGE))
 
 
 def gauge_lines(page: bytes) -> bytes:
