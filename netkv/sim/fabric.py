@@ -291,8 +291,12 @@ class Fabric:
         capped = sorted((f for f in flows if f.cap < INF), key=lambda f: f.cap)
         ci = 0
         while count:
-            link = min(count, key=lambda k: left[k] / count[k])
-            share = max(left[link] / count[link], 0.0)
+            link, lowest = -1, INF
+            for k, c in count.items():  # min(count, key=share): the first lowest share
+                s = left[k] / c
+                if link < 0 or s < lowest:
+                    link, lowest = k, s
+            share = max(lowest, 0.0)
             while ci < len(capped) and capped[ci].mark == mark:
                 ci += 1
             group = on_link[link]
