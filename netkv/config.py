@@ -79,6 +79,25 @@ OTHER_VARIABLES = frozenset({
 })
 
 
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+class KvSizeSettings(BaseModel):
+    """The KV bytes a transfer moves per prompt token, as settings fields (the scheduler's
+    and the proxy's mix it in): ``model``'s preset, unless ``kv_bytes_per_token`` overrides
+    it (a quantised cache, or a testbed that scales bytes with its link rates)."""
+
+    model: ModelName = "llama3-70b"
+    kv_bytes_per_token: Positive | None = None
+
+    @property
+    def bytes_per_token(self) -> float:
+        """KV bytes a transfer moves per prompt token (the override, else the preset's)."""
+        if self.kv_bytes_per_token is not None:
+            return float(self.kv_bytes_per_token)
+        return float(PRESETS[self.model].bytes_per_token)
+
+
 def reveal(secret: SecretStr | None) -> str | None:
     """The plain value of a secret, for the one call that hands it to a client library."""
     return None if secret is None else secret.get_secret_value()

@@ -6,12 +6,16 @@ import asyncio
 import contextlib
 import inspect
 import json
+import math
 import os
 import resource
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
+from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 
 async def until(check: Callable[[], Any], timeout_s: float = 15.0, step_s: float = 0.05,
@@ -77,3 +81,31 @@ async def scheduler_process(env: Mapping[str, str] | None = None, *args: str,
             except TimeoutError:
                 proc.kill()
                 await proc.wait()
+
+
+def conversation_trace(path: Path, n: int = 160, seed: int = 3, span_s: float = 40.0) -> Path:
+    """A small conversation-like Mooncake-format trace (a shared first block; some requests
+    extend an earlier one), seeded. The simulator's golden figures (tests/unit/golden) are
+    computed on it: changing it means regenerating them."""
+    rng = np.random.default_rng(seed)
+    next_id = 1
+    lines: list[str] = []
+    history: list[list[int]] = []
+    for i in range(n):
+        tokens = int(rng.integers(300, 24_000))
+        blocks = math.ceil(tokens / 512)
+        if history and rng.random() < 0.4:
+            prev = history[int(rng.integers(len(history)))]
+            keep = prev[: min(len(prev), blocks)]
+        else:
+            keep = [0]
+        ids = list(keep)
+        while len(ids) < blocks:
+            ids.append(next_id)
+            next_id += 1
+        history.append(ids)
+        ts = int(1000 * span_s * i / n)
+        lines.append(json.dumps({"timestamp": ts, "input_length": tokens,
+                                 "output_length": int(rng.integers(1, 400)), "hash_ids": ids}))
+    path.write_text("\n".join(lines) + "\n")
+    return path

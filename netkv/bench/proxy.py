@@ -2,27 +2,47 @@
 at once, beside a constant pass-through aiohttp proxy (the floor) in the same run.
 
 Three processes besides this one: an "instant" engine (prefill and decode ports; the prefill
-answers with ``kv_transfer_params``, the decode with a fixed completion or ``--chunks`` SSE
+answers with ``kv_transfer_params``, the decode with a fixed completion or ``max_tokens`` SSE
 chunks, all without waiting), the floor (one leg: forward the body to the decode, return its
 answer) and ``netkv proxy`` (both legs, a decision with the ``netkv`` policy, booking and
 release). The load generator (this process) sends requests open loop at ``--rate`` per
 second; *added latency* is a percentile through a proxy minus the same percentile sent
-straight to the decode. The highest rate per process is measured closed loop
-(``--concurrency`` connections) and cross-checked by the proxy process's CPU time per request.
-Streaming: the per-chunk cost is (through the proxy - direct) / chunks on a long stream.
+straight to the decode, at the same rate. A fourth path, ``direct2``, sends both legs of the
+pull flow from the client itself (prefill, then decode with its ``kv_transfer_params``): netkv
+minus direct2 is what the proxy adds beyond the second engine round trip any pull flow
+needs. The highest rate per process is measured closed loop (``--concurrency`` connections)
+and cross-checked by the proxy process's CPU time per request. Streaming: the per-chunk cost
+is the slope over chunk counts (streams of ``--chunks`` and of ``--chunks // 16`` chunks, sent
+in alternation), through the proxy minus straight, so the request's fixed cost does not count
+as chunk cost; the older figure, (through the proxy - direct) / chunks on the long stream, is
+reported beside it.
+
+Fairness (the same treatment for the direct path, the floor and netkv):
+
+* CPUs (``--pin auto``, with two or more CPUs): the proxy under test (floor or netkv, one at a
+  time is loaded) runs alone on the last CPU this process may use; the engine and the load
+  generator share the others. Without pinning the three compete for the same cores and the
+  scheduler's choices show up as proxy latency. ``--pin off`` leaves placement to the OS.
+* Time: the open loop runs in ``--rounds`` rounds; each round measures every path in turn
+  (the order rotates), so a burst of other work on the machine falls on all paths alike.
+* The generator: requests are sent by a dispatcher at their scheduled times (not thousands of
+  sleeping tasks created up front), the generator's garbage collector is off while it
+  measures, and how late it sent (``generator_lag_p99_ms``) is reported: a late generator
+  would make every path look slow, and says the machine, not the proxy, was the limit.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
+import gc
 import json
 import math
-import signal
+import os
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,12 +50,12 @@ import aiohttp
 import msgspec
 import numpy as np
 import psutil
-from aiohttp import web
 
+from netkv.bench.proxy_servers import MODEL
 from netkv.localservers import free_port, wait_for_port
 
 PROMPT = "Summarise the state of the network for the operator in one short paragraph. " * 6
-MODEL = "bench/instant"
+JSON = {"Content-Type": "application/json"}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -46,129 +66,127 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--closed-seconds", type=float, default=4.0)
     parser.add_argument("--chunks", type=int, default=256, help="SSE chunks per stream")
     parser.add_argument("--streams", type=int, default=200, help="streams measured")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="open-loop rounds; each measures every path in turn")
+    parser.add_argument("--pin", choices=("auto", "off"), default="auto",
+                        help="auto: the proxy under test alone on one CPU, the engine and "
+                        "the load generator on the others (needs 2+ CPUs)")
     parser.add_argument("--out", type=Path, help="write the JSON result here")
 
 
-# -- the servers (separate processes) ---------------------------------------------------------
-def _instant(prefill_port: int, decode_port: int, chunks: int) -> None:
-    completion = msgspec.json.encode({
-        "id": "x", "object": "text_completion", "created": 0, "model": MODEL,
-        "choices": [{"index": 0, "text": " ok", "logprobs": None, "finish_reason": "length"}],
-        "usage": {"prompt_tokens": 100, "completion_tokens": 1, "total_tokens": 101}})
-    prefilled = msgspec.json.encode({
-        "id": "x", "object": "text_completion", "created": 0, "model": MODEL,
-        "choices": [{"index": 0, "text": " ok", "logprobs": None, "finish_reason": "length"}],
-        "kv_transfer_params": {"do_remote_prefill": True, "do_remote_decode": False,
-                               "remote_block_ids": [1, 2, 3, 4, 5, 6, 7], "remote_engine_id":
-                               "bench", "remote_request_id": "x", "remote_host": "127.0.0.1",
-                               "remote_port": 5600, "tp_size": 1}})
-    chunk = b'data: {"id":"x","object":"text_completion","created":0,"model":"m",' \
-        b'"choices":[{"index":0,"text":" ok","logprobs":null,"finish_reason":null}]}\n\n'
-    metrics = (b"vllm:num_requests_running 0\nvllm:num_requests_waiting 0\n"
-               b"vllm:kv_cache_usage_perc 0\n")
-
-    async def completions(request: web.Request) -> web.StreamResponse:
-        body = msgspec.json.decode(await request.read())
-        if (body.get("kv_transfer_params") or {}).get("do_remote_decode"):
-            return web.Response(body=prefilled, content_type="application/json")
-        if body.get("stream"):
-            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-            await resp.prepare(request)
-            for _ in range(chunks):
-                await resp.write(chunk)
-            await resp.write(b"data: [DONE]\n\n")
-            await resp.write_eof()
-            return resp
-        return web.Response(body=completion, content_type="application/json")
-
-    async def ok(request: web.Request) -> web.Response:
-        return web.Response(body=metrics if request.path == "/metrics" else b"")
-
-    async def models(request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": MODEL}]})
-
-    app = web.Application()
-    app.router.add_post("/v1/completions", completions)
-    app.router.add_get("/health", ok)
-    app.router.add_get("/metrics", ok)
-    app.router.add_get("/v1/models", models)
-    _run_sites(app, [prefill_port, decode_port])
-
-
-def _floor(port: int, decode_port: int) -> None:
-    """The constant pass-through proxy: one leg, no decision."""
-    target = f"http://127.0.0.1:{decode_port}/v1/completions"
-    state: dict[str, aiohttp.ClientSession] = {}
-
-    async def handler(request: web.Request) -> web.StreamResponse:
-        data = await request.read()
-        async with state["http"].post(target, data=data, headers={
-                "Content-Type": "application/json"}) as resp:
-            if "text/event-stream" not in resp.headers.get("Content-Type", ""):
-                return web.Response(body=await resp.read(), content_type="application/json")
-            out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-            await out.prepare(request)
-            async for chunk in resp.content.iter_any():
-                await out.write(chunk)
-            await out.write_eof()
-            return out
-
-    async def session(app: web.Application) -> Any:
-        state["http"] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
-        yield
-        await state["http"].close()
-
-    app = web.Application()
-    app.router.add_post("/v1/completions", handler)
-    app.cleanup_ctx.append(session)
-    _run_sites(app, [port])
-
-
-def _run_sites(app: web.Application, ports: list[int]) -> None:
-    async def main() -> None:
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        for p in ports:
-            await web.TCPSite(runner, "127.0.0.1", p).start()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        await runner.cleanup()
-
-    asyncio.run(main())
-
-
 # -- the load ---------------------------------------------------------------------------------
-def _body(stream: bool) -> bytes:
-    return msgspec.json.encode({"model": MODEL, "prompt": PROMPT, "max_tokens": 16,
+def _body(stream: bool, tokens: int = 16) -> bytes:
+    return msgspec.json.encode({"model": MODEL, "prompt": PROMPT, "max_tokens": tokens,
                                 "stream": stream})
 
 
 async def _one(http: aiohttp.ClientSession, url: str, data: bytes) -> float:
     start = time.perf_counter()
-    async with http.post(url, data=data, headers={"Content-Type": "application/json"}) as r:
+    async with http.post(url, data=data, headers=JSON) as r:
         await r.read()
         if r.status != 200:
             raise RuntimeError(f"{url}: HTTP {r.status}")
     return time.perf_counter() - start
 
 
-async def _open_loop(url: str, rate: float, seconds: float) -> np.ndarray[Any, Any]:
+Send = Callable[[aiohttp.ClientSession], Awaitable[float]]
+
+
+def one_leg(url: str) -> Send:
+    """One request to ``url`` (straight to the decode, or through a proxy)."""
     data = _body(False)
+    return lambda http: _one(http, url, data)
+
+
+def both_legs(prefill_url: str, decode_url: str) -> Send:
+    """What a client doing the pull flow itself would send: the prefill leg, then the decode
+    leg with the prefill's ``kv_transfer_params`` (the engine time both legs take, without
+    any proxy)."""
+    body = msgspec.json.decode(_body(False))
+    pdata = msgspec.json.encode({**body, "max_tokens": 1, "kv_transfer_params": {
+        "do_remote_decode": True, "do_remote_prefill": False}})
+
+    async def send(http: aiohttp.ClientSession) -> float:
+        start = time.perf_counter()
+        async with http.post(prefill_url, data=pdata, headers=JSON) as r:
+            answer = msgspec.json.decode(await r.read())
+        ddata = msgspec.json.encode({**body, "kv_transfer_params":
+                                     answer["kv_transfer_params"]})
+        async with http.post(decode_url, data=ddata, headers=JSON) as r:
+            await r.read()
+            if r.status != 200:
+                raise RuntimeError(f"{decode_url}: HTTP {r.status}")
+        return time.perf_counter() - start
+
+    return send
+
+
+async def _open_loop(http: aiohttp.ClientSession, send: Send, rate: float, seconds: float
+                     ) -> tuple[list[float], list[float]]:
+    """Send ``rate * seconds`` requests at their scheduled times; (latencies, lateness)."""
     n = int(rate * seconds)
+    latencies: list[float] = []
+    late: list[float] = []
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def one() -> None:
+        latencies.append(await send(http))
+
+    t0 = time.perf_counter()
+    for i in range(n):
+        due = t0 + i / rate
+        wait = due - time.perf_counter()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        late.append(max(time.perf_counter() - due, 0.0))
+        task = asyncio.ensure_future(one())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    if tasks:
+        await asyncio.gather(*tasks)
+    return latencies, late
+
+
+async def _rounds(paths: dict[str, Send], rate: float, seconds: float, rounds: int,
+                  pids: dict[str, int]) -> dict[str, dict[str, Any]]:
+    """The open loop, interleaved: each round measures every path in turn (rotated)."""
+    names = list(paths)
+    lat: dict[str, list[float]] = {k: [] for k in names}
+    late: dict[str, list[float]] = {k: [] for k in names}
+    per_round: dict[str, list[float]] = {k: [] for k in names}
+    cpu = dict.fromkeys(names, 0.0)
+    procs = {k: psutil.Process(pid) for k, pid in pids.items()}
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
-        for _ in range(50):  # warm the connections
-            await _one(http, url, data)
-        t0 = time.perf_counter()
-
-        async def at(i: int) -> float:
-            await asyncio.sleep(max(t0 + i / rate - time.perf_counter(), 0.0))
-            return await _one(http, url, data)
-
-        out = await asyncio.gather(*(at(i) for i in range(n)))
-    return np.array(out)
+        for k in names:  # warm a pool of connections (and the proxies' caches) on each path
+            for _ in range(8):
+                await asyncio.gather(*(paths[k](http) for _ in range(16)))
+        gc.collect()
+        gc.freeze()
+        gc.disable()  # no collector pause in the generator while it measures
+        try:
+            for r in range(rounds):
+                for k in names[r % len(names):] + names[:r % len(names)]:
+                    proc = procs.get(k)
+                    cpu0 = sum(proc.cpu_times()[:2]) if proc else 0.0
+                    got, lag = await _open_loop(http, paths[k], rate, seconds / rounds)
+                    if proc:
+                        cpu[k] += sum(proc.cpu_times()[:2]) - cpu0
+                    lat[k] += got
+                    late[k] += lag
+                    per_round[k].append(float(np.percentile(got, 99) * 1e3))
+        finally:
+            gc.enable()
+            gc.unfreeze()
+    out: dict[str, dict[str, Any]] = {}
+    for k in names:
+        v = np.array(lat[k])
+        out[k] = {"p50_ms": float(np.percentile(v, 50) * 1e3),
+                  "p99_ms": float(np.percentile(v, 99) * 1e3),
+                  "p99_ms_by_round": per_round[k], "requests": len(v),
+                  "generator_lag_p99_ms": float(np.percentile(late[k], 99) * 1e3)}
+        if k in procs:
+            out[k]["cpu_us_per_request"] = cpu[k] / len(v) * 1e6
+    return out
 
 
 async def _closed_loop(url: str, concurrency: int, seconds: float,
@@ -195,12 +213,18 @@ async def _closed_loop(url: str, concurrency: int, seconds: float,
     return {"rate": done / elapsed, "cpu_us_per_request": cpu / max(done, 1) * 1e6}
 
 
-async def _streams(url: str, count: int) -> np.ndarray[Any, Any]:
-    data = _body(True)
+async def _streams(url: str, count: int, long: int, short: int
+                   ) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    """Stream times of ``long``- and ``short``-chunk streams, sent in alternation."""
+    data = {long: _body(True, long), short: _body(True, short)}
+    times: dict[int, list[float]] = {long: [], short: []}
     async with aiohttp.ClientSession() as http:
         for _ in range(10):
-            await _one(http, url, data)
-        return np.array([await _one(http, url, data) for _ in range(count)])
+            await _one(http, url, data[long])
+        for _ in range(count):
+            for n in (long, short):
+                times[n].append(await _one(http, url, data[n]))
+    return np.array(times[long]), np.array(times[short])
 
 
 def _spawn(*args: str) -> subprocess.Popen[bytes]:
@@ -217,12 +241,27 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(5)
 
 
+def placement(pin: str) -> tuple[set[int], set[int]] | None:
+    """(CPUs of the proxies under test, CPUs of the engine and the generator), or None when
+    not pinning (``--pin off``, fewer than two CPUs, or no ``sched_setaffinity``)."""
+    if pin == "off" or not hasattr(os, "sched_setaffinity"):
+        return None
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    return {cpus[-1]}, set(cpus[:-1])
+
+
 def run(args: argparse.Namespace) -> int:
-    if not (1 <= args.rate <= 20000 and 0 < args.seconds <= 120 and args.chunks >= 1):
-        print("netkv bench proxy: --rate in 1..20000, --seconds in (0, 120]", file=sys.stderr)
+    if not (1 <= args.rate <= 20000 and 0 < args.seconds <= 120 and args.chunks >= 1
+            and 1 <= args.rounds <= 100):
+        print("netkv bench proxy: --rate in 1..20000, --seconds in (0, 120], --rounds in "
+              "1..100", file=sys.stderr)
         return 2
     pp, pd, pf, px = free_port(), free_port(), free_port(), free_port()
-    me = "netkv.bench.proxy"
+    me = "netkv.bench.proxy_servers"
+    cpus = placement(args.pin)
+    before = os.sched_getaffinity(0) if cpus else None
     procs = [_spawn("-m", me, "instant", str(pp), str(pd), str(args.chunks)),
              _spawn("-m", me, "floor", str(pf), str(pd))]
     try:
@@ -231,12 +270,24 @@ def run(args: argparse.Namespace) -> int:
                        f"http://127.0.0.1:{pp}=prefill-host", "--decode",
                        f"http://127.0.0.1:{pd}=decode-host")
         procs.append(proxy)
+        if cpus is not None:
+            tested, rest = cpus
+            for p in (procs[1], proxy):
+                os.sched_setaffinity(p.pid, tested)
+            os.sched_setaffinity(procs[0].pid, rest)
+            os.sched_setaffinity(0, rest)
         asyncio.run(_wait([px]))
-        result = asyncio.run(_measure(args, {"direct": pd, "floor": pf, "netkv": px},
+        result = asyncio.run(_measure(args, {"direct": pd, "floor": pf, "netkv": px,
+                                             "prefill": pp},
                                       {"floor": procs[1].pid, "netkv": proxy.pid}))
     finally:
+        if before is not None:
+            os.sched_setaffinity(0, before)
         for p in procs:
             _stop(p)
+    result["pinned"] = None if cpus is None else {
+        "proxy_under_test": sorted(cpus[0]), "engine_and_generator": sorted(cpus[1])}
+    result["load_average"] = os.getloadavg()
     _print(result)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -253,43 +304,77 @@ async def _wait(ports: list[int]) -> None:
 
 async def _measure(args: argparse.Namespace, ports: dict[str, int],
                    pids: dict[str, int]) -> dict[str, Any]:
-    url = {k: f"http://127.0.0.1:{p}/v1/completions" for k, p in ports.items()}
-    lat = {k: await _open_loop(url[k], args.rate, args.seconds) for k in url}
-    pct = {k: {"p50_ms": float(np.percentile(v, 50) * 1e3),
-               "p99_ms": float(np.percentile(v, 99) * 1e3)} for k, v in lat.items()}
+    url = {k: f"http://127.0.0.1:{p}/v1/completions" for k, p in ports.items()
+           if k != "prefill"}
+    paths = {k: one_leg(u) for k, u in url.items()}
+    paths["direct2"] = both_legs(f"http://127.0.0.1:{ports['prefill']}/v1/completions",
+                                 url["direct"])
+    pct = await _rounds(paths, args.rate, args.seconds, args.rounds, pids)
     for k in ("floor", "netkv"):
         pct[k]["added_p50_ms"] = pct[k]["p50_ms"] - pct["direct"]["p50_ms"]
         pct[k]["added_p99_ms"] = pct[k]["p99_ms"] - pct["direct"]["p99_ms"]
+    # netkv's two legs against the same two legs sent by the client itself: the proxy's own
+    # part, without the second engine round trip the pull flow needs with or without a proxy
+    pct["netkv"]["added_p50_vs_both_legs_ms"] = pct["netkv"]["p50_ms"] - pct["direct2"]["p50_ms"]
+    pct["netkv"]["added_p99_vs_both_legs_ms"] = pct["netkv"]["p99_ms"] - pct["direct2"]["p99_ms"]
     closed = {k: await _closed_loop(url[k], args.concurrency, args.closed_seconds,
                                     pids.get(k)) for k in url}
-    streams = {k: await _streams(url[k], args.streams) for k in url}
-    per_chunk = {k: float((np.median(streams[k]) - np.median(streams["direct"]))
-                          / args.chunks * 1e6) for k in ("floor", "netkv")}
-    return {"rate": args.rate, "seconds": args.seconds, "chunks": args.chunks,
-            "latency": pct, "closed_loop": closed, "stream_per_chunk_us": per_chunk,
-            "stream_median_ms": {k: float(np.median(v) * 1e3) for k, v in streams.items()},
-            "note": "loopback, one machine; the load generator shares the CPU"}
+    long, short = args.chunks, max(1, args.chunks // 16)
+    streams = {k: await _streams(url[k], args.streams, long, short) for k in url}
+    med = {k: (float(np.median(a)), float(np.median(b))) for k, (a, b) in streams.items()}
+    # Per chunk: the slope over chunk counts, through the proxy minus straight; the request's
+    # fixed cost (both legs, the decision) cancels out. The older figure, (through the proxy
+    # - straight) / chunks on the long stream, carries that fixed cost spread over the chunks.
+    span = max(long - short, 1)
+    per_chunk = {k: ((med[k][0] - med[k][1]) - (med["direct"][0] - med["direct"][1]))
+                 / span * 1e6 for k in ("floor", "netkv")}
+    per_chunk_with_fixed = {k: (med[k][0] - med["direct"][0]) / long * 1e6
+                            for k in ("floor", "netkv")}
+    return {"rate": args.rate, "seconds": args.seconds, "rounds": args.rounds,
+            "chunks": args.chunks, "latency": pct, "closed_loop": closed,
+            "stream_per_chunk_us": per_chunk,
+            "stream_per_chunk_us_with_fixed_cost": per_chunk_with_fixed,
+            "stream_chunks": {"long": long, "short": short},
+            "stream_median_ms": {k: {"long": v[0] * 1e3, "short": v[1] * 1e3}
+                                 for k, v in med.items()},
+            "note": "loopback, one machine"}
 
 
 def _print(r: dict[str, Any]) -> None:
     lat, closed = r["latency"], r["closed_loop"]
-    print(f"open loop at {r['rate']:g} req/s for {r['seconds']:g} s, non-streaming")
+    pinned = r.get("pinned")
+    where = ("proxy under test on CPU " + ",".join(map(str, pinned["proxy_under_test"]))
+             + ", engine and generator on " + ",".join(map(str, pinned["engine_and_generator"]))
+             if pinned else "not pinned")
+    load = r.get("load_average")
+    print(f"open loop at {r['rate']:g} req/s for {r['seconds']:g} s in {r['rounds']} "
+          f"interleaved rounds, non-streaming; {where}"
+          + (f"; load average {load[0]:.2f}" if load else ""))
     print(f"{'path':<8}{'p50':>9}{'p99':>9}{'added p50':>11}{'added p99':>11}"
-          f"{'max req/s':>11}{'CPU/req':>10}{'per chunk':>11}")
-    for k in ("direct", "floor", "netkv"):
+          f"{'CPU/req':>10}{'max req/s':>11}{'CPU/req':>10}{'per chunk':>11}{'gen lag':>10}")
+    print(f"{'':<8}{'':>9}{'':>9}{'':>11}{'':>11}{'at rate':>10}{'closed':>11}{'closed':>10}"
+          f"{'':>11}{'p99':>10}")
+    for k in ("direct", "direct2", "floor", "netkv"):
+        proxied = k in ("floor", "netkv")
         added = (f"{lat[k]['added_p50_ms']:>9.2f}ms{lat[k]['added_p99_ms']:>9.2f}ms"
-                 if k != "direct" else f"{'':>11}{'':>11}")
-        cpu = closed[k]["cpu_us_per_request"]
-        chunk = f"{r['stream_per_chunk_us'][k]:>9.1f}us" if k != "direct" else f"{'':>11}"
+                 if proxied else f"{'':>11}{'':>11}")
+        at_rate = lat[k].get("cpu_us_per_request")
+        if k in closed:
+            cpu = closed[k]["cpu_us_per_request"]
+            top = (f"{closed[k]['rate']:>11.0f}"
+                   f"{(f'{cpu:.0f}us' if not math.isnan(cpu) else '-'):>10}")
+        else:
+            top = f"{'-':>11}{'-':>10}"
+        chunk = f"{r['stream_per_chunk_us'][k]:>9.1f}us" if proxied else f"{'':>11}"
         print(f"{k:<8}{lat[k]['p50_ms']:>7.2f}ms{lat[k]['p99_ms']:>7.2f}ms{added}"
-              f"{closed[k]['rate']:>11.0f}"
-              f"{(f'{cpu:.0f}us' if not math.isnan(cpu) else '-'):>10}{chunk}")
-
-
-if __name__ == "__main__":
-    kind, *rest = sys.argv[1:]
-    with contextlib.suppress(KeyboardInterrupt):
-        if kind == "instant":
-            _instant(int(rest[0]), int(rest[1]), int(rest[2]))
-        elif kind == "floor":
-            _floor(int(rest[0]), int(rest[1]))
+              f"{(f'{at_rate:.0f}us' if at_rate is not None else '-'):>10}{top}{chunk}"
+              f"{lat[k]['generator_lag_p99_ms']:>8.2f}ms")
+    fixed = r["stream_per_chunk_us_with_fixed_cost"]
+    print(f"per chunk: the slope over {r['stream_chunks']['short']} and "
+          f"{r['stream_chunks']['long']}-chunk streams; with the fixed cost spread over the "
+          f"long stream (the older figure): floor {fixed['floor']:.1f} us, netkv "
+          f"{fixed['netkv']:.1f} us")
+    n = lat["netkv"]
+    print("direct: straight to the decode; direct2: the client sends both legs itself (no "
+          f"proxy). netkv over direct2: added p50 {n['added_p50_vs_both_legs_ms']:.2f} ms, "
+          f"p99 {n['added_p99_vs_both_legs_ms']:.2f} ms")

@@ -1,12 +1,22 @@
 """`netkv bench scheduler`: decision latency and throughput of the scheduler over real HTTP.
 
 The scheduler runs in its own process (a fat-tree with ``--decoders`` decode instances and a
-freshly measured congestion map, so ``netkv`` pays for the full oracle path); the load comes
-from this process: ``--concurrency`` keep-alive HTTP/1.1 connections, each sending the next
-``POST /v1/select`` as soon as the answer arrives (closed loop), with a raw asyncio client so
-the generator's own cost stays small. The same load then runs against a minimal aiohttp
-handler that returns a constant (the "floor"), so the framework's share is visible as a ratio.
-Every select books its decoder (reservations expire after 2 s, keeping the book steady).
+freshly measured congestion map, so ``netkv`` pays for the full oracle path), served the way
+``netkv scheduler`` serves it (:func:`netkv.http.server.serving` with the settings' HTTP
+limits, logging configured at the settings' level); the load comes from this process:
+``--concurrency`` keep-alive HTTP/1.1 connections, each sending the next ``POST /v1/select``
+as soon as the answer arrives (closed loop), with a raw asyncio client so the generator's own
+cost stays small. Every select books its decoder (reservations expire after 2 s, keeping the
+book steady).
+
+The same load then runs against two constant answers, so the framework's share is visible:
+
+* ``floor`` (the ratio's denominator): the scheduler's own HTTP edge with nothing behind it:
+  the same ``serving()`` (connection guard, header deadline, keep-alive and size limits), the
+  same :mod:`netkv.http` middleware stack (JSON errors, auth, JSON-only and body limit) and
+  ``client_max_size``; the handler reads the body and answers a constant;
+* ``bare`` (for reference): a bare aiohttp handler under ``web.run_app`` with aiohttp's
+  defaults and no middlewares: what the edge itself costs is ``bare`` against ``floor``.
 """
 
 from __future__ import annotations
@@ -31,10 +41,13 @@ from netkv_scheduler.settings import SchedulerSettings
 
 from netkv.core.congestion import CongestionMap
 from netkv.core.topology_file import parse_topology
+from netkv.http.middlewares import middlewares
+from netkv.http.server import serving
 from netkv.localservers import free_port, wait_for_port
+from netkv.logs import configure_logging
 from netkv.routing.mapfeed import MapFeed
 
-KINDS = ("floor", "scheduler")
+KINDS = ("bare", "floor", "scheduler")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -61,33 +74,57 @@ def fat_tree_for(decoders: int) -> dict[str, int]:
 
 
 # -- the server side (a separate process) -----------------------------------------------------
-def _serve(kind: str, decoders: int, port: int, policy: str) -> None:
-    if kind == "floor":
-        constant = json.dumps({"decode": "h000-d1", "predicted_ttft_ms": 1.0}).encode()
+CONSTANT = json.dumps({"decode": "h000-d1", "predicted_ttft_ms": 1.0}).encode()
 
-        async def handler(request: web.Request) -> web.Response:
-            await request.read()
-            return web.Response(body=constant, content_type="application/json")
+
+async def _constant(request: web.Request) -> web.Response:
+    await request.read()
+    return web.Response(body=CONSTANT, content_type="application/json")
+
+
+def _scheduler_app(settings: SchedulerSettings, decoders: int) -> web.Application:
+    topology = parse_topology({"fabric": {"leaf_oversubscription": 2,
+                                          "pod_oversubscription": 3},
+                               "fat_tree": fat_tree_for(decoders)})
+    feed = MapFeed(topology, None, None, stale_s=settings.map_stale_s,
+                   cache_s=settings.oracle_cache_s)
+    cmap = CongestionMap(topology)
+    rng = np.random.default_rng(0)
+    now = time.time()
+    for i, link in enumerate(topology.links):
+        cmap.observe_link(i, float(rng.uniform(0, 0.8)) * link.capacity_bytes_s, now)
+    cmap.version, cmap.created_ts = 1, now
+    feed.install(cmap)
+    return create_app(settings, topology, feed)
+
+
+async def _serve_until_signal(app: web.Application, settings: SchedulerSettings) -> None:
+    """Serve ``app`` as ``netkv scheduler`` does, until SIGINT/SIGTERM."""
+    async with serving(app, "127.0.0.1", settings.port, settings.http_limits()):
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+
+
+def _serve(kind: str, decoders: int, port: int, policy: str) -> None:
+    settings = SchedulerSettings(port=port, policy=policy, reservation_ttl_s=2.0,
+                                 map_stale_s=3600.0, log_level="warning")
+    configure_logging(settings.log_level)
+    if kind == "bare":
         app = web.Application()
-        app.router.add_post("/v1/select", handler)
+        app.router.add_post("/v1/select", _constant)
+        web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None,
+                    handle_signals=True, shutdown_timeout=1.0)
+        return
+    if kind == "floor":  # the scheduler's edge (see create_app), a constant behind it
+        app = web.Application(client_max_size=settings.max_body_bytes, middlewares=middlewares(
+            token=settings.token, max_body_bytes=settings.max_body_bytes))
+        app.router.add_post("/v1/select", _constant)
     else:
-        topology = parse_topology({"fabric": {"leaf_oversubscription": 2,
-                                              "pod_oversubscription": 3},
-                                   "fat_tree": fat_tree_for(decoders)})
-        settings = SchedulerSettings(port=port, policy=policy, reservation_ttl_s=2.0,
-                                     map_stale_s=3600.0, log_level="warning")
-        feed = MapFeed(topology, None, None, stale_s=settings.map_stale_s,
-                       cache_s=settings.oracle_cache_s)
-        cmap = CongestionMap(topology)
-        rng = np.random.default_rng(0)
-        now = time.time()
-        for i, link in enumerate(topology.links):
-            cmap.observe_link(i, float(rng.uniform(0, 0.8)) * link.capacity_bytes_s, now)
-        cmap.version, cmap.created_ts = 1, now
-        feed.install(cmap)
-        app = create_app(settings, topology, feed)
-    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None,
-                handle_signals=True, shutdown_timeout=1.0)
+        app = _scheduler_app(settings, decoders)
+    asyncio.run(_serve_until_signal(app, settings))
 
 
 # -- the load generator (this process) --------------------------------------------------------
@@ -147,6 +184,15 @@ async def _load(port: int, requests: list[bytes], concurrency: int) -> \
     return latencies, time.perf_counter() - start, errors
 
 
+def _cpu_s(pid: int) -> float | None:
+    """User plus system CPU seconds of process ``pid`` so far (None where /proc is absent)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _measure(kind: str, args: argparse.Namespace) -> dict[str, float]:
     port = free_port()
     env = dict(args.environ)
@@ -158,7 +204,9 @@ def _measure(kind: str, args: argparse.Namespace) -> dict[str, float]:
         warm = _requests(args.warmup, args.decoders, seed=1)
         asyncio.run(_load(port, warm, args.concurrency))
         reqs = _requests(args.requests, args.decoders, seed=2)
+        cpu_before = _cpu_s(proc.pid)
         latencies, elapsed, errors = asyncio.run(_load(port, reqs, args.concurrency))
+        cpu_after = _cpu_s(proc.pid)
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -169,8 +217,10 @@ def _measure(kind: str, args: argparse.Namespace) -> dict[str, float]:
     if errors:
         raise RuntimeError(f"{kind}: {len(errors)} failed requests, first: {errors[0]}")
     ms = np.array(latencies) * 1e3
+    cpu_us = (float("nan") if cpu_before is None or cpu_after is None
+              else (cpu_after - cpu_before) / len(latencies) * 1e6)
     return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)),
-            "decisions_per_s": len(latencies) / elapsed}
+            "decisions_per_s": len(latencies) / elapsed, "server_cpu_us": cpu_us}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -182,8 +232,8 @@ def run(args: argparse.Namespace) -> int:
     for _ in range(args.rounds):
         for kind in KINDS:
             runs[kind].append(_measure(kind, args))
-    floor = max(runs["floor"], key=lambda r: r["decisions_per_s"])
-    sched = max(runs["scheduler"], key=lambda r: r["decisions_per_s"])
+    best = {kind: max(runs[kind], key=lambda r: r["decisions_per_s"]) for kind in KINDS}
+    bare, floor, sched = best["bare"], best["floor"], best["scheduler"]
     result: dict[str, Any] = {
         "decoders": args.decoders, "p50_ms": round(sched["p50_ms"], 4),
         "p99_ms": round(sched["p99_ms"], 4),
@@ -191,20 +241,25 @@ def run(args: argparse.Namespace) -> int:
         "floor_p99_ms": round(floor["p99_ms"], 4),
         "floor_decisions_per_s": round(floor["decisions_per_s"], 1),
         "floor_p50_ms": round(floor["p50_ms"], 4),
+        "bare_p50_ms": round(bare["p50_ms"], 4), "bare_p99_ms": round(bare["p99_ms"], 4),
+        "bare_decisions_per_s": round(bare["decisions_per_s"], 1),
+        "server_cpu_us": {kind: round(best[kind]["server_cpu_us"], 1) for kind in KINDS},
         "concurrency": args.concurrency, "requests": args.requests, "policy": args.policy,
         "rounds": args.rounds, "cpus": os.cpu_count(),
         "load_average_1m": round(os.getloadavg()[0], 2),
     }
-    print(f"{'server':<10} {'p50 ms':>8} {'p99 ms':>8} {'decisions/s':>12}")
-    print(f"{'floor':<10} {floor['p50_ms']:>8.3f} {floor['p99_ms']:>8.3f} "
-          f"{floor['decisions_per_s']:>12.0f}")
-    print(f"{'scheduler':<10} {sched['p50_ms']:>8.3f} {sched['p99_ms']:>8.3f} "
-          f"{sched['decisions_per_s']:>12.0f}")
-    print(f"ratio      {sched['p50_ms'] / floor['p50_ms']:>8.2f} "
-          f"{sched['p99_ms'] / floor['p99_ms']:>8.2f} "
-          f"{sched['decisions_per_s'] / floor['decisions_per_s']:>12.2f}"
-          f"   (|D| = {args.decoders}, {args.concurrency} connections, best of "
-          f"{args.rounds}, load average {os.getloadavg()[0]:.1f})")
+    print(f"{'server':<10} {'p50 ms':>8} {'p99 ms':>8} {'decisions/s':>12} {'server CPU':>11}")
+    for kind in KINDS:
+        r = best[kind]
+        print(f"{kind:<10} {r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f} "
+              f"{r['decisions_per_s']:>12.0f} {r['server_cpu_us']:>8.0f} us")
+    for name, base in (("floor", floor), ("bare", bare)):
+        print(f"{'vs ' + name:<10} {sched['p50_ms'] / base['p50_ms']:>8.2f} "
+              f"{sched['p99_ms'] / base['p99_ms']:>8.2f} "
+              f"{sched['decisions_per_s'] / base['decisions_per_s']:>12.2f}")
+    print(f"(|D| = {args.decoders}, {args.concurrency} connections, best of {args.rounds}, "
+          f"load average {os.getloadavg()[0]:.1f}; floor = the scheduler's HTTP edge with a "
+          "constant answer, bare = aiohttp defaults)")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")

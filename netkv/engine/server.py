@@ -57,7 +57,6 @@ from netkv.contracts.openai import (
     ModelList,
     Usage,
     decode_body,
-    error_body,
     now_s,
     sse,
 )
@@ -65,6 +64,7 @@ from netkv.core.prefix_cache import PrefixCache
 from netkv.engine import kvchannel
 from netkv.engine.model import EngineModel
 from netkv.errors import InputError
+from netkv.http.openai_errors import openai_error as _error
 from netkv.prompts import (
     VLLM_BLOCK_TOKENS,
     TokenCounter,
@@ -655,12 +655,6 @@ def _headers(prep: Prepared, engine_id: str) -> dict[str, str]:
         out["x-netkv-kv-start"] = f"{prep.kv_start:.6f}"
         out["x-netkv-kv-end"] = f"{prep.kv_start + prep.kv.seconds:.6f}"
     return out
-
-
-def _error(status: int, message: str, type_: str, param: str | None = None) -> web.Response:
-    return web.Response(status=status, body=error_body(message, type_, param=param,
-                                                       code=status),
-                        content_type="application/json")
 
 
 @contextlib.asynccontextmanager

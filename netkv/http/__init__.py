@@ -6,7 +6,8 @@ One concept per module:
   msgspec Struct (errors name the field, ``body.prompt_tokens``), :func:`json_response`;
 * :mod:`netkv.http.middlewares`: :func:`middlewares` (errors as JSON for every status, 404 and
   405 too; bearer auth on mutating methods; JSON-only bodies, else 415; body size limit);
-* :mod:`netkv.http.server`: :class:`HttpLimits` and :func:`serving`, a server with header,
+* :mod:`netkv.http.server`: :class:`HttpLimits` (and :class:`HttpLimitsSettings`, the same
+  limits as settings fields for a service's settings) and :func:`serving`, a server with header,
   body and idle timeouts and a connection cap (slowloris and idle floods cannot starve it);
 * :mod:`netkv.http.openapi`: the OpenAPI document generated from the body Structs;
 * :mod:`netkv.http.ratelimit`: :class:`RateLimitedLog`, error logs that cannot flood a disk.

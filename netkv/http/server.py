@@ -27,10 +27,12 @@ import socket
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from aiohttp import web
+from pydantic import BaseModel
 
+from netkv.config import Positive
 from netkv.http.ratelimit import RateLimitedLog, limit_loop_errors
 
 _log = RateLimitedLog(__name__)
@@ -48,6 +50,29 @@ class HttpLimits:
     max_field_size: int = 8190
     backlog: int = 128
     shutdown_timeout_s: float = 3.0
+
+
+class HttpLimitsSettings(BaseModel):
+    """The client-side limits as settings fields, one definition for every server's settings
+    (the scheduler's and the proxy's mix it in; same names, defaults and errors for both).
+
+    A head must arrive within ``header_timeout_s`` of connecting, a body within
+    ``body_timeout_s``; an idle keep-alive connection is closed after
+    ``keepalive_timeout_s``; the field named by ``CONNECTION_CAP`` caps the open client
+    connections (idle and slow ones are evicted first). The proxy's ``max_connections`` is its
+    upstream pool, so its cap is ``max_client_connections``.
+    """
+
+    CONNECTION_CAP: ClassVar[str] = "max_connections"
+    header_timeout_s: Positive = 5.0
+    body_timeout_s: Positive = 10.0
+    keepalive_timeout_s: Positive = 15.0
+
+    def http_limits(self) -> HttpLimits:
+        return HttpLimits(max_connections=int(getattr(self, self.CONNECTION_CAP)),
+                          header_timeout_s=self.header_timeout_s,
+                          keepalive_timeout_s=self.keepalive_timeout_s,
+                          body_timeout_s=self.body_timeout_s)
 
 
 def raise_file_limit(wanted: int) -> int:

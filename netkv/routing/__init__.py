@@ -10,6 +10,8 @@ module:
 * :mod:`netkv.routing.scrape`: engine load from a vLLM Prometheus endpoint;
 * :mod:`netkv.routing.prefixes`: :class:`PrefixIndex`, which decoder holds which blocks;
 * :mod:`netkv.routing.reservations`: :class:`Reservations`, bookings until release/expiry;
+* :mod:`netkv.routing.candidates`: :class:`CandidateViews` (one candidate view kept across
+  decisions) and :func:`decision_engine`, shared by the selector and the proxy's placement;
 * :mod:`netkv.routing.selector`: :class:`Selector` and :class:`SelectorConfig`, the glue
   that turns a request into a :class:`Choice` with the policy engines;
 * :mod:`netkv.routing.runtime`: :func:`spawn_routing`, the background loops under a

@@ -195,7 +195,7 @@ class InstanceRegistry:
         return mapping
 
     def set_load(self, info: InstanceInfo, load: Load, now: float | None = None) -> None:
-        info.updated_ts = time.time() if now is None else now
+        info.updated_ts = self.clock() if now is None else now
         if info.role == "decode":
             self.running[info.index] = round(load.running)
             self.waiting[info.index] = round(load.waiting)

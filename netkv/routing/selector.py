@@ -31,6 +31,7 @@ from netkv.core.policies import (
 )
 from netkv.core.topology import Topology
 from netkv.errors import InputError
+from netkv.routing.candidates import CandidateViews
 from netkv.routing.instances import InstanceInfo, InstanceRegistry, Load
 from netkv.routing.mapfeed import MapFeed, MapView
 from netkv.routing.prefixes import PrefixIndex
@@ -110,8 +111,7 @@ class Selector:
                              f"known: {', '.join(self.engines)}")
         self._swept_at = -1.0
         self._expiry_check_at = -1.0
-        self._view: CandidateView | None = None
-        self._view_key: tuple[Any, ...] = ()
+        self._views = CandidateViews()
 
     @property
     def policies(self) -> tuple[str, ...]:
@@ -149,18 +149,8 @@ class Selector:
         only the waiting counts (reported plus booked) are refreshed, in place."""
         reg = self.registry
         self.reservations.resize(len(reg.decoders))
-        pending = self.reservations.pending
-        key = (reg.decode_host, reg.running, reg.waiting, reg.kv_use, reg.capacity_tokens,
-               pending)
-        view = self._view
-        if view is None or any(a is not b for a, b in zip(key, self._view_key, strict=True)):
-            view = self._view = CandidateView(
-                host=reg.decode_host, running=reg.running, waiting=reg.waiting + pending,
-                kv_use=reg.kv_use, capacity_tokens=reg.capacity_tokens)
-            self._view_key = key
-        else:
-            np.add(reg.waiting, pending, out=view.waiting)
-        return view
+        return self._views.get(reg.decode_host, reg.running, reg.waiting, reg.kv_use,
+                               reg.capacity_tokens, extra_waiting=self.reservations.pending)
 
     def select(self, body: SelectRequest) -> Choice:
         """Decide for one request (and book it unless told not to).

@@ -143,16 +143,24 @@ class Fabric:
         self._member_lists = [[int(x) for x in ids] for ids in members]
         self._alive_cache: dict[int, list[int]] = {}
         self._owner_list = owner
+        # Python-float mirrors of capacity and background for the small water-filling
+        # (indexing a numpy array per link costs more than the arithmetic); kept in step by
+        # scale_capacity and set_background, the only writers.
+        self._cap_list: list[float] = self.capacity.tolist()
+        self._bg_list: list[float] = self.background.tolist()
+        self._nominal_list: list[float] = topology.capacity.tolist()
 
     # -- background and faults -----------------------------------------------------------
     def set_background(self, link: int, delta_load: float) -> None:
         """Inelastic model: add (or remove, negative) a share of ``link``'s capacity."""
         cap = float(self.topology.capacity[link])
         self.background[link] = max(self.background[link] + delta_load * cap, 0.0)
+        self._bg_list[link] = float(self.background[link])
 
     def scale_capacity(self, phys: IntArray, factor: float) -> None:
         """Faults: set physical links to ``factor`` of their nominal capacity."""
         self.capacity[phys] = self.nominal[phys] * max(factor, 1.0 - MAX_BACKGROUND)
+        self._cap_list = self.capacity.tolist()
         self._alive_cache.clear()
 
     # -- paths -----------------------------------------------------------------------------
@@ -279,20 +287,24 @@ class Fabric:
         for f in flows:
             for link in f.links:
                 on_link.setdefault(link, []).append(f)
-        owner = self._owner_list
-        bg = self.background
+        owner, caps, bg, nominal = (self._owner_list, self._cap_list, self._bg_list,
+                                    self._nominal_list)
         left: dict[int, float] = {}
         for link in on_link:
-            cap = float(self.capacity[link])
+            cap = caps[link]
             o = owner[link]
-            taken = bg[o] * cap / float(self.topology.capacity[o]) if bg[o] else 0.0
+            taken = bg[o] * cap / nominal[o] if bg[o] else 0.0
             left[link] = max(cap - taken, cap * (1.0 - MAX_BACKGROUND))
         count = {link: len(fs) for link, fs in on_link.items()}
         capped = sorted((f for f in flows if f.cap < INF), key=lambda f: f.cap)
         ci = 0
         while count:
-            link = min(count, key=lambda k: left[k] / count[k])
-            share = max(left[link] / count[link], 0.0)
+            link, lowest = -1, INF
+            for k, c in count.items():  # min(count, key=share): the first lowest share
+                s = left[k] / c
+                if link < 0 or s < lowest:
+                    link, lowest = k, s
+            share = max(lowest, 0.0)
             while ci < len(capped) and capped[ci].mark == mark:
                 ci += 1
             group = on_link[link]

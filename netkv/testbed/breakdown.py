@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from netkv.engine.model import EngineModel
+from netkv.sim.stats import t975
 
 TRACE_BLOCK_TOKENS = 512
 NIC_GBPS = 400.0  # the default topology's NIC, before the testbed's --scale
@@ -161,9 +162,59 @@ def _s(value: float | None) -> str:
     return "never" if value is None else f"{value:.2f} s"
 
 
+def table(dirs: list[Path]) -> str:
+    """The README's table over several comparison runs of one fault (one run per slice):
+    per router, TTFT mean = the mean of the runs' means +- the 95% CI half-width (t over
+    the runs) and their range; p99, KV mean and the measured terms over all the runs'
+    requests pooled; fault transfers summed; router CPU per replay averaged; and netkv's
+    mean over this router's, run by run (the same slice and schedule), +- its 95% CI."""
+    per: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for d in dirs:
+        summary = json.loads((d / "routers.json").read_text())["routers"]
+        for router, s in summary.items():
+            per[router].append(s)
+        with (d / "router-requests.jsonl").open() as f:
+            for line in f:
+                o = json.loads(line)
+                rows[o["router"]].append(o)
+    lines = ["| router:policy | TTFT mean (95% CI; range) | netkv / this (paired) | TTFT p99 | "
+             "KV mean | fault transfers | router CPU | leg1 | prefill queue | turn | KV | "
+             "after |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    subject = per.get("netkv", [])
+    for router, runs in per.items():
+        ratios = [float(a["ttft_mean_s"]) / float(b["ttft_mean_s"])
+                  for a, b in zip(subject, runs, strict=False)] if router != "netkv" else []
+        if len(ratios) > 1:
+            r_half = t975(len(ratios) - 1) * statistics.stdev(ratios) / len(ratios) ** 0.5
+            paired = f"{statistics.mean(ratios):.2f}x +- {r_half:.2f}"
+        else:
+            paired = "-"
+        means = [1e3 * float(r["ttft_mean_s"]) for r in runs]
+        m = statistics.mean(means)
+        half = (t975(len(means) - 1) * statistics.stdev(means) / len(means) ** 0.5) \
+            if len(means) > 1 else float("nan")
+        ok = [o for o in rows[router] if o.get("error") is None]
+        p99 = 1e3 * _p99([float(o["ttft_s"]) for o in ok])
+        kv = 1e3 * statistics.mean(float(o["transfer_s"]) for o in ok if o.get("kv_bytes"))
+        terms = measured(ok)[router]
+        fault = sum(int(r.get("faulty_link_transfers", 0)) for r in runs)
+        cpu = statistics.mean(float(r.get("router_cpu_s", 0.0)) for r in runs)
+        lines.append(f"| `{router}` | {m:.0f} +- {half:.0f} ({min(means):.0f}-{max(means):.0f})"
+                     f" ms | {paired} | {p99:.0f} ms | {kv:.0f} ms | {fault} / {len(ok)} | "
+                     f"{cpu:.2f} s | "
+                     + " | ".join(f"{terms[k]:.0f}" for k in
+                                  ("leg1", "pqueue", "turn", "kv", "after")) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["--table"]:
+        print(table([Path(d) for d in argv[1:]]))
+        return 0
     if len(argv) < 2:
-        print("usage: python -m netkv.testbed.breakdown TRACE DIR...", file=sys.stderr)
+        print("usage: python -m netkv.testbed.breakdown TRACE DIR... | --table DIR...",
+              file=sys.stderr)
         return 2
     with open(argv[0]) as f:
         trace = [json.loads(line) for line in f]

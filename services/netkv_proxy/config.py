@@ -25,8 +25,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, field_validator, model_validator
 
 from netkv.config import (
+    KvSizeSettings,
     LogLevel,
-    ModelName,
     MqttSettings,
     PolicyName,
     Port,
@@ -35,9 +35,8 @@ from netkv.config import (
     ServiceSettings,
     load_settings,
 )
-from netkv.core.kvsize import PRESETS
 from netkv.errors import InputError
-from netkv.http.server import HttpLimits
+from netkv.http.server import HttpLimitsSettings
 from netkv.prompts import VLLM_BLOCK_TOKENS
 
 Mode = Literal["pull", "push", "bootstrap"]
@@ -69,11 +68,12 @@ class WorkerEntry(Section):
         return self.host or (urlsplit(self.url).hostname or "")
 
 
-class ProxySettings(ServiceSettings):
+class ProxySettings(ServiceSettings, KvSizeSettings, HttpLimitsSettings):
     """Everything the proxy needs. ``map_stale_s``: past this age the congestion map is
     ignored and decisions use the tier priors (said in ``x-netkv-map`` and the metrics)."""
 
     SECTION: ClassVar[str] = "proxy"
+    CONNECTION_CAP: ClassVar[str] = "max_client_connections"
     host: str = "127.0.0.1"
     port: Port = 8000
     prefill: tuple[WorkerEntry, ...] = ()
@@ -84,8 +84,6 @@ class ProxySettings(ServiceSettings):
     topology: str | None = None
     redis: RedisSettings | None = None
     mqtt: MqttSettings | None = None
-    model: ModelName = "llama3-70b"
-    kv_bytes_per_token: Positive | None = None
     capacity_tokens: Positive = 500_000.0
     block_size: int = Field(default=VLLM_BLOCK_TOKENS, ge=1, le=65536)
     tokenizer: str | None = None
@@ -105,21 +103,9 @@ class ProxySettings(ServiceSettings):
     oracle_cache_s: float = Field(default=0.5, ge=0, allow_inf_nan=False)
     max_body_bytes: int = Field(default=32 << 20, ge=1024)
     max_connections: int = Field(default=1000, ge=1)  # upstream (to the workers)
-    # The client side (issue 9): a head must arrive within header_timeout_s of connecting, a
-    # body within body_timeout_s, an idle keep-alive connection is closed after
-    # keepalive_timeout_s, and at most max_client_connections are open (idle and slow ones
-    # are evicted first); the same names and defaults as the scheduler's.
-    header_timeout_s: Positive = 5.0
-    body_timeout_s: Positive = 10.0
-    keepalive_timeout_s: Positive = 15.0
+    # The client side (issue 9): HttpLimitsSettings, capped by max_client_connections.
     max_client_connections: int = Field(default=4096, ge=16)
     log_level: LogLevel = "info"
-
-    def http_limits(self) -> HttpLimits:
-        return HttpLimits(max_connections=self.max_client_connections,
-                          header_timeout_s=self.header_timeout_s,
-                          keepalive_timeout_s=self.keepalive_timeout_s,
-                          body_timeout_s=self.body_timeout_s)
 
     @model_validator(mode="after")
     def _workers(self) -> ProxySettings:
@@ -136,12 +122,6 @@ class ProxySettings(ServiceSettings):
         if len(set(urls)) != len(urls):
             raise InputError("prefill", "a worker URL is given twice")
         return self
-
-    @property
-    def bytes_per_token(self) -> float:
-        if self.kv_bytes_per_token is not None:
-            return float(self.kv_bytes_per_token)
-        return float(PRESETS[self.model].bytes_per_token)
 
 
 def parse_worker(text: str, flag: str) -> dict[str, Any]:

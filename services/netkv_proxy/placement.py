@@ -22,19 +22,9 @@ import numpy as np
 
 from netkv.core.costmodel import CostOracle, static_tier_oracle
 from netkv.core.paths import CachedOracle
-from netkv.core.policies import (
-    Booking,
-    Bookings,
-    CandidateView,
-    Decision,
-    DecisionEngine,
-    PrefillView,
-    RequestView,
-    make_policy,
-    policy_names,
-)
+from netkv.core.policies import Booking, Bookings, CandidateView, Decision, PrefillView, RequestView
 from netkv.core.topology import Tier, Topology
-from netkv.errors import InputError
+from netkv.routing.candidates import CandidateViews, decision_engine
 from netkv.routing.mapfeed import MapFeed
 from netkv.routing.prefixes import PrefixIndex
 from netkv_proxy.workers import Worker, WorkerPool
@@ -79,19 +69,24 @@ class Placement:
         self.topology, self.pool, self.feed = topology, pool, feed
         self.prior = CachedOracle(static_tier_oracle(topology))
         self.bookings = Bookings(topology)
-        if policy not in policy_names():
-            raise InputError("proxy.policy", f"unknown policy {policy!r}; known: "
-                             f"{', '.join(policy_names())}")
         self.policy = policy
-        self.engine = DecisionEngine(make_policy(policy, policy_params.get(policy)), topology,
-                                     bookings=self.bookings)
+        self.engine = decision_engine(policy, policy_params.get(policy), topology,
+                                      self.bookings, setting="proxy.policy")
         self.bytes_per_token = bytes_per_token
         self.capacity_tokens = capacity_tokens
         self.block_tokens = block_tokens
         self.prefix = PrefixIndex(prefix_blocks)
         self.open: set[int] = set()  # ids of Placed not yet released
+        n = len(pool.decodes)
         self._hosts = np.array([w.host_index for w in pool.decodes], dtype=np.int64)
-        self._capacity = np.full(len(pool.decodes), capacity_tokens)
+        self._capacity = np.full(n, capacity_tokens)
+        # With every decode admitted (the common case) one view is kept across decisions,
+        # its load arrays refilled in place, so the policies' per-view caches live on.
+        self._views = CandidateViews()
+        self._running = np.zeros(n, dtype=np.int64)
+        self._waiting = np.zeros(n, dtype=np.int64)
+        self._extra = np.zeros(n, dtype=np.int64)
+        self._kv_use = np.zeros(n)
 
     # -- the map ----------------------------------------------------------------------------
     def map_state(self) -> MapState:
@@ -109,26 +104,31 @@ class Placement:
         """The view over ``decodes``; requests the proxy has in flight beyond what the last
         scrape saw count as waiting."""
         n = len(decodes)
-        if n == len(self.pool.decodes):  # the common case: all admitted, cached host array
-            host = self._hosts
-        else:
-            host = np.fromiter((w.host_index for w in decodes), np.int64, n)
         load = np.fromiter((x for w in decodes for x in (w.running, w.waiting, w.inflight,
                                                          w.kv_use)), np.float64, 4 * n)
         load = load.reshape(n, 4)
         running, waiting = load[:, 0], load[:, 1]
-        waiting = waiting + np.maximum(load[:, 2] - running - waiting, 0.0)
-        return CandidateView(host=host, running=running.astype(np.int64),
-                             waiting=waiting.astype(np.int64), kv_use=load[:, 3],
-                             capacity_tokens=self._capacity[:n])
+        total = waiting + np.maximum(load[:, 2] - running - waiting, 0.0)
+        if n != len(self.pool.decodes):  # some are ejected: a view of the admitted ones
+            host = np.fromiter((w.host_index for w in decodes), np.int64, n)
+            return CandidateView(host=host, running=running.astype(np.int64),
+                                 waiting=total.astype(np.int64), kv_use=load[:, 3],
+                                 capacity_tokens=self._capacity[:n])
+        np.copyto(self._running, running, casting="unsafe")
+        np.copyto(self._waiting, waiting, casting="unsafe")
+        np.copyto(self._extra, total, casting="unsafe")  # waiting + extra, truncated once
+        np.subtract(self._extra, self._waiting, out=self._extra)
+        self._kv_use[:] = load[:, 3]
+        return self._views.get(self._hosts, self._running, self._waiting, self._kv_use,
+                               self._capacity, extra_waiting=self._extra)
 
     def _overlap(self, hashes: list[int], decodes: list[Worker]
                  ) -> np.ndarray[tuple[int], np.dtype[np.int64]] | None:
         if not hashes:
             return None
         full = self.prefix.overlap(hashes, len(self.pool.decodes))
-        if full is None:
-            return None
+        if full is None or len(decodes) == len(full):  # all admitted, in index order
+            return full
         return full[[w.index for w in decodes]]
 
     def place(self, prefill: Worker | None, prompt_tokens: int, hashes: list[int],

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Collection, Iterable
 import msgspec
 import structlog
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
@@ -41,6 +41,7 @@ from netkv.routing import (
 from netkv.routing.instances import RegistryFullError
 from netkv.supervisor import Supervisor
 from netkv_scheduler import decisions
+from netkv_scheduler.metrics import DecisionSeries
 from netkv_scheduler.schema import (
     Breakdown,
     HealthResponse,
@@ -72,21 +73,10 @@ class Metrics:
     def __init__(self, policies: tuple[str, ...], feed: MapFeed, selector: Selector) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.decision = Histogram(
-            "netkv_decision_duration_seconds", "time to choose a decoder (in-process)",
-            ["policy"], registry=r,
-            buckets=(25e-6, 50e-6, 100e-6, 200e-6, 300e-6, 500e-6, 1e-3, 2e-3, 5e-3, 1e-2,
-                     5e-2))
-        self.decision_by_policy = {p: self.decision.labels(p) for p in policies}
-        self.transfer = Histogram(
-            "netkv_kv_transfer_predicted_seconds", "predicted KV transfer time of choices",
-            ["tier"], registry=r,
-            buckets=(1e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
-        self.transfer_by_tier = {t: self.transfer.labels(str(t)) for t in range(4)}
-        self.decisions = Counter("netkv_decisions_total", "decisions made",
-                                 ["policy", "tier", "map"], registry=r)
-        self.decisions_by = {(p, t, m): self.decisions.labels(p, str(t), m)
-                             for p in policies for t in range(4) for m in ("map", "prior")}
+        # The per-decision series (netkv_decision_duration_seconds{policy},
+        # netkv_kv_transfer_predicted_seconds{tier}, netkv_decisions_total{policy,tier,map}).
+        self.series = DecisionSeries(policies)
+        r.register(self.series)
         self.bad = Counter("netkv_bad_requests_total", "rejected requests by field",
                            ["field"], registry=r)
         self.fields = _field_labels()
@@ -171,10 +161,8 @@ async def _select(request: web.Request) -> web.Response:
         # booking would count as invisible load until it expired.
         app[SELECTOR].release(body.request_id)
         metrics.releases.labels("client_gone").inc()
-    metrics.decision_by_policy[choice.policy].observe(choice.duration_s)
-    metrics.transfer_by_tier[d.tier].observe(d.transfer_s)
     view = choice.view
-    metrics.decisions_by[choice.policy, d.tier, "prior" if view.stale else "map"].inc()
+    metrics.series.record(choice.policy, d.tier, view.stale, choice.duration_s, d.transfer_s)
     return json_response(SelectResponse(
         request_id=body.request_id, decode=choice.decoder.name,
         decode_host=choice.decoder.host, prefill=choice.prefill.name,

@@ -12,26 +12,24 @@ import ipaddress
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, ClassVar
+from typing import Any, ClassVar
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
 from netkv.config import (
+    KvSizeSettings,
     LogLevel,
-    ModelName,
     MqttSettings,
     PolicyName,
     Port,
+    Positive,
     RedisSettings,
     ServiceSettings,
     load_settings,
 )
-from netkv.core.kvsize import PRESETS
 from netkv.errors import InputError
-from netkv.http.server import HttpLimits
+from netkv.http.server import HttpLimitsSettings
 from netkv.routing.selector import SelectorConfig
-
-Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 
 def is_loopback(host: str) -> bool:
@@ -55,14 +53,15 @@ def demo_topology_path() -> str:
     return str(resources.files("netkv") / "data" / "topology-demo.yaml")
 
 
-class SchedulerSettings(ServiceSettings):
+class SchedulerSettings(ServiceSettings, KvSizeSettings, HttpLimitsSettings):
     """Everything the scheduler service needs; defaults work on one machine.
 
     ``token`` (when set) is required as ``Authorization: Bearer <token>`` on the mutating
     endpoints (select, release, instance registration). ``map_stale_s`` is the age past which
-    the congestion map is ignored in favour of the tier priors. ``kv_bytes_per_token``, when
-    set, overrides the ``model`` preset's KV size (a deployment whose transfers move other
-    bytes: a quantised cache, or a testbed that scales bytes with its link rates).
+    the congestion map is ignored in favour of the tier priors. ``model`` and
+    ``kv_bytes_per_token``: :class:`~netkv.config.KvSizeSettings`; the client-side HTTP limits
+    (``header_timeout_s``, ``body_timeout_s``, ``keepalive_timeout_s``, ``max_connections``):
+    :class:`~netkv.http.server.HttpLimitsSettings`.
     """
 
     SECTION: ClassVar[str] = "scheduler"
@@ -75,14 +74,9 @@ class SchedulerSettings(ServiceSettings):
     policy_params: dict[str, dict[str, Any]] = Field(default_factory=dict)
     capacity_tokens: Positive = 500_000.0
     prefix_blocks: int = Field(default=200_000, ge=0)
-    model: ModelName = "llama3-70b"
-    kv_bytes_per_token: Positive | None = None
     token: SecretStr | None = None
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
     max_block_hashes: int = Field(default=65536, ge=1)
-    body_timeout_s: Positive = 10.0  # a body must arrive within this (else 408)
-    header_timeout_s: Positive = 5.0  # a request head must arrive within this of connecting
-    keepalive_timeout_s: Positive = 15.0  # an idle keep-alive connection is closed after
     max_connections: int = Field(default=4096, ge=16)  # capped below the file limit
     # Listening off loopback without a token is refused unless this says so explicitly (a
     # testbed's private namespace network, say); never the default.
@@ -114,13 +108,6 @@ class SchedulerSettings(ServiceSettings):
                              "allow_unauthenticated")
         return self
 
-    @property
-    def bytes_per_token(self) -> float:
-        """KV bytes a transfer moves per prompt token (the override, else the preset's)."""
-        if self.kv_bytes_per_token is not None:
-            return float(self.kv_bytes_per_token)
-        return float(PRESETS[self.model].bytes_per_token)
-
     def selector_config(self) -> SelectorConfig:
         """The routing part of these settings (:mod:`netkv.routing` takes no settings type)."""
         return SelectorConfig(bytes_per_token=self.bytes_per_token, policy=self.policy,
@@ -131,12 +118,6 @@ class SchedulerSettings(ServiceSettings):
                               max_registered=self.max_registered,
                               registration_ttl_s=self.registration_ttl_s,
                               scrape_allow=self.scrape_allow)
-
-    def http_limits(self) -> HttpLimits:
-        return HttpLimits(max_connections=self.max_connections,
-                          header_timeout_s=self.header_timeout_s,
-                          keepalive_timeout_s=self.keepalive_timeout_s,
-                          body_timeout_s=self.body_timeout_s)
 
     @property
     def topology_path(self) -> str:

@@ -223,7 +223,13 @@ async def test_bookings_of_clients_that_gave_up_are_released() -> None:
             await asyncio.sleep(0.5)
         finally:
             os.kill(proc.pid, signal.SIGCONT)
-        await asyncio.sleep(1.0)
+
+        async def all_released() -> bool:  # each of the 16 decided, then released as gone
+            async with http.get(f"{base}/metrics") as resp:
+                text = await resp.text()
+            return 'netkv_releases_total{found="client_gone"} 16.0' in text
+
+        await until(all_released, 15.0, step_s=0.1, what="16 bookings released as client_gone")
         status, _ = await post(http, f"{base}/v1/select",
                                 {"request_id": "alive", "prefill": "h000-p0",
                                  "prompt_tokens": 8000})

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from helpers import until
 from netkv_agent.agent import Agent
 from netkv_agent.nic import NicReader
 from netkv_agent.publisher import STREAM_FIELD
@@ -115,7 +116,10 @@ async def test_agent_in_namespace_reports_shaped_rate_and_backlog(
     async with Agent(settings) as agent:
         # ~3 s of UDP offered at far more than 20 Mbit/s
         sent = await asyncio.to_thread(send, veth_pair, 10_000_000, 1400, 3.0)
-        await asyncio.sleep(0.6)
+        # two more counter reads (0.25 s apart) after the flow: its tail is in the samples
+        read = agent.stats()["samples_by_kind"].get("nic", 0)
+        await until(lambda: agent.stats()["samples_by_kind"].get("nic", 0) >= read + 2, 10.0,
+                    what="two NIC reads after the flow")
         stats = agent.stats()
     assert sent > 0 and stats["counter_errors"] == 0
     entries = await _stream(redis_server.url, "h000")

@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 import redis.asyncio as aioredis
+from helpers import until
 
 from netkv.adapters.topology_file import load_topology
 from netkv.contracts.names import RedisKeys
@@ -100,13 +101,9 @@ def test_a_congested_link_shows_in_the_map_and_decisions_leave_it(
                 async with Background(plan, schedule, loop.time) as background:
                     background.start()
                     started = time.monotonic()
-                    seen = None
-                    while time.monotonic() - started < 10.0:
-                        if await _congested(redis, control_topology, link):
-                            seen = time.monotonic() - started
-                            break
-                        await asyncio.sleep(0.1)
-                    assert seen is not None, f"{HOT} never showed congested in the map"
+                    await until(lambda: _congested(redis, control_topology, link), 10.0,
+                                step_s=0.1, what=f"{HOT} congested in the map")
+                    seen = time.monotonic() - started
                     await asyncio.sleep(1.0)
                     hot, _ = await _burst(http, control.scheduler_url, "hot", plan)
                     await background.stop()

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
+from helpers import conversation_trace
 
 from netkv.cli import main
 from netkv.core.topology_file import parse_topology
@@ -22,35 +22,9 @@ from netkv.workload.trace import load_trace
 pytestmark = pytest.mark.unit
 
 
-def write_trace(path: Path, n: int = 160, seed: int = 3, span_s: float = 40.0) -> Path:
-    """Conversation-like: a shared first block, and some requests extending an earlier one."""
-    rng = np.random.default_rng(seed)
-    next_id = 1
-    lines: list[str] = []
-    history: list[list[int]] = []
-    for i in range(n):
-        tokens = int(rng.integers(300, 24_000))
-        blocks = math.ceil(tokens / 512)
-        if history and rng.random() < 0.4:
-            prev = history[int(rng.integers(len(history)))]
-            keep = prev[: min(len(prev), blocks)]
-        else:
-            keep = [0]
-        ids = list(keep)
-        while len(ids) < blocks:
-            ids.append(next_id)
-            next_id += 1
-        history.append(ids)
-        ts = int(1000 * span_s * i / n)
-        lines.append(json.dumps({"timestamp": ts, "input_length": tokens,
-                                 "output_length": int(rng.integers(1, 400)), "hash_ids": ids}))
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 @pytest.fixture
 def trace_file(tmp_path: Path) -> Path:
-    return write_trace(tmp_path / "trace.jsonl")
+    return conversation_trace(tmp_path / "trace.jsonl")
 
 
 def busy_scenario(tmp_path: Path, **over: object) -> str:

@@ -84,3 +84,26 @@ def test_map_reaction_reads_when_the_fault_shows_and_goes() -> None:
     seen, gone = map_reaction(series, 2.0, 6.0, "h1")
     assert seen == pytest.approx(0.5) and gone == pytest.approx(0.5)
     assert map_reaction([[3.0, 1, ok]], 2.0, 6.0, "h1") == (None, None)
+
+
+def test_table_pairs_netkv_with_each_peer_run_by_run(tmp_path: Any) -> None:
+    import json
+
+    from netkv.testbed.breakdown import table
+
+    dirs = []
+    for i, (mine, peer) in enumerate(((1.0, 2.0), (1.5, 2.0), (2.0, 2.0))):
+        d = tmp_path / f"run{i}"
+        d.mkdir()
+        routers = {name: {"ttft_mean_s": v, "faulty_link_transfers": i, "router_cpu_s": 1.0}
+                   for name, v in (("netkv", mine), ("vllm-router:round_robin", peer))}
+        (d / "routers.json").write_text(json.dumps({"routers": routers}))
+        (d / "router-requests.jsonl").write_text("\n".join(
+            json.dumps(row(name, ttft_s=v)) for name, v in (("netkv", mine),
+                                                            ("vllm-router:round_robin", peer))))
+        dirs.append(d)
+    text = table(dirs)
+    peer_line = next(x for x in text.splitlines() if "round_robin" in x)
+    assert "| 0.75x +- " in peer_line  # mean of 0.5, 0.75, 1.0
+    assert "| 3 / 3 |" in peer_line  # fault transfers summed over the runs
+    assert "1500 +- " in next(x for x in text.splitlines() if "`netkv`" in x)

@@ -328,13 +328,16 @@ def _row_transfer(oracle: CachedMapView | CachedOracle, bookings: Bookings | Non
         host = candidates.host
         hit = _store(candidates, key, (row, _readonly(row.latency_s[host]),
                                        _readonly(row.bandwidth_bytes_s[host]),
-                                       _readonly(row.tier[host])))
+                                       _readonly(row.tier[host]), [None]))
     latency, bandwidth, tier = hit[1], hit[2], hit[3]
     transfer: FloatArray = latency + np.asarray(nbytes, dtype=np.float64) / bandwidth
     if bookings is not None and bookings.active:  # Bookings.extra_seconds, links cached
         links = candidate_paths(bookings.paths, src, candidates)[0]
-        rate = oracle.available_bytes_s
+        # np.maximum(rate[links], 1.0), kept beside the row: a map view's per-link rates are
+        # a new array when the view is refreshed and are not written in place.
+        rate, kept = oracle.available_bytes_s, hit[4]
+        if kept[0] is None or kept[0][0] is not rate or kept[0][1] is not links:
+            kept[0] = (rate, links, _readonly(np.maximum(rate[links], 1.0)))
         competing = np.minimum(bookings.bytes_ext[links], bookings.flows_ext[links] * nbytes)
-        transfer = transfer + np.maximum.reduce(competing / np.maximum(rate[links], 1.0),
-                                                axis=0)
+        transfer = transfer + np.maximum.reduce(competing / kept[0][2], axis=0)
     return transfer, tier

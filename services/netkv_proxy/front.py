@@ -1,0 +1,135 @@
+"""The OpenAI-compatible front: ``POST /v1/completions`` and ``POST /v1/chat/completions``.
+
+A body is read within ``body_timeout_s`` (else 408), validated with the one typed definition
+of :mod:`netkv.contracts.openai` (a bad one is a 400 naming the field, counted by reason),
+turned into a :class:`~netkv_proxy.upstream.Job` (prompt tokens, prefix block hashes, output
+limit) and handed to the legs. Errors are in OpenAI's shape; ``x-request-id`` (the client's,
+or a new one) goes to both legs and back. Every request is counted by endpoint and outcome.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from netkv.contracts.openai import BodyError, ChatCompletionRequest, CompletionRequest, decode_body
+from netkv.http.openai_errors import openai_error
+from netkv.prompts import TokenCounter, block_hashes, render_chat
+from netkv_proxy.config import ProxySettings
+from netkv_proxy.metrics import ProxyMetrics
+from netkv_proxy.upstream import Job, Kind, UpstreamError
+
+_REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,256}$")
+
+Dispatch = Callable[[web.Request, Job], Awaitable[web.StreamResponse]]
+
+
+class BodyTimeoutError(Exception):
+    """The client's body did not arrive within ``body_timeout_s``."""
+
+
+class Front:
+    """The completion routes; ``dispatch`` runs a parsed job through the legs."""
+
+    def __init__(self, settings: ProxySettings, tokenizer: TokenCounter,
+                 metrics: ProxyMetrics, dispatch: Dispatch) -> None:
+        self.settings, self.tokenizer, self.metrics = settings, tokenizer, metrics
+        self.dispatch = dispatch
+        self._counted: dict[tuple[str, str], Any] = {}  # metric children by labels
+
+    def count(self, endpoint: str, outcome: str) -> None:
+        child = self._counted.get((endpoint, outcome))
+        if child is None:
+            child = self._counted[(endpoint, outcome)] = self.metrics.requests.labels(
+                endpoint, outcome)
+        child.inc()
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, "completion")
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, "chat")
+
+    def _job(self, request: web.Request, raw: bytes, kind: Kind, rid: str) -> Job:
+        typed: CompletionRequest | ChatCompletionRequest
+        if kind == "completion":
+            typed = decode_body(raw, CompletionRequest)
+            prompt = typed.prompt_value()
+            limit = typed.max_tokens or self.settings.default_max_tokens
+        else:
+            typed = decode_body(raw, ChatCompletionRequest)
+            prompt = render_chat([(m.role, m.text()) for m in typed.messages])
+            limit = typed.output_limit(self.settings.default_max_tokens)
+        tokens = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
+        body = msgspec.json.decode(raw)
+        if not isinstance(body, dict):
+            raise BodyError("body", "must be a JSON object", "wrong_type")
+        headers = {"X-Request-Id": rid, "Content-Type": "application/json"}
+        auth = request.headers.get("Authorization")
+        if auth:
+            headers["Authorization"] = auth
+        return Job(kind, rid, body, len(tokens), block_hashes(tokens, self.settings.block_size),
+                   limit, typed.stream, headers, time.perf_counter(),
+                   "completions" if kind == "completion" else "chat")
+
+    async def _handle(self, request: web.Request, kind: Kind) -> web.StreamResponse:
+        arrived = time.perf_counter()
+        given = request.headers.get("X-Request-Id", "")
+        rid = given if _REQUEST_ID.match(given) else f"netkv-{uuid.uuid4().hex}"
+        endpoint = "completions" if kind == "completion" else "chat"
+        try:
+            job = self._job(request, await self._read(request), kind, rid)
+        except BodyError as exc:
+            self.metrics.rejected.labels(exc.reason).inc()
+            self.count(endpoint, "bad_request")
+            return openai_error(400, exc.message, "BadRequestError", param=exc.field,
+                                headers={"x-request-id": rid})
+        except BodyTimeoutError:
+            self.count(endpoint, "bad_request")
+            return openai_error(408, f"body not received within "
+                                f"{self.settings.body_timeout_s:g} s", "RequestTimeoutError",
+                                param="body", headers={"x-request-id": rid,
+                                                       "Connection": "close"})
+        job.arrived = arrived
+        outcome = "cancelled"
+        try:
+            response = await self.dispatch(request, job)
+            outcome = job.outcome
+            return response
+        except UpstreamError as exc:
+            outcome = exc.outcome
+            exc.response.headers["x-request-id"] = rid
+            return exc.response
+        finally:
+            self.count(endpoint, outcome)
+
+    async def _read(self, request: web.Request) -> bytes:
+        """The body, within ``body_timeout_s`` (a trickled body is a 408)."""
+        if request.content.is_eof():  # it all came with the head: no timer needed
+            return await request.read()
+        try:
+            async with asyncio.timeout(self.settings.body_timeout_s):
+                return await request.read()
+        except TimeoutError:
+            raise BodyTimeoutError from None
+
+
+@web.middleware
+async def json_errors(request: web.Request,
+                      handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                      ) -> web.StreamResponse:
+    """aiohttp's own errors (404, 405, 413) in OpenAI's shape."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return openai_error(exc.status, exc.reason, "InvalidRequestError"
+                            if exc.status < 500 else "InternalServerError")

@@ -1,0 +1,127 @@
+"""The decode leg: send the body to the placed decode and pass its answer to the client, the
+whole JSON answer or its SSE stream chunk by chunk. A decode that fails before answering is a
+502 in OpenAI's shape; one that dies mid-stream is said in-band (the status is already sent).
+Answers say where they went (``x-netkv-prefill``, ``x-netkv-decode``, ``x-netkv-tier``,
+``x-netkv-predicted-ms``, ``x-netkv-map``) and pass on the decode's ``x-netkv-kv-*``."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from netkv.contracts.openai import sse
+from netkv.http.openai_errors import openai_error
+from netkv_proxy.metrics import ProxyMetrics
+from netkv_proxy.placement import Placed, Placement
+from netkv_proxy.upstream import Job, Upstream, UpstreamError
+from netkv_proxy.workers import WorkerPool
+
+log = structlog.get_logger(__name__)
+
+
+def placed_headers(job: Job, placed: Placed) -> dict[str, str]:
+    m = placed.map
+    where = f"map v{m.version}" if m.source == "map" else f"prior: {m.reason}"
+    return {"x-request-id": job.request_id, "x-netkv-prefill": placed.prefill.name,
+            "x-netkv-decode": placed.decode.name, "x-netkv-tier": placed.tier,
+            "x-netkv-map": where,
+            "x-netkv-predicted-ms": f"{placed.decision.ttft_s * 1e3:.1f}"}
+
+
+class DecodeLeg:
+    def __init__(self, upstream: Upstream, pool: WorkerPool, placement: Placement,
+                 metrics: ProxyMetrics) -> None:
+        self.upstream, self.pool, self.metrics = upstream, pool, metrics
+        self.placement = placement
+        self._decided: dict[tuple[str, str, str], Any] = {}  # metric children by labels
+
+    async def decode(self, request: web.Request, job: Job, placed: Placed, data: bytes,
+                     handover_from: float) -> web.StreamResponse:
+        m = self.metrics
+        key = (placed.policy, placed.tier, placed.map.source)
+        child = self._decided.get(key)
+        if child is None:
+            child = self._decided[key] = m.decisions.labels(*key)
+        child.inc()
+        m.decision_time.observe(placed.decide_s)
+        m.predicted.observe(placed.decision.ttft_s)
+        decode = placed.decode
+        headers = placed_headers(job, placed)
+        up = self.upstream
+        up.open += 1
+        try:
+            async with up.session.post(up.url(decode, job.kind), data=data,
+                                       headers=job.headers,
+                                       timeout=up.decode_timeout) as resp:
+                self.placement.transferred(placed)  # the KV is in (or its pull failed)
+                if resp.status != 200:
+                    payload = await resp.read()
+                    if 400 <= resp.status < 500:
+                        raise UpstreamError(web.Response(status=resp.status, body=payload,
+                                                          content_type="application/json",
+                                                          headers=headers), "upstream_error")
+                    raise UpstreamError(openai_error(
+                        502, f"decode {decode.name} answered HTTP {resp.status}: "
+                        f"{payload[:200].decode(errors='replace')}", "BadGatewayError",
+                        headers=headers), "decode_failed")
+                headers.update((k, v) for k, v in resp.headers.items()
+                               if k.lower().startswith("x-netkv-kv-"))
+                if not job.stream:  # TTFT and handover are observed on streams only
+                    payload = await resp.read()
+                    return web.Response(body=payload, content_type="application/json",
+                                        headers=headers)
+                return await self._relay(request, job, placed, resp, headers=headers,
+                                         handover_from=handover_from)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            if isinstance(exc, aiohttp.ClientConnectorError):
+                self.pool.failed(decode, f"{type(exc).__name__}: {exc}", at_once=True)
+            raise UpstreamError(openai_error(
+                502, f"decode {decode.name} failed: {type(exc).__name__}: {exc}",
+                "BadGatewayError", headers=headers), "decode_failed") from None
+        finally:
+            up.open -= 1
+
+    def _first_byte(self, job: Job, placed: Placed, handover_from: float) -> None:
+        now = time.perf_counter()
+        self.metrics.ttft.observe(now - job.arrived)
+        handover = now - handover_from
+        self.metrics.handover.observe(handover)
+        self.metrics.prediction_error.observe(abs(handover - placed.decision.ttft_s))
+
+    async def _relay(self, request: web.Request, job: Job, placed: Placed,
+                     resp: aiohttp.ClientResponse, *, headers: dict[str, str],
+                     handover_from: float) -> web.StreamResponse:
+        """Pass the decode's SSE stream through chunk by chunk."""
+        out = web.StreamResponse(status=200, headers={
+            **headers, "Content-Type": resp.headers.get("Content-Type", "text/event-stream"),
+            "Cache-Control": "no-cache"})
+        await out.prepare(request)
+        first = True
+        outcome = "ok"
+        upstream = resp.content.iter_any().__aiter__()
+        while True:
+            try:
+                chunk = await upstream.__anext__()
+            except StopAsyncIteration:
+                break
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                # the decode died mid-stream: say so in-band (the status is already sent)
+                outcome = "decode_failed"
+                log.warning("decode stream broke", request=job.request_id,
+                            decode=placed.decode.name, error=repr(exc))
+                await out.write(sse({"error": {
+                    "message": f"decode {placed.decode.name} failed mid-stream: "
+                    f"{type(exc).__name__}", "type": "BadGatewayError", "param": None,
+                    "code": 502}}))
+                break
+            if first:
+                self._first_byte(job, placed, handover_from)
+                first = False
+            await out.write(chunk)
+        await out.write_eof()
+        job.outcome = outcome
+        return out
