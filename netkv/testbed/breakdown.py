@@ -89,13 +89,19 @@ def _at(o: dict[str, Any], name: str) -> float | None:
     return None if value is None else float(value)
 
 
-def measured(outcomes: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """Per router, the mean of each measured term in ms over the requests that have both
-    ends of it (``n``: completed requests)."""
+def _completed_by_router(outcomes: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The requests that completed, grouped by router (in the order they came)."""
     by_router: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for o in outcomes:
         if o.get("error") is None:
             by_router[o["router"]].append(o)
+    return by_router
+
+
+def measured(outcomes: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Per router, the mean of each measured term in ms over the requests that have both
+    ends of it (``n``: completed requests)."""
+    by_router = _completed_by_router(outcomes)
     out: dict[str, dict[str, float]] = {}
     for router, rows in by_router.items():
         terms: dict[str, float] = {"ttft": 1e3 * statistics.mean(float(o["ttft_s"])
@@ -120,10 +126,7 @@ def ceiling(outcomes: list[dict[str, Any]], nic_bytes_s: float
     of its run moved at ``nic_bytes_s`` (the healthy NIC rate, the fastest any path allows),
     everything else as measured (``ideal_*``), and with no KV time at all (``nokv_*``). The
     ratio ``ideal / actual`` bounds what any decode choice could gain on that replay."""
-    by_router: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for o in outcomes:
-        if o.get("error") is None:
-            by_router[o["router"]].append(o)
+    by_router = _completed_by_router(outcomes)
     out: dict[str, dict[str, float]] = {}
     for router, rows in by_router.items():
         actual, ideal, nokv = [], [], []

@@ -107,17 +107,6 @@ def test_cached_routes_agree_with_the_general_path(topo: Topology, seed: int) ->
         assert cands.cache  # the cached routes were taken
 
 
-def test_bookings_route_cache_books_the_topology_path(topo: Topology) -> None:
-    bookings = Bookings(topo)
-    for src in range(topo.n_hosts):
-        for dst in range(topo.n_hosts):
-            booking = bookings.reserve(src, dst, 1e9)
-            assert booking.links == topo.path(src, dst)
-            bookings.release(booking)
-    assert bookings.active == 0
-    assert not bookings.bytes.any() and not bookings.flows.any()
-
-
 def test_prefix_overlap_matches_a_per_decoder_count() -> None:
     rng = np.random.default_rng(3)
     n = 37
