@@ -25,6 +25,7 @@ import structlog
 
 from netkv.errors import InputError
 from netkv.fields import bound, from_mapping
+from netkv.supervisor import Supervisor
 from netkv.testbed.engines import CHUNK, connect_from, listening_socket
 from netkv.testbed.fabric import FabricPlan
 
@@ -102,7 +103,7 @@ class Background:
         self.bytes_sent = 0
         self._servers: dict[str, asyncio.Server] = {}
         self._ports: dict[str, int] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks = Supervisor("background")  # one task per flow; each ends by itself
         self._sinks: dict[asyncio.Task[None] | None, asyncio.StreamWriter] = {}
 
     async def __aenter__(self) -> Background:
@@ -129,15 +130,11 @@ class Background:
         for spot in self.schedule.hot_spots:
             src, dst = flow_endpoints(self.plan, spot.link)
             for _ in range(spot.flows):
-                task = asyncio.create_task(self._flow(t0, spot, src, dst))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._tasks.spawn(self._flow(t0, spot, src, dst), name=f"flow-{spot.link}",
+                                  daemon=False)
 
     async def stop(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=5.0)
+        await self._tasks.stop()
 
     async def _flow(self, t0: float, spot: HotSpot, src: str, dst: str) -> None:
         await asyncio.sleep(max(t0 + spot.start_s - self.clock(), 0.0))

@@ -39,6 +39,7 @@ import structlog
 
 from netkv.errors import InputError
 from netkv.fields import bound, from_mapping
+from netkv.supervisor import Supervisor
 from netkv.testbed.background import HotSpot, Schedule
 from netkv.testbed.fabric import FabricPlan
 from netkv.testbed.netns import LabError, Shaping
@@ -248,7 +249,9 @@ class Faults:
         self.events: list[FaultEvent] = []
         self.errors: list[str] = []
         self._applied: dict[int, Fault] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        # Each fault is a task that ends by itself; one that raises is logged and kept in
+        # ``self._tasks.failures`` instead of vanishing.
+        self._tasks = Supervisor("faults", stop_timeout_s=COMMAND_TIMEOUT_S)
         self._changed = asyncio.Event()
         self.start_time = 0.0  # on ``clock``; event offsets count from here
 
@@ -262,16 +265,11 @@ class Faults:
         """Start the schedule now (offsets count from this call)."""
         self.start_time = self.clock()
         for k, fault in enumerate(self.schedule.faults):
-            task = asyncio.create_task(self._run(k, fault), name=f"fault-{fault.kind}-{k}")
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._tasks.spawn(self._run(k, fault), name=f"{fault.kind}-{k}", daemon=False)
 
     async def stop(self) -> None:
         """Cancel what has not happened yet and revert every fault still applied."""
-        for task in list(self._tasks):
-            task.cancel()
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=COMMAND_TIMEOUT_S)
+        await self._tasks.stop()
         for k, fault in list(self._applied.items()):
             await self._revert(k, fault)
 
