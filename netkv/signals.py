@@ -9,7 +9,8 @@
 The handlers are removed when the block ends (a test that runs a service in-process leaves the
 loop as it found it). Where the loop cannot install handlers (not the main thread, or a
 platform without ``add_signal_handler``) the event is still returned and simply never set by a
-signal. Used by the agent and the oracle; other commands can adopt it as they are touched.
+signal. Every command that serves until it is stopped uses it (agent, oracle, scheduler,
+proxy, engine, `netkv up`, the testbed engine hosts and the benchmarks' servers).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -41,7 +43,7 @@ def stop_on_signals(signals: Sequence[signal.Signals] = STOP_SIGNALS) -> Iterato
             loop.remove_signal_handler(sig)
 
 
-async def wait_for_stop_or_failure(stop: asyncio.Event, failed: asyncio.Future[object] | None,
+async def wait_for_stop_or_failure(stop: asyncio.Event, failed: asyncio.Future[Any] | None,
                                    timeout_s: float | None = None) -> bool:
     """Wait until ``stop`` is set, ``failed`` completes (a supervised task died) or
     ``timeout_s`` passes; True if it was the failure."""

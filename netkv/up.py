@@ -32,7 +32,6 @@ import contextlib
 import importlib.util
 import os
 import secrets
-import signal
 import sys
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -59,6 +58,7 @@ from netkv.mesh.inputs import (
     split_redis_url,
     workdir,
 )
+from netkv.signals import stop_on_signals
 from netkv.supervisor import Supervisor
 
 # Fixed defaults, in the 8090-8099 block: above the 8080/8081 that dev servers and proxies
@@ -297,13 +297,9 @@ async def up(args: argparse.Namespace) -> int:
     mesh.token = args.environ.get("NETKV_TOKEN") or secrets.token_urlsafe(32)
     private_file(mesh.workdir / "scheduler.token", mesh.token + "\n")
     args.requests = requests
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     env = {k: v for k, v in args.environ.items() if not k.startswith("NETKV_")}
     env["PYTHONUNBUFFERED"] = "1"
-    try:
+    with stop_on_signals() as stop:
         async with contextlib.AsyncExitStack() as stack:
             shared = await _backing_servers(args, mesh, stack)
             _plan_children(args, mesh, shared, topology_path)
@@ -315,9 +311,6 @@ async def up(args: argparse.Namespace) -> int:
                   flush=True)
             code = await _until_stopped(args, mesh, sup, stop)
             print("netkv up: stopping scheduler, oracles, agents, broker, redis ...", flush=True)
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(sig)
     print(f"netkv up: stopped; logs kept in {mesh.workdir}")
     return code
 

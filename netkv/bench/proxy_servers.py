@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 import sys
 from typing import Any
 
 import aiohttp
 import msgspec
 from aiohttp import web
+
+from netkv.signals import stop_on_signals
 
 MODEL = "bench/instant"
 
@@ -99,11 +100,8 @@ def _run_sites(app: web.Application, ports: list[int]) -> None:
         await runner.setup()
         for p in ports:
             await web.TCPSite(runner, "127.0.0.1", p).start()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        with stop_on_signals() as stop:
+            await stop.wait()
         await runner.cleanup()
 
     asyncio.run(main())

@@ -46,6 +46,7 @@ from netkv.http.server import serving
 from netkv.localservers import free_port, wait_for_port
 from netkv.logs import configure_logging
 from netkv.routing.mapfeed import MapFeed
+from netkv.signals import stop_on_signals
 
 KINDS = ("bare", "floor", "scheduler")
 
@@ -101,11 +102,8 @@ def _scheduler_app(settings: SchedulerSettings, decoders: int) -> web.Applicatio
 async def _serve_until_signal(app: web.Application, settings: SchedulerSettings) -> None:
     """Serve ``app`` as ``netkv scheduler`` does, until SIGINT/SIGTERM."""
     async with serving(app, "127.0.0.1", settings.port, settings.http_limits()):
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        with stop_on_signals() as stop:
+            await stop.wait()
 
 
 def _serve(kind: str, decoders: int, port: int, policy: str) -> None:

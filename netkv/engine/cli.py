@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import signal
 import uuid
 from dataclasses import replace
 
@@ -16,6 +15,7 @@ from netkv.engine.server import Engine, EngineSettings
 from netkv.fields import from_mapping
 from netkv.logs import configure_logging
 from netkv.prompts import VLLM_BLOCK_TOKENS
+from netkv.signals import stop_on_signals
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -76,14 +76,11 @@ def settings_from(args: argparse.Namespace) -> EngineSettings:
 
 
 async def serve(settings: EngineSettings) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    async with Engine(settings) as engine:
-        print(f"engine {settings.role} ready: {engine.url} "
-              f"side_channel={engine.side_channel_port}", flush=True)
-        await stop.wait()
+    with stop_on_signals() as stop:
+        async with Engine(settings) as engine:
+            print(f"engine {settings.role} ready: {engine.url} "
+                  f"side_channel={engine.side_channel_port}", flush=True)
+            await stop.wait()
 
 
 def run(args: argparse.Namespace) -> int:

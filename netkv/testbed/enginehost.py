@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
@@ -20,6 +19,7 @@ from netkv.core.topology import Instance, Topology
 from netkv.engine.model import EngineModel
 from netkv.engine.server import Engine, EngineSettings
 from netkv.errors import InputError
+from netkv.signals import stop_on_signals
 
 TRACE_BLOCK_TOKENS = 512
 
@@ -79,11 +79,8 @@ async def serve(settings: EngineHostSettings, topology: Topology,
 
 def run_forever(settings: EngineHostSettings, topology: Topology) -> int:
     async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(settings, topology, stop)
+        with stop_on_signals() as stop:
+            await serve(settings, topology, stop)
 
     asyncio.run(main())
     return 0

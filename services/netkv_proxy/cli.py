@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import contextlib
 import gc
-import signal
 from collections.abc import AsyncIterator
 
 from netkv.adapters.topology_file import load_topology
@@ -20,6 +19,7 @@ from netkv.core.topology import FabricSpec, Host, Instance, Topology, build_topo
 from netkv.http.server import serving as http_serving
 from netkv.logs import configure_logging
 from netkv.routing.mapfeed import MapFeed
+from netkv.signals import stop_on_signals, wait_for_stop_or_failure
 from netkv_proxy.app import Proxy
 from netkv_proxy.config import ProxySettings, add_arguments, settings_from
 
@@ -64,24 +64,17 @@ async def serving(settings: ProxySettings, topology: Topology | None = None
 
 
 async def serve(settings: ProxySettings) -> int:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    async with serving(settings) as (proxy, url):
-        # What start-up made (modules, settings, topology, metrics) lives as long as the
-        # process: moved out of the collector's generations, a full collection no longer
-        # walks it, so its pause stays short however large the start-up heap was.
-        gc.collect()
-        gc.freeze()
-        print(f"proxy ready: {url} mode={settings.mode} policy={settings.policy} "
-              f"prefill={len(settings.prefill)} decode={len(settings.decode)}", flush=True)
-        failed = asyncio.ensure_future(proxy.supervisor.wait_failed())
-        stopped = asyncio.ensure_future(stop.wait())
-        await asyncio.wait({failed, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        for t in (failed, stopped):
-            t.cancel()
-        return 1 if failed.done() and not failed.cancelled() else 0
+    with stop_on_signals() as stop:
+        async with serving(settings) as (proxy, url):
+            # What start-up made (modules, settings, topology, metrics) lives as long as the
+            # process: moved out of the collector's generations, a full collection no longer
+            # walks it, so its pause stays short however large the start-up heap was.
+            gc.collect()
+            gc.freeze()
+            print(f"proxy ready: {url} mode={settings.mode} policy={settings.policy} "
+                  f"prefill={len(settings.prefill)} decode={len(settings.decode)}", flush=True)
+            failed = asyncio.ensure_future(proxy.supervisor.wait_failed())
+            return 1 if await wait_for_stop_or_failure(stop, failed) else 0
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import signal
 import sys
 
 from netkv.http.server import serving
 from netkv.logs import configure_logging
+from netkv.signals import stop_on_signals
 from netkv_scheduler.app import create_app
 from netkv_scheduler.settings import SchedulerSettings, add_arguments, settings_from_args
 
@@ -24,11 +24,8 @@ async def serve(settings: SchedulerSettings) -> None:
     async with serving(app, settings.host, settings.port, settings.http_limits()) as served:
         print(json.dumps({"event": "listening", "service": "scheduler", "urls": served.urls}),
               flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        with stop_on_signals() as stop:
+            await stop.wait()
 
 
 def run(args: argparse.Namespace) -> int:
