@@ -11,12 +11,13 @@ import asyncio
 import contextlib
 import os
 import shutil
-import signal
 import socket
 import tempfile
 from pathlib import Path
 from types import TracebackType
 from typing import Self
+
+from netkv.tasks import stop_process
 
 
 class ServerError(RuntimeError):
@@ -97,16 +98,8 @@ class _ServerProcess:
 
     async def stop(self, timeout_s: float = 5.0) -> None:
         proc, self._proc = self._proc, None
-        if proc is None or proc.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), timeout_s)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
+        if proc is not None:
+            await stop_process(proc, timeout_s)
 
     async def restart(self, down_s: float = 0.0) -> None:
         await self.stop()

@@ -9,6 +9,7 @@ cancellation until the tasks end or the deadline passes, and never waits longer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -33,3 +34,21 @@ async def cancel_and_wait(tasks: Iterable[asyncio.Task[Any]], timeout_s: float,
     if pending:
         log.warning("tasks did not stop in time", tasks=sorted(t.get_name() for t in pending))
     return pending
+
+
+async def stop_process(proc: asyncio.subprocess.Process, timeout_s: float) -> int:
+    """SIGTERM ``proc``, wait at most ``timeout_s`` for it, then SIGKILL it; its exit code.
+
+    A process that already ended (or vanished) is fine; the wait after SIGKILL is unbounded
+    only in name: the kernel ends a killed process at once."""
+    if proc.returncode is not None:
+        return proc.returncode
+    with contextlib.suppress(ProcessLookupError):
+        proc.terminate()
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await proc.wait()
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        return await proc.wait()

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from netkv.tasks import stop_process
+
 
 async def until(check: Callable[[], Any], timeout_s: float = 15.0, step_s: float = 0.05,
                 what: str = "condition") -> Any:
@@ -73,14 +75,7 @@ async def scheduler_process(env: Mapping[str, str] | None = None, *args: str,
                         break
         yield event["urls"][0], proc
     finally:
-        if proc.returncode is None:
-            proc.terminate()
-            try:
-                async with asyncio.timeout(10):
-                    await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+        await stop_process(proc, 10.0)
 
 
 def conversation_trace(path: Path, n: int = 160, seed: int = 3, span_s: float = 40.0) -> Path:

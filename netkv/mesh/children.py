@@ -22,6 +22,8 @@ from pathlib import Path
 
 import aiohttp
 
+from netkv.tasks import stop_process
+
 STOP_TIMEOUT_S = 5.0
 PR_SET_PDEATHSIG = 1
 
@@ -95,17 +97,8 @@ class Child:
 
     async def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
-        try:
-            async with asyncio.timeout(STOP_TIMEOUT_S):
-                await proc.wait()
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
-            await proc.wait()
+        if proc is not None:
+            await stop_process(proc, STOP_TIMEOUT_S)
 
     def tail(self, lines: int = 12) -> str:
         try:

@@ -38,6 +38,7 @@ from netkv.engine.model import EngineModel
 from netkv.engine.server import Engine, EngineSettings
 from netkv.errors import InputError
 from netkv.prompts import tokens_for_blocks
+from netkv.tasks import stop_process
 from netkv.testbed.background import Background, Schedule
 from netkv.testbed.engines import Outcome, Request
 from netkv.testbed.fabric import FabricPlan
@@ -333,14 +334,7 @@ async def proxy_process(settings: ProxySettings, topology: Path, workdir: Path,
                 await asyncio.sleep(0.1)
         yield url
     finally:
-        if proc.returncode is None:
-            proc.terminate()
-            try:
-                async with asyncio.timeout(5.0):
-                    await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+        await stop_process(proc, 5.0)
 
 
 async def _proxy_ttft_mean(http: aiohttp.ClientSession, url: str) -> float:
