@@ -38,7 +38,7 @@ from netkv.contracts.snapshot import encode_snapshot
 from netkv.core.congestion import CongestionMap
 from netkv.core.topology import Topology
 from netkv.core.topology_file import parse_topology
-from netkv.engine.server import WORDS
+from netkv.engine.wire import WORDS
 from netkv.localservers import MosquittoServer, RedisServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
