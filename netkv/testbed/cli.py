@@ -37,13 +37,7 @@ from netkv.core.topology_file import parse_topology
 from netkv.errors import InputError
 from netkv.logs import configure_logging
 from netkv.testbed.background import HotSpot, Schedule, bulk, core_schedule
-from netkv.testbed.compare import (
-    EngineApi,
-    RouterComparison,
-    RouterRun,
-    format_comparison,
-    write_comparison,
-)
+from netkv.testbed.compare import EngineApi, RouterComparison
 from netkv.testbed.controlplane import ControlPlane, Tuning
 from netkv.testbed.enginehost import EngineHostSettings, run_forever
 from netkv.testbed.engines import EngineModel
@@ -52,6 +46,7 @@ from netkv.testbed.faults import PRESETS as FAULT_PRESETS
 from netkv.testbed.faults import FaultSchedule
 from netkv.testbed.faults import preset as fault_preset
 from netkv.testbed.netns import Lab, LabError, inside, sweep
+from netkv.testbed.routerrun import RouterRun, format_comparison, write_comparison
 from netkv.testbed.routers import Pinning, RouterError, executable, parse_routers
 from netkv.testbed.runner import (
     MapEndpoints,

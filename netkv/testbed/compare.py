@@ -27,9 +27,8 @@ import contextlib
 import importlib
 import json
 import os
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,8 @@ from netkv.core.topology import Tier
 from netkv.testbed.background import Background
 from netkv.testbed.engines import EngineModel, Outcome, Request
 from netkv.testbed.fabric import FabricPlan
-from netkv.testbed.faults import FaultEvent, Faults, FaultSchedule
+from netkv.testbed.faults import Faults, FaultSchedule
+from netkv.testbed.routerrun import RouterRun, decided_at, reaction
 from netkv.testbed.routers import (
     Pinning,
     RouterError,
@@ -83,46 +83,6 @@ VLLM_ROUTER_ID = "___prefill_addr_"
 TIMELINE_REQUESTS = 100_000  # the engines keep every replayed request's phase timestamps
 CPU_SAMPLE_S = 0.1  # how often the router's and the replay's CPU time are sampled
 MAP_SAMPLE_S = 0.25  # how often the oracle's estimates to every decode host are read
-
-
-@dataclass
-class RouterRun:
-    """One router's replay: the per-request outcomes and what they add up to."""
-
-    spec: RouterSpec
-    result: PolicyResult
-    faulty_crossings: int = 0  # transfers that crossed a degraded or failed link
-    unclassified: int = 0  # completed requests whose prefill/decode pair is unknown
-    recomputed: int = 0  # decoded with no KV transfer: the pull failed, the decode prefilled
-    engine_kv_mean_s: float = float("nan")  # the decode engines' own histograms
-    router_cpu_s: float = 0.0
-    ready_after_s: float = 0.0
-    schedule_t0_s: float = 0.0  # the fault and background schedule's zero, on the replay clock
-    fault_events: list[FaultEvent] = field(default_factory=list)
-    reaction: dict[str, float | None] = field(default_factory=dict)
-    # (replay clock s, router CPU s, this replay process's CPU s), every CPU_SAMPLE_S
-    cpu_series: list[tuple[float, float, float]] = field(default_factory=list)
-    # what the control plane's map said during the replay: (replay clock s, map version,
-    # {decode host: estimated seconds to move a mean-sized KV there from one prefill host})
-    map_series: list[tuple[float, int, dict[str, float]]] = field(default_factory=list)
-
-    def summary(self) -> dict[str, Any]:
-        s = self.result.summary()
-        s.update({"router": self.spec.kind, "policy": self.spec.policy,
-                  "faulty_link_transfers": self.faulty_crossings,
-                  "unclassified": self.unclassified,
-                  "kv_pull_failed_recomputed": self.recomputed,
-                  "engine_kv_transfer_mean_s": self.engine_kv_mean_s,
-                  "router_cpu_s": round(self.router_cpu_s, 3),
-                  "router_ready_after_s": round(self.ready_after_s, 3),
-                  "schedule_t0_s": round(self.schedule_t0_s, 6),
-                  "fault_events": [_event(e) for e in self.fault_events],
-                  "reaction": self.reaction})
-        return s
-
-
-def _event(e: FaultEvent) -> dict[str, Any]:
-    return {"kind": e.kind, "host": e.host, "action": e.action, "at_s": round(e.at_s, 3)}
 
 
 class RouterComparison:
@@ -323,7 +283,7 @@ class RouterComparison:
             result.tiers[tier] = result.tiers.get(tier, 0) + 1
             if not o.kv_bytes:  # no KV arrived: the engine recomputed the prompt instead
                 run.recomputed += 1
-            at = _decided_at(o) - schedule_t0
+            at = decided_at(o) - schedule_t0
             if any(self.plan.crosses(src, dst, link)
                    for link in self.schedule.hot_links(at)):
                 result.hot_crossings += 1
@@ -369,12 +329,6 @@ def _attach_phases(outcomes: Sequence[Outcome], engines: Any, t0: float) -> None
                 o.phases.update({f"{role}.{k}": round(v - t0, 6) for k, v in marks.items()})
 
 
-def _decided_at(o: Outcome) -> float:
-    """When a request's KV started to move, or (no transfer: the pull failed and the decode
-    recomputed) when it arrived."""
-    return o.transfer_start_s if o.kv_bytes else o.arrival_s
-
-
 def _names_by_address(engines: dict[str, Any]) -> dict[str, str]:
     """``host:port`` of every engine's HTTP URL -> its instance name."""
     return {e.url.removeprefix("http://").rstrip("/"): name for name, e in engines.items()}
@@ -401,59 +355,3 @@ def _engine_kv_mean(engines: Any) -> float:
                 elif sample.name.endswith("_count"):
                     count += sample.value
     return total / count if count else float("nan")
-
-
-def reaction(run: RouterRun, plan: FabricPlan, schedule: FaultSchedule,
-             schedule_t0: float) -> dict[str, float | None]:
-    """For the first fault: seconds from its start to the last transfer that still went to
-    the faulty host during it (after that, every transfer avoided it; 0 when none did), and
-    from its end to the first transfer to that host again (None when none came). Transfers
-    happen only when requests do, so both are bounded below by the arrival spacing."""
-    if not schedule.faults:
-        return {}
-    f = schedule.faults[0]
-    t = plan.topology
-    start, end = schedule_t0 + f.start_s, schedule_t0 + f.end_s
-    hits = [_decided_at(o) for o in run.result.outcomes
-            if o.error is None and o.decode and t.instance(o.decode).host == f.host]
-    during = [x for x in hits if start <= x < end]
-    after = [x for x in hits if x >= end]
-    return {"uses_before_fault": float(sum(x < start for x in hits)),
-            "uses_during_fault": float(len(during)),
-            "last_use_during_fault_s": (max(during) - start) if during else 0.0,
-            "first_use_after_fault_s": (min(after) - end) if after else None}
-
-
-def format_comparison(runs: dict[str, RouterRun]) -> str:
-    head = (f"{'router:policy':<28}{'done':>5}{'err':>5}{'TTFT mean':>11}{'TTFT p99':>10}"
-            f"{'KV mean':>9}{'KV p99':>9}{'KV eng':>8}{'hot':>5}{'fault':>6}{'recmp':>6}"
-            f"{'unkn':>5}{'cpu s':>7}")
-    lines = [head, "-" * len(head)]
-    for label, run in runs.items():
-        s = run.summary()
-        lines.append(
-            f"{label:<28}{s['completed']:>5}{s['errors']:>5}"
-            f"{s['ttft_mean_s'] * 1e3:>9.0f}ms{s['ttft_p99_s'] * 1e3:>8.0f}ms"
-            f"{s['transfer_mean_s'] * 1e3:>7.0f}ms{s['transfer_p99_s'] * 1e3:>7.0f}ms"
-            f"{s['engine_kv_transfer_mean_s'] * 1e3:>6.0f}ms{s['hot_link_transfers']:>5}"
-            f"{s['faulty_link_transfers']:>6}{s['kv_pull_failed_recomputed']:>6}"
-            f"{s['unclassified']:>5}{s['router_cpu_s']:>7.2f}")
-    return "\n".join(lines)
-
-
-def write_comparison(out: Path, runs: dict[str, RouterRun], meta: dict[str, Any]) -> Path:
-    """``out/routers.json`` (one summary per router) and ``out/router-requests.jsonl``."""
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "routers.json"
-    path.write_text(json.dumps({"routers": {k: r.summary() for k, r in runs.items()},
-                                "testbed": meta, "written": time.time()}, indent=2,
-                               allow_nan=True, default=str))
-    with (out / "router-requests.jsonl").open("w") as f:
-        for label, run in runs.items():
-            for o in run.result.outcomes:
-                f.write(json.dumps({"router": label, **o.as_dict()}) + "\n")
-    (out / "router-cpu.json").write_text(json.dumps(
-        {label: run.cpu_series for label, run in runs.items()}))
-    (out / "router-map.json").write_text(json.dumps(
-        {label: run.map_series for label, run in runs.items()}))
-    return path

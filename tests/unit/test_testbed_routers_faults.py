@@ -215,8 +215,8 @@ def test_the_pair_comes_from_the_proxy_headers_or_the_vllm_router_request_id() -
 
 
 def test_reaction_and_table(plan: FabricPlan, tmp_path: Path) -> None:
-    from netkv.testbed.compare import RouterRun, format_comparison, reaction, write_comparison
     from netkv.testbed.engines import Outcome
+    from netkv.testbed.routerrun import RouterRun, format_comparison, reaction, write_comparison
     from netkv.testbed.runner import PolicyResult
 
     def o(rid: str, decode: str, at: float) -> Outcome:
