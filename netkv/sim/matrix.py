@@ -35,7 +35,7 @@ from netkv.sim.matrix_report import markdown, plot
 from netkv.sim.report import summarise, write_json
 from netkv.sim.runs import USAGE, cpu_now, default_jobs, run_all
 from netkv.sim.scenario import Scenario, load_scenario
-from netkv.sim.simulation import RunConfig, Simulation
+from netkv.sim.simulation import RunConfig, RunResult, Simulation
 from netkv.sim.stats import ci95, paired, reduction_pct, verdict
 from netkv.workload.trace import Trace, load_trace
 
@@ -108,46 +108,89 @@ def _config(item: str, params: dict[str, Any] | None = None, **knobs: Any) -> Ru
     return RunConfig(name, dict(params or {}), kind, label=item, **knobs)
 
 
-def tune(scenarios: dict[str, Scenario], trace: Trace, jobs: int,
-         progress: bool) -> dict[str, dict[str, dict[str, Any]]]:
+Task = tuple[Hashable, RunConfig]
+
+
+def simulations(scenarios: dict[str, Scenario], trace: Trace,
+                tag: str) -> dict[Hashable, Simulation]:
+    """One simulation per scenario over ``trace`` (scaled as the scenario says), keyed
+    ``(tag, scenario)``."""
+    return {(tag, name): Simulation(sc, trace.scaled(sc.spec.rate_scale, sc.spec.length_scale))
+            for name, sc in scenarios.items()}
+
+
+def tune_tasks(scenarios: dict[str, Scenario]) -> list[Task]:
+    """Every baseline's grid on every scenario's tuning simulation (key ``("tune", name)``)."""
+    return [(("tune", name), RunConfig(policy, params, label=f"{policy}#{i}"))
+            for name in scenarios for policy, grid in GRID.items()
+            for i, params in enumerate(grid)]
+
+
+def pick_tuned(scenarios: dict[str, Scenario], tasks: Sequence[Task],
+               results: Sequence[RunResult]) -> dict[str, dict[str, dict[str, Any]]]:
     """Best params per scenario and baseline on the tuning slice (objective mean TTFT)."""
-    sims: dict[Hashable, Simulation] = {}
-    tasks: list[tuple[Hashable, RunConfig]] = []
-    for name, sc in scenarios.items():
-        sims[name] = Simulation(sc, trace.scaled(sc.spec.rate_scale, sc.spec.length_scale))
-        for policy, grid in GRID.items():
-            for i, params in enumerate(grid):
-                tasks.append((name, RunConfig(policy, params, label=f"{policy}#{i}")))
-    results = run_all(sims, tasks, jobs, progress)
     best: dict[str, dict[str, dict[str, Any]]] = {name: {} for name in scenarios}
     score: dict[tuple[str, str], float] = {}
     for (key, c), r in zip(tasks, results, strict=True):
         mean = float(np.nanmean(r.ttft_s))
-        name = str(key)
+        name = str(key[1])  # type: ignore[index]
         if mean < score.get((name, c.policy), np.inf):
             score[(name, c.policy)] = mean
             best[name][c.policy] = dict(c.params)
     return best
 
 
+def tune(scenarios: dict[str, Scenario], trace: Trace, jobs: int,
+         progress: bool) -> dict[str, dict[str, dict[str, Any]]]:
+    """Best params per scenario and baseline on the tuning slice (objective mean TTFT)."""
+    tasks = tune_tasks(scenarios)
+    return pick_tuned(scenarios, tasks,
+                      run_all(simulations(scenarios, trace, "tune"), tasks, jobs, progress))
+
+
+def needs_tuning(item: str) -> bool:
+    """Whether ``item``'s scoring runs need the tuned weights (its policy has a grid)."""
+    return item.partition("@")[0] in GRID
+
+
+def score_tasks(scenarios: dict[str, Scenario], policies: Sequence[str],
+                tuned: dict[str, dict[str, dict[str, Any]]], *, seeds: int) -> list[Task]:
+    """Every policy x seed on every scenario's scoring simulation (key ``("score", name)``);
+    a policy with a grid takes its tuned weights from ``tuned``."""
+    return [(("score", name), _config(item, tuned.get(name, {}).get(item.partition("@")[0], {}),
+                                      seed=seed))
+            for name in scenarios for item in policies for seed in range(1, seeds + 1)]
+
+
+def add_cells(cells: dict[str, dict[str, list[dict[str, float]]]],
+              scenarios: dict[str, Scenario], tasks: Sequence[Task],
+              results: Sequence[RunResult]) -> None:
+    """Summarise scoring results into ``cells`` (scenario -> policy -> one row per seed)."""
+    for (key, c), r in zip(tasks, results, strict=True):
+        name = str(key[1])  # type: ignore[index]
+        s = summarise(r, scenarios[name].spec.slo.tbt_s)
+        cells.setdefault(name, {}).setdefault(c.name, []).append(
+            {m: float(s[m]) for m in METRICS})
+
+
 def score(scenarios: dict[str, Scenario], trace: Trace, policies: Sequence[str],
           tuned: dict[str, dict[str, dict[str, Any]]], *, seeds: int, jobs: int,
           progress: bool) -> dict[str, dict[str, list[dict[str, float]]]]:
     """Per scenario and policy, one summary per seed on the scoring slice."""
-    sims: dict[Hashable, Simulation] = {}
-    tasks: list[tuple[Hashable, RunConfig]] = []
-    for name, sc in scenarios.items():
-        sims[name] = Simulation(sc, trace.scaled(sc.spec.rate_scale, sc.spec.length_scale))
-        for item in policies:
-            params = tuned.get(name, {}).get(item.partition("@")[0], {})
-            for seed in range(1, seeds + 1):
-                tasks.append((name, _config(item, params, seed=seed)))
-    results = run_all(sims, tasks, jobs, progress)
+    tasks = score_tasks(scenarios, policies, tuned, seeds=seeds)
+    results = run_all(simulations(scenarios, trace, "score"), tasks, jobs, progress)
     out: dict[str, dict[str, list[dict[str, float]]]] = {n: {} for n in scenarios}
-    for (key, c), r in zip(tasks, results, strict=True):
-        s = summarise(r, scenarios[str(key)].spec.slo.tbt_s)
-        out[str(key)].setdefault(c.name, []).append({m: float(s[m]) for m in METRICS})
+    add_cells(out, scenarios, tasks, results)
     return out
+
+
+def ordered_cells(cells: dict[str, dict[str, list[dict[str, float]]]], names: Sequence[str],
+                  policies: Sequence[str]) -> dict[str, dict[str, list[dict[str, float]]]]:
+    """``cells`` in scenario order and, within a scenario, in the order of ``policies``
+    (their labels), whatever order the runs finished in."""
+    labels = [_config(p).name for p in policies]
+    return {n: {p: cells[n][p] for p in labels if p in cells.get(n, {})} for n in names
+            if n in cells}
 
 
 def get(rows: list[dict[str, float]], metric: str) -> list[float]:
@@ -332,24 +375,46 @@ def run(args: argparse.Namespace) -> int:
     score_trace = slice_trace(full, score_lo, score_hi)
     progress = not args.no_progress
     out = Path(args.out)
+    # Two phases, each one pool over every scenario, largest runs first, so both cores stay
+    # busy to the end of each: (1) the baselines' tuning grid together with the scoring
+    # runs of the policies that take no tuned weights (netkv's, round-robin,
+    # power-of-two); (2) the tuned baselines' scoring runs. Checkpointed after each.
+    sims = simulations(scenarios, score_trace, "score")
+    untuned = [p for p in policies if not needs_tuning(p)]
+    tuned_items = [p for p in policies if needs_tuning(p)]
+    tuned: dict[str, dict[str, dict[str, Any]]] = {}
+    t_tasks: list[Task] = []
     if args.tuned:
         prior = _load_json(args.tuned, "--tuned")["tuned"]
         missing = [n for n in names if n not in prior]
         if missing:
             raise InputError("--tuned", f"{args.tuned} has no tuned weights for {missing}")
         tuned = {n: prior[n] for n in names}
-    else:
-        tuned = tune(scenarios, tune_trace, args.jobs, progress)
-    tables: dict[str, dict[str, Any]] = {}
+        untuned, tuned_items = list(policies), []
+    elif tuned_items:
+        t_tasks = tune_tasks(scenarios)
+        sims.update(simulations(scenarios, tune_trace, "tune"))
+    first = score_tasks(scenarios, untuned, tuned, seeds=args.seeds)
+    results = run_all(sims, t_tasks + first, args.jobs, progress)
+    if t_tasks:
+        tuned = pick_tuned(scenarios, t_tasks, results[:len(t_tasks)])
     all_cells: dict[str, dict[str, list[dict[str, float]]]] = {}
-    for name in names:  # one scenario at a time, checkpointed, so a partial run is usable
-        cells = score({name: scenarios[name]}, score_trace, policies, tuned, seeds=args.seeds,
-                      jobs=args.jobs, progress=progress)
-        tables[name] = compare(cells[name])
-        all_cells[name] = cells[name]
+    add_cells(all_cells, scenarios, first, results[len(t_tasks):])
+
+    def checkpoint() -> dict[str, dict[str, Any]]:
+        cells = ordered_cells(all_cells, names, policies)
+        tables = {n: compare(c) for n, c in cells.items()}
         write_json(out / "matrix.partial.json", {"tuned": tuned, "scenarios": tables,
-                                                 "cells": all_cells,
+                                                 "cells": cells,
                                                  "wall_s": time.perf_counter() - wall})
+        return tables
+
+    checkpoint()
+    if tuned_items:
+        second = score_tasks(scenarios, tuned_items, tuned, seeds=args.seeds)
+        add_cells(all_cells, scenarios, second, run_all(sims, second, args.jobs, progress))
+    tables = checkpoint()
+    all_cells = ordered_cells(all_cells, names, policies)
     head = headline(tables)
     sens = None
     if not args.no_sensitivity and head and "netkv" in policies:

@@ -2,7 +2,9 @@
 
 Simulations (scenario, parsed and scaled trace) are built in the parent; workers inherit
 them by fork and get only a key and a :class:`RunConfig`, and send back the per-request
-arrays, so the trace is parsed once per command, never per job. The pool has one worker per
+arrays, so the trace is parsed once per command, never per job, and each simulation's
+prefill plan (:mod:`netkv.sim.prefill_plan`, shared by every policy but the joint one and
+every seed) is computed once, in the parent, before the workers start. The pool has one worker per
 core this process may run on (``os.sched_getaffinity``) unless told otherwise, and takes the
 largest jobs first so that no long job starts last.
 
@@ -140,6 +142,9 @@ def run_all(sims: dict[Hashable, Simulation], tasks: Sequence[tuple[Hashable, Ru
                 result = sims[key].run(config, progress=bar.update)
                 done(i, result, time.process_time() - cpu)
         else:
+            # Each simulation's prefill plan once, here, so every worker inherits it.
+            for key in {tasks[i][0] for i in todo if tasks[i][1].policy != "netkv_pair"}:
+                sims[key].prefill_plan()
             _SIMS.clear()
             _SIMS.update(sims)
             ctx = multiprocessing.get_context("fork")

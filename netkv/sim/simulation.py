@@ -33,6 +33,7 @@ import numpy as np
 from netkv.core.policies import PrefillView, RequestView
 from netkv.core.topology import FloatArray, IntArray
 from netkv.sim.pools import Decoder
+from netkv.sim.prefill_plan import PrefillPlan, prefill_plan
 from netkv.sim.runconfig import OracleKind, RunConfig, RunResult
 from netkv.sim.scenario import Scenario
 from netkv.sim.stages import Run
@@ -71,6 +72,15 @@ class Simulation:
                  + trace.input_tokens * self.bpt / nic
                  + self.step_time(0, float(np.median(trace.input_tokens))))
         self.slo_ttft = np.maximum(spec.slo.ttft_scale * ideal, spec.slo.ttft_floor_s)
+        self._plan: PrefillPlan | None = None
+
+    def prefill_plan(self) -> PrefillPlan:
+        """The prefill side every non-joint run replays (computed once, see
+        :mod:`netkv.sim.prefill_plan`)."""
+        if self._plan is None:
+            bg = self.scenario.spec.background
+            self._plan = prefill_plan(self, fetch=bg.model == "elastic" and bool(bg.prefix_fetch))
+        return self._plan
 
     # -- models ----------------------------------------------------------------------------
     def prefill_time(self, p: int, tokens: int, hit_blocks: int) -> float:

@@ -57,6 +57,8 @@ class Run(SourceStages):
         self.engine = DecisionEngine(make_policy(config.policy, params), topo,
                                      history=max(2 * n, 16))
         self.joint = config.policy == "netkv_pair"
+        # The prefill side, the same for every policy but the joint one and every seed.
+        self.plan = None if self.joint else sim.prefill_plan()
         self.layerwise = spec.network.timing == "layerwise"
         self.handover_s = spec.network.handover_s
         net = spec.network
@@ -162,6 +164,9 @@ class Run(SourceStages):
 
     # -- stage 1: arrival, prefill choice (and the decoder when streaming) -----------------
     def arrival(self, now: float, r: int, _: int) -> None:
+        if self.plan is not None:
+            self.planned_arrival(now, r)
+            return
         sim, trace, pool = self.sim, self.trace, self.prefills
         tokens = int(trace.input_tokens[r])
         hit_p = np.array([c.match(trace.hash_ids[r]) for c in pool.caches], np.int64)
@@ -188,10 +193,42 @@ class Run(SourceStages):
             self.choose_decoder(r, d, float(ready[p]), now)
         self.start_prefill(p, now)
 
+    def planned_arrival(self, now: float, r: int) -> None:
+        """:meth:`arrival` with the prefill choice and estimate from the plan."""
+        plan, pool = self.plan, self.prefills
+        assert plan is not None
+        p = int(plan.prefill[r])
+        estimate = float(plan.estimate_s[r])
+        d = -1
+        if self.layerwise:
+            req = self.sim.request_view(r, self.decodes.decoders, None, src=int(pool.host[p]),
+                                        stream_layers=self.sim.layers, compute_s=estimate,
+                                        src_nic=float(self.prefill_nic[p]))
+            d = self.engine.decide(req, self.decodes.view(), self.oracle(now)).index
+        self.prefill_of[r] = p
+        pool.enqueue(p, r, estimate)
+        if self.layerwise:
+            self.choose_decoder(r, d, 0.0, now)
+        self.start_prefill(p, now)
+
     def start_prefill(self, p: int, now: float) -> None:
         pool = self.prefills
         r = pool.next_to_start(p)
         if r < 0:
+            return
+        plan = self.plan
+        if plan is not None:
+            compute = float(plan.compute_s[r])
+            self.hits[r] = plan.hit_blocks[r]
+            done = now + compute
+            pool.busy_until[p] = done
+            pool.active[p] = r
+            self.t_start[r] = now
+            self.events.push(done, Kind.PREFILL_DONE, p, r)
+            if plan.fetches[r]:
+                self.add_fetches(r, int(pool.host[p]), plan.fetches[r])
+            if self.layerwise and self.admitted[r]:
+                self.begin_handover(r, now)
             return
         hashes = self.trace.hash_ids[r]
         hit = pool.caches[p].match(hashes)
@@ -216,9 +253,12 @@ class Run(SourceStages):
             src = self.store.get(h)
             if src is not None and src != dst:
                 by_host[src] = by_host.get(src, 0) + 1
-        if not by_host:
-            return
-        for src, blocks in by_host.items():
+        if by_host:
+            self.add_fetches(r, dst, tuple(by_host.items()))
+
+    def add_fetches(self, r: int, dst: int, fetches: tuple[tuple[int, int], ...]) -> None:
+        """Load the fabric with ``(source host, blocks)`` fetches of ``r`` to ``dst``."""
+        for src, blocks in fetches:
             links = self.path(src, dst)[0]
             phys = self.fabric.resolve(links, r, src, src_host=src, dst_host=dst)
             self.fabric.add(r, phys, blocks * BLOCK_TOKENS * self.sim.bpt, kind=FETCH,
@@ -228,11 +268,12 @@ class Run(SourceStages):
     # -- stage 2: prefill done, decode choice when pulling ---------------------------------
     def prefill_done(self, now: float, p: int, r: int) -> None:
         pool = self.prefills
-        hashes = self.trace.hash_ids[r]
-        pool.caches[p].insert(hashes)
         host = int(pool.host[p])
-        for h in hashes:
-            self.store.setdefault(h, host)
+        if self.plan is None:
+            hashes = self.trace.hash_ids[r]
+            pool.caches[p].insert(hashes)
+            for h in hashes:
+                self.store.setdefault(h, host)
         pool.active[p] = -1
         self.start_prefill(p, now)
         self.t_ready[r] = now
