@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from helpers import conversation_trace
 
-from netkv.sim import stages
+from netkv.sim.events import EventQueue, Kind
 from netkv.sim.scenario import load_scenario
 from netkv.sim.simulation import RunConfig, RunResult, Simulation
 from netkv.workload.trace import load_trace
@@ -28,15 +28,15 @@ ARRAYS = ("ttft_s", "tbt_s", "transfer_s", "queue_s", "prefill_s", "kv_bytes", "
 def _run(sim: Simulation, config: RunConfig, *, planned: bool,
          monkeypatch: pytest.MonkeyPatch) -> tuple[RunResult, list[tuple[float, int]]]:
     log: list[tuple[float, int]] = []
-    push = stages.EventQueue.push
+    push = EventQueue.push
 
-    def logged(self: stages.EventQueue, t: float, kind: stages.Kind, a: int,
+    def logged(self: EventQueue, t: float, kind: Kind, a: int,
                b: int = 0) -> None:
         log.append((t, int(kind)))
         push(self, t, kind, a, b)
 
     with monkeypatch.context() as m:
-        m.setattr(stages.EventQueue, "push", logged)
+        m.setattr(EventQueue, "push", logged)
         if not planned:
             m.setattr(Simulation, "prefill_plan", lambda self: None)
         return sim.run(config), log
