@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import msgspec
 import numpy as np
 import structlog
 import yaml
@@ -40,6 +39,7 @@ from netkv.errors import InputError
 from netkv.prompts import tokens_for_blocks
 from netkv.tasks import stop_process
 from netkv.testbed.background import Background, Schedule
+from netkv.testbed.client import stream_request
 from netkv.testbed.engines import Outcome, Request
 from netkv.testbed.fabric import FabricPlan
 
@@ -127,7 +127,6 @@ class PolicyResult:
         }
 
 
-MODEL_NAME = "netkv/emulated"
 TRACE_BLOCK_TOKENS = 512  # the Mooncake trace's prefix-block size
 # Engines, proxy and client share one process here: tokens are streamed 16 per write after
 # the first (vLLM's --stream-interval), which leaves TTFT and the decode's occupancy alone.
@@ -234,7 +233,7 @@ class ProxyReplay:
                   *, prompt: list[int], policy: str) -> Outcome:
         await asyncio.sleep(max(when - self.clock(), 0.0))
         return await stream_request(http, url, req, prompt=prompt, policy=policy,
-                                    t0=self._t0)
+                                    t0=self._t0, first_token="chunk")
 
     def _classify(self, result: PolicyResult, schedule_t0: float) -> None:
         t = self.plan.topology
@@ -248,41 +247,6 @@ class ProxyReplay:
             hot = self.schedule.links(o.transfer_start_s - schedule_t0)
             if any(self.plan.crosses(src, dst, link) for link in hot):
                 result.hot_crossings += 1
-
-
-async def stream_request(http: aiohttp.ClientSession, url: str, req: Request, *,
-                         prompt: list[int], policy: str, t0: float) -> Outcome:
-    """One replayed request through the proxy at ``url``, streamed; times are seconds since
-    ``t0`` on this host's monotonic clock (which the engines' ``x-netkv-kv-*`` headers use;
-    containers on one kernel share it)."""
-    body = msgspec.json.encode({"model": MODEL_NAME, "prompt": prompt,
-                                "max_tokens": max(req.output_tokens, 1), "stream": True})
-    out = Outcome(req.request_id, "", policy=policy, prompt_tokens=req.prompt_tokens,
-                  arrival_s=time.monotonic() - t0)
-    out.prefill_start_s = out.arrival_s
-    try:
-        async with http.post(url + "/v1/completions", data=body, headers={
-                "Content-Type": "application/json",
-                "x-request-id": f"{policy}-{req.request_id}"}) as resp:
-            if resp.status != 200:
-                out.error = f"HTTP {resp.status}: {(await resp.text())[:300]}"
-                return out
-            await resp.content.readany()  # the first token, as the proxy passed it on
-            out.first_token_s = time.monotonic() - t0
-            h = resp.headers
-            out.prefill, out.decode = h.get("x-netkv-prefill", ""), h.get("x-netkv-decode", "")
-            if "x-netkv-predicted-ms" in h:
-                out.predicted_ttft_s = float(h["x-netkv-predicted-ms"]) / 1e3
-            if "x-netkv-kv-bytes" in h:
-                out.kv_bytes = int(h["x-netkv-kv-bytes"])
-                out.transfer_start_s = float(h["x-netkv-kv-start"]) - t0
-                out.transfer_end_s = float(h["x-netkv-kv-end"]) - t0
-            async for _ in resp.content.iter_any():
-                pass  # the rest of the answer (the booking ends with it)
-    except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
-        out.error = f"{type(exc).__name__}: {exc}"
-        log.warning("replay request failed", request=req.request_id, error=out.error)
-    return out
 
 
 def worker_entries(topology: Topology, urls: Mapping[str, str]
