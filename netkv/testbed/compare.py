@@ -53,9 +53,9 @@ from netkv.testbed.routers import (
     router_command,
 )
 from netkv.testbed.runner import STREAM_INTERVAL, PolicyResult, ReplaySpec
+from netkv.workload.trace import BLOCK_TOKENS
 
 log = structlog.get_logger(__name__)
-TRACE_BLOCK_TOKENS = 512  # the Mooncake trace's prefix-block size
 
 
 class EngineApi:
@@ -110,7 +110,7 @@ class RouterComparison:
         return self.api.EngineSettings(
             role=inst.role, host=ROUTER_HOST, port=0,
             side_channel_host=self.plan.host_addr[inst.host], side_channel_port=0,
-            engine_id=inst.name, block_size=TRACE_BLOCK_TOKENS,
+            engine_id=inst.name, block_size=BLOCK_TOKENS,
             ns=self.plan.host_ns[inst.host], record_requests=0, model=self.model,
             # 16 tokens per streamed write after the first, as the policy replay does: the
             # modelled 2 ms per token is ~15x a 70B decode's, so one write per token would
@@ -127,7 +127,7 @@ class RouterComparison:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(self.shared_config | {"proxy": {
             "kv_bytes_per_token": self.model.bytes_per_token,
-            "capacity_tokens": self.model.capacity_tokens, "block_size": TRACE_BLOCK_TOKENS,
+            "capacity_tokens": self.model.capacity_tokens, "block_size": BLOCK_TOKENS,
             "prefill_timeout_s": self.request_timeout_s,
             "map_poll_s": 0.5, "oracle_cache_s": 0.1}}, sort_keys=False))
         return path
@@ -158,7 +158,7 @@ class RouterComparison:
 
     # -- one replay ---------------------------------------------------------------------------
     async def run(self, spec: RouterSpec, requests: Sequence[Request]) -> RouterRun:
-        prompts = [self.api.tokens_for_blocks(r.block_hashes, r.prompt_tokens, TRACE_BLOCK_TOKENS)
+        prompts = [self.api.tokens_for_blocks(r.block_hashes, r.prompt_tokens, BLOCK_TOKENS)
                    for r in requests]
         result = PolicyResult(spec.label)
         run = RouterRun(spec, result)
