@@ -97,14 +97,20 @@ def _check(args: argparse.Namespace) -> None:
         raise InputError("--speedup", "must be > 0")
 
 
-def _raise_on_term(signum: int, frame: FrameType | None) -> None:
+def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
 def run(args: argparse.Namespace) -> int:
     configure_logging()
     _check(args)
-    signal.signal(signal.SIGTERM, _raise_on_term)  # teardown on `kill` as on Ctrl-C
+    # Ctrl-C and `kill` both raise KeyboardInterrupt where the main thread is. With Python's own
+    # SIGINT handler, asyncio.run would instead cancel its main task, and a cancellation that
+    # some awaited library swallows lets the run carry on to the end (seen under load: exit 0
+    # instead of 130). Raising cannot be swallowed that way; asyncio.run still cancels and
+    # awaits every task on its way out, so the teardown below runs as before.
+    signal.signal(signal.SIGINT, _interrupt)
+    signal.signal(signal.SIGTERM, _interrupt)
     if args.action == "down":
         removed = sweep(run=args.run)
         print(f"netkv testbed down: removed {len(removed)} namespaces"
