@@ -54,16 +54,20 @@ class PrefixIndex:
                 runs[-1][1] += 1
             else:
                 runs.append([alive, 1])
-        if len(runs) == 1:  # one holder set (often one decoder): its bits, unpacked once
-            single: IntArray = self._bits(runs[0][0], n_decoders) * runs[0][1]
-            return single
-        # One unpack for all runs: row r holds the bits of run r's holder set.
-        width = (n_decoders + 7) // 8
+        # sum over runs of (run length x its holder set's bits), each set unpacked once (the
+        # same few sets recur: a shared system prompt's, a conversation's); exact int64
+        mask, count = runs[0]
+        out: IntArray = self._bits(mask, n_decoders) * count
         low = (1 << n_decoders) - 1
-        raw = b"".join((mask & low).to_bytes(width, "little") for mask, _ in runs)
-        bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
-        counts = np.fromiter((count for _, count in runs), dtype=np.int64, count=len(runs))
-        out: IntArray = counts @ bits.reshape(len(runs), width * 8)[:, :n_decoders]
+        for holders_of_run, count in runs[1:]:
+            rest = holders_of_run & low
+            if rest.bit_count() > 8:
+                out += self._bits(rest, n_decoders) * count
+                continue
+            while rest:  # a few holders (a conversation's decoders): one add per bit
+                bit = rest & -rest
+                out[bit.bit_length() - 1] += count
+                rest ^= bit
         return out
 
     def _bits(self, mask: int, n_decoders: int) -> IntArray:
