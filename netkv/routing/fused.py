@@ -72,6 +72,7 @@ class FusedNetkv:
         self.tbt_s = policy.model.tbt_s
         self.residence_s = policy.model.residence_s
         self._buf = _Buffers(0, self.tbt_s)
+        self._bounds: tuple[Any, ...] | None = None
         self.decided = 0  # decisions made here (the rest went to the policy's own decide)
 
     @staticmethod
@@ -80,10 +81,13 @@ class FusedNetkv:
 
     def decide(self, candidates: CandidateView, oracle: CostOracle, *, prefill_host: int,
                prompt_tokens: int, output_tokens: int, kv_bytes_per_token: float,
-               overlap: IntArray | None, block_tokens: int) -> Decision | None:
+               overlap: IntArray | None, block_tokens: int,
+               load_version: int | None = None) -> Decision | None:
         """The engine's decision for a request without a prefill view, streaming or source
         NIC rate (timed into the engine like :meth:`DecisionEngine.decide`), or ``None``
-        when these inputs need the general path."""
+        when these inputs need the general path. ``load_version`` changes whenever the
+        candidates' ``kv_use`` or ``capacity_tokens`` do (their bounds are kept until then;
+        ``None``: recomputed for every decision)."""
         kind = type(oracle)
         if ((kind is not CachedMapView and kind is not CachedOracle)
                 or candidates.tbt_s is not None or candidates.waiting_tokens is not None
@@ -96,14 +100,15 @@ class FusedNetkv:
                                 src=prefill_host, prompt_tokens=prompt_tokens,
                                 output_tokens=output_tokens,
                                 kv_bytes_per_token=kv_bytes_per_token, overlap=overlap,
-                                block_tokens=block_tokens)
+                                block_tokens=block_tokens, load_version=load_version)
         self.engine.record((time.perf_counter_ns() - start) * 1e-9)
         self.decided += 1
         return decision
 
     def _decide(self, candidates: CandidateView, oracle: CachedMapView | CachedOracle, *,
                 src: int, prompt_tokens: int, output_tokens: int, kv_bytes_per_token: float,
-                overlap: IntArray | None, block_tokens: int) -> Decision:
+                overlap: IntArray | None, block_tokens: int,
+                load_version: int | None) -> Decision:
         n = candidates.host.shape[0]
         b = self._buf
         if b.n != n:
@@ -120,18 +125,25 @@ class FusedNetkv:
             np.multiply(missing, kv_bytes_per_token, out=nbytes)
         need = float(prompt_tokens + output_tokens)
         capacity = candidates.capacity_tokens
-        used = np.multiply(candidates.kv_use, capacity, out=b.used)
-        queue = b.queue  # need + waiting * need + used - capacity, floored at 0
-        np.multiply(candidates.waiting, need, out=queue)
-        np.add(queue, need, out=queue)
-        np.add(queue, used, out=queue)
-        np.subtract(queue, capacity, out=queue)
-        np.maximum(queue, 0.0, out=queue)
-        if np.count_nonzero(queue):  # deficit / (max(used, block) / residence)
-            rate = b.rate
-            np.maximum(used, float(block_tokens), out=rate)
-            np.divide(rate, self.residence_s, out=rate)
-            np.divide(queue, rate, out=queue)
+        queue: FloatArray | None = None  # None: +0.0 for every candidate
+        used_max, capacity_min = self._load_bounds(candidates, load_version)
+        # The deficit need + waiting * need + used - capacity is +0.0 everywhere when even
+        # the largest terms (with a margin far above float64 rounding) stay under the
+        # smallest capacity: all terms are non-negative and finite (validated at the edge).
+        waiting_max = int(np.maximum.reduce(candidates.waiting))
+        if not (waiting_max * need + need + used_max) * (1.0 + 1e-9) < capacity_min:
+            used = np.multiply(candidates.kv_use, capacity, out=b.used)
+            queue = b.queue  # need + waiting * need + used - capacity, floored at 0
+            np.multiply(candidates.waiting, need, out=queue)
+            np.add(queue, need, out=queue)
+            np.add(queue, used, out=queue)
+            np.subtract(queue, capacity, out=queue)
+            np.maximum(queue, 0.0, out=queue)
+            if np.count_nonzero(queue):  # deficit / (max(used, block) / residence)
+                rate = b.rate
+                np.maximum(used, float(block_tokens), out=rate)
+                np.divide(rate, self.residence_s, out=rate)
+                np.divide(queue, rate, out=queue)
         first = b.first
         # -- transfer: the oracle's row for the candidates, plus the booked transfers -----
         latency, bandwidth, tier, links, kept = self._row(oracle, src, candidates)
@@ -156,8 +168,10 @@ class FusedNetkv:
         if self.handover_s > 0:
             np.add(transfer, np.where(nbytes > 0, self.handover_s, 0.0), out=transfer)
         # -- the choice ---------------------------------------------------------------------
-        scores: FloatArray = queue + transfer
-        np.add(scores, first, out=scores)
+        # (queue + transfer) + first; without a queue 0.0 + transfer is transfer exactly
+        scores: FloatArray = transfer + first if queue is None else queue + transfer
+        if queue is not None:
+            np.add(scores, first, out=scores)
         chosen = self.ties.argmin(scores)
         if self.tie_rel > 0 and self.tie_rule == "load":
             chosen = prefer_less_loaded(scores, transfer, tier, candidates.kv_use, chosen,
@@ -165,12 +179,26 @@ class FusedNetkv:
         elif self.tie_rel > 0:
             chosen = prefer_lower_tier(scores, transfer, tier, chosen, tie_rel=self.tie_rel,
                                        ties=self.ties)
-        q = float(queue.item(chosen))
+        q = 0.0 if queue is None else float(queue.item(chosen))
         t = float(transfer.item(chosen))
         f = float(first.item(chosen))
         return Decision(index=chosen, ttft_s=q + t + f, queue_s=q, transfer_s=t,
                         first_token_s=f, tier=int(tier.item(chosen)),
                         transfer_bytes=float(nbytes.item(chosen)), scores=scores)
+
+    def _load_bounds(self, candidates: CandidateView, load_version: int | None
+                     ) -> tuple[float, float]:
+        """``(max(kv_use * capacity), min(capacity))``, kept while ``load_version`` and the
+        arrays stay the same (recomputed on every call without a version)."""
+        kv_use, capacity = candidates.kv_use, candidates.capacity_tokens
+        kept = self._bounds
+        if (load_version is None or kept is None or kept[0] != load_version
+                or kept[1] is not kv_use or kept[2] is not capacity):
+            used = np.multiply(kv_use, capacity)
+            kept = (load_version, kv_use, capacity, float(np.maximum.reduce(used)),
+                    float(np.minimum.reduce(capacity)))
+            self._bounds = kept
+        return kept[3], kept[4]
 
     def _row(self, oracle: CachedMapView | CachedOracle, src: int, candidates: CandidateView
              ) -> tuple[FloatArray, FloatArray, IntArray, IntArray, FloatArray]:

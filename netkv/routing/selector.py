@@ -188,7 +188,8 @@ class Selector:
         decision = None if fused is None else fused.decide(
             candidates, view.oracle, prefill_host=prefill.host_index,
             prompt_tokens=body.prompt_tokens, output_tokens=body.output_tokens,
-            kv_bytes_per_token=self.bytes_per_token, overlap=overlap, block_tokens=BLOCK_TOKENS)
+            kv_bytes_per_token=self.bytes_per_token, overlap=overlap, block_tokens=BLOCK_TOKENS,
+            load_version=self.registry.load_version)
         if decision is None:
             request = RequestView(prefill_host=prefill.host_index,
                                   prompt_tokens=body.prompt_tokens,

@@ -383,3 +383,13 @@ def test_a_broken_overlap_fails_the_comparison(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(pair.new.prefixes, "overlap", off_by_one.__get__(pair.new.prefixes))
     with pytest.raises(AssertionError):
         drive(pair, 400, seed=3)
+
+
+def test_a_wrong_queue_bound_fails_the_comparison(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fused path skips the KV-queue arithmetic when a bound says no decoder can queue:
+    a bound that always says so must be caught (tiny capacities do queue)."""
+    monkeypatch.setattr(fused_module.FusedNetkv, "_load_bounds",
+                        lambda self, candidates, version: (0.0, float("inf")))
+    pair = Pair(_topology(16), with_map=True, seed=2, capacity_tokens=800.0)
+    with pytest.raises(AssertionError):
+        drive(pair, 400, seed=3)
