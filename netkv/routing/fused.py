@@ -19,6 +19,7 @@ returns ``None``).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -36,12 +37,11 @@ _ROWS = "fused-row"  # this module's key in ``CandidateView.cache`` (per source 
 class _Buffers:
     """Scratch arrays for one candidate count."""
 
-    __slots__ = ("competing", "extra", "first", "flows", "missing", "n", "nbytes", "queue",
-                 "rate", "transfer", "used")
+    __slots__ = ("competing", "extra", "first", "flows", "n", "nbytes", "queue", "rate",
+                 "transfer", "used")
 
     def __init__(self, n: int, tbt_s: float) -> None:
         self.n = n
-        self.missing: IntArray = np.empty(n, dtype=np.int64)
         self.nbytes: FloatArray = np.empty(n)
         self.queue: FloatArray = np.empty(n)
         self.used: FloatArray = np.empty(n)
@@ -81,25 +81,26 @@ class FusedNetkv:
 
     def decide(self, candidates: CandidateView, oracle: CostOracle, *, prefill_host: int,
                prompt_tokens: int, output_tokens: int, kv_bytes_per_token: float,
-               overlap: IntArray | None, block_tokens: int,
-               load_version: int | None = None) -> Decision | None:
+               runs: list[list[int]] | None, bits: Callable[[int, int], IntArray],
+               block_tokens: int, load_version: int | None = None) -> Decision | None:
         """The engine's decision for a request without a prefill view, streaming or source
         NIC rate (timed into the engine like :meth:`DecisionEngine.decide`), or ``None``
-        when these inputs need the general path. ``load_version`` changes whenever the
+        when these inputs need the general path. ``runs`` are the prompt's held blocks as
+        :meth:`PrefixIndex.runs <netkv.routing.prefixes.PrefixIndex.runs>` gives them (None:
+        nobody holds the first), ``bits`` its :meth:`~netkv.routing.prefixes.PrefixIndex.bits`.
+        ``load_version`` changes whenever the
         candidates' ``kv_use`` or ``capacity_tokens`` do (their bounds are kept until then;
         ``None``: recomputed for every decision)."""
         kind = type(oracle)
         if ((kind is not CachedMapView and kind is not CachedOracle)
                 or candidates.tbt_s is not None or candidates.waiting_tokens is not None
-                or candidates.nic_bytes_s is not None
-                or (overlap is not None and (overlap.dtype != np.int64
-                                             or overlap.shape != candidates.host.shape))):
+                or candidates.nic_bytes_s is not None):
             return None
         start = time.perf_counter_ns()
         decision = self._decide(candidates, oracle,  # type: ignore[arg-type]
                                 src=prefill_host, prompt_tokens=prompt_tokens,
                                 output_tokens=output_tokens,
-                                kv_bytes_per_token=kv_bytes_per_token, overlap=overlap,
+                                kv_bytes_per_token=kv_bytes_per_token, runs=runs, bits=bits,
                                 block_tokens=block_tokens, load_version=load_version)
         self.engine.record((time.perf_counter_ns() - start) * 1e-9)
         self.decided += 1
@@ -107,22 +108,38 @@ class FusedNetkv:
 
     def _decide(self, candidates: CandidateView, oracle: CachedMapView | CachedOracle, *,
                 src: int, prompt_tokens: int, output_tokens: int, kv_bytes_per_token: float,
-                overlap: IntArray | None, block_tokens: int,
-                load_version: int | None) -> Decision:
+                runs: list[list[int]] | None, bits: Callable[[int, int], IntArray],
+                block_tokens: int, load_version: int | None) -> Decision:
         n = candidates.host.shape[0]
         b = self._buf
         if b.n != n:
             b = self._buf = _Buffers(n, self.tbt_s)
         # -- decode_side: bytes the decoder lacks, queue for KV memory, first step --------
-        nbytes = b.nbytes
-        if overlap is None:
-            nbytes.fill(prompt_tokens * kv_bytes_per_token)
-        else:  # max(prompt - overlap * block, 0) * kv_bytes_per_token, in int64 then float
-            missing = b.missing
-            np.multiply(overlap, block_tokens, out=missing)
-            np.subtract(prompt_tokens, missing, out=missing)
-            np.maximum(missing, 0, out=missing)
-            np.multiply(missing, kv_bytes_per_token, out=nbytes)
+        # max(prompt - overlap * block, 0) * kv_bytes_per_token: an exact integer, then one
+        # float64 product, per distinct overlap (one per run of held blocks; Python's int
+        # and float arithmetic is numpy's int64 and float64 here: |values| < 2**53)
+        whole = prompt_tokens * kv_bytes_per_token
+        nbytes: FloatArray
+        if runs is None:
+            nbytes = b.nbytes
+            nbytes.fill(whole)
+        else:
+            low = (1 << n) - 1
+            held = runs[0][1]
+            nbytes = np.where(bits(runs[0][0], n),
+                              max(prompt_tokens - held * block_tokens, 0) * kv_bytes_per_token,
+                              whole)
+            for holders_of_run, count in runs[1:]:  # subsets of the run before
+                held += count
+                value = max(prompt_tokens - held * block_tokens, 0) * kv_bytes_per_token
+                rest = holders_of_run & low
+                if rest.bit_count() > 8:
+                    np.putmask(nbytes, bits(rest, n) != 0, value)
+                    continue
+                while rest:
+                    bit = rest & -rest
+                    nbytes[bit.bit_length() - 1] = value
+                    rest ^= bit
         need = float(prompt_tokens + output_tokens)
         capacity = candidates.capacity_tokens
         queue: FloatArray | None = None  # None: +0.0 for every candidate

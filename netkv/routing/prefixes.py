@@ -40,6 +40,13 @@ class PrefixIndex:
 
     def overlap(self, hashes: Sequence[int], n_decoders: int) -> IntArray | None:
         """Leading blocks of ``hashes`` each decoder holds (None when nobody holds the first)."""
+        runs = self.runs(hashes)
+        return None if runs is None else self.from_runs(runs, n_decoders)
+
+    def runs(self, hashes: Sequence[int]) -> list[list[int]] | None:
+        """``[holders, blocks]`` per run of the prompt's leading blocks held by the same
+        decoders (bit masks, each a subset of the one before), or None when nobody holds
+        the first block. Decoder ``d`` holds the sum of the runs whose holders include it."""
         holders = self._holders
         alive = holders.get(hashes[0], 0) if hashes else 0
         if not alive:
@@ -54,15 +61,19 @@ class PrefixIndex:
                 runs[-1][1] += 1
             else:
                 runs.append([alive, 1])
-        # sum over runs of (run length x its holder set's bits), each set unpacked once (the
-        # same few sets recur: a shared system prompt's, a conversation's); exact int64
+        return runs
+
+    def from_runs(self, runs: list[list[int]], n_decoders: int) -> IntArray:
+        """The per-decoder overlap of :meth:`runs`: the sum of (run length x its holders'
+        bits), each holder set unpacked once (the same few recur: a shared system prompt's,
+        a conversation's); a run with few holders adds per bit. Exact int64."""
         mask, count = runs[0]
-        out: IntArray = self._bits(mask, n_decoders) * count
+        out: IntArray = self.bits(mask, n_decoders) * count
         low = (1 << n_decoders) - 1
         for holders_of_run, count in runs[1:]:
             rest = holders_of_run & low
             if rest.bit_count() > 8:
-                out += self._bits(rest, n_decoders) * count
+                out += self.bits(rest, n_decoders) * count
                 continue
             while rest:  # a few holders (a conversation's decoders): one add per bit
                 bit = rest & -rest
@@ -70,7 +81,7 @@ class PrefixIndex:
                 rest ^= bit
         return out
 
-    def _bits(self, mask: int, n_decoders: int) -> IntArray:
+    def bits(self, mask: int, n_decoders: int) -> IntArray:
         """Bit ``d`` of ``mask`` at position ``d`` (int64, read-only), unpacked once per
         holder set: the same few sets (a shared system prompt's, a conversation's) recur."""
         if n_decoders != self._bits_n:

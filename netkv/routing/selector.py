@@ -176,7 +176,7 @@ class Selector:
         self.sweep(every_s=0.02)
         hashes = body.block_hashes
         n = len(self.registry.decoders)
-        overlap = self.prefixes.overlap(hashes, n) if hashes else None
+        runs = self.prefixes.runs(hashes) if hashes else None
         joint = None
         if policy == "netkv_pair":  # every prefill instance is a candidate, ready now
             prefills = self.registry.prefills
@@ -188,9 +188,10 @@ class Selector:
         decision = None if fused is None else fused.decide(
             candidates, view.oracle, prefill_host=prefill.host_index,
             prompt_tokens=body.prompt_tokens, output_tokens=body.output_tokens,
-            kv_bytes_per_token=self.bytes_per_token, overlap=overlap, block_tokens=BLOCK_TOKENS,
-            load_version=self.registry.load_version)
+            kv_bytes_per_token=self.bytes_per_token, runs=runs, bits=self.prefixes.bits,
+            block_tokens=BLOCK_TOKENS, load_version=self.registry.load_version)
         if decision is None:
+            overlap = None if runs is None else self.prefixes.from_runs(runs, n)
             request = RequestView(prefill_host=prefill.host_index,
                                   prompt_tokens=body.prompt_tokens,
                                   kv_bytes_per_token=self.bytes_per_token,

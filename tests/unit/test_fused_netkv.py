@@ -53,7 +53,7 @@ def _old_overlap(self: PrefixIndex, hashes: Sequence[int], n_decoders: int) -> A
         else:
             runs.append([alive, 1])
     if len(runs) == 1:
-        return self._bits(runs[0][0], n_decoders) * runs[0][1]
+        return self.bits(runs[0][0], n_decoders) * runs[0][1]
     width = (n_decoders + 7) // 8
     low = (1 << n_decoders) - 1
     raw = b"".join((mask & low).to_bytes(width, "little") for mask, _ in runs)
@@ -371,18 +371,26 @@ def test_a_broken_fused_path_fails_the_comparison(broken: Any,
         drive(pair, 400, seed=3, refresh_every=25)
 
 
-def test_a_broken_overlap_fails_the_comparison(monkeypatch: pytest.MonkeyPatch) -> None:
-    def off_by_one(self: PrefixIndex, hashes: Sequence[int], n: int) -> Any:
-        out = PrefixIndex.overlap(self, hashes, n)
-        if out is not None and len(hashes) > 3:
-            out = out.copy()
-            out[out > 1] -= 1
+@pytest.mark.parametrize("where", ["runs", "from_runs"])
+def test_a_broken_overlap_fails_the_comparison(where: str,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Held blocks one short (the fused path reads ``runs``; the policies' own path, for
+    the other policies here, reads ``from_runs``)."""
+    def short_runs(self: PrefixIndex, hashes: Sequence[int]) -> Any:
+        runs = PrefixIndex.runs(self, hashes)
+        return runs if runs is None or runs[0][1] < 2 else [[runs[0][0], runs[0][1] - 1],
+                                                            *runs[1:]]
+
+    def short_overlap(self: PrefixIndex, runs: Any, n: int) -> Any:
+        out = PrefixIndex.from_runs(self, runs, n)
+        out[out > 1] -= 1
         return out
 
     pair = Pair(_topology(16), with_map=True, seed=2)
-    monkeypatch.setattr(pair.new.prefixes, "overlap", off_by_one.__get__(pair.new.prefixes))
+    broken = short_runs if where == "runs" else short_overlap
+    monkeypatch.setattr(pair.new.prefixes, where, broken.__get__(pair.new.prefixes))
     with pytest.raises(AssertionError):
-        drive(pair, 400, seed=3)
+        drive(pair, 400, seed=3, policies=(None, "least_loaded", "cache_aware", "netkv_pair"))
 
 
 def test_a_wrong_queue_bound_fails_the_comparison(monkeypatch: pytest.MonkeyPatch) -> None:
