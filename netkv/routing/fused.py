@@ -19,7 +19,6 @@ returns ``None``).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -30,6 +29,7 @@ from netkv.core.paths import CachedOracle
 from netkv.core.policies import Bookings, CandidateView, Decision, DecisionEngine, Netkv
 from netkv.core.policies.network import prefer_less_loaded, prefer_lower_tier
 from netkv.core.topology import FloatArray, IntArray
+from netkv.routing.prefixes import PrefixIndex
 
 _ROWS = "fused-row"  # this module's key in ``CandidateView.cache`` (per source host)
 
@@ -81,13 +81,13 @@ class FusedNetkv:
 
     def decide(self, candidates: CandidateView, oracle: CostOracle, *, prefill_host: int,
                prompt_tokens: int, output_tokens: int, kv_bytes_per_token: float,
-               runs: list[list[int]] | None, bits: Callable[[int, int], IntArray],
+               runs: list[list[int]] | None, prefixes: PrefixIndex,
                block_tokens: int, load_version: int | None = None) -> Decision | None:
         """The engine's decision for a request without a prefill view, streaming or source
         NIC rate (timed into the engine like :meth:`DecisionEngine.decide`), or ``None``
         when these inputs need the general path. ``runs`` are the prompt's held blocks as
         :meth:`PrefixIndex.runs <netkv.routing.prefixes.PrefixIndex.runs>` gives them (None:
-        nobody holds the first), ``bits`` its :meth:`~netkv.routing.prefixes.PrefixIndex.bits`.
+        nobody holds the first) from ``prefixes``.
         ``load_version`` changes whenever the
         candidates' ``kv_use`` or ``capacity_tokens`` do (their bounds are kept until then;
         ``None``: recomputed for every decision)."""
@@ -100,7 +100,7 @@ class FusedNetkv:
         decision = self._decide(candidates, oracle,  # type: ignore[arg-type]
                                 src=prefill_host, prompt_tokens=prompt_tokens,
                                 output_tokens=output_tokens,
-                                kv_bytes_per_token=kv_bytes_per_token, runs=runs, bits=bits,
+                                kv_bytes_per_token=kv_bytes_per_token, runs=runs, prefixes=prefixes,
                                 block_tokens=block_tokens, load_version=load_version)
         self.engine.record((time.perf_counter_ns() - start) * 1e-9)
         self.decided += 1
@@ -108,7 +108,7 @@ class FusedNetkv:
 
     def _decide(self, candidates: CandidateView, oracle: CachedMapView | CachedOracle, *,
                 src: int, prompt_tokens: int, output_tokens: int, kv_bytes_per_token: float,
-                runs: list[list[int]] | None, bits: Callable[[int, int], IntArray],
+                runs: list[list[int]] | None, prefixes: PrefixIndex,
                 block_tokens: int, load_version: int | None) -> Decision:
         n = candidates.host.shape[0]
         b = self._buf
@@ -126,7 +126,7 @@ class FusedNetkv:
         else:
             low = (1 << n) - 1
             held = runs[0][1]
-            nbytes = np.where(bits(runs[0][0], n),
+            nbytes = np.where(prefixes.bits(runs[0][0], n),  # a recurring set: cached
                               max(prompt_tokens - held * block_tokens, 0) * kv_bytes_per_token,
                               whole)
             for holders_of_run, count in runs[1:]:  # subsets of the run before
@@ -134,7 +134,7 @@ class FusedNetkv:
                 value = max(prompt_tokens - held * block_tokens, 0) * kv_bytes_per_token
                 rest = holders_of_run & low
                 if rest.bit_count() > 8:
-                    np.putmask(nbytes, bits(rest, n) != 0, value)
+                    np.putmask(nbytes, prefixes.flags(rest, n), value)
                     continue
                 while rest:
                     bit = rest & -rest

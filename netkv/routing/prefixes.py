@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -34,6 +35,7 @@ class PrefixIndex:
         self._holders: dict[int, int] = {}
         self._bits_of: dict[int, IntArray] = {}
         self._bits_n = -1
+        self._pow2: np.ndarray[Any, np.dtype[np.uint64]] = np.zeros(0, dtype=np.uint64)
 
     def __len__(self) -> int:
         return len(self._holders)
@@ -79,6 +81,20 @@ class PrefixIndex:
                 bit = rest & -rest
                 out[bit.bit_length() - 1] += count
                 rest ^= bit
+        return out
+
+    def flags(self, mask: int, n_decoders: int) -> np.ndarray[Any, np.dtype[np.bool_]]:
+        """``bits(mask, n_decoders) != 0``, without a cache: for up to 64 decoders one AND
+        against the powers of two (a holder set seen once, e.g. a conversation's that grows
+        turn by turn, costs no unpacking)."""
+        out: np.ndarray[Any, np.dtype[np.bool_]]
+        if n_decoders > 64:
+            out = self.bits(mask, n_decoders) != 0
+            return out
+        if self._pow2.shape[0] != n_decoders:
+            self._pow2 = np.left_shift(np.uint64(1), np.arange(n_decoders, dtype=np.uint64))
+        low = (1 << n_decoders) - 1
+        out = np.bitwise_and(self._pow2, np.uint64(mask & low)) != 0
         return out
 
     def bits(self, mask: int, n_decoders: int) -> IntArray:

@@ -188,7 +188,7 @@ class Selector:
         decision = None if fused is None else fused.decide(
             candidates, view.oracle, prefill_host=prefill.host_index,
             prompt_tokens=body.prompt_tokens, output_tokens=body.output_tokens,
-            kv_bytes_per_token=self.bytes_per_token, runs=runs, bits=self.prefixes.bits,
+            kv_bytes_per_token=self.bytes_per_token, runs=runs, prefixes=self.prefixes,
             block_tokens=BLOCK_TOKENS, load_version=self.registry.load_version)
         if decision is None:
             overlap = None if runs is None else self.prefixes.from_runs(runs, n)

@@ -401,3 +401,14 @@ def test_a_wrong_queue_bound_fails_the_comparison(monkeypatch: pytest.MonkeyPatc
     pair = Pair(_topology(16), with_map=True, seed=2, capacity_tokens=800.0)
     with pytest.raises(AssertionError):
         drive(pair, 400, seed=3)
+
+
+def test_holder_flags_match_the_unpacked_bits() -> None:
+    """``PrefixIndex.flags`` (one AND, up to 64 decoders) is ``bits(...) != 0`` for any
+    mask, also with bits past the decoder count (decoders removed)."""
+    index = PrefixIndex()
+    rng = random.Random(4)
+    for n in (1, 2, 7, 8, 9, 63, 64, 65, 130):
+        for _ in range(50):
+            mask = rng.getrandbits(n + 3) | (1 << rng.randrange(n))
+            assert np.array_equal(index.flags(mask, n), index.bits(mask, n) != 0)
