@@ -97,19 +97,18 @@ class FusedNetkv:
                 or candidates.nic_bytes_s is not None):
             return None
         start = time.perf_counter_ns()
-        decision = self._decide(candidates, oracle,  # type: ignore[arg-type]
-                                src=prefill_host, prompt_tokens=prompt_tokens,
-                                output_tokens=output_tokens,
-                                kv_bytes_per_token=kv_bytes_per_token, runs=runs, prefixes=prefixes,
-                                block_tokens=block_tokens, load_version=load_version)
+        decision = self._decide(candidates, oracle, prefill_host,  # type: ignore[arg-type]
+                                prompt_tokens, output_tokens, kv_bytes_per_token, runs,
+                                prefixes, block_tokens, load_version)
         self.engine.record((time.perf_counter_ns() - start) * 1e-9)
         self.decided += 1
         return decision
 
-    def _decide(self, candidates: CandidateView, oracle: CachedMapView | CachedOracle, *,
-                src: int, prompt_tokens: int, output_tokens: int, kv_bytes_per_token: float,
-                runs: list[list[int]] | None, prefixes: PrefixIndex,
-                block_tokens: int, load_version: int | None) -> Decision:
+    def _decide(  # noqa: PLR0917 - positional: called once per decision, from decide only
+            self, candidates: CandidateView, oracle: CachedMapView | CachedOracle, src: int,
+            prompt_tokens: int, output_tokens: int, kv_bytes_per_token: float,
+            runs: list[list[int]] | None, prefixes: PrefixIndex, block_tokens: int,
+            load_version: int | None, /) -> Decision:
         n = candidates.host.shape[0]
         b = self._buf
         if b.n != n:
@@ -143,7 +142,7 @@ class FusedNetkv:
         need = float(prompt_tokens + output_tokens)
         capacity = candidates.capacity_tokens
         queue: FloatArray | None = None  # None: +0.0 for every candidate
-        used_max, capacity_min = self._load_bounds(candidates, load_version)
+        used_max, capacity_min, kv_uniform = self._load_bounds(candidates, load_version)
         # The deficit need + waiting * need + used - capacity is +0.0 everywhere when even
         # the largest terms (with a margin far above float64 rounding) stay under the
         # smallest capacity: all terms are non-negative and finite (validated at the edge).
@@ -191,8 +190,8 @@ class FusedNetkv:
             np.add(scores, first, out=scores)
         chosen = self.ties.argmin(scores)
         if self.tie_rel > 0 and self.tie_rule == "load":
-            chosen = prefer_less_loaded(scores, transfer, tier, candidates.kv_use, chosen,
-                                        tie_rel=self.tie_rel, ties=self.ties)
+            chosen = self._less_loaded(scores, transfer, tier, candidates.kv_use, chosen,
+                                       uniform_kv=kv_uniform)
         elif self.tie_rel > 0:
             chosen = prefer_lower_tier(scores, transfer, tier, chosen, tie_rel=self.tie_rel,
                                        ties=self.ties)
@@ -203,19 +202,39 @@ class FusedNetkv:
                         first_token_s=f, tier=int(tier.item(chosen)),
                         transfer_bytes=float(nbytes.item(chosen)), scores=scores)
 
+    def _less_loaded(self, scores: FloatArray, transfer: FloatArray, tier: IntArray,  # noqa: PLR0917
+                     kv_use: FloatArray, best: int, uniform_kv: bool) -> int:
+        """:func:`~netkv.core.policies.network.prefer_less_loaded`; when every candidate has
+        the same KV use, its masked argmin ties exactly the near candidates, so the draw
+        among them is made directly (the same single draw from the same generator)."""
+        if not uniform_kv:
+            return prefer_less_loaded(scores, transfer, tier, kv_use, best,
+                                      tie_rel=self.tie_rel, ties=self.ties)
+        slack = self.tie_rel * float(transfer.item(best))
+        if slack <= 0:
+            return best
+        near = scores <= float(scores.item(best)) + slack
+        near &= tier <= tier.item(best)
+        if np.count_nonzero(near) == 1:
+            return best
+        ties = np.flatnonzero(near)
+        return int(ties[self.ties.rng.integers(ties.shape[0])])
+
     def _load_bounds(self, candidates: CandidateView, load_version: int | None
-                     ) -> tuple[float, float]:
-        """``(max(kv_use * capacity), min(capacity))``, kept while ``load_version`` and the
-        arrays stay the same (recomputed on every call without a version)."""
+                     ) -> tuple[float, float, bool]:
+        """``(max(kv_use * capacity), min(capacity), all kv_use equal)``, kept while
+        ``load_version`` and the arrays stay the same (recomputed on every call without a
+        version)."""
         kv_use, capacity = candidates.kv_use, candidates.capacity_tokens
         kept = self._bounds
         if (load_version is None or kept is None or kept[0] != load_version
                 or kept[1] is not kv_use or kept[2] is not capacity):
             used = np.multiply(kv_use, capacity)
             kept = (load_version, kv_use, capacity, float(np.maximum.reduce(used)),
-                    float(np.minimum.reduce(capacity)))
+                    float(np.minimum.reduce(capacity)),
+                    bool(np.minimum.reduce(kv_use) == np.maximum.reduce(kv_use)))
             self._bounds = kept
-        return kept[3], kept[4]
+        return kept[3], kept[4], kept[5]
 
     def _row(self, oracle: CachedMapView | CachedOracle, src: int, candidates: CandidateView
              ) -> tuple[FloatArray, FloatArray, IntArray, IntArray, FloatArray]:

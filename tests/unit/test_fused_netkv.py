@@ -30,6 +30,7 @@ from netkv.core.topology_file import parse_topology
 from netkv.errors import InputError
 from netkv.routing import InstanceReport, MapFeed, Selector, SelectorConfig, SelectRequest
 from netkv.routing import fused as fused_module
+from netkv.routing.fused import FusedNetkv
 from netkv.routing.prefixes import PrefixIndex
 
 pytestmark = pytest.mark.unit
@@ -362,7 +363,19 @@ def _broken_ties(self: Any, *args: Any, **kw: Any) -> Any:
 _ORIGINAL = fused_module.FusedNetkv._decide
 
 
-@pytest.mark.parametrize("broken", [_broken_queue, _broken_bookings, _broken_ties])
+def _broken_draw(self: Any, *args: Any, **kw: Any) -> Any:
+    """Equal KV use taken for granted: the draw among near candidates without the KV
+    comparison (wrong as soon as the loads differ)."""
+    saved = FusedNetkv._load_bounds
+    FusedNetkv._load_bounds = lambda s, c, v: (*saved(s, c, v)[:2], True)  # type: ignore[method-assign,assignment]
+    try:
+        return _ORIGINAL(self, *args, **kw)
+    finally:
+        FusedNetkv._load_bounds = saved  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("broken", [_broken_queue, _broken_bookings, _broken_ties,
+                                    _broken_draw])
 def test_a_broken_fused_path_fails_the_comparison(broken: Any,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fused_module.FusedNetkv, "_decide", broken)
@@ -397,7 +410,7 @@ def test_a_wrong_queue_bound_fails_the_comparison(monkeypatch: pytest.MonkeyPatc
     """The fused path skips the KV-queue arithmetic when a bound says no decoder can queue:
     a bound that always says so must be caught (tiny capacities do queue)."""
     monkeypatch.setattr(fused_module.FusedNetkv, "_load_bounds",
-                        lambda self, candidates, version: (0.0, float("inf")))
+                        lambda self, candidates, version: (0.0, float("inf"), False))
     pair = Pair(_topology(16), with_map=True, seed=2, capacity_tokens=800.0)
     with pytest.raises(AssertionError):
         drive(pair, 400, seed=3)
