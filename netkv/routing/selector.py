@@ -64,9 +64,10 @@ class SelectorConfig:
     scrape_allow: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Choice:
-    """A decision with what the answer reports about it."""
+    """A decision with what the answer reports about it (never changed once made; not frozen:
+    a frozen init costs a microsecond or two per decision)."""
 
     decision: Decision
     decoder: InstanceInfo
