@@ -86,9 +86,8 @@ class FusedNetkv:
         """The engine's decision for a request without a prefill view, streaming or source
         NIC rate (timed into the engine like :meth:`DecisionEngine.decide`), or ``None``
         when these inputs need the general path. ``runs`` are the prompt's held blocks as
-        :meth:`PrefixIndex.runs <netkv.routing.prefixes.PrefixIndex.runs>` gives them (None:
-        nobody holds the first) from ``prefixes``.
-        ``load_version`` changes whenever the
+        :meth:`PrefixIndex.runs <netkv.routing.prefixes.PrefixIndex.runs>` of ``prefixes``
+        gives them (None: nobody holds the first). ``load_version`` changes whenever the
         candidates' ``kv_use`` or ``capacity_tokens`` do (their bounds are kept until then;
         ``None``: recomputed for every decision)."""
         kind = type(oracle)
