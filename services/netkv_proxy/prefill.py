@@ -72,7 +72,7 @@ class PrefillChooser:
 
     def __init__(self, pool: WorkerPool, *, block_tokens: int, prefix_blocks: int,
                  overhead_tokens: float | None = None, rate_window: int = 16,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 drain: bool = True, clock: Callable[[], float] = time.monotonic) -> None:
         if rate_window < 1:
             raise ValueError("rate_window must be >= 1")
         self.pool = pool
@@ -80,6 +80,7 @@ class PrefillChooser:
         self.overhead_tokens = float(block_tokens if overhead_tokens is None
                                      else overhead_tokens)
         self.index = PrefixIndex(prefix_blocks)
+        self.drain = drain  # False: booked work only (the rule before the drain)
         self.clock = clock
         self._turn = itertools.count()
         n = len(pool.prefills)
@@ -96,7 +97,7 @@ class PrefillChooser:
     def done_tokens(self, worker: Worker, now: float) -> float:
         """How much of ``worker``'s oldest booked prefill it has computed by ``now``."""
         booked = self._booked[worker.index]
-        if not booked or self._rate is None:
+        if not booked or self._rate is None or not self.drain:
             return 0.0
         head = booked[0]
         began = max(head.booked_at, self._last_answer[worker.index])
