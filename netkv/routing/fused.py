@@ -171,11 +171,11 @@ class FusedNetkv:
             if flows.shape != links.shape:  # path tables are (6, hosts); kept general
                 flows = b.flows = np.empty(links.shape)
                 competing = b.competing = np.empty(links.shape)
-            # ndarray.take (the function adds ~1 µs of dispatch); "clip" leaves the (valid)
+            # ndarray.take (the function adds ~1 µs of dispatch); "wrap" leaves the (valid)
             # indices as they are and writes into ``out`` without an intermediate buffer
-            bookings.flows_ext.take(links, out=flows, mode="clip")
+            bookings.flows_ext.take(links, out=flows, mode="wrap")
             np.multiply(flows, nbytes, out=flows)
-            bookings.bytes_ext.take(links, out=competing, mode="clip")
+            bookings.bytes_ext.take(links, out=competing, mode="wrap")
             np.minimum(competing, flows, out=competing)
             np.divide(competing, kept, out=competing)
             np.maximum.reduce(competing, axis=0, out=b.extra)
