@@ -34,11 +34,11 @@ from typing import Any
 
 import numpy as np
 
+from netkv.core.prefix_cache import BLOCK_TOKENS
 from netkv.engine.model import EngineModel
 from netkv.sim.stats import t975
 from netkv.testbed.prefillq import RULES, counterfactual, queues
 
-TRACE_BLOCK_TOKENS = 512
 NIC_GBPS = 400.0  # the default topology's NIC, before the testbed's --scale
 
 
@@ -63,7 +63,7 @@ def breakdown(trace: list[dict[str, Any]], outcomes: list[dict[str, Any]],
             while hit < len(hashes) and hashes[hit] in held:
                 hit += 1
             held.update(hashes)
-            compute = model.prefill_s(max(int(req["input_length"]) - hit * TRACE_BLOCK_TOKENS, 0))
+            compute = model.prefill_s(max(int(req["input_length"]) - hit * BLOCK_TOKENS, 0))
             begin = max(float(o["arrival_s"]), free[o["prefill"]])
             free[o["prefill"]] = begin + compute
             acc["ttft"].append(float(o["ttft_s"]))
