@@ -29,6 +29,7 @@ from netkv.core.policies import (
     make_policy,
     policy_names,
 )
+from netkv.core.prefix_cache import BLOCK_TOKENS
 from netkv.core.topology import Topology
 from netkv.errors import InputError
 from netkv.routing.candidates import CandidateViews
@@ -38,8 +39,6 @@ from netkv.routing.mapfeed import MapFeed, MapView
 from netkv.routing.prefixes import PrefixIndex
 from netkv.routing.requests import InstanceReport, SelectRequest
 from netkv.routing.reservations import Reservations
-
-BLOCK_TOKENS = 512  # the trace's and vLLM's prefix block size
 
 
 @dataclass(frozen=True, slots=True)
