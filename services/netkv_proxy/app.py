@@ -9,7 +9,8 @@ Where each concept lives:
 * :mod:`netkv_proxy.relay`: the decode leg and the SSE relay;
 * :mod:`netkv_proxy.placement` and :mod:`netkv_proxy.prefill`: where a request goes;
 * :mod:`netkv_proxy.workers`: worker health, ejection, re-admission and load;
-* :mod:`netkv_proxy.upstream`: the client session and what both legs share.
+* :mod:`netkv_proxy.upstream`: what both legs share (a connection pool per worker, on
+  :mod:`netkv_proxy.engineclient`).
 
 Answers say where they went: ``x-netkv-prefill``, ``x-netkv-decode``, ``x-netkv-tier``,
 ``x-netkv-predicted-ms``, and ``x-netkv-map`` (``map v<version>`` or ``prior: <why>`` when
@@ -96,10 +97,6 @@ class Proxy:
         self._health_session = None
 
     @property
-    def session(self) -> aiohttp.ClientSession:
-        return self.upstream.session
-
-    @property
     def upstream_open(self) -> int:
         """Upstream requests in flight (leak checks)."""
         return self.upstream.open
@@ -149,6 +146,7 @@ class Proxy:
             "bookings": self.placement.bookings.active,
             "placements": len(self.placement.open),
             "upstream_open": self.upstream_open,
+            "upstream_connections": self.upstream.connections,
             "tasks": len(asyncio.all_tasks()),
             "workers": [{"name": w.name, "role": w.role, "healthy": w.healthy,
                          "inflight": w.inflight, "ejections": w.ejections,

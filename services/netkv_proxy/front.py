@@ -23,6 +23,7 @@ from netkv.contracts.openai import BodyError, ChatCompletionRequest, CompletionR
 from netkv.http.openai_errors import openai_error
 from netkv.prompts import TokenCounter, block_hashes, render_chat
 from netkv_proxy.config import ProxySettings
+from netkv_proxy.engineclient import header_block
 from netkv_proxy.metrics import ProxyMetrics
 from netkv_proxy.upstream import Job, Kind, UpstreamError
 
@@ -71,12 +72,17 @@ class Front:
         body = msgspec.json.decode(raw)
         if not isinstance(body, dict):
             raise BodyError("body", "must be a JSON object", "wrong_type")
-        headers = {"X-Request-Id": rid, "Content-Type": "application/json"}
+        headers = {"X-Request-Id": rid}
         auth = request.headers.get("Authorization")
         if auth:
             headers["Authorization"] = auth
+        try:
+            extra = header_block(headers)
+        except ValueError:
+            raise BodyError("Authorization", "must be one line of header text",
+                            "wrong_type") from None
         return Job(kind, rid, body, len(tokens), block_hashes(tokens, self.settings.block_size),
-                   limit, typed.stream, headers, time.perf_counter(),
+                   limit, typed.stream, extra, time.perf_counter(),
                    "completions" if kind == "completion" else "chat")
 
     async def _handle(self, request: web.Request, kind: Kind) -> web.StreamResponse:

@@ -1,0 +1,454 @@
+"""A lean HTTP/1.1 client for the proxy's two engine legs (``POST`` a JSON body; read a
+JSON answer or an SSE stream), on an asyncio :class:`~asyncio.Protocol` with the response
+parsed by ``httptools`` (llhttp, the parser uvicorn uses), and a keep-alive connection pool
+per engine.
+
+Why not aiohttp's client: at a few hundred requests per second its per-request machinery
+(the request and response objects, the header multidicts, the stream reader, the tracing
+hooks, the connector's bookkeeping) was ~45% of the proxy's CPU per request, on a path
+that sends one known method to one known path with three headers. This client builds the
+request head from bytes prepared once per engine and per request, writes head and body in one
+``write``, and hands back the status, the few headers and the body.
+
+Bounded everything: the connect time (``connect_timeout_s``), the gap between two reads of a
+response (``read_timeout_s``, per exchange; the prefill leg bounds its whole exchange
+itself), the response head (``MAX_HEAD_BYTES``, ``MAX_HEADERS``), a whole body read into
+memory (``max_body_bytes``), the connections per engine (``max_connections``; callers wait
+for one beyond it) and the idle ones kept (``max_idle``, none older than ``idle_s``).
+
+Connections: a connection goes back to its pool only when its response was read to the end,
+the engine allows keep-alive and nothing else arrived; anything else (an error, a timeout, a
+caller that was cancelled or stopped reading, e.g. when the client went away) closes it, so
+the engine sees the close and stops. A reused connection that the engine had closed while it
+was idle (the keep-alive race) fails before any byte of an answer: the request is sent once
+more on a new connection (it cannot have been processed). Responses are content-length,
+chunked, or delimited by the close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import ssl
+import time
+from urllib.parse import urlsplit
+
+import httptools
+
+MAX_HEAD_BYTES = 64 << 10
+MAX_HEADERS = 100
+STREAM_HIGH_WATER = 256 << 10  # buffered bytes of a stream before reading is paused
+STREAM_LOW_WATER = 64 << 10
+
+
+class EngineError(Exception):
+    """The exchange with an engine failed (closed, malformed or oversized answer)."""
+
+
+class EngineConnectError(EngineError):
+    """No connection to the engine (refused, unreachable, or not within the connect time)."""
+
+
+def _header_value(value: str) -> bytes:
+    data = value.encode("utf-8", "surrogateescape")  # the bytes aiohttp's server decoded
+    if b"\r" in data or b"\n" in data:
+        raise ValueError("header value with CR or LF")
+    return data
+
+
+def header_block(headers: dict[str, str]) -> bytes:
+    """``Name: value\\r\\n`` lines for extra request headers (built once per request)."""
+    return b"".join(_header_value(k) + b": " + _header_value(v) + b"\r\n"
+                    for k, v in headers.items())
+
+
+class _Conn(asyncio.Protocol):
+    """One connection to an engine; one exchange at a time."""
+
+    __slots__ = (
+        "buffered",
+        "chunks",
+        "closed",
+        "complete",
+        "error",
+        "got_bytes",
+        "head_bytes",
+        "headers",
+        "idle_since",
+        "keep",
+        "last_read",
+        "max_body",
+        "parser",
+        "paused",
+        "pool",
+        "read_timeout",
+        "reused",
+        "status",
+        "timer",
+        "transport",
+        "waiter",
+    )
+
+    def __init__(self, pool: EnginePool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.reused = False
+        self.closed = False
+        self.idle_since = 0.0
+        self.waiter: asyncio.Future[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self._reset(0, None)
+
+    def _reset(self, max_body: int, read_timeout: float | None) -> None:
+        self.status = 0
+        self.headers: dict[str, str] = {}
+        self.head_bytes = 0
+        self.got_bytes = False
+        self.complete = False  # the response was parsed to its end
+        self.keep = False  # ... and the connection may carry another
+        self.error: BaseException | None = None
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.buffered = 0
+        self.paused = False
+        self.max_body = max_body
+        self.read_timeout = read_timeout
+        self.last_read = 0.0
+
+    # -- asyncio.Protocol ---------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        if self.idle_since or self.complete:  # bytes nobody asked for: not reusable
+            self.close()
+            return
+        self.got_bytes = True
+        self.last_read = self.pool.loop.time()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(EngineError(f"malformed answer from {self.pool.name}: {exc}"))
+        except httptools.HttpParserUpgrade:
+            self._fail(EngineError(f"{self.pool.name} tried to upgrade the connection"))
+        except EngineError as exc:  # raised by a callback (a bound was exceeded)
+            self._fail(exc)
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport; connection_lost says the rest
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool._lost(self)
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.complete:
+            return
+        if self.status and not self._delimited():
+            # no length and not chunked: the close ends the body
+            self.complete = True
+            self._wake()
+            return
+        reason = f": {type(exc).__name__}: {exc}" if exc is not None else ""
+        self._fail(EngineError(f"{self.pool.name} closed the connection before the end of "
+                               f"its answer{reason}"))
+
+    def pause_writing(self) -> None:  # request bodies are small and written at once
+        pass
+
+    def resume_writing(self) -> None:
+        pass
+
+    # -- httptools callbacks ------------------------------------------------------------
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.head_bytes += len(name) + len(value) + 4
+        if self.head_bytes > MAX_HEAD_BYTES or len(self.headers) >= MAX_HEADERS:
+            raise EngineError(f"{self.pool.name} answered a head over {MAX_HEAD_BYTES} bytes "
+                              f"or {MAX_HEADERS} headers")
+        self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+
+    def on_headers_complete(self) -> None:
+        self.status = self.parser.get_status_code()
+        self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        self.chunks.append(body)
+        self.buffered += len(body)
+        if self.max_body and self.buffered > self.max_body:
+            raise EngineError(f"{self.pool.name} answered a body over {self.max_body} bytes")
+        if self.buffered > STREAM_HIGH_WATER and not self.paused and self.transport:
+            self.paused = True
+            self.transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+        self.keep = self.parser.should_keep_alive()
+        self._wake()
+
+    # -- helpers ------------------------------------------------------------------------
+    def _delimited(self) -> bool:
+        h = self.headers
+        return "content-length" in h or "chunked" in h.get("transfer-encoding", "")
+
+    def _wake(self) -> None:
+        w = self.waiter
+        if w is not None:
+            self.waiter = None
+            if not w.done():
+                w.set_result(None)
+
+    def _fail(self, exc: BaseException) -> None:
+        if self.error is None:
+            self.error = exc
+        self.keep = False
+        self.close()
+        self._wake()
+
+    def close(self) -> None:
+        self.keep = False
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.abort()
+
+    async def wait(self) -> None:
+        """Until something arrives (head, body, the end, an error) or the read times out."""
+        if self.error is not None:
+            raise self.error
+        if self.closed:  # lost before this exchange began
+            raise EngineError(f"{self.pool.name} closed the connection")
+        loop = self.pool.loop
+        self.waiter = w = loop.create_future()
+        if self.read_timeout is not None and self.timer is None:
+            self.timer = loop.call_at(self.last_read + self.read_timeout, self._check_timeout)
+        await w
+        if self.error is not None:
+            raise self.error
+
+    def _check_timeout(self) -> None:
+        self.timer = None
+        if self.complete or self.error is not None or self.read_timeout is None:
+            return
+        due = self.last_read + self.read_timeout
+        if self.pool.loop.time() < due:
+            self.timer = self.pool.loop.call_at(due, self._check_timeout)
+            return
+        self._fail(TimeoutError(f"{self.pool.name}: nothing read for {self.read_timeout:g} s"))
+
+    def take(self) -> bytes:
+        """Everything buffered so far (resumes a paused stream)."""
+        chunks = self.chunks
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self.buffered = 0
+        if self.paused and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+        return data
+
+
+class Response:
+    """An engine's answer: ``status``, ``headers`` (lower-case names), the body by
+    :meth:`read` or :meth:`chunk`. Use as ``async with pool.post(...) as resp``."""
+
+    __slots__ = (
+        "_body",
+        "_conn",
+        "_head",
+        "_max_body",
+        "_pool",
+        "_timeout",
+        "headers",
+        "status",
+    )
+
+    def __init__(self, pool: EnginePool, head: bytes, body: bytes, read_timeout: float | None,
+                 max_body: int) -> None:
+        self._pool, self._head, self._body = pool, head, body
+        self._timeout, self._max_body = read_timeout, max_body
+        self._conn: _Conn | None = None
+        self.status = 0
+        self.headers: dict[str, str] = {}
+
+    async def __aenter__(self) -> Response:
+        pool = self._pool
+        for attempt in range(2):
+            conn = await pool.acquire()
+            self._conn = conn
+            conn._reset(self._max_body, self._timeout)
+            conn.last_read = pool.loop.time()
+            assert conn.transport is not None
+            conn.transport.write(self._head + self._body)
+            try:
+                while not conn.status:
+                    await conn.wait()
+            except EngineError:
+                if attempt == 0 and conn.reused and not conn.got_bytes:
+                    self._release()  # closed while idle (the keep-alive race): once more
+                    continue
+                self._release()
+                raise
+            except BaseException:
+                self._release()
+                raise
+            self.status, self.headers = conn.status, conn.headers
+            return self
+        raise AssertionError("unreachable")
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            self._pool.release(conn)
+
+    async def read(self) -> bytes:
+        """The whole body (at most ``max_body`` bytes)."""
+        conn = self._conn
+        assert conn is not None, "read inside the async with block"
+        while not conn.complete:
+            await conn.wait()
+        return conn.take() if conn.chunks else b""
+
+    async def chunk(self) -> bytes | None:
+        """The body as it arrives: what has arrived since the last call, joined (None at
+        the end). A coroutine, not an async generator: a stream left unfinished (the client
+        went away) leaves no generator for the loop to finalise."""
+        conn = self._conn
+        assert conn is not None, "read inside the async with block"
+        while True:
+            if conn.chunks:
+                return conn.take()
+            if conn.complete:
+                return None
+            await conn.wait()
+
+
+class EnginePool:
+    """Keep-alive connections to one engine (``base``: ``http(s)://host:port``)."""
+
+    def __init__(self, base: str, *, connect_timeout_s: float, max_connections: int,
+                 max_idle: int = 64, idle_s: float = 15.0) -> None:
+        parts = urlsplit(base)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"expected http(s)://HOST:PORT, got {base!r}")
+        self.host = parts.hostname
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.ssl: ssl.SSLContext | None = ssl.create_default_context() \
+            if parts.scheme == "https" else None
+        self.name = parts.netloc
+        self.prefix = parts.path.rstrip("/")
+        self._host_line = b"Host: " + parts.netloc.encode("idna") + b"\r\n"
+        self.connect_timeout_s = connect_timeout_s
+        self.max_connections, self.max_idle, self.idle_s = max_connections, max_idle, idle_s
+        self.loop = asyncio.get_running_loop()
+        self.idle: collections.deque[_Conn] = collections.deque()
+        self.busy: set[_Conn] = set()
+        self.connecting = 0
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._heads: dict[str, bytes] = {}
+        self.closed = False
+
+    def post(self, path: str, body: bytes, extra: bytes = b"", *,
+             read_timeout: float | None = None, max_body: int = 0) -> Response:
+        """``POST path`` with a JSON ``body`` and ``extra`` header lines (see
+        :func:`header_block`); ``async with`` the result."""
+        start = self._heads.get(path)
+        if start is None:
+            start = self._heads[path] = (b"POST " + (self.prefix + path).encode() +
+                                         b" HTTP/1.1\r\n" + self._host_line +
+                                         b"Content-Type: application/json\r\n")
+        head = b"%s%sContent-Length: %d\r\n\r\n" % (start, extra, len(body))
+        return Response(self, head, body, read_timeout, max_body)
+
+    @property
+    def open(self) -> int:
+        return len(self.idle) + len(self.busy) + self.connecting
+
+    async def acquire(self) -> _Conn:
+        if self.closed:
+            raise EngineError(f"the pool of {self.name} is closed")
+        idle, now = self.idle, time.monotonic()
+        while idle and now - idle[0].idle_since > self.idle_s:  # the oldest ones first
+            idle.popleft().close()
+        while idle:
+            conn = idle.pop()  # the most recently used: the warmest
+            if not conn.closed and conn.transport is not None \
+                    and not conn.transport.is_closing():
+                conn.reused, conn.idle_since = True, 0.0
+                self.busy.add(conn)
+                return conn
+        while self.open >= self.max_connections:
+            w = self.loop.create_future()
+            self._waiters.append(w)
+            try:
+                await w
+            except BaseException:
+                if w in self._waiters:
+                    self._waiters.remove(w)
+                elif w.done() and not w.cancelled():
+                    self._notify()  # woken, then cancelled: pass the turn on
+                raise
+            if self.idle:
+                return await self.acquire()
+        self.connecting += 1
+        try:
+            async with asyncio.timeout(self.connect_timeout_s):
+                _, proto = await self.loop.create_connection(
+                    lambda: _Conn(self), self.host, self.port, ssl=self.ssl,
+                    server_hostname=self.host if self.ssl else None)
+        except TimeoutError:
+            raise EngineConnectError(f"no connection to {self.name} within "
+                                     f"{self.connect_timeout_s:g} s") from None
+        except OSError as exc:
+            raise EngineConnectError(f"cannot connect to {self.name}: "
+                                     f"{type(exc).__name__}: {exc}") from None
+        finally:
+            self.connecting -= 1
+            self._notify()
+        conn = proto
+        self.busy.add(conn)
+        return conn
+
+    def release(self, conn: _Conn) -> None:
+        self.busy.discard(conn)
+        if conn.timer is not None:
+            conn.timer.cancel()
+            conn.timer = None
+        conn.waiter = None
+        if (conn.complete and conn.keep and not conn.closed and not self.closed
+                and conn.error is None and not conn.chunks
+                and len(self.idle) < self.max_idle):
+            conn.idle_since = time.monotonic()
+            conn.reused = False
+            conn.status = 0
+            self.idle.append(conn)
+        else:
+            conn.close()
+        self._notify()
+
+    def _lost(self, conn: _Conn) -> None:
+        if conn.idle_since:
+            with contextlib.suppress(ValueError):
+                self.idle.remove(conn)
+        self._notify()
+
+    def _notify(self) -> None:
+        while self._waiters:
+            w = self._waiters.popleft()
+            if not w.done():
+                w.set_result(None)
+                return
+
+    def close(self) -> None:
+        self.closed = True
+        for conn in [*self.idle, *self.busy]:
+            conn.close()
+        self.idle.clear()
+        while self._waiters:
+            w = self._waiters.popleft()
+            if not w.done():
+                w.set_exception(EngineError(f"the pool of {self.name} is closed"))
