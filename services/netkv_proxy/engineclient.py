@@ -74,6 +74,7 @@ class _Conn(asyncio.Protocol):
         "error",
         "got_bytes",
         "head_bytes",
+        "head_size",
         "headers",
         "idle_since",
         "keep",
@@ -104,7 +105,8 @@ class _Conn(asyncio.Protocol):
     def _reset(self, max_body: int, read_timeout: float | None) -> None:
         self.status = 0
         self.headers: dict[str, str] = {}
-        self.head_bytes = 0
+        self.head_bytes = 0  # bytes received before the head was complete
+        self.head_size = 0  # bytes of the header lines parsed
         self.got_bytes = False
         self.complete = False  # the response was parsed to its end
         self.keep = False  # ... and the connection may carry another
@@ -127,14 +129,19 @@ class _Conn(asyncio.Protocol):
             return
         self.got_bytes = True
         self.last_read = self.pool.loop.time()
+        if not self.status:  # the head is not complete: bound what the parser holds
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_HEAD_BYTES + (64 << 10):  # a body may have begun
+                self._fail(self._bound(f"a head over {MAX_HEAD_BYTES} bytes"))
+                return
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self._fail(EngineError(f"malformed answer from {self.pool.name}: {exc}"))
         except httptools.HttpParserUpgrade:
             self._fail(EngineError(f"{self.pool.name} tried to upgrade the connection"))
-        except EngineError as exc:  # raised by a callback (a bound was exceeded)
-            self._fail(exc)
+        except httptools.HttpParserError as exc:
+            # a bound a callback found (the parser wraps what its callbacks raise)
+            self._fail(self.error or EngineError(f"malformed answer from {self.pool.name}: "
+                                                 f"{exc}"))
 
     def eof_received(self) -> bool | None:
         return None  # close the transport; connection_lost says the rest
@@ -163,11 +170,14 @@ class _Conn(asyncio.Protocol):
         pass
 
     # -- httptools callbacks ------------------------------------------------------------
+    def _bound(self, what: str) -> EngineError:
+        self.error = exc = EngineError(f"{self.pool.name} answered {what}")
+        return exc
+
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.head_bytes += len(name) + len(value) + 4
-        if self.head_bytes > MAX_HEAD_BYTES or len(self.headers) >= MAX_HEADERS:
-            raise EngineError(f"{self.pool.name} answered a head over {MAX_HEAD_BYTES} bytes "
-                              f"or {MAX_HEADERS} headers")
+        self.head_size += len(name) + len(value) + 4
+        if self.head_size > MAX_HEAD_BYTES or len(self.headers) >= MAX_HEADERS:
+            raise self._bound(f"a head over {MAX_HEAD_BYTES} bytes or {MAX_HEADERS} headers")
         self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
 
     def on_headers_complete(self) -> None:
@@ -178,7 +188,7 @@ class _Conn(asyncio.Protocol):
         self.chunks.append(body)
         self.buffered += len(body)
         if self.max_body and self.buffered > self.max_body:
-            raise EngineError(f"{self.pool.name} answered a body over {self.max_body} bytes")
+            raise self._bound(f"a body over {self.max_body} bytes")
         if self.buffered > STREAM_HIGH_WATER and not self.paused and self.transport:
             self.paused = True
             self.transport.pause_reading()
