@@ -113,11 +113,11 @@ class Placement:
             run_a, wait_a, extra_a, kv_a = self._running, self._waiting, self._extra, \
                 self._kv_use
             for i, w in enumerate(decodes):
-                running, waiting = w.running, w.waiting
-                waits = int(waiting)
-                run_a[i] = int(running)
+                run, wait = w.running, w.waiting
+                waits = int(wait)
+                run_a[i] = int(run)
                 wait_a[i] = waits
-                extra_a[i] = int(waiting + max(w.inflight - running - waiting, 0.0)) - waits
+                extra_a[i] = int(wait + max(w.inflight - run - wait, 0.0)) - waits
                 kv_a[i] = w.kv_use
             return self._views.get(self._hosts, run_a, wait_a, kv_a, self._capacity,
                                    extra_waiting=extra_a)
