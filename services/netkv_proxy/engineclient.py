@@ -72,6 +72,7 @@ class _Conn(asyncio.Protocol):
         "chunks",
         "closed",
         "complete",
+        "deadline",
         "error",
         "got_bytes",
         "head_bytes",
@@ -103,7 +104,8 @@ class _Conn(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self._reset(0, None)
 
-    def _reset(self, max_body: int, read_timeout: float | None) -> None:
+    def _reset(self, max_body: int, read_timeout: float | None,
+               deadline: float | None = None) -> None:
         self.status = 0
         self.headers: dict[str, str] = {}
         self.head_bytes = 0  # bytes received before the head was complete
@@ -117,6 +119,7 @@ class _Conn(asyncio.Protocol):
         self.paused = False
         self.max_body = max_body
         self.read_timeout = read_timeout
+        self.deadline = deadline  # loop time by which the whole exchange must be done
         self.last_read = 0.0
 
     # -- asyncio.Protocol ---------------------------------------------------------------
@@ -232,21 +235,28 @@ class _Conn(asyncio.Protocol):
             raise EngineError(f"{self.pool.name} closed the connection")
         loop = self.pool.loop
         self.waiter = w = loop.create_future()
-        if self.read_timeout is not None and self.timer is None:
-            self.timer = loop.call_at(self.last_read + self.read_timeout, self._check_timeout)
+        if self.timer is None and (self.read_timeout is not None or self.deadline is not None):
+            self.timer = loop.call_at(self._due(), self._check_timeout)
         await w
         if self.error is not None:
             raise self.error
 
+    def _due(self) -> float:
+        due = float("inf") if self.read_timeout is None else self.last_read + self.read_timeout
+        return due if self.deadline is None else min(due, self.deadline)
+
     def _check_timeout(self) -> None:
         self.timer = None
-        if self.complete or self.error is not None or self.read_timeout is None:
+        if self.complete or self.error is not None:
             return
-        due = self.last_read + self.read_timeout
-        if self.pool.loop.time() < due:
-            self.timer = self.pool.loop.call_at(due, self._check_timeout)
+        due = self._due()
+        loop = self.pool.loop
+        if loop.time() < due:
+            self.timer = loop.call_at(due, self._check_timeout)
             return
-        self._fail(TimeoutError(f"{self.pool.name}: nothing read for {self.read_timeout:g} s"))
+        self._fail(TimeoutError(f"{self.pool.name}: no complete answer in time" if
+                                self.deadline is not None and due >= self.deadline else
+                                f"{self.pool.name}: nothing read for {self.read_timeout:g} s"))
 
     def take(self) -> bytes:
         """Everything buffered so far (resumes a paused stream)."""
@@ -267,6 +277,7 @@ class Response:
     __slots__ = (
         "_body",
         "_conn",
+        "_deadline_s",
         "_head",
         "_max_body",
         "_pool",
@@ -275,20 +286,21 @@ class Response:
         "status",
     )
 
-    def __init__(self, pool: EnginePool, head: bytes, body: bytes, read_timeout: float | None,
-                 max_body: int) -> None:
+    def __init__(self, pool: EnginePool, head: bytes, body: bytes, *,
+                 read_timeout: float | None, max_body: int, timeout: float | None) -> None:
         self._pool, self._head, self._body = pool, head, body
-        self._timeout, self._max_body = read_timeout, max_body
+        self._timeout, self._max_body, self._deadline_s = read_timeout, max_body, timeout
         self._conn: _Conn | None = None
         self.status = 0
         self.headers: dict[str, str] = {}
 
     async def __aenter__(self) -> Response:
         pool = self._pool
+        deadline = None if self._deadline_s is None else pool.loop.time() + self._deadline_s
         for attempt in range(2):
-            conn = await pool.acquire()
+            conn = await pool.acquire(deadline)
             self._conn = conn
-            conn._reset(self._max_body, self._timeout)
+            conn._reset(self._max_body, self._timeout, deadline)
             conn.last_read = pool.loop.time()
             assert conn.transport is not None
             conn.transport.write(self._head + self._body)
@@ -364,22 +376,28 @@ class EnginePool:
         self.closed = False
 
     def post(self, path: str, body: bytes, extra: bytes = b"", *,
-             read_timeout: float | None = None, max_body: int = 0) -> Response:
+             read_timeout: float | None = None, max_body: int = 0,
+             timeout: float | None = None) -> Response:
         """``POST path`` with a JSON ``body`` and ``extra`` header lines (see
-        :func:`header_block`); ``async with`` the result."""
+        :func:`header_block`); ``async with`` the result. ``read_timeout``: the longest gap
+        between two reads; ``timeout``: the whole exchange, from here to the end of the
+        answer (waiting for a connection included); either raises TimeoutError."""
         start = self._heads.get(path)
         if start is None:
             start = self._heads[path] = (b"POST " + (self.prefix + path).encode() +
                                          b" HTTP/1.1\r\n" + self._host_line +
                                          b"Content-Type: application/json\r\n")
         head = b"%s%sContent-Length: %d\r\n\r\n" % (start, extra, len(body))
-        return Response(self, head, body, read_timeout, max_body)
+        return Response(self, head, body, read_timeout=read_timeout, max_body=max_body,
+                        timeout=timeout)
 
     @property
     def open(self) -> int:
         return len(self.idle) + len(self.busy) + self.connecting
 
-    async def acquire(self) -> _Conn:
+    async def acquire(self, deadline: float | None = None) -> _Conn:
+        """A kept connection (no wait), else a new one once under ``max_connections``
+        (the wait and the connect bounded by ``deadline``, loop time, when given)."""
         if self.closed:
             raise EngineError(f"the pool of {self.name} is closed")
         idle, now = self.idle, time.monotonic()
@@ -392,6 +410,10 @@ class EnginePool:
                 conn.reused, conn.idle_since = True, 0.0
                 self.busy.add(conn)
                 return conn
+        async with asyncio.timeout_at(deadline):
+            return await self._open()
+
+    async def _open(self) -> _Conn:
         while self.open >= self.max_connections:
             w = self.loop.create_future()
             self._waiters.append(w)
@@ -407,11 +429,13 @@ class EnginePool:
                 return await self.acquire()
         self.connecting += 1
         try:
-            async with asyncio.timeout(self.connect_timeout_s):
-                _, proto = await self.loop.create_connection(
+            async with asyncio.timeout(self.connect_timeout_s) as limit:
+                _, conn = await self.loop.create_connection(
                     lambda: _Conn(self), self.host, self.port, ssl=self.ssl,
                     server_hostname=self.host if self.ssl else None)
         except TimeoutError:
+            if not limit.expired():
+                raise  # the caller's deadline, not the connect time
             raise EngineConnectError(f"no connection to {self.name} within "
                                      f"{self.connect_timeout_s:g} s") from None
         except OSError as exc:
@@ -420,7 +444,6 @@ class EnginePool:
         finally:
             self.connecting -= 1
             self._notify()
-        conn = proto
         self.busy.add(conn)
         return conn
 

@@ -10,9 +10,10 @@ or a new one) goes to both legs and back. Every request is counted by endpoint a
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
+import secrets
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -44,6 +45,10 @@ class Front:
         self.settings, self.tokenizer, self.metrics = settings, tokenizer, metrics
         self.dispatch = dispatch
         self._counted: dict[tuple[str, str], Any] = {}  # metric children by labels
+        # New request ids: 64 random bits per process, then a counter (32 hex digits, as
+        # uuid4().hex was, without a getrandom call per request)
+        self._id_prefix = f"netkv-{secrets.token_hex(8)}"
+        self._ids = itertools.count()
 
     def count(self, endpoint: str, outcome: str) -> None:
         child = self._counted.get((endpoint, outcome))
@@ -88,7 +93,8 @@ class Front:
     async def _handle(self, request: web.Request, kind: Kind) -> web.StreamResponse:
         arrived = time.perf_counter()
         given = request.headers.get("X-Request-Id", "")
-        rid = given if _REQUEST_ID.match(given) else f"netkv-{uuid.uuid4().hex}"
+        rid = given if given and _REQUEST_ID.match(given) else \
+            f"{self._id_prefix}{next(self._ids):016x}"
         endpoint = "completions" if kind == "completion" else "chat"
         try:
             job = self._job(request, await self._read(request), kind, rid)

@@ -86,10 +86,11 @@ class Legs:
         up.open += 1
         start = time.perf_counter()
         try:
-            async with asyncio.timeout(self.settings.prefill_timeout_s):
-                async with up.pool(worker).post(PATHS[job.kind], data, job.extra,
-                                                max_body=self.settings.max_body_bytes) as resp:
-                    payload = await resp.read()
+            # the whole attempt bounded by the engine client's own timer (no asyncio.timeout)
+            async with up.pool(worker).post(PATHS[job.kind], data, job.extra,
+                                            max_body=self.settings.max_body_bytes,
+                                            timeout=self.settings.prefill_timeout_s) as resp:
+                payload = await resp.read()
             if resp.status == 200:
                 seconds = time.perf_counter() - start
                 worker.observe_prefill(seconds)

@@ -30,6 +30,7 @@ from netkv.routing.prefixes import PrefixIndex
 from netkv_proxy.workers import Worker, WorkerPool
 
 MapSource = Literal["map", "prior"]
+_TIER_NAMES = {int(t): t.name.lower() for t in Tier}
 _LOOP_FILL_MAX = 32  # decodes up to which the candidate view is filled element by element
 
 
@@ -57,7 +58,7 @@ class Placed:
 
     @property
     def tier(self) -> str:
-        return Tier(self.decision.tier).name.lower()
+        return _TIER_NAMES[int(self.decision.tier)]
 
 
 class Placement:

@@ -330,3 +330,51 @@ def test_header_values_with_line_breaks_are_refused() -> None:
     assert header_block({"X-Request-Id": "abc"}) == b"X-Request-Id: abc\r\n"
     with pytest.raises(ValueError, match="CR or LF"):
         header_block({"Authorization": "Bearer x\r\nX-Evil: 1"})
+
+
+async def test_the_whole_exchange_timeout_holds_against_a_trickle() -> None:
+    """``timeout`` bounds the exchange however often bytes arrive (the read gap does not)."""
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await server.request(r)
+        w.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(100):
+            w.write(b"1\r\nx\r\n")
+            await w.drain()
+            await asyncio.sleep(0.05)
+
+    server = Server(handler)
+    async with serving(server) as pool:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+
+        async def read_all() -> None:
+            async with pool.post("/x", b"{}", read_timeout=0.3, timeout=0.5) as resp:
+                await resp.read()
+
+        with pytest.raises(TimeoutError):
+            await read_all()
+        assert 0.45 < loop.time() - start < 2.0
+        await asyncio.sleep(0.05)
+        assert pool.open == 0
+
+
+async def test_the_whole_exchange_timeout_covers_waiting_for_a_connection() -> None:
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await server.request(r)
+        await asyncio.sleep(2.0)
+        w.write(answer(b"{}"))
+        await w.drain()
+
+    server = Server(handler)
+    async with serving(server) as pool:  # max_connections=4: the fifth waits
+
+        async def one(timeout: float) -> bytes:
+            async with pool.post("/x", b"{}", timeout=timeout) as resp:
+                return await resp.read()
+
+        busy = [asyncio.ensure_future(one(5.0)) for _ in range(4)]
+        await asyncio.sleep(0.1)
+        with pytest.raises(TimeoutError):
+            await one(0.3)
+        assert not pool._waiters  # the timed-out waiter left the queue
+        assert await asyncio.gather(*busy) == [b"{}"] * 4
