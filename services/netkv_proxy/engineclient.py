@@ -354,7 +354,7 @@ class EnginePool:
     """Keep-alive connections to one engine (``base``: ``http(s)://host:port``)."""
 
     def __init__(self, base: str, *, connect_timeout_s: float, max_connections: int,
-                 max_idle: int = 64, idle_s: float = 15.0) -> None:
+                 max_idle: int = 256, idle_s: float = 15.0) -> None:
         parts = urlsplit(base)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"expected http(s)://HOST:PORT, got {base!r}")

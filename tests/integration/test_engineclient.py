@@ -368,8 +368,8 @@ async def test_the_whole_exchange_timeout_covers_waiting_for_a_connection() -> N
     server = Server(handler)
     async with serving(server) as pool:  # max_connections=4: the fifth waits
 
-        async def one(timeout: float) -> bytes:
-            async with pool.post("/x", b"{}", timeout=timeout) as resp:
+        async def one(limit_s: float) -> bytes:
+            async with pool.post("/x", b"{}", timeout=limit_s) as resp:
                 return await resp.read()
 
         busy = [asyncio.ensure_future(one(5.0)) for _ in range(4)]
