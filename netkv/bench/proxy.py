@@ -39,6 +39,7 @@ import gc
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -147,10 +148,45 @@ async def _open_loop(http: aiohttp.ClientSession, send: Send, rate: float, secon
     return latencies, late
 
 
+STALL_LINE = re.compile(r'^netkv_proxy_(loop_lag|gc_pause)_seconds_(bucket|count|sum)'
+                        r'\{?(?:generation="\d",?)?(?:le="([^"]+)")?\}? (\S+)$', re.M)
+
+
+async def stall_counters(http: aiohttp.ClientSession, metrics_url: str) -> dict[str, float]:
+    """The proxy's own stall counters (netkv_proxy.stalls) from its /metrics page: timer
+    wake-ups (``ticks``), those late by more than 3 ms, GC pauses (all generations), those
+    over 1 ms, and the pauses' total seconds."""
+    async with http.get(metrics_url) as r:
+        text = await r.text()
+    out = dict.fromkeys(("ticks", "late_3ms", "gc", "gc_1ms", "gc_s"), 0.0)
+    within_3ms = within_1ms = 0.0
+    for kind, part, le, value in STALL_LINE.findall(text):
+        v = float(value)
+        if kind == "loop_lag":
+            if part == "count":
+                out["ticks"] += v
+            elif part == "bucket" and le == "0.003":
+                within_3ms += v
+        elif part == "count":
+            out["gc"] += v
+        elif part == "sum":
+            out["gc_s"] += v
+        elif part == "bucket" and le == "0.001":
+            within_1ms += v
+    out["late_3ms"] = out["ticks"] - within_3ms
+    out["gc_1ms"] = out["gc"] - within_1ms
+    return out
+
+
 async def _rounds(paths: dict[str, Send], rate: float, seconds: float, rounds: int,
-                  pids: dict[str, int]) -> dict[str, dict[str, Any]]:
-    """The open loop, interleaved: each round measures every path in turn (rotated)."""
+                  pids: dict[str, int], *, stall_urls: dict[str, str] | None = None
+                  ) -> dict[str, dict[str, Any]]:
+    """The open loop, interleaved: each round measures every path in turn (rotated).
+    For a path in ``stall_urls`` (a proxy's /metrics) the proxy's own stalls during its
+    rounds are summed."""
     names = list(paths)
+    stall_urls = stall_urls or {}
+    stalls: dict[str, dict[str, float]] = {}
     lat: dict[str, list[float]] = {k: [] for k in names}
     late: dict[str, list[float]] = {k: [] for k in names}
     per_round: dict[str, list[float]] = {k: [] for k in names}
@@ -168,9 +204,15 @@ async def _rounds(paths: dict[str, Send], rate: float, seconds: float, rounds: i
                 for k in names[r % len(names):] + names[:r % len(names)]:
                     proc = procs.get(k)
                     cpu0 = sum(proc.cpu_times()[:2]) if proc else 0.0
+                    s0 = await stall_counters(http, stall_urls[k]) if k in stall_urls else {}
                     got, lag = await _open_loop(http, paths[k], rate, seconds / rounds)
                     if proc:
                         cpu[k] += sum(proc.cpu_times()[:2]) - cpu0
+                    if k in stall_urls:
+                        s1 = await stall_counters(http, stall_urls[k])
+                        acc = stalls.setdefault(k, dict.fromkeys(s1, 0.0))
+                        for name, value in s1.items():
+                            acc[name] += value - s0[name]
                     lat[k] += got
                     late[k] += lag
                     per_round[k].append(float(np.percentile(got, 99) * 1e3))
@@ -186,6 +228,8 @@ async def _rounds(paths: dict[str, Send], rate: float, seconds: float, rounds: i
                   "generator_lag_p99_ms": float(np.percentile(late[k], 99) * 1e3)}
         if k in procs:
             out[k]["cpu_us_per_request"] = cpu[k] / len(v) * 1e6
+        if k in stalls:
+            out[k]["proxy_stalls"] = stalls[k]
     return out
 
 
@@ -309,7 +353,8 @@ async def _measure(args: argparse.Namespace, ports: dict[str, int],
     paths = {k: one_leg(u) for k, u in url.items()}
     paths["direct2"] = both_legs(f"http://127.0.0.1:{ports['prefill']}/v1/completions",
                                  url["direct"])
-    pct = await _rounds(paths, args.rate, args.seconds, args.rounds, pids)
+    pct = await _rounds(paths, args.rate, args.seconds, args.rounds, pids,
+                        stall_urls={"netkv": f"http://127.0.0.1:{ports['netkv']}/metrics"})
     for k in ("floor", "netkv"):
         pct[k]["added_p50_ms"] = pct[k]["p50_ms"] - pct["direct"]["p50_ms"]
         pct[k]["added_p99_ms"] = pct[k]["p99_ms"] - pct["direct"]["p99_ms"]
@@ -375,6 +420,11 @@ def _print(r: dict[str, Any]) -> None:
           f"long stream (the older figure): floor {fixed['floor']:.1f} us, netkv "
           f"{fixed['netkv']:.1f} us")
     n = lat["netkv"]
+    st = n.get("proxy_stalls")
+    if st:
+        print(f"netkv's own stalls during its rounds: {st['late_3ms']:.0f} of {st['ticks']:.0f} "
+              f"10 ms timer wake-ups late by > 3 ms; {st['gc']:.0f} GC passes, "
+              f"{st['gc_1ms']:.0f} over 1 ms, {st['gc_s'] * 1e3:.1f} ms in all")
     print("direct: straight to the decode; direct2: the client sends both legs itself (no "
           f"proxy). netkv over direct2: added p50 {n['added_p50_vs_both_legs_ms']:.2f} ms, "
           f"p99 {n['added_p99_vs_both_legs_ms']:.2f} ms")

@@ -9,6 +9,7 @@ Where each concept lives:
 * :mod:`netkv_proxy.relay`: the decode leg and the SSE relay;
 * :mod:`netkv_proxy.placement` and :mod:`netkv_proxy.prefill`: where a request goes;
 * :mod:`netkv_proxy.workers`: worker health, ejection, re-admission and load;
+* :mod:`netkv_proxy.stalls`: the proxy's own stalls (event-loop lag, GC pauses);
 * :mod:`netkv_proxy.upstream`: what both legs share (a connection pool per worker, on
   :mod:`netkv_proxy.engineclient`).
 
@@ -39,6 +40,7 @@ from netkv_proxy.legs import Legs
 from netkv_proxy.metrics import ProxyMetrics
 from netkv_proxy.placement import Placement
 from netkv_proxy.prefill import PrefillChooser
+from netkv_proxy.stalls import StallMonitor
 from netkv_proxy.upstream import Upstream
 from netkv_proxy.workers import WorkerPool
 
@@ -62,6 +64,7 @@ class Proxy:
         self.prefills = PrefillChooser(self.pool, block_tokens=settings.block_size,
                                        prefix_blocks=settings.prefix_blocks)
         self.metrics = ProxyMetrics()
+        self.stalls = StallMonitor(self.metrics)
         self.tokenizer: TokenCounter = tokenizer_from(settings.tokenizer)
         self.supervisor = Supervisor("proxy")
         self.upstream = Upstream(settings)
@@ -82,6 +85,8 @@ class Proxy:
             await self.pool.check_all(self._health_session, s.health_timeout_s)
             self.supervisor.spawn(self.pool.run(self._health_session, s.health_interval_s,
                                                 s.health_timeout_s), name="health")
+            self.stalls.__enter__()
+            self.supervisor.spawn(self.stalls.run(), name="loop-lag")
             if self.feed is not None:
                 self.feed.spawn(self.supervisor)
         except BaseException:
@@ -90,6 +95,7 @@ class Proxy:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        self.stalls.__exit__()
         await self.supervisor.stop()
         await self.upstream.__aexit__(None, None, None)
         if self._health_session is not None:

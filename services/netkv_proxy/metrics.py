@@ -12,13 +12,14 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterator, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import HistogramMetricFamily, Metric
 
 from netkv.contracts.openai import BODY_ERROR_REASONS
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2,
                    0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0, 40.0)
+STALL_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1.0)
 DECISION_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2)
 OUTCOMES = ("ok", "bad_request", "prefill_failed", "decode_failed", "no_worker",
             "cancelled", "upstream_error")
@@ -65,27 +66,35 @@ class ProxyMetrics:
         self.registry = r = CollectorRegistry()
         self.requests = Counter("netkv_proxy_requests", "Requests by endpoint and outcome",
                                 ("endpoint", "outcome"), registry=r)
-        self.ttft = LoopHistogram("netkv_proxy_ttft_seconds", "Arrival at the proxy to the first "
-                              "byte of the decode's answer sent to the client (end to end "
-                              "as the proxy sees it; streaming requests)",
-                              buckets=LATENCY_BUCKETS, registry=r)
-        self.prefill = LoopHistogram("netkv_proxy_prefill_seconds", "Prefill leg: request sent "
-                                 "to the prefill's answer", buckets=LATENCY_BUCKETS,
-                                 registry=r)
-        self.handover = LoopHistogram("netkv_proxy_handover_seconds", "Prefill answer to the "
-                                  "first decode byte (KV transfer + first token)",
-                                  buckets=LATENCY_BUCKETS, registry=r)
-        self.predicted = LoopHistogram("netkv_proxy_predicted_handover_seconds", "The decision's "
-                                   "predicted transfer + first token", buckets=LATENCY_BUCKETS,
-                                   registry=r)
-        self.prediction_error = LoopHistogram("netkv_proxy_prediction_abs_error_seconds",
-                                          "|observed - predicted| handover",
-                                          buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = LoopHistogram(
+            "netkv_proxy_ttft_seconds", "Arrival at the proxy to the first byte of the "
+            "decode's answer sent to the client (end to end as the proxy sees it; streaming "
+            "requests)", buckets=LATENCY_BUCKETS, registry=r)
+        self.prefill = LoopHistogram(
+            "netkv_proxy_prefill_seconds", "Prefill leg: request sent to the prefill's answer",
+            buckets=LATENCY_BUCKETS, registry=r)
+        self.handover = LoopHistogram(
+            "netkv_proxy_handover_seconds", "Prefill answer to the first decode byte (KV "
+            "transfer + first token)", buckets=LATENCY_BUCKETS, registry=r)
+        self.predicted = LoopHistogram(
+            "netkv_proxy_predicted_handover_seconds", "The decision's predicted transfer + "
+            "first token", buckets=LATENCY_BUCKETS, registry=r)
+        self.prediction_error = LoopHistogram(
+            "netkv_proxy_prediction_abs_error_seconds", "|observed - predicted| handover",
+            buckets=LATENCY_BUCKETS, registry=r)
         self.decisions = Counter("netkv_proxy_decisions", "Decode decisions by policy, tier "
                                  "of the chosen path and map source (map or tier priors)",
                                  ("policy", "tier", "source"), registry=r)
-        self.decision_time = LoopHistogram("netkv_proxy_decision_seconds", "Time to decide",
-                                       buckets=DECISION_BUCKETS, registry=r)
+        self.decision_time = LoopHistogram(
+            "netkv_proxy_decision_seconds", "Time to decide", buckets=DECISION_BUCKETS,
+            registry=r)
+        self.loop_lag = LoopHistogram(
+            "netkv_proxy_loop_lag_seconds", "How late the event loop woke a 10 ms timer "
+            "(a stall of the proxy's one thread delays every request in flight)",
+            buckets=STALL_BUCKETS, registry=r)
+        self.gc_pause = Histogram(
+            "netkv_proxy_gc_pause_seconds", "Garbage-collector pauses by generation",
+            ("generation",), buckets=STALL_BUCKETS, registry=r)
         self.retries = Counter("netkv_proxy_prefill_retries", "Prefill legs retried on "
                                "another prefill", ("reason",), registry=r)
         self.rejected = Counter("netkv_proxy_rejected_requests", "Bodies rejected at the "
