@@ -28,8 +28,8 @@ slower peers are spread over rounds by a stable phase. So an agent wakes ``1/tic
 second for echo work however many peers it has. A responder answers within one tick, so a
 prober's ``timeout_s`` must exceed the tick plus the RTT (the settings check it).
 
-Per peer the prober keeps RFC 6298 smoothed RTT (``alpha = 1/8``, ``beta = 1/4``) and a
-sliding window of recent RTTs for min/p50/p99.
+Per peer the prober keeps RFC 6298 smoothed RTT and a sliding window of recent RTTs for
+min/p50/p99 (:mod:`netkv_agent.peerstate`).
 """
 
 from __future__ import annotations
@@ -42,15 +42,15 @@ import socket
 import struct
 import time
 import zlib
-from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from operator import itemgetter
 from typing import Any
 
 import structlog
 
 from netkv.contracts.samples import RttSample
+from netkv_agent.peerstate import PeerState, PeerTarget, percentile
 
 log = structlog.get_logger(__name__)
 
@@ -63,18 +63,6 @@ _TIMESPEC = struct.Struct("@qq")
 # Linux's SO_TIMESTAMPNS (typeshed lacks it; asm-generic value, all Linux ABIs we target).
 SO_TIMESTAMPNS: int = getattr(socket, "SO_TIMESTAMPNS", 35)
 _CMSG_SPACE = socket.CMSG_SPACE(_TIMESPEC.size)
-ALPHA = 0.125
-BETA = 0.25
-
-
-@dataclass(frozen=True, slots=True)
-class PeerTarget:
-    """One entry of the pinglist: whom to probe, where, and how often."""
-
-    name: str
-    address: str
-    port: int
-    interval_s: float
 
 
 @dataclass(slots=True)
@@ -91,52 +79,6 @@ class EchoCounters:
     send_errors: int = 0
     ticks: int = 0  # wake-ups for echo work
     rounds: int = 0  # probe rounds sent
-
-
-@dataclass(slots=True)
-class PeerState:
-    """Live statistics for one peer; ``sent``/``lost`` are since the last collected sample."""
-
-    target: PeerTarget
-    addr: tuple[str, int]
-    window_s: float
-    srtt: float | None = None
-    rttvar: float = 0.0
-    sent: int = 0
-    lost: int = 0
-    recent: deque[tuple[float, float]] = field(
-        default_factory=lambda: deque(maxlen=4096))  # (clock s, rtt s)
-    last_collect: float = field(default_factory=time.monotonic)
-    every: int = 1  # probe every this many rounds
-    phase: int = 0  # ... in rounds where round % every == phase
-
-    def observe(self, rtt: float, now: float) -> None:
-        """Fold one RTT into SRTT/RTTVAR (RFC 6298 section 2) and the window."""
-        if self.srtt is None:
-            self.srtt = rtt
-            self.rttvar = rtt / 2
-        else:
-            self.rttvar = (1 - BETA) * self.rttvar + BETA * abs(self.srtt - rtt)
-            self.srtt = (1 - ALPHA) * self.srtt + ALPHA * rtt
-        self.recent.append((now, rtt))
-        self.sent += 1
-
-    def expire(self, now: float) -> None:
-        horizon = now - self.window_s
-        recent = self.recent
-        while recent and recent[0][0] < horizon:
-            recent.popleft()
-
-    @property
-    def rto(self) -> float:
-        """RFC 6298 retransmission timeout: SRTT + 4 RTTVAR (1 s before any measurement)."""
-        return 1.0 if self.srtt is None else self.srtt + 4 * self.rttvar
-
-
-def percentile(ordered: list[float], q: float) -> float:
-    """Nearest-rank percentile of an already sorted, non-empty list."""
-    rank = max(1, math.ceil(q * len(ordered)))
-    return ordered[min(rank, len(ordered)) - 1]
 
 
 MAX_DRAIN = 4096  # datagrams handled per tick, so a flood cannot starve the loop

@@ -25,7 +25,7 @@ import zlib
 from collections.abc import Mapping
 
 from netkv.core.topology import Topology
-from netkv_agent.echo import PeerTarget
+from netkv_agent.peerstate import PeerTarget
 from netkv_agent.settings import AgentSettings
 
 Endpoint = tuple[str, int]  # (address, echo port)

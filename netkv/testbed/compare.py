@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import replace
@@ -33,13 +32,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import msgspec
 import psutil
 import structlog
 import yaml
 
 from netkv.core.topology import Tier
 from netkv.testbed.background import Background
+from netkv.testbed.client import stream_request
 from netkv.testbed.engines import EngineModel, Outcome, Request
 from netkv.testbed.fabric import FabricPlan
 from netkv.testbed.faults import Faults, FaultSchedule
@@ -54,10 +53,9 @@ from netkv.testbed.routers import (
     router_command,
 )
 from netkv.testbed.runner import STREAM_INTERVAL, PolicyResult, ReplaySpec
+from netkv.workload.trace import BLOCK_TOKENS
 
 log = structlog.get_logger(__name__)
-MODEL_NAME = "netkv/emulated"
-TRACE_BLOCK_TOKENS = 512  # the Mooncake trace's prefix-block size
 
 
 class EngineApi:
@@ -79,7 +77,6 @@ class EngineApi:
 ROUTER_HOST = "127.0.0.1"  # the control namespace's loopback, where the engines' HTTP is
 ROUTER_PORT = 18000
 METRICS_PORT = 19000
-VLLM_ROUTER_ID = "___prefill_addr_"
 TIMELINE_REQUESTS = 100_000  # the engines keep every replayed request's phase timestamps
 CPU_SAMPLE_S = 0.1  # how often the router's and the replay's CPU time are sampled
 MAP_SAMPLE_S = 0.25  # how often the oracle's estimates to every decode host are read
@@ -113,7 +110,7 @@ class RouterComparison:
         return self.api.EngineSettings(
             role=inst.role, host=ROUTER_HOST, port=0,
             side_channel_host=self.plan.host_addr[inst.host], side_channel_port=0,
-            engine_id=inst.name, block_size=TRACE_BLOCK_TOKENS,
+            engine_id=inst.name, block_size=BLOCK_TOKENS,
             ns=self.plan.host_ns[inst.host], record_requests=0, model=self.model,
             # 16 tokens per streamed write after the first, as the policy replay does: the
             # modelled 2 ms per token is ~15x a 70B decode's, so one write per token would
@@ -130,7 +127,7 @@ class RouterComparison:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(self.shared_config | {"proxy": {
             "kv_bytes_per_token": self.model.bytes_per_token,
-            "capacity_tokens": self.model.capacity_tokens, "block_size": TRACE_BLOCK_TOKENS,
+            "capacity_tokens": self.model.capacity_tokens, "block_size": BLOCK_TOKENS,
             "prefill_timeout_s": self.request_timeout_s,
             "map_poll_s": 0.5, "oracle_cache_s": 0.1}}, sort_keys=False))
         return path
@@ -161,7 +158,7 @@ class RouterComparison:
 
     # -- one replay ---------------------------------------------------------------------------
     async def run(self, spec: RouterSpec, requests: Sequence[Request]) -> RouterRun:
-        prompts = [self.api.tokens_for_blocks(r.block_hashes, r.prompt_tokens, TRACE_BLOCK_TOKENS)
+        prompts = [self.api.tokens_for_blocks(r.block_hashes, r.prompt_tokens, BLOCK_TOKENS)
                    for r in requests]
         result = PolicyResult(spec.label)
         run = RouterRun(spec, result)
@@ -246,28 +243,9 @@ class RouterComparison:
     async def _at(self, http: aiohttp.ClientSession, url: str, when: float, req: Request, *,
                   prompt: list[int], label: str, names: dict[str, str]) -> Outcome:
         await asyncio.sleep(max(when - self.clock(), 0.0))
-        body = msgspec.json.encode({"model": MODEL_NAME, "prompt": prompt,
-                                    "max_tokens": max(req.output_tokens, 1), "stream": True})
-        out = Outcome(req.request_id, "", policy=label, prompt_tokens=req.prompt_tokens,
-                      arrival_s=self.clock())
-        out.prefill_start_s = out.arrival_s
-        try:
-            async with http.post(url + "/v1/completions", data=body, headers={
-                    "Content-Type": "application/json",
-                    "x-request-id": f"{label}-{req.request_id}"}) as resp:
-                if resp.status != 200:
-                    out.error = f"HTTP {resp.status}: {(await resp.text())[:300]}"
-                    return out
-                first = await resp.content.readline()  # the first SSE line: first token
-                out.first_token_s = self.clock()
-                identify(out, resp.headers, first, names, self._t0)
-                async for _ in resp.content.iter_any():
-                    pass  # the rest of the answer
-        except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
-            out.error = f"{type(exc).__name__}: {exc}"
-            log.warning("compare.request_failed", router=label, request=req.request_id,
-                        error=out.error)
-        return out
+        return await stream_request(http, url, req, prompt=prompt, policy=label,
+                                    t0=self._t0, clock=self._loop.time,
+                                    first_token="line", names=names)
 
     def _classify(self, run: RouterRun, schedule_t0: float) -> None:
         t = self.plan.topology
@@ -293,30 +271,6 @@ class RouterComparison:
         run.reaction = reaction(run, self.plan, self.schedule, schedule_t0)
 
 
-def identify(out: Outcome, headers: Any, first_line: bytes, names: dict[str, str],
-             t0: float) -> None:
-    """Who served a request and how long its KV took (see the module docstring); ``t0`` is
-    the replay clock's zero on the engines' monotonic clock."""
-    out.prefill = headers.get("x-netkv-prefill", "") or headers.get("x-netkv-kv-from", "")
-    out.decode = headers.get("x-netkv-decode", "") or headers.get("x-netkv-engine", "")
-    rid = out.upstream_id = _chunk_id(first_line)
-    if not (out.prefill and out.decode) and rid.startswith(VLLM_ROUTER_ID):
-        p_addr, _, rest = rid[len(VLLM_ROUTER_ID):].partition("___decode_addr_")
-        out.prefill = names.get(p_addr, "")
-        out.decode = names.get(rest.rsplit("_", 1)[0], "")
-    if out.prefill in names:  # an address (x-netkv-kv-from in bootstrap mode)
-        out.prefill = names[out.prefill]
-    predicted = headers.get("x-netkv-predicted-ms")
-    if predicted:
-        with contextlib.suppress(ValueError):
-            out.predicted_ttft_s = float(predicted) / 1e3
-    out.map_source = headers.get("x-netkv-map", "")
-    if "x-netkv-kv-bytes" in headers:
-        out.kv_bytes = int(headers["x-netkv-kv-bytes"])
-        out.transfer_start_s = float(headers["x-netkv-kv-start"]) - t0
-        out.transfer_end_s = float(headers["x-netkv-kv-end"]) - t0
-
-
 def _attach_phases(outcomes: Sequence[Outcome], engines: Any, t0: float) -> None:
     """Each outcome's engine-side timestamps (``<role>.<phase>``, on the replay clock), found
     by the request id the engines saw (the streamed chunks' id, for every router here)."""
@@ -332,17 +286,6 @@ def _attach_phases(outcomes: Sequence[Outcome], engines: Any, t0: float) -> None
 def _names_by_address(engines: dict[str, Any]) -> dict[str, str]:
     """``host:port`` of every engine's HTTP URL -> its instance name."""
     return {e.url.removeprefix("http://").rstrip("/"): name for name, e in engines.items()}
-
-
-def _chunk_id(line: bytes) -> str:
-    text = line.decode(errors="replace").strip()
-    if not text.startswith("data:"):
-        return ""
-    try:
-        data = json.loads(text[5:])
-    except ValueError:
-        return ""
-    return str(data.get("id", "")) if isinstance(data, dict) else ""
 
 
 def _engine_kv_mean(engines: Any) -> float:

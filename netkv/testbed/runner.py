@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
 import re
 import sys
 import tempfile
@@ -25,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import msgspec
 import numpy as np
 import structlog
 import yaml
@@ -40,8 +38,10 @@ from netkv.errors import InputError
 from netkv.prompts import tokens_for_blocks
 from netkv.tasks import stop_process
 from netkv.testbed.background import Background, Schedule
+from netkv.testbed.client import stream_request
 from netkv.testbed.engines import Outcome, Request
 from netkv.testbed.fabric import FabricPlan
+from netkv.workload.trace import BLOCK_TOKENS, parse_line
 
 log = structlog.get_logger(__name__)
 
@@ -59,40 +59,27 @@ class ReplaySpec:
 
 
 def load_requests(path: Path, spec: ReplaySpec) -> list[Request]:
-    """Requests ``start .. start+count`` of a Mooncake-style JSONL trace, arrivals rebased
-    to the slice's first request and compressed by ``speedup``."""
-    rows: list[dict[str, Any]] = []
+    """Requests ``start .. start+count`` (trace lines, blank ones skipped) of a Mooncake-format
+    JSONL trace, each read strictly by the simulator's reader
+    (:func:`netkv.workload.trace.parse_line`), in file order; arrivals rebased to the slice's
+    first request and compressed by ``speedup``."""
+    rows: list[tuple[int, int, int, tuple[int, ...]]] = []
     try:
         with path.open(encoding="utf-8") as f:
             for i, line in enumerate(f):
-                if i < spec.start:
+                if i < spec.start or not line.strip():
                     continue
                 if len(rows) >= spec.count:
                     break
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise InputError(f"{path}:{i + 1}", f"not JSON: {exc}") from None
+                rows.append(parse_line(line, f"{path}:{i + 1}"))
     except OSError as exc:
         raise InputError(str(path), f"cannot read trace: {exc.strerror}") from None
     if not rows:
         raise InputError(str(path), f"no requests at offset {spec.start}")
-    out: list[Request] = []
-    t0 = None
-    for i, row in enumerate(rows):
-        where = f"{path}:{spec.start + i + 1}"
-        try:
-            ts = float(row["timestamp"]) / 1000.0
-            tokens, output = int(row["input_length"]), int(row["output_length"])
-            hashes = tuple(int(h) for h in row.get("hash_ids", ()))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise InputError(where, f"bad trace record: {exc}") from None
-        if tokens <= 0 or output < 0 or not math.isfinite(ts):
-            raise InputError(where, "input_length must be > 0, output_length >= 0")
-        t0 = ts if t0 is None else t0
-        arrival = min((ts - t0) / spec.speedup, spec.max_span_s)
-        out.append(Request(f"r{spec.start + i}", arrival, tokens, output, hashes))
-    return out
+    t0 = rows[0][0]
+    return [Request(f"r{spec.start + k}", min((ts / 1000.0 - t0 / 1000.0) / spec.speedup,
+                                              spec.max_span_s), tokens, output, hashes)
+            for k, (ts, tokens, output, hashes) in enumerate(rows)]
 
 
 @dataclass
@@ -127,8 +114,6 @@ class PolicyResult:
         }
 
 
-MODEL_NAME = "netkv/emulated"
-TRACE_BLOCK_TOKENS = 512  # the Mooncake trace's prefix-block size
 # Engines, proxy and client share one process here: tokens are streamed 16 per write after
 # the first (vLLM's --stream-interval), which leaves TTFT and the decode's occupancy alone.
 STREAM_INTERVAL = 16
@@ -181,7 +166,7 @@ class ProxyReplay:
         return EngineSettings(
             role=inst.role, host="127.0.0.1", port=0,
             side_channel_host=self.plan.host_addr[inst.host], side_channel_port=0,
-            engine_id=inst.name, block_size=TRACE_BLOCK_TOKENS, ns=self.plan.host_ns[inst.host],
+            engine_id=inst.name, block_size=BLOCK_TOKENS, ns=self.plan.host_ns[inst.host],
             record_requests=0, model=self.model, stream_interval=STREAM_INTERVAL,
             max_model_len=1 << 21)  # trace prompts reach ~130k tokens
 
@@ -191,7 +176,7 @@ class ProxyReplay:
             port=0, prefill=entries["prefill"], decode=entries["decode"], policy=policy,
             redis=self.endpoints.redis, mqtt=self.endpoints.mqtt,
             kv_bytes_per_token=self.model.bytes_per_token,
-            capacity_tokens=self.model.capacity_tokens, block_size=TRACE_BLOCK_TOKENS,
+            capacity_tokens=self.model.capacity_tokens, block_size=BLOCK_TOKENS,
             # engines, proxy and client share one event loop on a loaded machine: generous
             # health timeouts, so a slow loop is not taken for a dead engine
             prefill_timeout_s=self.request_timeout_s, health_interval_s=1.0,
@@ -202,7 +187,7 @@ class ProxyReplay:
         """Every request once under ``policy``; background flows run from ``warmup_s``
         before the first arrival until the schedule ends."""
         result = PolicyResult(policy)
-        prompts = [tokens_for_blocks(r.block_hashes, r.prompt_tokens, TRACE_BLOCK_TOKENS)
+        prompts = [tokens_for_blocks(r.block_hashes, r.prompt_tokens, BLOCK_TOKENS)
                    for r in requests]
         async with contextlib.AsyncExitStack() as stack:
             engines: dict[str, Engine] = {}
@@ -234,7 +219,7 @@ class ProxyReplay:
                   *, prompt: list[int], policy: str) -> Outcome:
         await asyncio.sleep(max(when - self.clock(), 0.0))
         return await stream_request(http, url, req, prompt=prompt, policy=policy,
-                                    t0=self._t0)
+                                    t0=self._t0, first_token="chunk")
 
     def _classify(self, result: PolicyResult, schedule_t0: float) -> None:
         t = self.plan.topology
@@ -248,41 +233,6 @@ class ProxyReplay:
             hot = self.schedule.links(o.transfer_start_s - schedule_t0)
             if any(self.plan.crosses(src, dst, link) for link in hot):
                 result.hot_crossings += 1
-
-
-async def stream_request(http: aiohttp.ClientSession, url: str, req: Request, *,
-                         prompt: list[int], policy: str, t0: float) -> Outcome:
-    """One replayed request through the proxy at ``url``, streamed; times are seconds since
-    ``t0`` on this host's monotonic clock (which the engines' ``x-netkv-kv-*`` headers use;
-    containers on one kernel share it)."""
-    body = msgspec.json.encode({"model": MODEL_NAME, "prompt": prompt,
-                                "max_tokens": max(req.output_tokens, 1), "stream": True})
-    out = Outcome(req.request_id, "", policy=policy, prompt_tokens=req.prompt_tokens,
-                  arrival_s=time.monotonic() - t0)
-    out.prefill_start_s = out.arrival_s
-    try:
-        async with http.post(url + "/v1/completions", data=body, headers={
-                "Content-Type": "application/json",
-                "x-request-id": f"{policy}-{req.request_id}"}) as resp:
-            if resp.status != 200:
-                out.error = f"HTTP {resp.status}: {(await resp.text())[:300]}"
-                return out
-            await resp.content.readany()  # the first token, as the proxy passed it on
-            out.first_token_s = time.monotonic() - t0
-            h = resp.headers
-            out.prefill, out.decode = h.get("x-netkv-prefill", ""), h.get("x-netkv-decode", "")
-            if "x-netkv-predicted-ms" in h:
-                out.predicted_ttft_s = float(h["x-netkv-predicted-ms"]) / 1e3
-            if "x-netkv-kv-bytes" in h:
-                out.kv_bytes = int(h["x-netkv-kv-bytes"])
-                out.transfer_start_s = float(h["x-netkv-kv-start"]) - t0
-                out.transfer_end_s = float(h["x-netkv-kv-end"]) - t0
-            async for _ in resp.content.iter_any():
-                pass  # the rest of the answer (the booking ends with it)
-    except (aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
-        out.error = f"{type(exc).__name__}: {exc}"
-        log.warning("replay request failed", request=req.request_id, error=out.error)
-    return out
 
 
 def worker_entries(topology: Topology, urls: Mapping[str, str]

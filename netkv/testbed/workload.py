@@ -22,6 +22,7 @@ from netkv_proxy.config import ProxySettings
 
 from netkv.core.topology import Topology
 from netkv.prompts import tokens_for_blocks
+from netkv.testbed.client import stream_request
 from netkv.testbed.enginehost import TRACE_BLOCK_TOKENS, engine_urls
 from netkv.testbed.engines import Outcome, Request
 from netkv.testbed.runner import (
@@ -29,7 +30,6 @@ from netkv.testbed.runner import (
     PolicyResult,
     ReplaySpec,
     load_requests,
-    stream_request,
     worker_entries,
 )
 

@@ -11,7 +11,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 from helpers import until
-from netkv_agent.echo import MAGIC, PACKET, REPLY, VERSION, PeerTarget, Prober, echo_endpoint
+from netkv_agent.echo import MAGIC, PACKET, REPLY, VERSION, Prober, echo_endpoint
+from netkv_agent.peerstate import PeerTarget
 
 pytestmark = pytest.mark.integration
 

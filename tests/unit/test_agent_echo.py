@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from netkv_agent.echo import MAGIC, PACKET, REQUEST, VERSION, PeerState, PeerTarget, percentile
+from netkv_agent.echo import MAGIC, PACKET, REQUEST, VERSION
+from netkv_agent.peerstate import PeerState, PeerTarget, percentile
 
 pytestmark = pytest.mark.unit
 

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from netkv.testbed.breakdown import ceiling, measured
-from netkv.testbed.compare import _attach_phases, identify
+from netkv.testbed.client import identify
+from netkv.testbed.compare import _attach_phases
 from netkv.testbed.engines import Outcome
 
 PHASES = {"prefill.received": 0.1, "prefill.compute_start": 0.3, "prefill.compute_end": 0.8,

@@ -194,7 +194,7 @@ def test_first_after() -> None:
 
 # -- the comparison's bookkeeping (pure) -----------------------------------------------------
 def test_the_pair_comes_from_the_proxy_headers_or_the_vllm_router_request_id() -> None:
-    from netkv.testbed.compare import identify
+    from netkv.testbed.client import identify
     from netkv.testbed.engines import Outcome
 
     names = {"127.0.0.1:4001": "h000-p0", "127.0.0.1:4002": "h001-d0"}

@@ -39,14 +39,15 @@ def test_slice_is_rebased_compressed_and_clamped(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("row", "match"), [
-    ({"timestamp": 0, "output_length": 1}, "bad trace record"),
-    ({"timestamp": 0, "input_length": 0, "output_length": 1}, "input_length"),
+    ({"timestamp": 0, "output_length": 1, "hash_ids": []}, "missing required field"),
+    ({"timestamp": 0, "input_length": 0, "output_length": 1, "hash_ids": []}, "must be >= 1"),
 ])
 def test_bad_trace_records_name_the_line(tmp_path: Path, row: dict[str, object],
                                          match: str) -> None:
+    # read by the simulator's strict reader: the line and the field are named
     with pytest.raises(InputError, match=match) as info:
         load_requests(_trace(tmp_path, [row]), ReplaySpec())
-    assert info.value.where.endswith(":1")
+    assert info.value.where.endswith(":1: input_length")
 
 
 def test_summary_counts_errors_and_has_the_simulator_shape(tmp_path: Path) -> None:
