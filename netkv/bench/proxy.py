@@ -72,12 +72,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pin", choices=("auto", "off"), default="auto",
                         help="auto: the proxy under test alone on one CPU, the engine and "
                         "the load generator on the others (needs 2+ CPUs)")
+    parser.add_argument("--prompt-tokens", type=int, default=0,
+                        help="send prompts of this many token ids (0: a ~110-token text "
+                        "prompt); the proxy hashes and indexes every block of them")
     parser.add_argument("--out", type=Path, help="write the JSON result here")
 
 
 # -- the load ---------------------------------------------------------------------------------
-def _body(stream: bool, tokens: int = 16) -> bytes:
-    return msgspec.json.encode({"model": MODEL, "prompt": PROMPT, "max_tokens": tokens,
+Prompt = str | list[int]
+
+
+def prompt_of(tokens: int) -> Prompt:
+    """``--prompt-tokens``: 0 for the short text prompt, else that many token ids (distinct
+    per position, so every block hash is a new one for the prefix index)."""
+    return PROMPT if tokens <= 0 else [i % 32_000 for i in range(tokens)]
+
+
+def _body(stream: bool, tokens: int = 16, prompt: Prompt = PROMPT) -> bytes:
+    return msgspec.json.encode({"model": MODEL, "prompt": prompt, "max_tokens": tokens,
                                 "stream": stream})
 
 
@@ -93,17 +105,17 @@ async def _one(http: aiohttp.ClientSession, url: str, data: bytes) -> float:
 Send = Callable[[aiohttp.ClientSession], Awaitable[float]]
 
 
-def one_leg(url: str) -> Send:
+def one_leg(url: str, prompt: Prompt = PROMPT) -> Send:
     """One request to ``url`` (straight to the decode, or through a proxy)."""
-    data = _body(False)
+    data = _body(False, prompt=prompt)
     return lambda http: _one(http, url, data)
 
 
-def both_legs(prefill_url: str, decode_url: str) -> Send:
+def both_legs(prefill_url: str, decode_url: str, prompt: Prompt = PROMPT) -> Send:
     """What a client doing the pull flow itself would send: the prefill leg, then the decode
     leg with the prefill's ``kv_transfer_params`` (the engine time both legs take, without
     any proxy)."""
-    body = msgspec.json.decode(_body(False))
+    body = msgspec.json.decode(_body(False, prompt=prompt))
     pdata = msgspec.json.encode({**body, "max_tokens": 1, "kv_transfer_params": {
         "do_remote_decode": True, "do_remote_prefill": False}})
 
@@ -234,8 +246,8 @@ async def _rounds(paths: dict[str, Send], rate: float, seconds: float, rounds: i
 
 
 async def _closed_loop(url: str, concurrency: int, seconds: float,
-                       pid: int | None) -> dict[str, float]:
-    data = _body(False)
+                       pid: int | None, *, prompt: Prompt = PROMPT) -> dict[str, float]:
+    data = _body(False, prompt=prompt)
     done = 0
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
         for _ in range(20):
@@ -257,10 +269,10 @@ async def _closed_loop(url: str, concurrency: int, seconds: float,
     return {"rate": done / elapsed, "cpu_us_per_request": cpu / max(done, 1) * 1e6}
 
 
-async def _streams(url: str, count: int, long: int, short: int
+async def _streams(url: str, count: int, long: int, short: int, *, prompt: Prompt = PROMPT
                    ) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
     """Stream times of ``long``- and ``short``-chunk streams, sent in alternation."""
-    data = {long: _body(True, long), short: _body(True, short)}
+    data = {long: _body(True, long, prompt), short: _body(True, short, prompt)}
     times: dict[int, list[float]] = {long: [], short: []}
     async with aiohttp.ClientSession() as http:
         for _ in range(10):
@@ -298,9 +310,9 @@ def placement(pin: str) -> tuple[set[int], set[int]] | None:
 
 def run(args: argparse.Namespace) -> int:
     if not (1 <= args.rate <= 20000 and 0 < args.seconds <= 120 and args.chunks >= 1
-            and 1 <= args.rounds <= 100):
+            and 1 <= args.rounds <= 100 and 0 <= args.prompt_tokens <= 1_000_000):
         print("netkv bench proxy: --rate in 1..20000, --seconds in (0, 120], --rounds in "
-              "1..100", file=sys.stderr)
+              "1..100, --prompt-tokens in 0..1000000", file=sys.stderr)
         return 2
     pp, pd, pf, px = free_port(), free_port(), free_port(), free_port()
     me = "netkv.bench.proxy_servers"
@@ -350,7 +362,8 @@ async def _measure(args: argparse.Namespace, ports: dict[str, int],
                    pids: dict[str, int]) -> dict[str, Any]:
     url = {k: f"http://127.0.0.1:{p}/v1/completions" for k, p in ports.items()
            if k != "prefill"}
-    paths = {k: one_leg(u) for k, u in url.items()}
+    prompt = prompt_of(args.prompt_tokens)
+    paths = {k: one_leg(u, prompt) for k, u in url.items()}
     paths["direct2"] = both_legs(f"http://127.0.0.1:{ports['prefill']}/v1/completions",
                                  url["direct"])
     pct = await _rounds(paths, args.rate, args.seconds, args.rounds, pids,
@@ -363,9 +376,10 @@ async def _measure(args: argparse.Namespace, ports: dict[str, int],
     pct["netkv"]["added_p50_vs_both_legs_ms"] = pct["netkv"]["p50_ms"] - pct["direct2"]["p50_ms"]
     pct["netkv"]["added_p99_vs_both_legs_ms"] = pct["netkv"]["p99_ms"] - pct["direct2"]["p99_ms"]
     closed = {k: await _closed_loop(url[k], args.concurrency, args.closed_seconds,
-                                    pids.get(k)) for k in url}
+                                    pids.get(k), prompt=prompt) for k in url}
     long, short = args.chunks, max(1, args.chunks // 16)
-    streams = {k: await _streams(url[k], args.streams, long, short) for k in url}
+    streams = {k: await _streams(url[k], args.streams, long, short, prompt=prompt)
+               for k in url}
     med = {k: (float(np.median(a)), float(np.median(b))) for k, (a, b) in streams.items()}
     # Per chunk: the slope over chunk counts, through the proxy minus straight; the request's
     # fixed cost (both legs, the decision) cancels out. The older figure, (through the proxy
@@ -376,6 +390,7 @@ async def _measure(args: argparse.Namespace, ports: dict[str, int],
     per_chunk_with_fixed = {k: (med[k][0] - med["direct"][0]) / long * 1e6
                             for k in ("floor", "netkv")}
     return {"rate": args.rate, "seconds": args.seconds, "rounds": args.rounds,
+            "prompt_tokens": args.prompt_tokens or None,
             "chunks": args.chunks, "latency": pct, "closed_loop": closed,
             "stream_per_chunk_us": per_chunk,
             "stream_per_chunk_us_with_fixed_cost": per_chunk_with_fixed,
@@ -394,6 +409,7 @@ def _print(r: dict[str, Any]) -> None:
     load = r.get("load_average")
     print(f"open loop at {r['rate']:g} req/s for {r['seconds']:g} s in {r['rounds']} "
           f"interleaved rounds, non-streaming; {where}"
+          + (f"; prompts of {r['prompt_tokens']} token ids" if r.get("prompt_tokens") else "")
           + (f"; load average {load[0]:.2f}" if load else ""))
     print(f"{'path':<8}{'p50':>9}{'p99':>9}{'added p50':>11}{'added p99':>11}"
           f"{'CPU/req':>10}{'max req/s':>11}{'CPU/req':>10}{'per chunk':>11}{'gen lag':>10}")
