@@ -15,7 +15,10 @@ and cross-checked by the proxy process's CPU time per request. Streaming: the pe
 is the slope over chunk counts (streams of ``--chunks`` and of ``--chunks // 16`` chunks, sent
 in alternation), through the proxy minus straight, so the request's fixed cost does not count
 as chunk cost; the older figure, (through the proxy - direct) / chunks on the long stream, is
-reported beside it.
+reported beside it. ``--prompt-tokens N`` sends prompts of N token ids instead of the short
+text prompt (the proxy's hashing, prefix index and body handling grow with the prompt). During
+netkv's rounds the proxy's own stalls are read from its /metrics (``netkv_proxy.stalls``: how
+late a 10 ms timer woke, GC pauses), to tell a stall in the proxy from time lost elsewhere.
 
 Fairness (the same treatment for the direct path, the floor and netkv):
 
