@@ -25,7 +25,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -47,6 +46,7 @@ from pydantic_settings import (
 from netkv.core.kvsize import PRESETS
 from netkv.core.policies import policy_names
 from netkv.errors import InputError
+from netkv.yamlfile import read_yaml
 
 S = TypeVar("S", bound="ServiceSettings")
 
@@ -268,12 +268,7 @@ def read_config_file(path: str | Path | None) -> dict[str, Any]:
     if path is None:
         return {}
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise InputError(str(path), f"cannot read config file: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise InputError(str(path), f"not valid YAML/JSON: {exc}") from None
+    data = read_yaml(path, "config file")
     if data is None:
         return {}
     if not isinstance(data, dict):
