@@ -25,7 +25,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -47,6 +46,7 @@ from pydantic_settings import (
 from netkv.core.kvsize import PRESETS
 from netkv.core.policies import policy_names
 from netkv.errors import InputError
+from netkv.yamlfile import read_yaml
 
 S = TypeVar("S", bound="ServiceSettings")
 
@@ -139,20 +139,27 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class RedisSettings(Section):
-    """Where the telemetry store is and how to log in. ``prefix`` starts every key."""
+class ServerLogin(Section):
+    """How a client logs in to a server: user, password (a secret) and TLS (``ca_file`` to
+    trust a private CA, ``cert_file``/``key_file`` for a client certificate). Shared by the
+    Redis and MQTT sections."""
 
-    url: str = "redis://127.0.0.1:6379/0"
     username: str | None = None
     password: SecretStr | None = None
     tls: bool = False
     ca_file: str | None = None
     cert_file: str | None = None
     key_file: str | None = None
-    prefix: str = "netkv:"
-    timeout_s: float = Field(default=2.0, gt=0, allow_inf_nan=False)
 
     _password = field_validator("password")(_not_empty_secret)
+
+
+class RedisSettings(ServerLogin):
+    """Where the telemetry store is and how to log in. ``prefix`` starts every key."""
+
+    url: str = "redis://127.0.0.1:6379/0"
+    prefix: str = "netkv:"
+    timeout_s: float = Field(default=2.0, gt=0, allow_inf_nan=False)
 
     @field_validator("url")
     @classmethod
@@ -169,21 +176,13 @@ class RedisSettings(Section):
         return prefix
 
 
-class MqttSettings(Section):
+class MqttSettings(ServerLogin):
     """Where the event bus is and how to log in. ``prefix`` starts every topic."""
 
     host: str = "127.0.0.1"
     port: int = Field(default=1883, ge=1, le=65535)
-    username: str | None = None
-    password: SecretStr | None = None
-    tls: bool = False
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
     prefix: str = "netkv/v1/"
     keepalive_s: int = Field(default=10, ge=1)
-
-    _password = field_validator("password")(_not_empty_secret)
 
     @field_validator("prefix")
     @classmethod
@@ -269,12 +268,7 @@ def read_config_file(path: str | Path | None) -> dict[str, Any]:
     if path is None:
         return {}
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise InputError(str(path), f"cannot read config file: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise InputError(str(path), f"not valid YAML/JSON: {exc}") from None
+    data = read_yaml(path, "config file")
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -13,15 +13,42 @@ import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Self
+
+import aiohttp
 
 from netkv.tasks import stop_process
 
 
 class ServerError(RuntimeError):
     """A local server could not be started."""
+
+
+async def wait_http_ready(url: str, exit_code: Callable[[], int | None] | None,
+                          timeout_s: float, every_s: float = 0.25) -> None:
+    """Return once ``GET url`` answers 200; raise :class:`ServerError` if ``exit_code()``
+    (the child's ``poll``) says the process ended first, or after ``timeout_s`` (the message
+    says what the last try saw)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    last = "no answer"
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as http:
+        while loop.time() < deadline:
+            code = exit_code() if exit_code is not None else None
+            if code is not None:
+                raise ServerError(f"exited with {code} before {url} was ready")
+            try:
+                async with http.get(url) as resp:
+                    if resp.status == 200:
+                        return
+                    last = f"HTTP {resp.status}: {(await resp.text())[:200]}"
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                last = str(exc) or type(exc).__name__
+            await asyncio.sleep(every_s)
+    raise ServerError(f"not ready at {url} after {timeout_s:g}s: {last}")
 
 
 def free_port(host: str = "127.0.0.1", *, at_most: int = 65535) -> int:

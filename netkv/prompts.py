@@ -21,7 +21,9 @@ stands for the whole prefix up to it. The hash is BLAKE2b-64 (vLLM uses SHA-256 
 
 from __future__ import annotations
 
+import array
 import hashlib
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -84,21 +86,41 @@ def render_chat(messages: Sequence[tuple[str, str]]) -> str:
     return "".join(parts)
 
 
+def _token_bytes(tokens: Sequence[int]) -> bytes:
+    """The ids as little-endian uint32 bytes. A list goes through ``array`` (about 3x faster
+    than ``np.asarray`` on a list of Python ints); both raise OverflowError for an id outside
+    0..2**32-1."""
+    if isinstance(tokens, list | tuple):
+        ids = array.array("I", tokens)
+        if ids.itemsize == 4:
+            if sys.byteorder != "little":
+                ids.byteswap()
+            return ids.tobytes()
+    return np.asarray(tokens, dtype="<u4").tobytes()
+
+
 def block_hashes(tokens: Sequence[int], block_tokens: int) -> list[int]:
-    """Prefix-chained hashes of the full blocks of ``tokens`` (63-bit, non-negative)."""
+    """Prefix-chained hashes of the full blocks of ``tokens`` (63-bit, non-negative).
+
+    Block ``i``'s hash is BLAKE2b-64 of (block ``i-1``'s digest, or 8 zero bytes, followed by
+    the block's ids as little-endian uint32), read as a little-endian integer with the top bit
+    cleared. One ``blake2b`` call per block over the concatenation (the same digest as a
+    constructor and an ``update``), the integers converted at once at the end: ~1.6x the
+    per-block loop it replaced, which took ~0.7 ms of a request's CPU at 8k tokens."""
     n = len(tokens) // block_tokens
     if n == 0:
         return []
-    raw = memoryview(np.asarray(tokens[: n * block_tokens], dtype="<u4").tobytes())
+    raw = _token_bytes(tokens[: n * block_tokens])
     step = 4 * block_tokens
-    out: list[int] = []
-    parent = b"\0" * 8
     blake = hashlib.blake2b
-    for i in range(n):
-        h = blake(parent, digest_size=8)
-        h.update(raw[i * step:(i + 1) * step])
-        parent = h.digest()
-        out.append(int.from_bytes(parent, "little") & 0x7FFFFFFFFFFFFFFF)
+    parent = b"\0" * 8
+    digests: list[bytes] = []
+    append = digests.append
+    for at in range(0, n * step, step):
+        parent = blake(parent + raw[at:at + step], digest_size=8).digest()
+        append(parent)
+    words = np.frombuffer(b"".join(digests), dtype="<u8") & np.uint64(0x7FFFFFFFFFFFFFFF)
+    out: list[int] = words.tolist()
     return out
 
 

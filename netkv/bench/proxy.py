@@ -15,7 +15,10 @@ and cross-checked by the proxy process's CPU time per request. Streaming: the pe
 is the slope over chunk counts (streams of ``--chunks`` and of ``--chunks // 16`` chunks, sent
 in alternation), through the proxy minus straight, so the request's fixed cost does not count
 as chunk cost; the older figure, (through the proxy - direct) / chunks on the long stream, is
-reported beside it.
+reported beside it. ``--prompt-tokens N`` sends prompts of N token ids instead of the short
+text prompt (the proxy's hashing, prefix index and body handling grow with the prompt). During
+netkv's rounds the proxy's own stalls are read from its /metrics (``netkv_proxy.stalls``: how
+late a 10 ms timer woke, GC pauses), to tell a stall in the proxy from time lost elsewhere.
 
 Fairness (the same treatment for the direct path, the floor and netkv):
 
@@ -39,6 +42,7 @@ import gc
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -71,12 +75,24 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pin", choices=("auto", "off"), default="auto",
                         help="auto: the proxy under test alone on one CPU, the engine and "
                         "the load generator on the others (needs 2+ CPUs)")
+    parser.add_argument("--prompt-tokens", type=int, default=0,
+                        help="send prompts of this many token ids (0: a ~110-token text "
+                        "prompt); the proxy hashes and indexes every block of them")
     parser.add_argument("--out", type=Path, help="write the JSON result here")
 
 
 # -- the load ---------------------------------------------------------------------------------
-def _body(stream: bool, tokens: int = 16) -> bytes:
-    return msgspec.json.encode({"model": MODEL, "prompt": PROMPT, "max_tokens": tokens,
+Prompt = str | list[int]
+
+
+def prompt_of(tokens: int) -> Prompt:
+    """``--prompt-tokens``: 0 for the short text prompt, else that many token ids (distinct
+    per position, so every block hash is a new one for the prefix index)."""
+    return PROMPT if tokens <= 0 else [i % 32_000 for i in range(tokens)]
+
+
+def _body(stream: bool, tokens: int = 16, prompt: Prompt = PROMPT) -> bytes:
+    return msgspec.json.encode({"model": MODEL, "prompt": prompt, "max_tokens": tokens,
                                 "stream": stream})
 
 
@@ -92,17 +108,17 @@ async def _one(http: aiohttp.ClientSession, url: str, data: bytes) -> float:
 Send = Callable[[aiohttp.ClientSession], Awaitable[float]]
 
 
-def one_leg(url: str) -> Send:
+def one_leg(url: str, prompt: Prompt = PROMPT) -> Send:
     """One request to ``url`` (straight to the decode, or through a proxy)."""
-    data = _body(False)
+    data = _body(False, prompt=prompt)
     return lambda http: _one(http, url, data)
 
 
-def both_legs(prefill_url: str, decode_url: str) -> Send:
+def both_legs(prefill_url: str, decode_url: str, prompt: Prompt = PROMPT) -> Send:
     """What a client doing the pull flow itself would send: the prefill leg, then the decode
     leg with the prefill's ``kv_transfer_params`` (the engine time both legs take, without
     any proxy)."""
-    body = msgspec.json.decode(_body(False))
+    body = msgspec.json.decode(_body(False, prompt=prompt))
     pdata = msgspec.json.encode({**body, "max_tokens": 1, "kv_transfer_params": {
         "do_remote_decode": True, "do_remote_prefill": False}})
 
@@ -147,10 +163,45 @@ async def _open_loop(http: aiohttp.ClientSession, send: Send, rate: float, secon
     return latencies, late
 
 
+STALL_LINE = re.compile(r'^netkv_proxy_(loop_lag|gc_pause)_seconds_(bucket|count|sum)'
+                        r'\{?(?:generation="\d",?)?(?:le="([^"]+)")?\}? (\S+)$', re.M)
+
+
+async def stall_counters(http: aiohttp.ClientSession, metrics_url: str) -> dict[str, float]:
+    """The proxy's own stall counters (netkv_proxy.stalls) from its /metrics page: timer
+    wake-ups (``ticks``), those late by more than 3 ms, GC pauses (all generations), those
+    over 1 ms, and the pauses' total seconds."""
+    async with http.get(metrics_url) as r:
+        text = await r.text()
+    out = dict.fromkeys(("ticks", "late_3ms", "gc", "gc_1ms", "gc_s"), 0.0)
+    within_3ms = within_1ms = 0.0
+    for kind, part, le, value in STALL_LINE.findall(text):
+        v = float(value)
+        if kind == "loop_lag":
+            if part == "count":
+                out["ticks"] += v
+            elif part == "bucket" and le == "0.003":
+                within_3ms += v
+        elif part == "count":
+            out["gc"] += v
+        elif part == "sum":
+            out["gc_s"] += v
+        elif part == "bucket" and le == "0.001":
+            within_1ms += v
+    out["late_3ms"] = out["ticks"] - within_3ms
+    out["gc_1ms"] = out["gc"] - within_1ms
+    return out
+
+
 async def _rounds(paths: dict[str, Send], rate: float, seconds: float, rounds: int,
-                  pids: dict[str, int]) -> dict[str, dict[str, Any]]:
-    """The open loop, interleaved: each round measures every path in turn (rotated)."""
+                  pids: dict[str, int], *, stall_urls: dict[str, str] | None = None
+                  ) -> dict[str, dict[str, Any]]:
+    """The open loop, interleaved: each round measures every path in turn (rotated).
+    For a path in ``stall_urls`` (a proxy's /metrics) the proxy's own stalls during its
+    rounds are summed."""
     names = list(paths)
+    stall_urls = stall_urls or {}
+    stalls: dict[str, dict[str, float]] = {}
     lat: dict[str, list[float]] = {k: [] for k in names}
     late: dict[str, list[float]] = {k: [] for k in names}
     per_round: dict[str, list[float]] = {k: [] for k in names}
@@ -168,9 +219,15 @@ async def _rounds(paths: dict[str, Send], rate: float, seconds: float, rounds: i
                 for k in names[r % len(names):] + names[:r % len(names)]:
                     proc = procs.get(k)
                     cpu0 = sum(proc.cpu_times()[:2]) if proc else 0.0
+                    s0 = await stall_counters(http, stall_urls[k]) if k in stall_urls else {}
                     got, lag = await _open_loop(http, paths[k], rate, seconds / rounds)
                     if proc:
                         cpu[k] += sum(proc.cpu_times()[:2]) - cpu0
+                    if k in stall_urls:
+                        s1 = await stall_counters(http, stall_urls[k])
+                        acc = stalls.setdefault(k, dict.fromkeys(s1, 0.0))
+                        for name, value in s1.items():
+                            acc[name] += value - s0[name]
                     lat[k] += got
                     late[k] += lag
                     per_round[k].append(float(np.percentile(got, 99) * 1e3))
@@ -186,12 +243,14 @@ async def _rounds(paths: dict[str, Send], rate: float, seconds: float, rounds: i
                   "generator_lag_p99_ms": float(np.percentile(late[k], 99) * 1e3)}
         if k in procs:
             out[k]["cpu_us_per_request"] = cpu[k] / len(v) * 1e6
+        if k in stalls:
+            out[k]["proxy_stalls"] = stalls[k]
     return out
 
 
 async def _closed_loop(url: str, concurrency: int, seconds: float,
-                       pid: int | None) -> dict[str, float]:
-    data = _body(False)
+                       pid: int | None, *, prompt: Prompt = PROMPT) -> dict[str, float]:
+    data = _body(False, prompt=prompt)
     done = 0
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
         for _ in range(20):
@@ -213,10 +272,10 @@ async def _closed_loop(url: str, concurrency: int, seconds: float,
     return {"rate": done / elapsed, "cpu_us_per_request": cpu / max(done, 1) * 1e6}
 
 
-async def _streams(url: str, count: int, long: int, short: int
+async def _streams(url: str, count: int, long: int, short: int, *, prompt: Prompt = PROMPT
                    ) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
     """Stream times of ``long``- and ``short``-chunk streams, sent in alternation."""
-    data = {long: _body(True, long), short: _body(True, short)}
+    data = {long: _body(True, long, prompt), short: _body(True, short, prompt)}
     times: dict[int, list[float]] = {long: [], short: []}
     async with aiohttp.ClientSession() as http:
         for _ in range(10):
@@ -254,9 +313,9 @@ def placement(pin: str) -> tuple[set[int], set[int]] | None:
 
 def run(args: argparse.Namespace) -> int:
     if not (1 <= args.rate <= 20000 and 0 < args.seconds <= 120 and args.chunks >= 1
-            and 1 <= args.rounds <= 100):
+            and 1 <= args.rounds <= 100 and 0 <= args.prompt_tokens <= 1_000_000):
         print("netkv bench proxy: --rate in 1..20000, --seconds in (0, 120], --rounds in "
-              "1..100", file=sys.stderr)
+              "1..100, --prompt-tokens in 0..1000000", file=sys.stderr)
         return 2
     pp, pd, pf, px = free_port(), free_port(), free_port(), free_port()
     me = "netkv.bench.proxy_servers"
@@ -306,10 +365,12 @@ async def _measure(args: argparse.Namespace, ports: dict[str, int],
                    pids: dict[str, int]) -> dict[str, Any]:
     url = {k: f"http://127.0.0.1:{p}/v1/completions" for k, p in ports.items()
            if k != "prefill"}
-    paths = {k: one_leg(u) for k, u in url.items()}
+    prompt = prompt_of(args.prompt_tokens)
+    paths = {k: one_leg(u, prompt) for k, u in url.items()}
     paths["direct2"] = both_legs(f"http://127.0.0.1:{ports['prefill']}/v1/completions",
                                  url["direct"])
-    pct = await _rounds(paths, args.rate, args.seconds, args.rounds, pids)
+    pct = await _rounds(paths, args.rate, args.seconds, args.rounds, pids,
+                        stall_urls={"netkv": f"http://127.0.0.1:{ports['netkv']}/metrics"})
     for k in ("floor", "netkv"):
         pct[k]["added_p50_ms"] = pct[k]["p50_ms"] - pct["direct"]["p50_ms"]
         pct[k]["added_p99_ms"] = pct[k]["p99_ms"] - pct["direct"]["p99_ms"]
@@ -318,9 +379,10 @@ async def _measure(args: argparse.Namespace, ports: dict[str, int],
     pct["netkv"]["added_p50_vs_both_legs_ms"] = pct["netkv"]["p50_ms"] - pct["direct2"]["p50_ms"]
     pct["netkv"]["added_p99_vs_both_legs_ms"] = pct["netkv"]["p99_ms"] - pct["direct2"]["p99_ms"]
     closed = {k: await _closed_loop(url[k], args.concurrency, args.closed_seconds,
-                                    pids.get(k)) for k in url}
+                                    pids.get(k), prompt=prompt) for k in url}
     long, short = args.chunks, max(1, args.chunks // 16)
-    streams = {k: await _streams(url[k], args.streams, long, short) for k in url}
+    streams = {k: await _streams(url[k], args.streams, long, short, prompt=prompt)
+               for k in url}
     med = {k: (float(np.median(a)), float(np.median(b))) for k, (a, b) in streams.items()}
     # Per chunk: the slope over chunk counts, through the proxy minus straight; the request's
     # fixed cost (both legs, the decision) cancels out. The older figure, (through the proxy
@@ -331,6 +393,7 @@ async def _measure(args: argparse.Namespace, ports: dict[str, int],
     per_chunk_with_fixed = {k: (med[k][0] - med["direct"][0]) / long * 1e6
                             for k in ("floor", "netkv")}
     return {"rate": args.rate, "seconds": args.seconds, "rounds": args.rounds,
+            "prompt_tokens": args.prompt_tokens or None,
             "chunks": args.chunks, "latency": pct, "closed_loop": closed,
             "stream_per_chunk_us": per_chunk,
             "stream_per_chunk_us_with_fixed_cost": per_chunk_with_fixed,
@@ -349,6 +412,7 @@ def _print(r: dict[str, Any]) -> None:
     load = r.get("load_average")
     print(f"open loop at {r['rate']:g} req/s for {r['seconds']:g} s in {r['rounds']} "
           f"interleaved rounds, non-streaming; {where}"
+          + (f"; prompts of {r['prompt_tokens']} token ids" if r.get("prompt_tokens") else "")
           + (f"; load average {load[0]:.2f}" if load else ""))
     print(f"{'path':<8}{'p50':>9}{'p99':>9}{'added p50':>11}{'added p99':>11}"
           f"{'CPU/req':>10}{'max req/s':>11}{'CPU/req':>10}{'per chunk':>11}{'gen lag':>10}")
@@ -375,6 +439,11 @@ def _print(r: dict[str, Any]) -> None:
           f"long stream (the older figure): floor {fixed['floor']:.1f} us, netkv "
           f"{fixed['netkv']:.1f} us")
     n = lat["netkv"]
+    st = n.get("proxy_stalls")
+    if st:
+        print(f"netkv's own stalls during its rounds: {st['late_3ms']:.0f} of {st['ticks']:.0f} "
+              f"10 ms timer wake-ups late by > 3 ms; {st['gc']:.0f} GC passes, "
+              f"{st['gc_1ms']:.0f} over 1 ms, {st['gc_s'] * 1e3:.1f} ms in all")
     print("direct: straight to the decode; direct2: the client sends both legs itself (no "
           f"proxy). netkv over direct2: added p50 {n['added_p50_vs_both_legs_ms']:.2f} ms, "
           f"p99 {n['added_p99_vs_both_legs_ms']:.2f} ms")

@@ -40,6 +40,7 @@ from netkv_scheduler.app import create_app
 from netkv_scheduler.settings import SchedulerSettings
 
 from netkv.core.congestion import CongestionMap
+from netkv.core.prefix_cache import BLOCK_TOKENS
 from netkv.core.topology_file import parse_topology
 from netkv.http.middlewares import middlewares
 from netkv.http.server import serving
@@ -131,7 +132,7 @@ def _requests(count: int, decoders: int, seed: int) -> list[bytes]:
     out = []
     for i in range(count):
         tokens = rng.randint(500, 16000)
-        blocks = -(-tokens // 512)
+        blocks = -(-tokens // BLOCK_TOKENS)
         # Prefix-chained block ids as in the Mooncake trace: one shared system block, then a
         # conversation's history (shared by its turns), then blocks of this turn alone.
         conversation = rng.randrange(200)

@@ -29,9 +29,8 @@ from typing import Any
 import aiohttp
 import psutil
 
+from netkv.core.prefix_cache import BLOCK_TOKENS
 from netkv.localservers import free_port, wait_for_port
-
-BLOCK_TOKENS = 512
 
 
 def configure(parser: argparse.ArgumentParser) -> None:

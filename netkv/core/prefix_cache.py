@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 
+BLOCK_TOKENS = 512  # tokens per prefix block: the Mooncake traces' hash ids (and this project's)
+
 
 class PrefixCache:
     """LRU over block hashes with a capacity in blocks (0 disables caching)."""

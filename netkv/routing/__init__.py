@@ -14,6 +14,8 @@ module:
   decisions) and :func:`decision_engine`, shared by the selector and the proxy's placement;
 * :mod:`netkv.routing.selector`: :class:`Selector` and :class:`SelectorConfig`, the glue
   that turns a request into a :class:`Choice` with the policy engines;
+* :mod:`netkv.routing.fused`: :class:`~netkv.routing.fused.FusedNetkv`, ``netkv``'s
+  decision for the selector's inputs in fewer array calls (the policy's numbers bit for bit);
 * :mod:`netkv.routing.runtime`: :func:`spawn_routing`, the background loops under a
   :class:`~netkv.supervisor.Supervisor`.
 """

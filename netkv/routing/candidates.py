@@ -30,13 +30,14 @@ class CandidateViews:
 
     def get(self, host: IntArray, running: IntArray, waiting: IntArray, kv_use: FloatArray,
             capacity_tokens: FloatArray, *, extra_waiting: IntArray) -> CandidateView:
-        key = (host, running, waiting, kv_use, capacity_tokens, extra_waiting)
-        view = self._view
-        if view is None or any(a is not b for a, b in zip(key, self._key, strict=True)):
+        view, key = self._view, self._key
+        if (view is None or host is not key[0] or running is not key[1] or waiting is not key[2]
+                or kv_use is not key[3] or capacity_tokens is not key[4]
+                or extra_waiting is not key[5]):
             view = self._view = CandidateView(
                 host=host, running=running, waiting=waiting + extra_waiting, kv_use=kv_use,
                 capacity_tokens=capacity_tokens)
-            self._key = key
+            self._key = (host, running, waiting, kv_use, capacity_tokens, extra_waiting)
         else:
             np.add(waiting, extra_waiting, out=view.waiting)
         return view

@@ -81,6 +81,9 @@ class InstanceRegistry:
         self.capacity_tokens: FloatArray = np.zeros(0)
         self.default_capacity_tokens = capacity_tokens
         self.version = 0  # bumped when the decoder set changes
+        # bumped whenever a decoder's kv_use or capacity_tokens may have changed (the arrays
+        # are written only by set_load, or replaced when the decoder set changes)
+        self.load_version = 0
         for inst in topology.instances:
             self._add(inst.name, inst.role, inst.host, source="topology")
 
@@ -98,6 +101,7 @@ class InstanceRegistry:
             self.capacity_tokens = np.append(self.capacity_tokens,
                                              self.default_capacity_tokens)
             self.version += 1
+            self.load_version += 1
         return info
 
     def get(self, name: str, where: str) -> InstanceInfo:
@@ -192,11 +196,13 @@ class InstanceRegistry:
         for name in ("decode_host", "running", "waiting", "kv_use", "capacity_tokens"):
             setattr(self, name, getattr(self, name)[keep])
         self.version += 1
+        self.load_version += 1
         return mapping
 
     def set_load(self, info: InstanceInfo, load: Load, now: float | None = None) -> None:
         info.updated_ts = self.clock() if now is None else now
         if info.role == "decode":
+            self.load_version += 1
             self.running[info.index] = round(load.running)
             self.waiting[info.index] = round(load.waiting)
             self.kv_use[info.index] = load.kv_use

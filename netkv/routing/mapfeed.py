@@ -94,9 +94,10 @@ def parse_announcement(payload: bytes) -> tuple[int, str | None]:
     return got.version, got.epoch
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class MapView:
-    """What one decision uses: the oracle and where it came from."""
+    """What one decision uses: the oracle and where it came from (one per decision, never
+    changed once made; not frozen because a frozen init costs a microsecond per call)."""
 
     oracle: CostOracle
     version: int | None  # None: no map held

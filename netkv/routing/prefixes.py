@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -34,12 +35,20 @@ class PrefixIndex:
         self._holders: dict[int, int] = {}
         self._bits_of: dict[int, IntArray] = {}
         self._bits_n = -1
+        self._pow2: np.ndarray[Any, np.dtype[np.uint64]] = np.zeros(0, dtype=np.uint64)
 
     def __len__(self) -> int:
         return len(self._holders)
 
     def overlap(self, hashes: Sequence[int], n_decoders: int) -> IntArray | None:
         """Leading blocks of ``hashes`` each decoder holds (None when nobody holds the first)."""
+        runs = self.runs(hashes)
+        return None if runs is None else self.from_runs(runs, n_decoders)
+
+    def runs(self, hashes: Sequence[int]) -> list[list[int]] | None:
+        """``[holders, blocks]`` per run of the prompt's leading blocks held by the same
+        decoders (bit masks, each a subset of the one before), or None when nobody holds
+        the first block. Decoder ``d`` holds the sum of the runs whose holders include it."""
         holders = self._holders
         alive = holders.get(hashes[0], 0) if hashes else 0
         if not alive:
@@ -54,19 +63,41 @@ class PrefixIndex:
                 runs[-1][1] += 1
             else:
                 runs.append([alive, 1])
-        if len(runs) == 1:  # one holder set (often one decoder): its bits, unpacked once
-            single: IntArray = self._bits(runs[0][0], n_decoders) * runs[0][1]
-            return single
-        # One unpack for all runs: row r holds the bits of run r's holder set.
-        width = (n_decoders + 7) // 8
+        return runs
+
+    def from_runs(self, runs: list[list[int]], n_decoders: int) -> IntArray:
+        """The per-decoder overlap of :meth:`runs`: the sum of (run length x its holders'
+        bits), each holder set unpacked once (the same few recur: a shared system prompt's,
+        a conversation's); a run with few holders adds per bit. Exact int64."""
+        mask, count = runs[0]
+        out: IntArray = self.bits(mask, n_decoders) * count
         low = (1 << n_decoders) - 1
-        raw = b"".join((mask & low).to_bytes(width, "little") for mask, _ in runs)
-        bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
-        counts = np.fromiter((count for _, count in runs), dtype=np.int64, count=len(runs))
-        out: IntArray = counts @ bits.reshape(len(runs), width * 8)[:, :n_decoders]
+        for holders_of_run, count in runs[1:]:
+            rest = holders_of_run & low
+            if rest.bit_count() > 8:
+                out += self.bits(rest, n_decoders) * count
+                continue
+            while rest:  # a few holders (a conversation's decoders): one add per bit
+                bit = rest & -rest
+                out[bit.bit_length() - 1] += count
+                rest ^= bit
         return out
 
-    def _bits(self, mask: int, n_decoders: int) -> IntArray:
+    def flags(self, mask: int, n_decoders: int) -> np.ndarray[Any, np.dtype[np.bool_]]:
+        """``bits(mask, n_decoders) != 0``, without a cache: for up to 64 decoders one AND
+        against the powers of two (a holder set seen once, e.g. a conversation's that grows
+        turn by turn, costs no unpacking)."""
+        out: np.ndarray[Any, np.dtype[np.bool_]]
+        if n_decoders > 64:
+            out = self.bits(mask, n_decoders) != 0
+            return out
+        if self._pow2.shape[0] != n_decoders:
+            self._pow2 = np.left_shift(np.uint64(1), np.arange(n_decoders, dtype=np.uint64))
+        low = (1 << n_decoders) - 1
+        out = np.bitwise_and(self._pow2, np.uint64(mask & low)) != 0
+        return out
+
+    def bits(self, mask: int, n_decoders: int) -> IntArray:
         """Bit ``d`` of ``mask`` at position ``d`` (int64, read-only), unpacked once per
         holder set: the same few sets (a shared system prompt's, a conversation's) recur."""
         if n_decoders != self._bits_n:

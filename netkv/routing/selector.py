@@ -29,16 +29,16 @@ from netkv.core.policies import (
     make_policy,
     policy_names,
 )
+from netkv.core.prefix_cache import BLOCK_TOKENS
 from netkv.core.topology import Topology
 from netkv.errors import InputError
 from netkv.routing.candidates import CandidateViews
+from netkv.routing.fused import FusedNetkv
 from netkv.routing.instances import InstanceInfo, InstanceRegistry, Load
 from netkv.routing.mapfeed import MapFeed, MapView
 from netkv.routing.prefixes import PrefixIndex
 from netkv.routing.requests import InstanceReport, SelectRequest
 from netkv.routing.reservations import Reservations
-
-BLOCK_TOKENS = 512  # the trace's and vLLM's prefix block size
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,9 +63,10 @@ class SelectorConfig:
     scrape_allow: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Choice:
-    """A decision with what the answer reports about it."""
+    """A decision with what the answer reports about it (never changed once made; not frozen:
+    a frozen init costs a microsecond or two per decision)."""
 
     decision: Decision
     decoder: InstanceInfo
@@ -80,7 +81,10 @@ class Selector:
     """Everything a decision reads, owned in one place."""
 
     def __init__(self, settings: SelectorConfig, topology: Topology, feed: MapFeed,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, *, fused: bool = True) -> None:
+        """``fused`` (default) decides ``netkv`` with :class:`~netkv.routing.fused.FusedNetkv`
+        (the same numbers in fewer calls); off, every decision goes through the policy's
+        own ``decide``."""
         self.settings = settings
         self.topology = topology
         self.feed = feed
@@ -109,6 +113,8 @@ class Selector:
         if settings.policy not in self.engines:
             raise InputError("scheduler.policy", f"unknown policy {settings.policy!r}; "
                              f"known: {', '.join(self.engines)}")
+        self.fused = {name: FusedNetkv(e) for name, e in self.engines.items()
+                      if fused and FusedNetkv.applies(e)}
         self._swept_at = -1.0
         self._expiry_check_at = -1.0
         self._views = CandidateViews()
@@ -170,19 +176,28 @@ class Selector:
         self.sweep(every_s=0.02)
         hashes = body.block_hashes
         n = len(self.registry.decoders)
-        overlap = self.prefixes.overlap(hashes, n) if hashes else None
+        runs = self.prefixes.runs(hashes) if hashes else None
         joint = None
         if policy == "netkv_pair":  # every prefill instance is a candidate, ready now
             prefills = self.registry.prefills
             joint = PrefillView(host=np.array([p.host_index for p in prefills], dtype=np.int64),
                                 ready_s=np.zeros(len(prefills)))
-        request = RequestView(prefill_host=prefill.host_index,
-                              prompt_tokens=body.prompt_tokens,
-                              kv_bytes_per_token=self.bytes_per_token,
-                              overlap_blocks=overlap, block_tokens=BLOCK_TOKENS,
-                              output_tokens=body.output_tokens, prefill=joint)
         view = self.feed.view()
-        decision = engine.decide(request, self.candidates(), view.oracle)
+        candidates = self.candidates()
+        fused = self.fused.get(policy) if joint is None else None
+        decision = None if fused is None else fused.decide(
+            candidates, view.oracle, prefill_host=prefill.host_index,
+            prompt_tokens=body.prompt_tokens, output_tokens=body.output_tokens,
+            kv_bytes_per_token=self.bytes_per_token, runs=runs, prefixes=self.prefixes,
+            block_tokens=BLOCK_TOKENS, load_version=self.registry.load_version)
+        if decision is None:
+            overlap = None if runs is None else self.prefixes.from_runs(runs, n)
+            request = RequestView(prefill_host=prefill.host_index,
+                                  prompt_tokens=body.prompt_tokens,
+                                  kv_bytes_per_token=self.bytes_per_token,
+                                  overlap_blocks=overlap, block_tokens=BLOCK_TOKENS,
+                                  output_tokens=body.output_tokens, prefill=joint)
+            decision = engine.decide(request, candidates, view.oracle)
         decoder = self.registry.decoders[decision.index]
         if decision.prefill_index is not None:
             prefill = self.registry.prefills[decision.prefill_index]

@@ -12,13 +12,12 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from netkv.core.kvsize import ModelSpec, model_spec
 from netkv.core.topology import Topology
 from netkv.core.topology_file import parse_topology
 from netkv.errors import InputError
 from netkv.fields import bound, from_mapping
+from netkv.yamlfile import read_yaml
 
 SCENARIO_DIR = Path(__file__).with_name("scenarios")
 GIB = 1024**3
@@ -228,12 +227,7 @@ def _read(name_or_path: str, depth: int = 0) -> tuple[Path, Any]:
         if not path.exists():
             known = ", ".join(sorted(p.stem for p in SCENARIO_DIR.glob("*.yaml")))
             raise InputError("scenario", f"unknown scenario {name_or_path!r}; known: {known}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise InputError(str(path), f"cannot read scenario: {exc.strerror}") from None
-    except yaml.YAMLError as exc:
-        raise InputError(str(path), f"not valid YAML: {exc}") from None
+    data = read_yaml(path, "scenario")
     if isinstance(data, dict) and "base" in data:
         base = data.pop("base")
         if not isinstance(base, str) or depth > 4:

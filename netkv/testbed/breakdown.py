@@ -6,6 +6,9 @@ first leg and its parsing); ``pqueue``, the wait for the prefill's FIFO; ``compu
 the prefill's answer to the decode engine's receipt (the router between its two legs);
 ``kvwait``, the decode's receipt to the start of its KV pull; ``kv``; ``after``, the KV's
 arrival to the first token at the client (decode slot, first step, the router's relay).
+The prefill queues per instance (``pqueues``: requests, prompt tokens, mean wait, mean/max
+number waiting) and the same receipts through other prefill rules (``pqueue*``) are
+:mod:`netkv.testbed.prefillq`'s.
 :func:`ceiling` is the best TTFT any router could reach by its decode choice alone: every
 KV transfer at the healthy NIC rate, all else as measured.
 
@@ -31,10 +34,11 @@ from typing import Any
 
 import numpy as np
 
+from netkv.core.prefix_cache import BLOCK_TOKENS
 from netkv.engine.model import EngineModel
 from netkv.sim.stats import t975
+from netkv.testbed.prefillq import RULES, counterfactual, queues
 
-TRACE_BLOCK_TOKENS = 512
 NIC_GBPS = 400.0  # the default topology's NIC, before the testbed's --scale
 
 
@@ -59,7 +63,7 @@ def breakdown(trace: list[dict[str, Any]], outcomes: list[dict[str, Any]],
             while hit < len(hashes) and hashes[hit] in held:
                 hit += 1
             held.update(hashes)
-            compute = model.prefill_s(max(int(req["input_length"]) - hit * TRACE_BLOCK_TOKENS, 0))
+            compute = model.prefill_s(max(int(req["input_length"]) - hit * BLOCK_TOKENS, 0))
             begin = max(float(o["arrival_s"]), free[o["prefill"]])
             free[o["prefill"]] = begin + compute
             acc["ttft"].append(float(o["ttft_s"]))
@@ -232,6 +236,16 @@ def main(argv: list[str]) -> int:
         for router, m in measured(rows).items():
             terms = "  ".join(f"{k} {m[k]:6.0f}" for k in ("ttft", *(t for t, _, _ in MEASURED)))
             print(f"  measured {router:<28} n={int(m['n']):>3}  {terms}")
+        for router, per in queues(rows).items():
+            cells = "  ".join(f"{name} {int(q['n'])}x {q['tokens'] / 1e3:.0f}k "
+                              f"{q['wait_ms']:.0f} ms ({q['mean_waiting']:.2f}/"
+                              f"{q['max_waiting']:.0f})" for name, q in per.items())
+            print(f"  pqueues  {router:<28} {cells}")
+        ids = {f"r{i}": req.get("hash_ids", ()) for i, req in enumerate(trace)}
+        for router, c in counterfactual(rows, ids).items():
+            rules = "  ".join(f"{rule} {c[rule]:4.0f}" for rule in RULES)
+            print(f"  pqueue*  {router:<28} measured {c['measured']:4.0f}  its receipts "
+                  f"through: {rules} ms")
         summary = json.loads((Path(d) / "routers.json").read_text())
         meta = summary.get("testbed", {})
         maps = Path(d) / "router-map.json"

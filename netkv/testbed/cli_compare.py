@@ -9,8 +9,6 @@ import subprocess
 from dataclasses import replace
 from pathlib import Path
 
-import yaml
-
 from netkv.errors import InputError
 from netkv.testbed.cli_lab import bytes_per_token, replay_requests, start, trace_source
 from netkv.testbed.compare import EngineApi, RouterComparison
@@ -24,6 +22,7 @@ from netkv.testbed.netns import Lab, inside
 from netkv.testbed.routerrun import RouterRun, format_comparison, write_comparison
 from netkv.testbed.routers import Pinning, executable, parse_routers
 from netkv.testbed.runner import ReplaySpec
+from netkv.yamlfile import read_yaml
 
 
 def compare(args: argparse.Namespace) -> int:
@@ -82,8 +81,8 @@ def _fault_schedule(args: argparse.Namespace, plan: FabricPlan,
         return fault_preset(args.faults, plan, duration_s, host=args.fault_host,
                             flows=args.flows)
     try:
-        data = yaml.safe_load(Path(args.faults).read_text())
-    except (OSError, yaml.YAMLError) as exc:
+        data = read_yaml(args.faults, "fault schedule")
+    except InputError as exc:
         raise InputError("--faults", f"not a preset ({', '.join(FAULT_PRESETS)}) and not a "
                          f"readable schedule file: {exc}") from None
     schedule = FaultSchedule.parse(data, args.faults)

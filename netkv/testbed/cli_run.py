@@ -9,9 +9,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from netkv.errors import InputError
 from netkv.testbed.background import HotSpot, Schedule, core_schedule
 from netkv.testbed.cli_lab import (
     bytes_per_token,
@@ -32,6 +29,7 @@ from netkv.testbed.runner import (
     run_policies,
     write_summary,
 )
+from netkv.yamlfile import read_yaml
 
 
 def policy_replay(args: argparse.Namespace) -> int:
@@ -85,11 +83,7 @@ def _spot(h: HotSpot) -> dict[str, Any]:
 def _schedule(args: argparse.Namespace, plan: FabricPlan, duration_s: float) -> Schedule:
     if not args.schedule:
         return core_schedule(plan, duration_s, args.flows)
-    try:
-        data = yaml.safe_load(Path(args.schedule).read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise InputError(args.schedule, f"cannot read schedule: {exc}") from None
-    return Schedule.parse(data, args.schedule)
+    return Schedule.parse(read_yaml(args.schedule, "schedule"), args.schedule)
 
 
 async def _replay(plan: FabricPlan, control: ControlPlane, *, model: EngineModel,

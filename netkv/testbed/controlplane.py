@@ -14,19 +14,23 @@ real seconds.
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import structlog
 import yaml
 from netkv_agent.settings import AgentSettings
 
-from netkv.localservers import MosquittoServer, RedisServer, wait_for_port
+from netkv.localservers import (
+    MosquittoServer,
+    RedisServer,
+    ServerError,
+    wait_for_port,
+    wait_http_ready,
+)
 from netkv.testbed.fabric import CONTROL_ADDRESS, UPLINK, FabricPlan
 from netkv.testbed.netns import Lab, stop_pids
 
@@ -185,23 +189,10 @@ class ControlPlane:
 
     async def wait_ready(self, url: str, proc: subprocess.Popen[bytes] | None,
                          timeout_s: float = 60.0) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        last = ""
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as http:
-            while loop.time() < deadline:
-                if proc is not None and proc.poll() is not None:
-                    raise RuntimeError(f"{url}: the process exited with {proc.returncode}; "
-                                       f"see {self.workdir / 'logs'}")
-                try:
-                    async with http.get(url) as resp:
-                        if resp.status == 200:
-                            return
-                        last = f"HTTP {resp.status}: {(await resp.text())[:200]}"
-                except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                    last = str(exc) or type(exc).__name__
-                await asyncio.sleep(0.25)
-        raise RuntimeError(f"{url} not ready after {timeout_s:g}s: {last}")
+        try:
+            await wait_http_ready(url, proc.poll if proc is not None else None, timeout_s)
+        except ServerError as exc:
+            raise RuntimeError(f"{exc}; see {self.workdir / 'logs'}") from None
 
 
 

@@ -15,13 +15,12 @@ import contextlib
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
+from netkv.core.prefix_cache import BLOCK_TOKENS
 from netkv.core.topology import Instance, Topology
 from netkv.engine.model import EngineModel
 from netkv.engine.server import Engine, EngineSettings
 from netkv.errors import InputError
 from netkv.signals import stop_on_signals
-
-TRACE_BLOCK_TOKENS = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,7 +30,7 @@ class EngineHostSettings:
     kv_port: int = 9100
     bind: str = "0.0.0.0"  # a container's own interfaces
     bytes_per_token: float = 33.0
-    block_size: int = TRACE_BLOCK_TOKENS
+    block_size: int = BLOCK_TOKENS
 
     def __post_init__(self) -> None:
         for name in ("http_port", "kv_port"):

@@ -39,12 +39,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-import aiohttp
 import psutil
 import structlog
 
 from netkv.core.policies import policy_names
 from netkv.errors import InputError
+from netkv.localservers import ServerError, wait_http_ready
 from netkv.testbed.netns import stop_pids
 
 log = structlog.get_logger(__name__)
@@ -263,24 +263,11 @@ class RouterProcess:
     async def wait_ready(self) -> None:
         """Poll the readiness URL until it answers 200, the process exits, or time is up."""
         assert self.proc is not None
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.ready_timeout_s
-        last = "no answer"
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2.0)) as http:
-            while loop.time() < deadline:
-                if self.proc.poll() is not None:
-                    raise RouterError(f"{self.spec.label} exited with {self.proc.returncode} "
-                                      f"before it was ready: {self.log_tail()}")
-                try:
-                    async with http.get(self.command.ready_url) as resp:
-                        if resp.status == 200:
-                            return
-                        last = f"HTTP {resp.status}: {(await resp.text())[:200]}"
-                except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                    last = str(exc) or type(exc).__name__
-                await asyncio.sleep(0.2)
-        raise RouterError(f"{self.spec.label} not ready at {self.command.ready_url} after "
-                          f"{self.ready_timeout_s:g}s: {last}; {self.log_tail()}")
+        try:
+            await wait_http_ready(self.command.ready_url, self.proc.poll, self.ready_timeout_s,
+                                  every_s=0.2)
+        except ServerError as exc:
+            raise RouterError(f"{self.spec.label} {exc}; {self.log_tail()}") from None
 
     def cpu_seconds(self) -> float:
         """CPU time the router (and its children) used so far; 0 once it is gone."""

@@ -20,10 +20,11 @@ import aiohttp
 from netkv_proxy.cli import serving
 from netkv_proxy.config import ProxySettings
 
+from netkv.core.prefix_cache import BLOCK_TOKENS
 from netkv.core.topology import Topology
 from netkv.prompts import tokens_for_blocks
 from netkv.testbed.client import stream_request
-from netkv.testbed.enginehost import TRACE_BLOCK_TOKENS, engine_urls
+from netkv.testbed.enginehost import engine_urls
 from netkv.testbed.engines import Outcome, Request
 from netkv.testbed.runner import (
     MapEndpoints,
@@ -42,7 +43,7 @@ def synthetic_requests(spec: ReplaySpec, seed: int = 7) -> list[Request]:
     prefixes = [tuple(rng.randrange(1 << 30) for _ in range(8)) for _ in range(6)]
     for i in range(spec.count):
         tokens = max(256, min(int(rng.lognormvariate(8.8, 0.9)), 120_000))
-        blocks = (tokens + 511) // 512
+        blocks = -(-tokens // BLOCK_TOKENS)
         shared = prefixes[rng.randrange(len(prefixes))][: blocks // 2]
         own = tuple(rng.randrange(1 << 30) for _ in range(blocks - len(shared)))
         arrival = min((i // 8) * 3.0 / spec.speedup, spec.max_span_s)
@@ -66,7 +67,7 @@ async def replay(topology: Topology, engine_url: str, requests: Sequence[Request
     hosts = {h.name: (host_urls or {}).get(h.name) or engine_url.format(host=h.name)
              for h in topology.hosts}
     entries = worker_entries(topology, engine_urls(topology, hosts))
-    prompts = [tokens_for_blocks(r.block_hashes, r.prompt_tokens, TRACE_BLOCK_TOKENS)
+    prompts = [tokens_for_blocks(r.block_hashes, r.prompt_tokens, BLOCK_TOKENS)
                for r in requests]
     endpoints = endpoints or MapEndpoints()
     results: dict[str, PolicyResult] = {}
@@ -74,7 +75,7 @@ async def replay(topology: Topology, engine_url: str, requests: Sequence[Request
         settings = ProxySettings(
             port=0, prefill=entries["prefill"], decode=entries["decode"], policy=policy,
             redis=endpoints.redis, mqtt=endpoints.mqtt, kv_bytes_per_token=bytes_per_token,
-            block_size=TRACE_BLOCK_TOKENS, prefill_timeout_s=timeout_s, map_poll_s=0.5)
+            block_size=BLOCK_TOKENS, prefill_timeout_s=timeout_s, map_poll_s=0.5)
         async with serving(settings, topology) as (_, url), aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=0),
                 timeout=aiohttp.ClientTimeout(total=timeout_s)) as http:

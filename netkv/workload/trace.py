@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from netkv.core.prefix_cache import BLOCK_TOKENS as BLOCK_TOKENS  # noqa: PLC0414 (re-export)
 from netkv.core.topology import FloatArray, IntArray
 from netkv.errors import InputError
 
-BLOCK_TOKENS = 512
 _FIELDS = ("timestamp", "input_length", "output_length", "hash_ids")
 
 

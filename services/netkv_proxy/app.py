@@ -9,7 +9,9 @@ Where each concept lives:
 * :mod:`netkv_proxy.relay`: the decode leg and the SSE relay;
 * :mod:`netkv_proxy.placement` and :mod:`netkv_proxy.prefill`: where a request goes;
 * :mod:`netkv_proxy.workers`: worker health, ejection, re-admission and load;
-* :mod:`netkv_proxy.upstream`: the client session and what both legs share.
+* :mod:`netkv_proxy.stalls`: the proxy's own stalls (event-loop lag, GC pauses);
+* :mod:`netkv_proxy.upstream`: what both legs share (a connection pool per worker, on
+  :mod:`netkv_proxy.engineclient`).
 
 Answers say where they went: ``x-netkv-prefill``, ``x-netkv-decode``, ``x-netkv-tier``,
 ``x-netkv-predicted-ms``, and ``x-netkv-map`` (``map v<version>`` or ``prior: <why>`` when
@@ -38,6 +40,7 @@ from netkv_proxy.legs import Legs
 from netkv_proxy.metrics import ProxyMetrics
 from netkv_proxy.placement import Placement
 from netkv_proxy.prefill import PrefillChooser
+from netkv_proxy.stalls import StallMonitor
 from netkv_proxy.upstream import Upstream
 from netkv_proxy.workers import WorkerPool
 
@@ -61,6 +64,7 @@ class Proxy:
         self.prefills = PrefillChooser(self.pool, block_tokens=settings.block_size,
                                        prefix_blocks=settings.prefix_blocks)
         self.metrics = ProxyMetrics()
+        self.stalls = StallMonitor(self.metrics)
         self.tokenizer: TokenCounter = tokenizer_from(settings.tokenizer)
         self.supervisor = Supervisor("proxy")
         self.upstream = Upstream(settings)
@@ -81,6 +85,8 @@ class Proxy:
             await self.pool.check_all(self._health_session, s.health_timeout_s)
             self.supervisor.spawn(self.pool.run(self._health_session, s.health_interval_s,
                                                 s.health_timeout_s), name="health")
+            self.stalls.__enter__()
+            self.supervisor.spawn(self.stalls.run(), name="loop-lag")
             if self.feed is not None:
                 self.feed.spawn(self.supervisor)
         except BaseException:
@@ -89,15 +95,12 @@ class Proxy:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
+        self.stalls.__exit__()
         await self.supervisor.stop()
         await self.upstream.__aexit__(None, None, None)
         if self._health_session is not None:
             await self._health_session.close()
         self._health_session = None
-
-    @property
-    def session(self) -> aiohttp.ClientSession:
-        return self.upstream.session
 
     @property
     def upstream_open(self) -> int:
@@ -149,6 +152,7 @@ class Proxy:
             "bookings": self.placement.bookings.active,
             "placements": len(self.placement.open),
             "upstream_open": self.upstream_open,
+            "upstream_connections": self.upstream.connections,
             "tasks": len(asyncio.all_tasks()),
             "workers": [{"name": w.name, "role": w.role, "healthy": w.healthy,
                          "inflight": w.inflight, "ejections": w.ejections,

@@ -102,7 +102,7 @@ class ProxySettings(ServiceSettings, KvSizeSettings, HttpLimitsSettings):
     redis_timeout_s: Positive = 1.0
     oracle_cache_s: float = Field(default=0.5, ge=0, allow_inf_nan=False)
     max_body_bytes: int = Field(default=32 << 20, ge=1024)
-    max_connections: int = Field(default=1000, ge=1)  # upstream (to the workers)
+    max_connections: int = Field(default=1000, ge=1)  # upstream, to each worker
     # The client side (issue 9): HttpLimitsSettings, capped by max_client_connections.
     max_client_connections: int = Field(default=4096, ge=16)
     log_level: LogLevel = "info"

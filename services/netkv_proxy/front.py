@@ -10,9 +10,10 @@ or a new one) goes to both legs and back. Every request is counted by endpoint a
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
+import secrets
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -23,10 +24,12 @@ from netkv.contracts.openai import BodyError, ChatCompletionRequest, CompletionR
 from netkv.http.openai_errors import openai_error
 from netkv.prompts import TokenCounter, block_hashes, render_chat
 from netkv_proxy.config import ProxySettings
+from netkv_proxy.engineclient import header_block
 from netkv_proxy.metrics import ProxyMetrics
 from netkv_proxy.upstream import Job, Kind, UpstreamError
 
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,256}$")
+_RAW_BODY = dict[str, msgspec.Raw]
 
 Dispatch = Callable[[web.Request, Job], Awaitable[web.StreamResponse]]
 
@@ -43,6 +46,10 @@ class Front:
         self.settings, self.tokenizer, self.metrics = settings, tokenizer, metrics
         self.dispatch = dispatch
         self._counted: dict[tuple[str, str], Any] = {}  # metric children by labels
+        # New request ids: 64 random bits per process, then a counter (32 hex digits, as
+        # uuid4().hex was, without a getrandom call per request)
+        self._id_prefix = f"netkv-{secrets.token_hex(8)}"
+        self._ids = itertools.count()
 
     def count(self, endpoint: str, outcome: str) -> None:
         child = self._counted.get((endpoint, outcome))
@@ -68,21 +75,32 @@ class Front:
             prompt = render_chat([(m.role, m.text()) for m in typed.messages])
             limit = typed.output_limit(self.settings.default_max_tokens)
         tokens = self.tokenizer.encode(prompt) if isinstance(prompt, str) else prompt
-        body = msgspec.json.decode(raw)
-        if not isinstance(body, dict):
-            raise BodyError("body", "must be a JSON object", "wrong_type")
-        headers = {"X-Request-Id": rid, "Content-Type": "application/json"}
+        # The body the legs pass on, shallow: each value kept as its raw JSON text (the
+        # typed decode above validated it). Re-encoding splices the bytes, so a prompt of
+        # 8k token ids costs ~50 us to scan here and ~1 us per leg to encode, not ~180 us
+        # to build as Python objects and ~40 us per leg to encode again.
+        try:
+            body: dict[str, Any] = msgspec.json.decode(raw, type=_RAW_BODY)
+        except msgspec.ValidationError:
+            raise BodyError("body", "must be a JSON object", "wrong_type") from None
+        headers = {"X-Request-Id": rid}
         auth = request.headers.get("Authorization")
         if auth:
             headers["Authorization"] = auth
+        try:
+            extra = header_block(headers)
+        except ValueError:
+            raise BodyError("Authorization", "must be one line of header text",
+                            "wrong_type") from None
         return Job(kind, rid, body, len(tokens), block_hashes(tokens, self.settings.block_size),
-                   limit, typed.stream, headers, time.perf_counter(),
+                   limit, typed.stream, extra, time.perf_counter(),
                    "completions" if kind == "completion" else "chat")
 
     async def _handle(self, request: web.Request, kind: Kind) -> web.StreamResponse:
         arrived = time.perf_counter()
         given = request.headers.get("X-Request-Id", "")
-        rid = given if _REQUEST_ID.match(given) else f"netkv-{uuid.uuid4().hex}"
+        rid = given if given and _REQUEST_ID.match(given) else \
+            f"{self._id_prefix}{next(self._ids):016x}"
         endpoint = "completions" if kind == "completion" else "chat"
         try:
             job = self._job(request, await self._read(request), kind, rid)

@@ -28,7 +28,6 @@ import secrets
 import time
 from typing import Any
 
-import aiohttp
 import msgspec
 import structlog
 from aiohttp import web
@@ -40,11 +39,12 @@ from netkv.contracts.kvtransfer import (
 )
 from netkv.http.openai_errors import openai_error
 from netkv_proxy.config import ProxySettings
+from netkv_proxy.engineclient import EngineError
 from netkv_proxy.metrics import ProxyMetrics
 from netkv_proxy.placement import Placement
 from netkv_proxy.prefill import PrefillChooser
 from netkv_proxy.relay import DecodeLeg
-from netkv_proxy.upstream import RETRY_STATUS, Job, Upstream, UpstreamError
+from netkv_proxy.upstream import PATHS, RETRY_STATUS, Job, Upstream, UpstreamError
 from netkv_proxy.workers import Worker, WorkerPool
 
 log = structlog.get_logger(__name__)
@@ -80,16 +80,17 @@ class Legs:
 
     async def _post_prefill(self, worker: Worker, job: Job, data: bytes
                             ) -> tuple[int, bytes]:
-        """One prefill attempt; raises TimeoutError or aiohttp/OS errors."""
+        """One prefill attempt; raises TimeoutError, EngineError or OSError."""
         up = self.upstream
         worker.inflight += 1
         up.open += 1
         start = time.perf_counter()
         try:
-            async with asyncio.timeout(self.settings.prefill_timeout_s):
-                async with up.session.post(up.url(worker, job.kind), data=data,
-                                           headers=job.headers) as resp:
-                    payload = await resp.read()
+            # the whole attempt bounded by the engine client's own timer (no asyncio.timeout)
+            async with up.pool(worker).post(PATHS[job.kind], data, job.extra,
+                                            max_body=self.settings.max_body_bytes,
+                                            timeout=self.settings.prefill_timeout_s) as resp:
+                payload = await resp.read()
             if resp.status == 200:
                 seconds = time.perf_counter() - start
                 worker.observe_prefill(seconds)
@@ -116,7 +117,7 @@ class Legs:
             except TimeoutError:
                 reason, last = "timeout", f"prefill {worker.name} timed out after " \
                     f"{self.settings.prefill_timeout_s:g} s"
-            except (aiohttp.ClientError, OSError) as exc:
+            except (EngineError, OSError) as exc:
                 self.pool.failed(worker, f"{type(exc).__name__}: {exc}", at_once=True)
                 reason, last = "connect", f"prefill {worker.name}: {type(exc).__name__}"
             else:

@@ -9,15 +9,15 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import aiohttp
 import structlog
 from aiohttp import web
 
 from netkv.contracts.openai import sse
 from netkv.http.openai_errors import openai_error
+from netkv_proxy.engineclient import EngineConnectError, EngineError, Response
 from netkv_proxy.metrics import ProxyMetrics
 from netkv_proxy.placement import Placed, Placement
-from netkv_proxy.upstream import Job, Upstream, UpstreamError
+from netkv_proxy.upstream import PATHS, Job, Upstream, UpstreamError
 from netkv_proxy.workers import WorkerPool
 
 log = structlog.get_logger(__name__)
@@ -36,6 +36,8 @@ class DecodeLeg:
     def __init__(self, upstream: Upstream, pool: WorkerPool, placement: Placement,
                  metrics: ProxyMetrics) -> None:
         self.upstream, self.pool, self.metrics = upstream, pool, metrics
+        s = upstream.settings
+        self.read_timeout_s, self.max_body = s.decode_read_timeout_s, s.max_body_bytes
         self.placement = placement
         self._decided: dict[tuple[str, str, str], Any] = {}  # metric children by labels
 
@@ -54,9 +56,9 @@ class DecodeLeg:
         up = self.upstream
         up.open += 1
         try:
-            async with up.session.post(up.url(decode, job.kind), data=data,
-                                       headers=job.headers,
-                                       timeout=up.decode_timeout) as resp:
+            async with up.pool(decode).post(PATHS[job.kind], data, job.extra,
+                                            read_timeout=self.read_timeout_s,
+                                            max_body=self.max_body) as resp:
                 self.placement.transferred(placed)  # the KV is in (or its pull failed)
                 if resp.status != 200:
                     payload = await resp.read()
@@ -69,15 +71,15 @@ class DecodeLeg:
                         f"{payload[:200].decode(errors='replace')}", "BadGatewayError",
                         headers=headers), "decode_failed")
                 headers.update((k, v) for k, v in resp.headers.items()
-                               if k.lower().startswith("x-netkv-kv-"))
+                               if k.startswith("x-netkv-kv-"))  # names are lower-case
                 if not job.stream:  # TTFT and handover are observed on streams only
                     payload = await resp.read()
                     return web.Response(body=payload, content_type="application/json",
                                         headers=headers)
                 return await self._relay(request, job, placed, resp, headers=headers,
                                          handover_from=handover_from)
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            if isinstance(exc, aiohttp.ClientConnectorError):
+        except (EngineError, OSError, TimeoutError) as exc:
+            if isinstance(exc, EngineConnectError):
                 self.pool.failed(decode, f"{type(exc).__name__}: {exc}", at_once=True)
             raise UpstreamError(openai_error(
                 502, f"decode {decode.name} failed: {type(exc).__name__}: {exc}",
@@ -93,22 +95,19 @@ class DecodeLeg:
         self.metrics.prediction_error.observe(abs(handover - placed.decision.ttft_s))
 
     async def _relay(self, request: web.Request, job: Job, placed: Placed,
-                     resp: aiohttp.ClientResponse, *, headers: dict[str, str],
+                     resp: Response, *, headers: dict[str, str],
                      handover_from: float) -> web.StreamResponse:
         """Pass the decode's SSE stream through chunk by chunk."""
         out = web.StreamResponse(status=200, headers={
-            **headers, "Content-Type": resp.headers.get("Content-Type", "text/event-stream"),
+            **headers, "Content-Type": resp.headers.get("content-type", "text/event-stream"),
             "Cache-Control": "no-cache"})
         await out.prepare(request)
         first = True
         outcome = "ok"
-        upstream = resp.content.iter_any().__aiter__()
         while True:
             try:
-                chunk = await upstream.__anext__()
-            except StopAsyncIteration:
-                break
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                chunk = await resp.chunk()
+            except (EngineError, OSError, TimeoutError) as exc:
                 # the decode died mid-stream: say so in-band (the status is already sent)
                 outcome = "decode_failed"
                 log.warning("decode stream broke", request=job.request_id,
@@ -117,6 +116,8 @@ class DecodeLeg:
                     "message": f"decode {placed.decode.name} failed mid-stream: "
                     f"{type(exc).__name__}", "type": "BadGatewayError", "param": None,
                     "code": 502}}))
+                break
+            if chunk is None:
                 break
             if first:
                 self._first_byte(job, placed, handover_from)

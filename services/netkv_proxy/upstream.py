@@ -1,17 +1,17 @@
-"""What both legs share: the one client session to the workers, the parsed upstream URLs, the
-count of upstream requests open (leak checks), one request's :class:`Job`, and the error a
-leg raises with the answer the client gets (:class:`UpstreamError`, in OpenAI's shape)."""
+"""What both legs share: a keep-alive connection pool per worker
+(:class:`~netkv_proxy.engineclient.EnginePool`), the count of upstream requests open (leak
+checks), one request's :class:`Job`, and the error a leg raises with the answer the client
+gets (:class:`UpstreamError`, in OpenAI's shape)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import aiohttp
 from aiohttp import web
-from yarl import URL
 
 from netkv_proxy.config import ProxySettings
+from netkv_proxy.engineclient import EnginePool
 from netkv_proxy.workers import Worker
 
 Kind = Literal["completion", "chat"]
@@ -38,48 +38,37 @@ class Job:
     hashes: list[int]
     output_tokens: int
     stream: bool
-    headers: dict[str, str]
+    extra: bytes  # the request header lines both legs send (engineclient.header_block)
     arrived: float
     endpoint: str
     outcome: str = "ok"
 
 
 class Upstream:
-    """``async with Upstream(settings)``: the session every leg uses, and what is open."""
+    """``async with Upstream(settings)``: one connection pool per worker, and what is open."""
 
     def __init__(self, settings: ProxySettings) -> None:
         self.settings = settings
         self.open = 0  # upstream requests in flight (leak checks)
-        self._session: aiohttp.ClientSession | None = None
-        # The hot path's constants, built once: parsed upstream URLs and the decode leg's
-        # timeout.
-        self._urls: dict[tuple[str, Kind], URL] = {}
-        self.decode_timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=settings.connect_timeout_s,
-            sock_read=settings.decode_read_timeout_s)
+        self._pools: dict[str, EnginePool] = {}
 
     async def __aenter__(self) -> Upstream:
         s = self.settings
-        # One session for every leg: keep-alive connections to the workers are reused, no
-        # cookie jar (the workers set none; the jar is consulted on every request otherwise).
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=s.max_connections, limit_per_host=0),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=s.connect_timeout_s),
-            auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar())
+        for entry in (*s.prefill, *s.decode):
+            self._pools[entry.base] = EnginePool(
+                entry.base, connect_timeout_s=s.connect_timeout_s,
+                max_connections=s.max_connections)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        if self._session is not None:
-            await self._session.close()
-        self._session = None
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()
+
+    def pool(self, worker: Worker) -> EnginePool:
+        return self._pools[worker.base]
 
     @property
-    def session(self) -> aiohttp.ClientSession:
-        assert self._session is not None, "use Proxy as an async context manager"
-        return self._session
-
-    def url(self, worker: Worker, kind: Kind) -> URL:
-        url = self._urls.get((worker.base, kind))
-        if url is None:
-            url = self._urls[(worker.base, kind)] = URL(worker.base + PATHS[kind])
-        return url
+    def connections(self) -> int:
+        """Connections to the workers, busy, idle or being opened."""
+        return sum(p.open for p in self._pools.values())

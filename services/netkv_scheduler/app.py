@@ -163,7 +163,7 @@ async def _select(request: web.Request) -> web.Response:
         metrics.releases.labels("client_gone").inc()
     view = choice.view
     metrics.series.record(choice.policy, d.tier, view.stale, choice.duration_s, d.transfer_s)
-    return json_response(SelectResponse(
+    body_bytes = encode(SelectResponse(
         request_id=body.request_id, decode=choice.decoder.name,
         decode_host=choice.decoder.host, prefill=choice.prefill.name,
         predicted_ttft_ms=round(d.ttft_s * 1e3, 4),
@@ -173,6 +173,8 @@ async def _select(request: web.Request) -> web.Response:
         tier=d.tier, kv_bytes=d.transfer_bytes, map_version=view.version,
         map_age_ms=None if view.age_s is None else round(view.age_s * 1e3, 1),
         map_stale=view.stale, policy=choice.policy, reserved=choice.reserved))
+    decisions.keep(app, body_bytes)
+    return web.Response(body=body_bytes, content_type="application/json")
 
 
 async def _release(request: web.Request) -> web.Response:
@@ -355,6 +357,7 @@ def create_app(settings: SchedulerSettings, topology: Topology | None = None,
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/openapi.json", _openapi)
-    decisions.install(app)  # GET /v1/decisions/recent, for the oracle's live view
+    # GET /v1/decisions/recent, for the oracle's live view (_select keeps its answers)
+    decisions.install(app, signal=False)
     app.cleanup_ctx.append(_background)
     return app

@@ -1,8 +1,9 @@
 """The scheduler's recent decisions, for the oracle's live view: ``GET /v1/decisions/recent``.
 
-:func:`install` (one call from ``build_app``) keeps the last :data:`KEEP` answers of
-``POST /v1/select`` as they leave (their bytes only, from the response-prepare signal, so the
-decision path pays one append) and serves them decoded, newest first, with the fields a viewer
+:func:`install` (one call from ``create_app``) keeps the last :data:`KEEP` answers of
+``POST /v1/select`` as they leave (their bytes only, so the decision path pays one append:
+the scheduler's handler calls :func:`keep` itself; any other app's answers are taken from the
+response-prepare signal) and serves them decoded, newest first, with the fields a viewer
 needs. Read-only and free of secrets; it carries ``Access-Control-Allow-Origin: *`` so that the
 oracle's page (another port) may read it.
 """
@@ -31,6 +32,12 @@ class Recent:
 RECENT: web.AppKey[Recent] = web.AppKey("recent_decisions", Recent)
 
 
+def keep(app: web.Application, body: bytes) -> None:
+    """Keep one answer of ``POST /v1/select`` (a handler that calls this installs with
+    ``signal=False``)."""
+    app[RECENT].items.append((time.time(), body))
+
+
 async def _keep(request: web.Request, response: web.StreamResponse) -> None:
     if request.path == "/v1/select" and response.status == 200 \
             and isinstance(response, web.Response) and isinstance(response.body, bytes):
@@ -57,10 +64,14 @@ async def recent(request: web.Request) -> web.Response:
                              headers={"Access-Control-Allow-Origin": "*"})
 
 
-def install(app: web.Application) -> None:
+def install(app: web.Application, *, signal: bool = True) -> None:
+    """Serve the recent answers; ``signal`` takes them from every ``/v1/select`` response
+    as it is prepared (off: the select handler calls :func:`keep`, which spares every
+    response of the app a signal dispatch)."""
     app[RECENT] = Recent()
-    app.on_response_prepare.append(_keep)
+    if signal:
+        app.on_response_prepare.append(_keep)
     app.router.add_get("/v1/decisions/recent", recent)
 
 
-__all__ = ["install"]
+__all__ = ["install", "keep"]

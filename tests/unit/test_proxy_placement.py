@@ -102,3 +102,23 @@ def test_decisions_over_the_kept_view_match_a_fresh_view() -> None:
 def test_an_unknown_policy_names_the_setting() -> None:
     with pytest.raises(InputError, match="proxy.policy"):
         placement("no_such_policy")
+
+
+def test_the_element_fill_equals_the_numpy_fill() -> None:
+    """Up to ``_LOOP_FILL_MAX`` decodes the kept view is filled element by element; the
+    arrays are the numpy path's, fractional gauges and in-flight counts included."""
+    p, q = placement(), placement()
+    rng = np.random.default_rng(11)
+    for _ in range(200):
+        for a, b in zip(p.pool.decodes, q.pool.decodes, strict=True):
+            a.running = b.running = float(rng.choice([0.0, 1.0, 2.5, 7.0, 3.999]))
+            a.waiting = b.waiting = float(rng.choice([0.0, 0.5, 2.0, 4.25]))
+            a.inflight = b.inflight = int(rng.integers(0, 12))
+            a.kv_use = b.kv_use = float(rng.random())
+        got = p._candidates(p.pool.decodes)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr("netkv_proxy.placement._LOOP_FILL_MAX", 0)  # the numpy path
+            want = q._candidates(q.pool.decodes)
+        for name in ("host", "running", "waiting", "kv_use", "capacity_tokens"):
+            assert np.array_equal(getattr(got, name), getattr(want, name)), name
+        assert np.array_equal(got.waiting, fresh(p).waiting)

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import pytest
 from netkv_proxy.config import WorkerEntry
-from netkv_proxy.prefill import PrefillChooser
+from netkv_proxy.prefill import PrefillChoice, PrefillChooser
 from netkv_proxy.workers import WorkerPool
 
 from netkv.core.topology_file import parse_topology
 
 TOPOLOGY = {
     "fabric": {"nic_gbps": 400, "leaf_oversubscription": 1, "pod_oversubscription": 1},
-    "hosts": [{"name": f"h{i}", "leaf": "l0", "pod": "p0"} for i in range(4)],
+    "hosts": [{"name": f"h{i}", "leaf": "l0", "pod": "p0"} for i in range(5)],
     "instances": [{"name": "p0", "role": "prefill", "host": "h0"},
                   {"name": "p1", "role": "prefill", "host": "h1"},
                   {"name": "p2", "role": "prefill", "host": "h2"},
+                  {"name": "p3", "role": "prefill", "host": "h4"},
                   {"name": "d0", "role": "decode", "host": "h3"}],
 }
 BLOCK = 512
@@ -102,3 +104,139 @@ def test_ties_go_in_turn_and_excluded_or_ejected_workers_are_skipped() -> None:
     picks = {x.worker.index for x in (c.choose(10, [], {1}) for _ in range(3)) if x}
     assert picks == {2}
     assert c.choose(10, [], {1, 2}) is None
+
+
+# -- the drain: work a prefill has already done is not ahead of anyone ----------------------
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def timed(n: int) -> tuple[PrefillChooser, Clock]:
+    c, clock = chooser(n), Clock()
+    c.clock = clock
+    return c, clock
+
+
+def book(c: PrefillChooser, tokens: int, only: int) -> PrefillChoice:
+    """Book ``tokens`` on prefill ``only`` and count it in flight, as ``_post_prefill`` does."""
+    got = c.choose(tokens, [], {w.index for w in c.pool.prefills} - {only})
+    assert got is not None and got.worker.index == only
+    got.worker.inflight += 1
+    return got
+
+
+def answer(c: PrefillChooser, choice: PrefillChoice) -> None:
+    c.release(choice)
+    choice.worker.inflight -= 1
+
+
+def test_the_rate_is_measured_from_answers_queued_ones_from_the_previous_answer() -> None:
+    c, clock = timed(2)
+    assert c.rate is None
+    a, b = book(c, 1_000, 0), book(c, 3_000, 0)  # both sent at t=0, b queued behind a
+    clock.now = 0.1
+    answer(c, a)  # (1000 + 512) / 0.1
+    assert c.rate == pytest.approx(15_120)
+    clock.now = 0.3
+    answer(c, b)  # held since a's answer: (3000 + 512) / 0.2 = 17560; median of the two
+    assert c.rate == pytest.approx((15_120 + 17_560) / 2)
+
+
+def test_an_answer_out_of_order_is_no_measurement() -> None:
+    c, clock = timed(2)
+    a, b = book(c, 1_000, 0), book(c, 3_000, 0)
+    clock.now = 0.2
+    answer(c, b)
+    assert c.rate is None
+    assert c.pool.prefills[0].prefill_work == 1_000
+    clock.now = 0.3
+    answer(c, a)  # now the oldest; held since b's answer: 1512 / 0.1
+    assert c.rate == pytest.approx(15_120)
+
+
+def test_without_a_rate_nothing_is_drained() -> None:
+    c, clock = timed(2)
+    book(c, 40_000, 0)
+    clock.now = 100.0
+    assert c.done_tokens(c.pool.prefills[0], clock.now) == 0.0
+    assert c.scores(c.pool.prefills, 1_000, [])[0][0] == 40_000 + 512 + 1_000 + 512
+
+
+def rated(n: int, rate_tokens: int = 31_488) -> tuple[PrefillChooser, Clock]:
+    """A chooser whose measured rate is (rate_tokens + 512) tokens/s (one answer of 1 s)."""
+    c, clock = timed(n)
+    clock.now = -10.0
+    warm = book(c, rate_tokens, n - 1)
+    clock.now = -9.0
+    answer(c, warm)
+    assert c.rate == pytest.approx(rate_tokens + 512)
+    return c, clock
+
+
+def test_a_long_prefill_half_done_is_scored_by_what_is_left() -> None:
+    """Rate 32,000/s. p0 got 40,000 tokens at t=1.0, p1 25,000 at t=1.9; at t=2.0 p0 has
+    32,000 of its 40,512 done (8,512 left), p1 3,200 of 25,512 (22,312 left): a 1,000-token
+    prompt goes to p0 (8,512 + 1,512 = 10,024 < 22,312 + 1,512); by booked work alone it
+    would go to p1 (25,512 + 1,512 < 40,512 + 1,512)."""
+    c, clock = rated(3)
+    c.pool.prefills[2].healthy = False
+    clock.now = 1.0
+    book(c, 40_000, 0)
+    clock.now = 1.9
+    book(c, 25_000, 1)
+    clock.now = 2.0
+    p0, p1 = c.pool.prefills[:2]
+    assert c.done_tokens(p0, 2.0) == pytest.approx(32_000)
+    assert c.done_tokens(p1, 2.0) == pytest.approx(3_200)
+    (s0, _, _), (s1, _, _) = c.scores([p0, p1], 1_000, [])
+    assert s0 == pytest.approx(10_024)
+    assert s1 == pytest.approx(23_824)
+    got = c.choose(1_000, [], set())
+    assert got is not None and got.worker is p0
+
+
+def test_a_prefill_late_on_its_oldest_prompt_keeps_the_rest_ahead() -> None:
+    """The drain stops at the oldest prompt's own work: the one queued behind it is not
+    taken as started however late the answer is."""
+    c, clock = rated(2)
+    clock.now = 0.0
+    book(c, 10_000, 0)
+    book(c, 5_000, 0)
+    clock.now = 100.0
+    p0 = c.pool.prefills[0]
+    assert c.done_tokens(p0, clock.now) == pytest.approx(10_512)
+    assert c.scores([p0], 1_000, [])[0][0] == pytest.approx(5_512 + 1_512)
+
+
+def test_the_next_burst_spreads_over_prefills_about_to_finish() -> None:
+    """The testbed's pile-up in miniature (quiet fabric, slice 400): p0 and p1 have been
+    computing an 85,000- and a 69,000-token prompt for 2.2 s at 32,000/s (15,112 and 0
+    tokens left), p2 and p3 are idle. Seven 10,000-token prompts (10,512 each with the
+    overhead): p1, p2, p3 take two each (21,024 ahead), p0 the seventh (15,112 + 10,512 =
+    25,624 < 21,024 + 10,512). By booked work alone p0 and p1 look 85k and 69k busy and
+    p2 and p3 would take all seven."""
+    def burst(c: PrefillChooser) -> list[int]:
+        picks = []
+        for _ in range(7):
+            got = c.choose(10_000, [], set())
+            assert got is not None
+            got.worker.inflight += 1
+            picks.append(got.worker.index)
+        return sorted(picks)
+
+    c, clock = rated(4)
+    clock.now = 0.0
+    book(c, 85_000, 0)
+    book(c, 69_000, 1)
+    clock.now = 2.2
+    assert burst(c) == [0, 1, 1, 2, 2, 3, 3]
+
+    stale, clock = timed(4)  # no answer yet, so no rate: booked work only
+    book(stale, 85_000, 0)
+    book(stale, 69_000, 1)
+    clock.now = 2.2
+    assert set(burst(stale)) == {2, 3}

@@ -42,11 +42,12 @@ class TieBreaker:
 
     def argmin(self, values: FloatArray) -> int:
         first = int(values.argmin())
-        best = float(values[first])
+        best = float(values.item(first))
         limit = best + 1e-12 * max(abs(best), 1.0)
-        if np.count_nonzero(values <= limit) == 1:  # the common case: no tie
+        tied = values <= limit
+        if np.count_nonzero(tied) == 1:  # the common case: no tie
             return first
-        ties = np.flatnonzero(values <= limit)
+        ties = np.flatnonzero(tied)
         return int(ties[self.rng.integers(ties.shape[0])])
 
 

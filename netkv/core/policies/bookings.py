@@ -77,18 +77,24 @@ class Bookings:
     def reserve(self, src_host: int, dst_host: int, nbytes: float) -> Booking:
         """Count a started transfer against the links of its path."""
         booking = Booking(self.route(src_host, dst_host), float(nbytes))
-        idx = self._index[booking.links]
-        self.bytes_ext[idx] += booking.nbytes
-        self.flows_ext[idx] += 1.0
+        # Element by element over the path's few links (a path holds each link once): the
+        # same float64 additions as ``bytes_ext[idx] += nbytes`` without three array calls.
+        nb, booked, flows = booking.nbytes, self.bytes_ext, self.flows_ext
+        for link in booking.links:
+            booked[link] += nb
+            flows[link] += 1.0
         self.active += 1
         return booking
 
     def release(self, booking: Booking) -> None:
-        idx = self._index.get(booking.links)
-        if idx is None:  # booked before the route cache was last cleared
-            idx = np.array(booking.links, dtype=np.int64)
-        self.bytes_ext[idx] = np.maximum(self.bytes_ext[idx] - booking.nbytes, 0.0)
-        self.flows_ext[idx] = np.maximum(self.flows_ext[idx] - 1.0, 0.0)
+        # max(x - nbytes, 0.0) per link, as np.maximum computes it (no NaN or -0.0 occurs:
+        # the counts start at +0.0 and only add or subtract non-negative finite amounts)
+        nb, booked, flows = booking.nbytes, self.bytes_ext, self.flows_ext
+        for link in booking.links:
+            left = float(booked[link]) - nb
+            booked[link] = left if left > 0.0 else 0.0
+            count = float(flows[link]) - 1.0
+            flows[link] = count if count > 0.0 else 0.0
         self.active = max(self.active - 1, 0)
 
     def extra_seconds(self, src_host: int, dst_hosts: IntArray, nbytes: FloatArray,

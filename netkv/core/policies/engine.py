@@ -45,11 +45,15 @@ class DecisionEngine:
                oracle: CostOracle) -> Decision:
         start = time.perf_counter_ns()
         decision = self.policy.decide(request, candidates, oracle, self.bookings)
-        elapsed = (time.perf_counter_ns() - start) * 1e-9
-        self.durations_s[self.count % self.durations_s.shape[0]] = elapsed
-        self.count += 1
-        self.last_duration_s = elapsed
+        self.record((time.perf_counter_ns() - start) * 1e-9)
         return decision
+
+    def record(self, elapsed_s: float) -> None:
+        """Count one decision that took ``elapsed_s`` (also for a caller that evaluated this
+        engine's policy itself: a router's fused evaluation of the same formula)."""
+        self.durations_s[self.count % self.durations_s.shape[0]] = elapsed_s
+        self.count += 1
+        self.last_duration_s = elapsed_s
 
     def reserve(self, src_host: int, dst_host: int, nbytes: float) -> Booking:
         """Book a transfer the caller has started (call :meth:`release` when it lands)."""

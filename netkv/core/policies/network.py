@@ -176,10 +176,11 @@ def prefer_less_loaded(scores: FloatArray, transfer_s: FloatArray, tier: IntArra
                        ties: TieBreaker) -> int:
     """Among candidates predicted within ``tie_rel * transfer_s[best]`` of ``scores[best]``
     and of no higher tier than ``best``, the one with the least KV in use (ties at random)."""
-    slack = tie_rel * float(transfer_s[best])
+    slack = tie_rel * float(transfer_s.item(best))
     if slack <= 0:
         return best
-    near = (scores <= float(scores[best]) + slack) & (tier <= tier[best])
+    near = scores <= float(scores.item(best)) + slack
+    near &= tier <= tier.item(best)
     if np.count_nonzero(near) == 1:
         return best
     masked: FloatArray = np.where(near, kv_use, np.inf)

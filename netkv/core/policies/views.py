@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from netkv.core.prefix_cache import BLOCK_TOKENS
 from netkv.core.topology import FloatArray, IntArray
 
 
@@ -56,7 +57,7 @@ class RequestView:
     prompt_tokens: int
     kv_bytes_per_token: float
     overlap_blocks: IntArray | None = None
-    block_tokens: int = 512
+    block_tokens: int = BLOCK_TOKENS
     output_tokens: int = 0
     prefill: PrefillView | None = None
     stream_layers: int = 0

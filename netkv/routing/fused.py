@@ -1,0 +1,258 @@
+"""``netkv``'s decision for a router's usual inputs, fused: the same numbers, fewer calls.
+
+:meth:`Netkv.decide <netkv.core.policies.Netkv.decide>` over
+:func:`~netkv.core.policies.predict` is written for every owner (the simulator's views,
+optional per-candidate NIC rates, streamed transfers, any cost oracle) and builds a
+:class:`~netkv.core.policies.RequestView`, a :class:`~netkv.core.policies.Prediction` and
+about fifty small arrays per decision; at |D| = 64 numpy's ~1 µs per call and the frozen
+dataclasses are most of a decision's cost. :class:`FusedNetkv` evaluates the same formula
+for what the scheduler's :class:`~netkv.routing.selector.Selector` passes (a caching oracle
+answering from per-source rows, no per-candidate NIC rates, token queues or step times, no
+streaming), as one pass over arrays preallocated per candidate count (written with ``out=``),
+with the candidates' rows of the oracle and their booked links' rates gathered once per row
+and view. Every operation is the core's, on the same operands in the same order, so the
+results are bit for bit the core's (``tests/unit/test_fused_netkv.py`` compares them on
+random and hostile sequences); anything else falls back to the core (:meth:`decide`
+returns ``None``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+
+from netkv.core.congestion import CachedMapView
+from netkv.core.costmodel import CostOracle
+from netkv.core.paths import CachedOracle
+from netkv.core.policies import Bookings, CandidateView, Decision, DecisionEngine, Netkv
+from netkv.core.policies.network import prefer_less_loaded, prefer_lower_tier
+from netkv.core.topology import FloatArray, IntArray
+from netkv.routing.prefixes import PrefixIndex
+
+_ROWS = "fused-row"  # this module's key in ``CandidateView.cache`` (per source host)
+
+
+class _Buffers:
+    """Scratch arrays for one candidate count."""
+
+    __slots__ = ("competing", "extra", "first", "flows", "n", "nbytes", "queue", "rate",
+                 "transfer", "used")
+
+    def __init__(self, n: int, tbt_s: float) -> None:
+        self.n = n
+        self.nbytes: FloatArray = np.empty(n)
+        self.queue: FloatArray = np.empty(n)
+        self.used: FloatArray = np.empty(n)
+        self.rate: FloatArray = np.empty(n)
+        self.transfer: FloatArray = np.empty(n)
+        self.extra: FloatArray = np.empty(n)
+        self.first: FloatArray = np.full(n, tbt_s)
+        self.first.flags.writeable = False
+        self.flows: FloatArray = np.empty((6, n))
+        self.competing: FloatArray = np.empty((6, n))
+
+
+class FusedNetkv:
+    """One ``netkv`` engine's decisions, fused (see the module docstring)."""
+
+    def __init__(self, engine: DecisionEngine) -> None:
+        policy = engine.policy
+        if type(policy) is not Netkv:
+            raise TypeError(f"FusedNetkv evaluates netkv, not {type(policy).__name__}")
+        self.engine = engine
+        self.bookings: Bookings = engine.bookings
+        params = policy.params
+        self.ties = policy.ties
+        self.use_bookings = params.use_bookings
+        self.handover_s = params.handover_s
+        self.tie_rel = params.tie_rel
+        self.tie_rule = params.tie_rule
+        self.tbt_s = policy.model.tbt_s
+        self.residence_s = policy.model.residence_s
+        self._buf = _Buffers(0, self.tbt_s)
+        self._bounds: tuple[Any, ...] | None = None
+        self.decided = 0  # decisions made here (the rest went to the policy's own decide)
+
+    @staticmethod
+    def applies(engine: DecisionEngine) -> bool:
+        return type(engine.policy) is Netkv
+
+    def decide(self, candidates: CandidateView, oracle: CostOracle, *, prefill_host: int,
+               prompt_tokens: int, output_tokens: int, kv_bytes_per_token: float,
+               runs: list[list[int]] | None, prefixes: PrefixIndex,
+               block_tokens: int, load_version: int | None = None) -> Decision | None:
+        """The engine's decision for a request without a prefill view, streaming or source
+        NIC rate (timed into the engine like :meth:`DecisionEngine.decide`), or ``None``
+        when these inputs need the general path. ``runs`` are the prompt's held blocks as
+        :meth:`PrefixIndex.runs <netkv.routing.prefixes.PrefixIndex.runs>` of ``prefixes``
+        gives them (None: nobody holds the first). ``load_version`` changes whenever the
+        candidates' ``kv_use`` or ``capacity_tokens`` do (their bounds are kept until then;
+        ``None``: recomputed for every decision)."""
+        kind = type(oracle)
+        if ((kind is not CachedMapView and kind is not CachedOracle)
+                or candidates.tbt_s is not None or candidates.waiting_tokens is not None
+                or candidates.nic_bytes_s is not None):
+            return None
+        start = time.perf_counter_ns()
+        decision = self._decide(candidates, oracle, prefill_host,  # type: ignore[arg-type]
+                                prompt_tokens, output_tokens, kv_bytes_per_token, runs,
+                                prefixes, block_tokens, load_version)
+        self.engine.record((time.perf_counter_ns() - start) * 1e-9)
+        self.decided += 1
+        return decision
+
+    def _decide(  # noqa: PLR0917 - positional: called once per decision, from decide only
+            self, candidates: CandidateView, oracle: CachedMapView | CachedOracle, src: int,
+            prompt_tokens: int, output_tokens: int, kv_bytes_per_token: float,
+            runs: list[list[int]] | None, prefixes: PrefixIndex, block_tokens: int,
+            load_version: int | None, /) -> Decision:
+        n = candidates.host.shape[0]
+        b = self._buf
+        if b.n != n:
+            b = self._buf = _Buffers(n, self.tbt_s)
+        # -- decode_side: bytes the decoder lacks, queue for KV memory, first step --------
+        # max(prompt - overlap * block, 0) * kv_bytes_per_token: an exact integer, then one
+        # float64 product, per distinct overlap (one per run of held blocks; Python's int
+        # and float arithmetic is numpy's int64 and float64 here: |values| < 2**53)
+        whole = prompt_tokens * kv_bytes_per_token
+        nbytes: FloatArray
+        if runs is None:
+            nbytes = b.nbytes
+            nbytes.fill(whole)
+        else:
+            low = (1 << n) - 1
+            held = runs[0][1]
+            nbytes = np.where(prefixes.bits(runs[0][0], n),  # a recurring set: cached
+                              max(prompt_tokens - held * block_tokens, 0) * kv_bytes_per_token,
+                              whole)
+            for holders_of_run, count in runs[1:]:  # subsets of the run before
+                held += count
+                value = max(prompt_tokens - held * block_tokens, 0) * kv_bytes_per_token
+                rest = holders_of_run & low
+                if rest.bit_count() > 8:
+                    np.putmask(nbytes, prefixes.flags(rest, n), value)
+                    continue
+                while rest:
+                    bit = rest & -rest
+                    nbytes[bit.bit_length() - 1] = value
+                    rest ^= bit
+        need = float(prompt_tokens + output_tokens)
+        capacity = candidates.capacity_tokens
+        queue: FloatArray | None = None  # None: +0.0 for every candidate
+        used_max, capacity_min, kv_uniform = self._load_bounds(candidates, load_version)
+        # The deficit need + waiting * need + used - capacity is +0.0 everywhere when even
+        # the largest terms (with a margin far above float64 rounding) stay under the
+        # smallest capacity: all terms are non-negative and finite (validated at the edge).
+        waiting_max = int(np.maximum.reduce(candidates.waiting))
+        if not (waiting_max * need + need + used_max) * (1.0 + 1e-9) < capacity_min:
+            used = np.multiply(candidates.kv_use, capacity, out=b.used)
+            queue = b.queue  # need + waiting * need + used - capacity, floored at 0
+            np.multiply(candidates.waiting, need, out=queue)
+            np.add(queue, need, out=queue)
+            np.add(queue, used, out=queue)
+            np.subtract(queue, capacity, out=queue)
+            np.maximum(queue, 0.0, out=queue)
+            if np.count_nonzero(queue):  # deficit / (max(used, block) / residence)
+                rate = b.rate
+                np.maximum(used, float(block_tokens), out=rate)
+                np.divide(rate, self.residence_s, out=rate)
+                np.divide(queue, rate, out=queue)
+        first = b.first
+        # -- transfer: the oracle's row for the candidates, plus the booked transfers -----
+        latency, bandwidth, tier, links, kept = self._row(oracle, src, candidates)
+        transfer = b.transfer
+        np.divide(nbytes, bandwidth, out=transfer)
+        np.add(latency, transfer, out=transfer)
+        bookings = self.bookings
+        if self.use_bookings and bookings.active:
+            flows, competing = b.flows, b.competing
+            if flows.shape != links.shape:  # path tables are (6, hosts); kept general
+                flows = b.flows = np.empty(links.shape)
+                competing = b.competing = np.empty(links.shape)
+            # ndarray.take (the function adds ~1 µs of dispatch); "wrap" leaves the (valid)
+            # indices as they are and writes into ``out`` without an intermediate buffer
+            bookings.flows_ext.take(links, out=flows, mode="wrap")
+            np.multiply(flows, nbytes, out=flows)
+            bookings.bytes_ext.take(links, out=competing, mode="wrap")
+            np.minimum(competing, flows, out=competing)
+            np.divide(competing, kept, out=competing)
+            np.maximum.reduce(competing, axis=0, out=b.extra)
+            np.add(transfer, b.extra, out=transfer)
+        if self.handover_s > 0:
+            np.add(transfer, np.where(nbytes > 0, self.handover_s, 0.0), out=transfer)
+        # -- the choice ---------------------------------------------------------------------
+        # (queue + transfer) + first; without a queue 0.0 + transfer is transfer exactly
+        scores: FloatArray = transfer + first if queue is None else queue + transfer
+        if queue is not None:
+            np.add(scores, first, out=scores)
+        chosen = self.ties.argmin(scores)
+        if self.tie_rel > 0 and self.tie_rule == "load":
+            chosen = self._less_loaded(scores, transfer, tier, candidates.kv_use, chosen,
+                                       uniform_kv=kv_uniform)
+        elif self.tie_rel > 0:
+            chosen = prefer_lower_tier(scores, transfer, tier, chosen, tie_rel=self.tie_rel,
+                                       ties=self.ties)
+        q = 0.0 if queue is None else float(queue.item(chosen))
+        t = float(transfer.item(chosen))
+        f = float(first.item(chosen))
+        return Decision(index=chosen, ttft_s=q + t + f, queue_s=q, transfer_s=t,
+                        first_token_s=f, tier=int(tier.item(chosen)),
+                        transfer_bytes=float(nbytes.item(chosen)), scores=scores)
+
+    def _less_loaded(self, scores: FloatArray, transfer: FloatArray, tier: IntArray,  # noqa: PLR0917
+                     kv_use: FloatArray, best: int, uniform_kv: bool) -> int:
+        """:func:`~netkv.core.policies.network.prefer_less_loaded`; when every candidate has
+        the same KV use, its masked argmin ties exactly the near candidates, so the draw
+        among them is made directly (the same single draw from the same generator)."""
+        if not uniform_kv:
+            return prefer_less_loaded(scores, transfer, tier, kv_use, best,
+                                      tie_rel=self.tie_rel, ties=self.ties)
+        slack = self.tie_rel * float(transfer.item(best))
+        if slack <= 0:
+            return best
+        near = scores <= float(scores.item(best)) + slack
+        near &= tier <= tier.item(best)
+        if np.count_nonzero(near) == 1:
+            return best
+        ties = np.flatnonzero(near)
+        return int(ties[self.ties.rng.integers(ties.shape[0])])
+
+    def _load_bounds(self, candidates: CandidateView, load_version: int | None
+                     ) -> tuple[float, float, bool]:
+        """``(max(kv_use * capacity), min(capacity), all kv_use equal)``, kept while
+        ``load_version`` and the arrays stay the same (recomputed on every call without a
+        version)."""
+        kv_use, capacity = candidates.kv_use, candidates.capacity_tokens
+        kept = self._bounds
+        if (load_version is None or kept is None or kept[0] != load_version
+                or kept[1] is not kv_use or kept[2] is not capacity):
+            used = np.multiply(kv_use, capacity)
+            kept = (load_version, kv_use, capacity, float(np.maximum.reduce(used)),
+                    float(np.minimum.reduce(capacity)),
+                    bool(np.minimum.reduce(kv_use) == np.maximum.reduce(kv_use)))
+            self._bounds = kept
+        return kept[3], kept[4], kept[5]
+
+    def _row(self, oracle: CachedMapView | CachedOracle, src: int, candidates: CandidateView
+             ) -> tuple[FloatArray, FloatArray, IntArray, IntArray, FloatArray]:
+        """The oracle's zero-byte row from ``src`` for the candidates (latency, bandwidth,
+        tier), the candidates' path links in the bookings' table and ``max(rate[links], 1)``
+        for the oracle's per-link rates: gathered once per row, rate array and view."""
+        row = oracle.row(src)
+        rate = oracle.available_bytes_s
+        key = (_ROWS, src)
+        cache = candidates.cache
+        hit: list[Any] | None = cache.get(key)
+        if hit is None or hit[0] is not row:
+            host = candidates.host
+            links = np.take(self.bookings.paths.from_src(src).links, host, axis=1)
+            hit = [row, row.latency_s[host], row.bandwidth_bytes_s[host], row.tier[host],
+                   links, None, None]
+            if key not in cache and len(cache) >= max(8, 65536 // max(host.shape[0], 1)):
+                cache.clear()
+            cache[key] = hit
+        if hit[5] is not rate:  # a new per-link view (the map view was refreshed)
+            hit[5], hit[6] = rate, np.maximum(rate[hit[4]], 1.0)
+        return hit[1], hit[2], hit[3], hit[4], hit[6]
