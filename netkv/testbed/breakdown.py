@@ -216,13 +216,20 @@ def table(dirs: list[Path]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    if argv[:1] == ["--table"]:
-        print(table([Path(d) for d in argv[1:]]))
-        return 0
-    if len(argv) < 2:
-        print("usage: python -m netkv.testbed.breakdown TRACE DIR... | --table DIR...",
-              file=sys.stderr)
+    usage = "usage: python -m netkv.testbed.breakdown TRACE DIR... | --table DIR..."
+    dirs = argv[1:]
+    if not dirs:
+        print(usage, file=sys.stderr)
         return 2
+    wanted = "routers.json" if argv[0] == "--table" else "router-requests.jsonl"
+    missing = [d for d in dirs if not (Path(d) / wanted).is_file()]
+    if missing:
+        print(f"netkv testbed breakdown: {missing[0]}: not a comparison's output directory "
+              f"(no {wanted}); {usage}", file=sys.stderr)
+        return 2
+    if argv[0] == "--table":
+        print(table([Path(d) for d in dirs]))
+        return 0
     with open(argv[0]) as f:
         trace = [json.loads(line) for line in f]
     for d in argv[1:]:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from netkv.engine.model import EngineModel
-from netkv.testbed.breakdown import breakdown
+from netkv.testbed.breakdown import breakdown, main
 
 
 def test_two_prompts_on_one_prefill_queue_and_a_shared_prefix_is_skipped() -> None:
@@ -23,3 +25,14 @@ def test_two_prompts_on_one_prefill_queue_and_a_shared_prefix_is_skipped() -> No
     assert got["kv"] == pytest.approx(100.0) and got["after"] == pytest.approx(100.0)
     assert got["hand"] == pytest.approx(1e3 * ((0.5 - first) + (1.5 - first - second)) / 2)
     assert got["n"] == 2
+
+
+def test_a_path_that_is_not_a_comparison_output_is_refused_by_name(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    stray = tmp_path / "run.log"
+    stray.write_text("not a directory")
+    assert main(["--table", str(stray)]) == 2
+    assert f"{stray}: not a comparison's output directory (no routers.json)" in \
+        capsys.readouterr().err
+    assert main(["trace.jsonl", str(tmp_path)]) == 2
+    assert "no router-requests.jsonl" in capsys.readouterr().err
