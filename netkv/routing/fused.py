@@ -27,7 +27,7 @@ from netkv.core.congestion import CachedMapView
 from netkv.core.costmodel import CostOracle
 from netkv.core.paths import CachedOracle
 from netkv.core.policies import Bookings, CandidateView, Decision, DecisionEngine, Netkv
-from netkv.core.policies.network import prefer_less_loaded, prefer_lower_tier
+from netkv.core.policies.network import near_ties, prefer_less_loaded, prefer_lower_tier
 from netkv.core.topology import FloatArray, IntArray
 from netkv.routing.prefixes import PrefixIndex
 
@@ -209,12 +209,8 @@ class FusedNetkv:
         if not uniform_kv:
             return prefer_less_loaded(scores, transfer, tier, kv_use, best,
                                       tie_rel=self.tie_rel, ties=self.ties)
-        slack = self.tie_rel * float(transfer.item(best))
-        if slack <= 0:
-            return best
-        near = scores <= float(scores.item(best)) + slack
-        near &= tier <= tier.item(best)
-        if np.count_nonzero(near) == 1:
+        near = near_ties(scores, transfer, tier, best, self.tie_rel)
+        if near is None:
             return best
         ties = np.flatnonzero(near)
         return int(ties[self.ties.rng.integers(ties.shape[0])])

@@ -41,7 +41,7 @@ from netkv.core.policies.prediction import (
     transfer_matrix,
 )
 from netkv.core.policies.views import CandidateView, Decision, RequestView
-from netkv.core.topology import FloatArray, IntArray
+from netkv.core.topology import BoolArray, FloatArray, IntArray
 from netkv.fields import bound
 
 
@@ -171,17 +171,27 @@ def prefer_lower_tier(scores: FloatArray, transfer_s: FloatArray, tier: IntArray
     return ties.argmin(masked)
 
 
-def prefer_less_loaded(scores: FloatArray, transfer_s: FloatArray, tier: IntArray,
-                       kv_use: FloatArray, best: int, *, tie_rel: float,
-                       ties: TieBreaker) -> int:
-    """Among candidates predicted within ``tie_rel * transfer_s[best]`` of ``scores[best]``
-    and of no higher tier than ``best``, the one with the least KV in use (ties at random)."""
+def near_ties(scores: FloatArray, transfer_s: FloatArray, tier: IntArray, best: int,
+              tie_rel: float) -> BoolArray | None:
+    """The candidates predicted within ``tie_rel * transfer_s[best]`` of ``scores[best]`` and
+    of no higher tier than ``best`` (``best`` among them); None when ``best`` stands alone."""
     slack = tie_rel * float(transfer_s.item(best))
     if slack <= 0:
-        return best
+        return None
     near = scores <= float(scores.item(best)) + slack
     near &= tier <= tier.item(best)
     if np.count_nonzero(near) == 1:
+        return None
+    return near
+
+
+def prefer_less_loaded(scores: FloatArray, transfer_s: FloatArray, tier: IntArray,
+                       kv_use: FloatArray, best: int, *, tie_rel: float,
+                       ties: TieBreaker) -> int:
+    """Among the :func:`near_ties` of ``best``, the one with the least KV in use (ties at
+    random)."""
+    near = near_ties(scores, transfer_s, tier, best, tie_rel)
+    if near is None:
         return best
     masked: FloatArray = np.where(near, kv_use, np.inf)
     return ties.argmin(masked)
