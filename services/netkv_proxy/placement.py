@@ -25,6 +25,7 @@ from netkv.core.paths import CachedOracle
 from netkv.core.policies import Booking, Bookings, CandidateView, Decision, PrefillView, RequestView
 from netkv.core.topology import Tier, Topology
 from netkv.routing.candidates import CandidateViews, decision_engine
+from netkv.routing.fused import FusedNetkv
 from netkv.routing.mapfeed import MapFeed
 from netkv.routing.prefixes import PrefixIndex
 from netkv_proxy.workers import Worker, WorkerPool
@@ -67,13 +68,17 @@ class Placement:
     def __init__(self, topology: Topology, pool: WorkerPool, *, feed: MapFeed | None,
                  policy: str, policy_params: dict[str, dict[str, object]],
                  bytes_per_token: float, capacity_tokens: float, block_tokens: int,
-                 prefix_blocks: int) -> None:
+                 prefix_blocks: int, fused: bool = True) -> None:
+        """``fused`` (default) decides ``netkv`` with :class:`~netkv.routing.fused.FusedNetkv`
+        where it applies (pull flow, every decode admitted): the same decisions, cheaper."""
         self.topology, self.pool, self.feed = topology, pool, feed
         self.prior = CachedOracle(static_tier_oracle(topology))
         self.bookings = Bookings(topology)
         self.policy = policy
         self.engine = decision_engine(policy, policy_params.get(policy), topology,
                                       self.bookings, setting="proxy.policy")
+        self.fused = FusedNetkv(self.engine) if fused and FusedNetkv.applies(self.engine) \
+            else None
         self.bytes_per_token = bytes_per_token
         self.capacity_tokens = capacity_tokens
         self.block_tokens = block_tokens
@@ -170,12 +175,23 @@ class Placement:
         else:
             src = prefill
         state = self.map_state()
-        request = RequestView(prefill_host=src.host_index, prompt_tokens=prompt_tokens,
-                              kv_bytes_per_token=self.bytes_per_token,
-                              overlap_blocks=self._overlap(hashes, decodes),
-                              block_tokens=self.block_tokens, output_tokens=output_tokens,
-                              prefill=joint)
-        decision = self.engine.decide(request, self._candidates(decodes), state.oracle)
+        candidates = self._candidates(decodes)
+        decision = None
+        if self.fused is not None and joint is None and len(decodes) == len(self.pool.decodes):
+            # every decode admitted: candidate i is decode i, as the prefix index counts them
+            decision = self.fused.decide(
+                candidates, state.oracle, prefill_host=src.host_index,
+                prompt_tokens=prompt_tokens, output_tokens=output_tokens,
+                kv_bytes_per_token=self.bytes_per_token,
+                runs=self.prefix.runs(hashes) if hashes else None, prefixes=self.prefix,
+                block_tokens=self.block_tokens)
+        if decision is None:
+            request = RequestView(prefill_host=src.host_index, prompt_tokens=prompt_tokens,
+                                  kv_bytes_per_token=self.bytes_per_token,
+                                  overlap_blocks=self._overlap(hashes, decodes),
+                                  block_tokens=self.block_tokens, output_tokens=output_tokens,
+                                  prefill=joint)
+            decision = self.engine.decide(request, candidates, state.oracle)
         decode = decodes[decision.index]
         if decision.prefill_index is not None and prefills:
             src = prefills[decision.prefill_index]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from netkv_proxy.config import WorkerEntry
-from netkv_proxy.placement import Placement
+from netkv_proxy.placement import Placed, Placement
 from netkv_proxy.workers import WorkerPool
 
 from netkv.core.policies import CandidateView
@@ -24,14 +24,14 @@ TOPOLOGY = {
 }
 
 
-def placement(policy: str = "netkv") -> Placement:
+def placement(policy: str = "netkv", *, fused: bool = True) -> Placement:
     topo = parse_topology(TOPOLOGY)
     pool = WorkerPool((WorkerEntry(url="http://127.0.0.1:9000", host="p0"),),
                       tuple(WorkerEntry(url=f"http://127.0.0.1:{9100 + i}", host=f"d{i}")
                             for i in range(4)), topo, eject_after=1, readmit_after=1)
     return Placement(topo, pool, feed=None, policy=policy, policy_params={},
                      bytes_per_token=327_680.0, capacity_tokens=500_000.0, block_tokens=16,
-                     prefix_blocks=1000)
+                     prefix_blocks=1000, fused=fused)
 
 
 def fresh(p: Placement) -> CandidateView:
@@ -122,3 +122,54 @@ def test_the_element_fill_equals_the_numpy_fill() -> None:
         for name in ("host", "running", "waiting", "kv_use", "capacity_tokens"):
             assert np.array_equal(getattr(got, name), getattr(want, name)), name
         assert np.array_equal(got.waiting, fresh(p).waiting)
+
+
+
+def _key(placed: Placed) -> tuple[object, ...]:
+    d = placed.decision
+    return (placed.decode.index, d.index, d.ttft_s, d.transfer_s, d.queue_s, d.tier,
+            d.transfer_bytes, None if d.scores is None else d.scores.tobytes())
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_the_fused_decisions_equal_the_policys_own(seed: int) -> None:
+    """With every decode admitted the proxy decides ``netkv`` through FusedNetkv; over random
+    loads, KV use, shared and fresh prefixes, releases and an ejected decode, every decision
+    equals the policy's own ``decide`` bit for bit, and so do the bookings and the index."""
+    p, q = placement(), placement(fused=False)
+    assert p.fused is not None and q.fused is None
+    rng = np.random.default_rng(seed)
+    shared = [int(x) for x in rng.integers(0, 1 << 40, 64)]
+    held: list[tuple[Placed, Placed]] = []
+    for i in range(400):
+        ejected = i % 50 > 44
+        for a, b in zip(p.pool.decodes, q.pool.decodes, strict=True):
+            a.running = b.running = float(rng.integers(0, 6))
+            a.waiting = b.waiting = float(rng.choice([0.0, 0.0, 1.0, 2.5]))
+            a.kv_use = b.kv_use = float(rng.choice([0.0, 0.25, float(rng.random())]))
+            a.healthy = b.healthy = not (ejected and a.index == 2)
+        tokens = int(rng.integers(16, 40_000))
+        blocks = -(-tokens // 16)
+        cut = int(rng.integers(0, min(blocks, len(shared)) + 1))
+        hashes = shared[:cut] + [int(x) for x in rng.integers(0, 1 << 40, blocks - cut)]
+        if rng.random() < 0.1:
+            hashes = []
+        out = int(rng.integers(0, 512))
+        got = p.place(p.pool.prefills[0], tokens, hashes, out)
+        want = q.place(q.pool.prefills[0], tokens, hashes, out)
+        assert got is not None and want is not None
+        assert _key(got) == _key(want), i
+        held.append((got, want))
+        if rng.random() < 0.4:
+            a_placed, b_placed = held.pop(int(rng.integers(0, len(held))))
+            p.transferred(a_placed)
+            q.transferred(b_placed)
+            p.release(a_placed)
+            q.release(b_placed)
+        assert p.bookings.active == q.bookings.active
+    assert p.fused.decided > 300  # the fused path decided (not only the fallback)
+    assert list(p.prefix._holders.items()) == list(q.prefix._holders.items())
+    for a_placed, b_placed in held:
+        p.release(a_placed)
+        q.release(b_placed)
+    assert p.bookings.active == q.bookings.active == 0
