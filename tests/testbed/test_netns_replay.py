@@ -50,26 +50,29 @@ def test_netkv_beats_cache_load_on_a_congested_core(netns_available: None, share
 @pytest.mark.timeout(180)
 def test_ctrl_c_during_a_run_tears_everything_down(netns_available: None, shared_trace: Path,
                                                    tmp_path: Path) -> None:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "netkv.cli", "testbed", "run", "--count", "20",
-         "--trace", str(shared_trace), "--out", str(tmp_path)],
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    err_path = tmp_path / "stderr.txt"
+    with err_path.open("w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "netkv.cli", "testbed", "run", "--count", "20",
+             "--trace", str(shared_trace), "--out", str(tmp_path / "out")],
+            stdout=subprocess.PIPE, stderr=err, text=True)
     assert proc.stdout is not None
-    run = None
-    for line in proc.stdout:  # wait until the fabric and the mesh are up
-        found = re.search(r"testbed (\w+): \d+ namespaces", line)
-        if found:
-            run = found.group(1)
-            break
-    assert run, "the testbed never came up"
-    prefix = f"nkv{run}-"
-    assert [n for n in list_namespaces() if n.startswith(prefix)]
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(60) == 130
-    proc.stdout.close()
+    with proc.stdout:
+        run = None
+        for line in proc.stdout:  # wait until the fabric and the mesh are up
+            found = re.search(r"testbed (\w+): \d+ namespaces", line)
+            if found:
+                run = found.group(1)
+                break
+        assert run, "the testbed never came up"
+        prefix = f"nkv{run}-"
+        assert [n for n in list_namespaces() if n.startswith(prefix)]
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(60)
+    assert code == 130, f"exit {code}; its stderr ends:\n{err_path.read_text()[-3000:]}"
     assert not [n for n in list_namespaces() if n.startswith(prefix)]
     workdir = f"/tmp/netkv-testbed/{run}"
     left = [p.pid for p in psutil.process_iter(["cmdline"])
             if any(workdir in part for part in (p.info["cmdline"] or []))]
     assert not left, f"processes of the run left: {left}"
-    assert not (tmp_path / "summary.json").exists()
+    assert not (tmp_path / "out" / "summary.json").exists()
