@@ -83,15 +83,15 @@ class Front:
             body: dict[str, Any] = msgspec.json.decode(raw, type=_RAW_BODY)
         except msgspec.ValidationError:
             raise BodyError("body", "must be a JSON object", "wrong_type") from None
-        headers = {"X-Request-Id": rid}
+        # the request id is printable ASCII (checked in _handle, or made there)
+        extra = b"X-Request-Id: " + rid.encode("ascii") + b"\r\n"
         auth = request.headers.get("Authorization")
         if auth:
-            headers["Authorization"] = auth
-        try:
-            extra = header_block(headers)
-        except ValueError:
-            raise BodyError("Authorization", "must be one line of header text",
-                            "wrong_type") from None
+            try:
+                extra += header_block({"Authorization": auth})
+            except ValueError:
+                raise BodyError("Authorization", "must be one line of header text",
+                                "wrong_type") from None
         return Job(kind, rid, body, len(tokens), block_hashes(tokens, self.settings.block_size),
                    limit, typed.stream, extra, time.perf_counter(),
                    "completions" if kind == "completion" else "chat")
@@ -126,7 +126,9 @@ class Front:
             exc.response.headers["x-request-id"] = rid
             return exc.response
         finally:
-            self.count(endpoint, outcome)
+            # counted on the loop's next turn: after aiohttp has written the answer (it
+            # writes it in this same step), before any other request is read
+            asyncio.get_running_loop().call_soon(self.count, endpoint, outcome)
 
     async def _read(self, request: web.Request) -> bytes:
         """The body, within ``body_timeout_s`` (a trickled body is a 408)."""
