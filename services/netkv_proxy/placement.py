@@ -73,6 +73,7 @@ class Placement:
         where it applies (pull flow, every decode admitted): the same decisions, cheaper."""
         self.topology, self.pool, self.feed = topology, pool, feed
         self.prior = CachedOracle(static_tier_oracle(topology))
+        self._no_map = MapState(self.prior, "prior", None, None, "no congestion map configured")
         self.bookings = Bookings(topology)
         self.policy = policy
         self.engine = decision_engine(policy, policy_params.get(policy), topology,
@@ -101,7 +102,7 @@ class Placement:
     # -- the map ----------------------------------------------------------------------------
     def map_state(self) -> MapState:
         if self.feed is None:
-            return MapState(self.prior, "prior", None, None, "no congestion map configured")
+            return self._no_map
         view = self.feed.view()
         if view.stale:
             reason = "no congestion map yet" if view.version is None else \
