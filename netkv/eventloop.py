@@ -2,7 +2,7 @@
 
 ``uvloop`` (libuv under asyncio's API, as vLLM's own API server and uvicorn run by default)
 cuts the loop's own cost per socket event; ``asyncio`` is the standard library's loop;
-``auto`` (the default) is uvloop where it is installed (a Linux/macOS dependency of netkv),
+``auto`` (the default) is uvloop where it is installed (a dependency of netkv on Linux),
 else asyncio. A command that takes the choice resolves it once at start-up (:func:`resolve`:
 naming uvloop where it is not installed is an error naming the field) and runs its main
 coroutine with :func:`run`; :func:`name_of` says which loop is running (printed at
