@@ -25,7 +25,7 @@ from netkv.sim.fabric import FETCH, INF, KV, Fabric, nic_offsets
 from netkv.sim.pools import DecodePool, PrefillPool
 from netkv.sim.runconfig import RunConfig, RunResult
 from netkv.sim.sources_stages import SourceStages
-from netkv.sim.telemetry import BackgroundHistory, TelemetryView
+from netkv.sim.telemetry import BackgroundHistory, NicRateView, TelemetryView
 from netkv.workload.trace import BLOCK_TOKENS
 
 if TYPE_CHECKING:
@@ -117,6 +117,9 @@ class Run(SourceStages):
         self.prefill_nic = inst_nic[self.prefill_instances]
         self.decodes = DecodePool(sim.decode_host, sim.decode_capacity, cache_blocks, step_s,
                                   inst_nic[self.decode_instances])
+        # What a NIC fault leaves of those rates, as the agents' per-NIC samples show it.
+        self.nic_view = NicRateView(inst_nic, self.tel, config.oracle)
+        self.nic_shown = inst_nic
 
     # -- the loop ---------------------------------------------------------------------------
     def execute(self) -> RunResult:
@@ -155,6 +158,14 @@ class Run(SourceStages):
                                              int(self.topo.tier(src, dst)))
         return hit
 
+    def refresh_nics(self, now: float) -> None:
+        """Bring the policies' bound-NIC rates to what is visible at ``now``."""
+        rates = self.nic_view.at(now)
+        if rates is not self.nic_shown:
+            self.nic_shown = rates
+            self.prefill_nic = rates[self.prefill_instances]
+            self.decodes.nic_bytes_s = rates[self.decode_instances]
+
     def oracle(self, now: float) -> LinkStateOracle:
         if self.static is not None:
             return self.static
@@ -164,6 +175,7 @@ class Run(SourceStages):
 
     # -- stage 1: arrival, prefill choice (and the decoder when streaming) -----------------
     def arrival(self, now: float, r: int, _: int) -> None:
+        self.refresh_nics(now)
         if self.plan is not None:
             self.planned_arrival(now, r)
             return
@@ -280,10 +292,17 @@ class Run(SourceStages):
         if self.layerwise:
             self.streaming_done(r, now)
             return
+        self.refresh_nics(now)
         req = self.sim.request_view(r, self.decodes.decoders, None, src=host,
                                     src_nic=float(self.prefill_nic[p]))
         decision = self.engine.decide(req, self.decodes.view(), self.oracle(now))
         self.predicted[r] = decision.ttft_s
+        if decision.transfer_bytes > 0:
+            # Booked when decided, as the scheduler and the proxy book (with the bytes the
+            # decision priced), so the decisions made while it waits for admission and its
+            # handover see it; released when it lands.
+            dst = int(self.decodes.host[decision.index])
+            self.bookings[r] = self.engine.reserve(host, dst, decision.transfer_bytes)
         self.choose_decoder(r, decision.index, 0.0, now)
 
     def choose_decoder(self, r: int, d: int, ready_in_s: float, now: float) -> None:
@@ -323,13 +342,17 @@ class Run(SourceStages):
         d = int(self.decode_of[r])
         nbytes = float(self.kv_bytes[r])
         if nbytes <= 0:
+            booked = self.bookings.pop(r, None)
+            if booked is not None:
+                self.engine.release(booked)
             self.pending[r] = 0
             self.maybe_join(r, now)
             return
         p = int(self.prefill_of[r])
         src, dst = int(self.prefills.host[p]), int(self.decodes.host[d])
         self.requested += nbytes
-        self.bookings[r] = self.engine.reserve(src, dst, nbytes)
+        if r not in self.bookings:  # streaming: booked when the bytes start
+            self.bookings[r] = self.engine.reserve(src, dst, nbytes)
         pi = self.prefill_instances[p]
         di = self.decode_instances[d]
         width = int(max(min(self.nic_width[pi], self.nic_width[di]), 1)) if src != dst else 1
