@@ -100,6 +100,8 @@ class Run(SourceStages):
         self.pending = np.full(n, -1, np.int64)  # subflows in flight (-1: not started)
         self.admitted = np.zeros(n, np.bool_)
         self.bookings: dict[int, Booking] = {}
+        self.nic_booked: dict[int, tuple[int, int, float]] = {}
+        self.prefill_booked = np.zeros((len(self.prefill_instances), 2))  # bytes, flows
         self.requested = 0.0
         self.finished = 0
         self.reported = 0
@@ -197,7 +199,8 @@ class Run(SourceStages):
         elif self.layerwise:
             req = sim.request_view(r, self.decodes.decoders, None, src=int(pool.host[p]),
                                    stream_layers=layers, compute_s=float(compute[p]),
-                                   src_nic=float(self.prefill_nic[p]))
+                                   src_nic=float(self.prefill_nic[p]),
+                                        src_booked=self.src_booked(p))
             d = self.engine.decide(req, self.decodes.view(), self.oracle(now)).index
         self.prefill_of[r] = p
         pool.enqueue(p, r, float(compute[p]))
@@ -215,7 +218,8 @@ class Run(SourceStages):
         if self.layerwise:
             req = self.sim.request_view(r, self.decodes.decoders, None, src=int(pool.host[p]),
                                         stream_layers=self.sim.layers, compute_s=estimate,
-                                        src_nic=float(self.prefill_nic[p]))
+                                        src_nic=float(self.prefill_nic[p]),
+                                        src_booked=self.src_booked(p))
             d = self.engine.decide(req, self.decodes.view(), self.oracle(now)).index
         self.prefill_of[r] = p
         pool.enqueue(p, r, estimate)
@@ -294,16 +298,42 @@ class Run(SourceStages):
             return
         self.refresh_nics(now)
         req = self.sim.request_view(r, self.decodes.decoders, None, src=host,
-                                    src_nic=float(self.prefill_nic[p]))
+                                    src_nic=float(self.prefill_nic[p]),
+                                        src_booked=self.src_booked(p))
         decision = self.engine.decide(req, self.decodes.view(), self.oracle(now))
         self.predicted[r] = decision.ttft_s
         if decision.transfer_bytes > 0:
             # Booked when decided, as the scheduler and the proxy book (with the bytes the
             # decision priced), so the decisions made while it waits for admission and its
             # handover see it; released when it lands.
-            dst = int(self.decodes.host[decision.index])
-            self.bookings[r] = self.engine.reserve(host, dst, decision.transfer_bytes)
+            self.book(r, p, decision.index, decision.transfer_bytes)
         self.choose_decoder(r, decision.index, 0.0, now)
+
+    def book(self, r: int, p: int, d: int, nbytes: float) -> None:
+        """Book ``r``'s transfer from prefill ``p`` to decoder ``d`` on its path's links and,
+        off the host, on the two instances' bound NICs (what the scheduler knows it sent
+        where)."""
+        src, dst = int(self.prefills.host[p]), int(self.decodes.host[d])
+        self.bookings[r] = self.engine.reserve(src, dst, nbytes)
+        if src != dst:
+            self.nic_booked[r] = (p, d, nbytes)
+            self.prefill_booked[p, 0] += nbytes
+            self.prefill_booked[p, 1] += 1.0
+            self.decodes.book(d, nbytes)
+
+    def src_booked(self, p: int) -> tuple[float, float]:
+        return float(self.prefill_booked[p, 0]), float(self.prefill_booked[p, 1])
+
+    def unbook(self, r: int) -> None:
+        booked = self.bookings.pop(r, None)
+        if booked is not None:
+            self.engine.release(booked)
+        nic = self.nic_booked.pop(r, None)
+        if nic is not None:
+            p, d, nbytes = nic
+            self.prefill_booked[p, 0] = max(self.prefill_booked[p, 0] - nbytes, 0.0)
+            self.prefill_booked[p, 1] -= 1.0
+            self.decodes.book(d, -nbytes)
 
     def choose_decoder(self, r: int, d: int, ready_in_s: float, now: float) -> None:
         self.decode_of[r] = d
@@ -342,9 +372,7 @@ class Run(SourceStages):
         d = int(self.decode_of[r])
         nbytes = float(self.kv_bytes[r])
         if nbytes <= 0:
-            booked = self.bookings.pop(r, None)
-            if booked is not None:
-                self.engine.release(booked)
+            self.unbook(r)
             self.pending[r] = 0
             self.maybe_join(r, now)
             return
@@ -352,7 +380,7 @@ class Run(SourceStages):
         src, dst = int(self.prefills.host[p]), int(self.decodes.host[d])
         self.requested += nbytes
         if r not in self.bookings:  # streaming: booked when the bytes start
-            self.bookings[r] = self.engine.reserve(src, dst, nbytes)
+            self.book(r, p, d, nbytes)
         pi = self.prefill_instances[p]
         di = self.decode_instances[d]
         width = int(max(min(self.nic_width[pi], self.nic_width[di]), 1)) if src != dst else 1
@@ -399,7 +427,7 @@ class Run(SourceStages):
             r = f.request
             self.pending[r] -= 1
             if self.pending[r] == 0:
-                self.engine.release(self.bookings.pop(r))
+                self.unbook(r)
                 self.maybe_join(r, now)
         self.reallocate()
 
