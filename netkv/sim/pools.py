@@ -88,6 +88,8 @@ class DecodePool:
         self.used = np.zeros(n)
         self.waiting_tokens = np.zeros(n)
         self.step_s = step_s.copy()
+        self.nic_booked_bytes = np.zeros(n)  # booked transfers into each decoder's NICs
+        self.nic_booked_flows = np.zeros(n)
         for d, dec in enumerate(self.decoders):
             dec.step_s = float(self.step_s[d])
 
@@ -98,7 +100,14 @@ class DecodePool:
         return CandidateView(host=self.host, running=self.running, waiting=self.waiting,
                              kv_use=self.used / self.capacity,
                              capacity_tokens=self.capacity, tbt_s=self.step_s,
-                             waiting_tokens=self.waiting_tokens, nic_bytes_s=self.nic_bytes_s)
+                             waiting_tokens=self.waiting_tokens, nic_bytes_s=self.nic_bytes_s,
+                             nic_booked_bytes=self.nic_booked_bytes,
+                             nic_booked_flows=self.nic_booked_flows)
+
+    def book(self, d: int, nbytes: float) -> None:
+        """Count (``nbytes`` > 0) or release (< 0) a transfer booked into ``d``'s NICs."""
+        self.nic_booked_bytes[d] = max(self.nic_booked_bytes[d] + nbytes, 0.0)
+        self.nic_booked_flows[d] += 1.0 if nbytes > 0 else -1.0
 
     def enqueue(self, d: int, r: int, need: float) -> None:
         self.decoders[d].queue.append(r)

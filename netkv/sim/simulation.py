@@ -117,8 +117,10 @@ class Simulation:
 
     def request_view(self, r: int, decoders: list[Decoder], prefill: PrefillView | None,
                      src: int = 0, *, stream_layers: int = 0,
-                     compute_s: float = 0.0, src_nic: float = 0.0) -> RequestView:
-        """What the policy is told about request ``r`` (overlap per decoder from its cache)."""
+                     compute_s: float = 0.0, src_nic: float = 0.0,
+                     src_booked: tuple[float, float] = (0.0, 0.0)) -> RequestView:
+        """What the policy is told about request ``r`` (overlap per decoder from its cache;
+        ``src_booked``: bytes and count of the transfers booked out of the prefill's NICs)."""
         hashes = self.trace.hash_ids[r]
         overlap = np.array([dec.cache.match(hashes) for dec in decoders], np.int64)
         return RequestView(prefill_host=src, prompt_tokens=int(self.trace.input_tokens[r]),
@@ -126,4 +128,5 @@ class Simulation:
                            block_tokens=BLOCK_TOKENS,
                            output_tokens=int(self.trace.output_tokens[r]), prefill=prefill,
                            stream_layers=stream_layers, prefill_compute_s=compute_s,
-                           src_nic_bytes_s=src_nic)
+                           src_nic_bytes_s=src_nic, src_nic_booked_bytes=src_booked[0],
+                           src_nic_booked_flows=src_booked[1])

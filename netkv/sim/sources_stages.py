@@ -24,7 +24,7 @@ from netkv.sim.sources import (
     restart_times,
     tenant_episodes,
 )
-from netkv.sim.telemetry import BackgroundHistory
+from netkv.sim.telemetry import BackgroundHistory, NicRateView, bound_nic_rates
 
 if TYPE_CHECKING:
     from netkv.sim.simulation import Simulation
@@ -39,6 +39,7 @@ class SourceStages:
     fabric: Fabric
     events: EventQueue
     history: BackgroundHistory
+    nic_view: NicRateView
     tel: TelemetrySection
     horizon: float
     nic_first: IntArray
@@ -134,6 +135,8 @@ class SourceStages:
                 fabric.skewed.discard(f.skew_host)
             return
         fabric.scale_capacity(f.phys, f.factor if sign > 0 else 1.0)
+        self.nic_view.record(now, bound_nic_rates(self.topo, fabric, self.nic_first,
+                                                  self.nic_width))
         if fabric.flows:
             self.reallocate()
 

@@ -25,7 +25,7 @@ from netkv.sim.fabric import FETCH, INF, KV, Fabric, nic_offsets
 from netkv.sim.pools import DecodePool, PrefillPool
 from netkv.sim.runconfig import RunConfig, RunResult
 from netkv.sim.sources_stages import SourceStages
-from netkv.sim.telemetry import BackgroundHistory, TelemetryView
+from netkv.sim.telemetry import BackgroundHistory, NicRateView, TelemetryView
 from netkv.workload.trace import BLOCK_TOKENS
 
 if TYPE_CHECKING:
@@ -100,6 +100,8 @@ class Run(SourceStages):
         self.pending = np.full(n, -1, np.int64)  # subflows in flight (-1: not started)
         self.admitted = np.zeros(n, np.bool_)
         self.bookings: dict[int, Booking] = {}
+        self.nic_booked: dict[int, tuple[int, int, float]] = {}
+        self.prefill_booked = np.zeros((len(self.prefill_instances), 2))  # bytes, flows
         self.requested = 0.0
         self.finished = 0
         self.reported = 0
@@ -117,6 +119,9 @@ class Run(SourceStages):
         self.prefill_nic = inst_nic[self.prefill_instances]
         self.decodes = DecodePool(sim.decode_host, sim.decode_capacity, cache_blocks, step_s,
                                   inst_nic[self.decode_instances])
+        # What a NIC fault leaves of those rates, as the agents' per-NIC samples show it.
+        self.nic_view = NicRateView(inst_nic, self.tel, config.oracle)
+        self.nic_shown = inst_nic
 
     # -- the loop ---------------------------------------------------------------------------
     def execute(self) -> RunResult:
@@ -155,6 +160,14 @@ class Run(SourceStages):
                                              int(self.topo.tier(src, dst)))
         return hit
 
+    def refresh_nics(self, now: float) -> None:
+        """Bring the policies' bound-NIC rates to what is visible at ``now``."""
+        rates = self.nic_view.at(now)
+        if rates is not self.nic_shown:
+            self.nic_shown = rates
+            self.prefill_nic = rates[self.prefill_instances]
+            self.decodes.nic_bytes_s = rates[self.decode_instances]
+
     def oracle(self, now: float) -> LinkStateOracle:
         if self.static is not None:
             return self.static
@@ -164,6 +177,7 @@ class Run(SourceStages):
 
     # -- stage 1: arrival, prefill choice (and the decoder when streaming) -----------------
     def arrival(self, now: float, r: int, _: int) -> None:
+        self.refresh_nics(now)
         if self.plan is not None:
             self.planned_arrival(now, r)
             return
@@ -185,7 +199,8 @@ class Run(SourceStages):
         elif self.layerwise:
             req = sim.request_view(r, self.decodes.decoders, None, src=int(pool.host[p]),
                                    stream_layers=layers, compute_s=float(compute[p]),
-                                   src_nic=float(self.prefill_nic[p]))
+                                   src_nic=float(self.prefill_nic[p]),
+                                        src_booked=self.src_booked(p))
             d = self.engine.decide(req, self.decodes.view(), self.oracle(now)).index
         self.prefill_of[r] = p
         pool.enqueue(p, r, float(compute[p]))
@@ -203,7 +218,8 @@ class Run(SourceStages):
         if self.layerwise:
             req = self.sim.request_view(r, self.decodes.decoders, None, src=int(pool.host[p]),
                                         stream_layers=self.sim.layers, compute_s=estimate,
-                                        src_nic=float(self.prefill_nic[p]))
+                                        src_nic=float(self.prefill_nic[p]),
+                                        src_booked=self.src_booked(p))
             d = self.engine.decide(req, self.decodes.view(), self.oracle(now)).index
         self.prefill_of[r] = p
         pool.enqueue(p, r, estimate)
@@ -280,11 +296,44 @@ class Run(SourceStages):
         if self.layerwise:
             self.streaming_done(r, now)
             return
+        self.refresh_nics(now)
         req = self.sim.request_view(r, self.decodes.decoders, None, src=host,
-                                    src_nic=float(self.prefill_nic[p]))
+                                    src_nic=float(self.prefill_nic[p]),
+                                        src_booked=self.src_booked(p))
         decision = self.engine.decide(req, self.decodes.view(), self.oracle(now))
         self.predicted[r] = decision.ttft_s
+        if decision.transfer_bytes > 0:
+            # Booked when decided, as the scheduler and the proxy book (with the bytes the
+            # decision priced), so the decisions made while it waits for admission and its
+            # handover see it; released when it lands.
+            self.book(r, p, decision.index, decision.transfer_bytes)
         self.choose_decoder(r, decision.index, 0.0, now)
+
+    def book(self, r: int, p: int, d: int, nbytes: float) -> None:
+        """Book ``r``'s transfer from prefill ``p`` to decoder ``d`` on its path's links and,
+        off the host, on the two instances' bound NICs (what the scheduler knows it sent
+        where)."""
+        src, dst = int(self.prefills.host[p]), int(self.decodes.host[d])
+        self.bookings[r] = self.engine.reserve(src, dst, nbytes)
+        if src != dst:
+            self.nic_booked[r] = (p, d, nbytes)
+            self.prefill_booked[p, 0] += nbytes
+            self.prefill_booked[p, 1] += 1.0
+            self.decodes.book(d, nbytes)
+
+    def src_booked(self, p: int) -> tuple[float, float]:
+        return float(self.prefill_booked[p, 0]), float(self.prefill_booked[p, 1])
+
+    def unbook(self, r: int) -> None:
+        booked = self.bookings.pop(r, None)
+        if booked is not None:
+            self.engine.release(booked)
+        nic = self.nic_booked.pop(r, None)
+        if nic is not None:
+            p, d, nbytes = nic
+            self.prefill_booked[p, 0] = max(self.prefill_booked[p, 0] - nbytes, 0.0)
+            self.prefill_booked[p, 1] -= 1.0
+            self.decodes.book(d, -nbytes)
 
     def choose_decoder(self, r: int, d: int, ready_in_s: float, now: float) -> None:
         self.decode_of[r] = d
@@ -323,13 +372,15 @@ class Run(SourceStages):
         d = int(self.decode_of[r])
         nbytes = float(self.kv_bytes[r])
         if nbytes <= 0:
+            self.unbook(r)
             self.pending[r] = 0
             self.maybe_join(r, now)
             return
         p = int(self.prefill_of[r])
         src, dst = int(self.prefills.host[p]), int(self.decodes.host[d])
         self.requested += nbytes
-        self.bookings[r] = self.engine.reserve(src, dst, nbytes)
+        if r not in self.bookings:  # streaming: booked when the bytes start
+            self.book(r, p, d, nbytes)
         pi = self.prefill_instances[p]
         di = self.decode_instances[d]
         width = int(max(min(self.nic_width[pi], self.nic_width[di]), 1)) if src != dst else 1
@@ -376,7 +427,7 @@ class Run(SourceStages):
             r = f.request
             self.pending[r] -= 1
             if self.pending[r] == 0:
-                self.engine.release(self.bookings.pop(r))
+                self.unbook(r)
                 self.maybe_join(r, now)
         self.reallocate()
 

@@ -23,8 +23,8 @@ from collections import OrderedDict
 import numpy as np
 
 from netkv.core.costmodel import LinkStateOracle
-from netkv.core.topology import FloatArray, Topology
-from netkv.sim.fabric import MAX_BACKGROUND
+from netkv.core.topology import FloatArray, IntArray, Topology
+from netkv.sim.fabric import DEAD, INF, MAX_BACKGROUND, Fabric
 from netkv.sim.scenario import TelemetrySection
 
 NOISE_CACHE_BYTES = 64 * 2**20
@@ -120,3 +120,67 @@ class TelemetryView:
             np.maximum(self.capacity - measured, self._floor, out=self.oracle.available_bytes_s)
             self.oracle.age_s[:] = max(now - sample_t, 0.0)
         return self.oracle
+
+
+def bound_nic_rates(topology: Topology, fabric: Fabric, nic_first: IntArray,
+                    nic_width: IntArray) -> FloatArray:
+    """Per instance, the most a transfer striped over the NICs it is bound to can get: one
+    stripe per bound NIC, so their number times the slowest one's rate (a striped transfer
+    waits for its slowest stripe), the lower of the send and receive directions. A NIC that
+    is down does not count (its stripe moves to another NIC of the host, as the fabric
+    re-stripes it).
+
+    It reads only each NIC's current rate (what a faulted NIC negotiated, 0 for one that is
+    down): per NIC, what the agent publishes (``NicSample.capacity_bps`` from sysfs
+    ``speed`` and ``oper_up``); the binding is the operator's (``UCX_NET_DEVICES``)."""
+    out = np.empty(topology.instance_host.shape[0], dtype=np.float64)
+    for i, h in enumerate(topology.instance_host):
+        width = int(nic_width[i])
+        rate = INF
+        for link in (topology.up_chain[h, 0], topology.down_chain[h, 0]):
+            ids = fabric.members[int(link)]
+            bound = ids[(int(nic_first[i]) + np.arange(width)) % ids.shape[0]]
+            cap = fabric.capacity[bound]
+            alive = cap >= DEAD * fabric.nominal[bound]
+            if np.any(alive):
+                rate = min(rate, float(width) * float(cap[alive].min()))
+            else:  # every bound NIC down: re-striped over the host's others
+                rate = min(rate, float(width) * float(fabric.nominal[bound].min()))
+        out[i] = rate
+    return out
+
+
+class NicRateView:
+    """The bound-NIC rates (:func:`bound_nic_rates`) a policy sees: recorded whenever a
+    fault changes a capacity, and visible on the telemetry's sampling schedule (sampled
+    every ``interval_s``, seen ``delay_s`` later; the agent re-reads a NIC's rate at most
+    every second, ``CAPACITY_CACHE_S``). ``mode``: ``telemetry`` (that schedule), ``truth``
+    (the current rates) or ``static`` (the nominal rates, always: a static table sees no
+    fault)."""
+
+    def __init__(self, nominal: FloatArray, spec: TelemetrySection, mode: str) -> None:
+        self.nominal = nominal
+        self.spec = spec
+        self.mode = mode
+        self.times: list[float] = [0.0]
+        self.values: list[FloatArray] = [nominal]
+        self.changed = False  # nothing but the nominal rates recorded yet
+
+    def record(self, now: float, rates: FloatArray) -> None:
+        if self.mode == "static":
+            return
+        self.changed = True
+        if now == self.times[-1]:
+            self.values[-1] = rates
+        else:
+            self.times.append(now)
+            self.values.append(rates)
+
+    def at(self, now: float) -> FloatArray:
+        if not self.changed:
+            return self.nominal
+        if self.mode == "truth":
+            return self.values[-1]
+        k = max(int((now - self.spec.delay_s) // self.spec.interval_s), 0)
+        sample_t = k * self.spec.interval_s
+        return self.values[max(bisect.bisect_right(self.times, sample_t) - 1, 0)]

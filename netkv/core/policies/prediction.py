@@ -87,7 +87,12 @@ def predict(
     dst_nic = candidates.nic_bytes_s
     if dst_nic is not None and index is not None:
         dst_nic = dst_nic[index]
-    transfer = nic_bound(transfer, tier, nbytes, request.src_nic_bytes_s, dst_nic)
+    if bookings is not None and (candidates.nic_booked_bytes is not None
+                                 or request.src_nic_booked_flows > 0):
+        transfer = nic_bound_booked(transfer, tier, nbytes, request=request,
+                                    candidates=candidates, dst_nic=dst_nic, index=index)
+    else:
+        transfer = nic_bound(transfer, tier, nbytes, request.src_nic_bytes_s, dst_nic)
     if request.stream_layers > 0:
         transfer = exposed(transfer, request.prefill_compute_s, request.stream_layers)
     return Prediction(queue, transfer, first, tier, nbytes)
@@ -108,6 +113,35 @@ def nic_bound(transfer_s: FloatArray, tier: IntArray, nbytes: FloatArray,
     floor = np.where(tier > 0, nbytes / rate, 0.0)
     out: FloatArray = np.maximum(transfer_s, floor)
     return out
+
+
+def nic_bound_booked(transfer_s: FloatArray, tier: IntArray, nbytes: FloatArray, *,
+                     request: RequestView, candidates: CandidateView,
+                     dst_nic: FloatArray | None, index: IntArray | None) -> FloatArray:
+    """:func:`nic_bound` with the booked transfers that share the bound NICs: the bytes of
+    the source instance's and of each decoder's booked transfers compete with this one on
+    those NICs, so a side's floor is ``(bytes + competing) / rate`` with ``competing =
+    min(booked bytes, booked flows x bytes)`` (the bookings' bound under max-min sharing,
+    see :mod:`~netkv.core.policies.bookings`)."""
+    out = transfer_s
+    off = tier > 0
+    src_rate = request.src_nic_bytes_s
+    if src_rate > 0:
+        competing = np.minimum(request.src_nic_booked_bytes,
+                               request.src_nic_booked_flows * nbytes)
+        out = np.maximum(out, np.where(off, (nbytes + competing) / src_rate, 0.0))
+    if dst_nic is not None:
+        booked, flows = candidates.nic_booked_bytes, candidates.nic_booked_flows
+        rate = np.where(dst_nic > 0, dst_nic, np.inf)
+        if booked is not None and flows is not None:
+            if index is not None:
+                booked, flows = booked[index], flows[index]
+            competing = np.minimum(booked, flows * nbytes)
+            out = np.maximum(out, np.where(off, (nbytes + competing) / rate, 0.0))
+        else:
+            out = np.maximum(out, np.where(off, nbytes / rate, 0.0))
+    result: FloatArray = out
+    return result
 
 
 def exposed(transfer_s: FloatArray, compute_s: FloatArray | float, layers: int) -> FloatArray:

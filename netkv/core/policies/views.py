@@ -50,7 +50,9 @@ class RequestView:
     so only the part of the transfer prefill cannot hide counts; 0 (default) is a pull after
     prefill. ``src_nic_bytes_s`` (0: unknown) is the rate of the NICs the prefill instance is
     bound to: a transfer off its host cannot go faster (its host's other NICs belong to other
-    instances).
+    instances). ``src_nic_booked_bytes``/``src_nic_booked_flows``: the transfers this
+    scheduler has booked out of that prefill instance's NICs and not yet seen land (bytes at
+    booking, count); they share those NICs with this one.
     """
 
     prefill_host: int
@@ -63,6 +65,8 @@ class RequestView:
     stream_layers: int = 0
     prefill_compute_s: float = 0.0
     src_nic_bytes_s: float = 0.0
+    src_nic_booked_bytes: float = 0.0
+    src_nic_booked_flows: float = 0.0
 
     @property
     def prompt_blocks(self) -> int:
@@ -86,7 +90,9 @@ class CandidateView:
     memory in use; ``capacity_tokens`` the KV memory in tokens. ``tbt_s`` (current time per
     output token) and ``waiting_tokens`` (KV tokens the admission queue will claim) are
     optional: a policy falls back to its own defaults without them; so is ``nic_bytes_s``, the
-    rate of the NICs each decoder is bound to (a transfer from another host cannot beat it).
+    rate of the NICs each decoder is bound to (a transfer from another host cannot beat it),
+    and ``nic_booked_bytes``/``nic_booked_flows``, the transfers this scheduler has booked
+    into each decoder's NICs and not yet seen land (bytes at booking, count).
 
     ``cache`` holds what policies derive from ``host`` alone (per source host: the candidates'
     path links, their rows of a caching oracle), so an owner that keeps one view across
@@ -102,6 +108,8 @@ class CandidateView:
     tbt_s: FloatArray | None = None
     waiting_tokens: FloatArray | None = None
     nic_bytes_s: FloatArray | None = None
+    nic_booked_bytes: FloatArray | None = None
+    nic_booked_flows: FloatArray | None = None
     cache: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -109,7 +117,7 @@ class CandidateView:
         if self.host.ndim != 1 or n[0] == 0:
             raise ValueError("CandidateView: host must be a non-empty 1-d array")
         for name in ("running", "waiting", "kv_use", "capacity_tokens", "tbt_s",
-                     "waiting_tokens", "nic_bytes_s"):
+                     "waiting_tokens", "nic_bytes_s", "nic_booked_bytes", "nic_booked_flows"):
             arr = getattr(self, name)
             if arr is not None and arr.shape != n:
                 raise ValueError(f"CandidateView: {name} has shape {arr.shape}, expected {n}")
