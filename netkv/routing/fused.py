@@ -27,8 +27,8 @@ from netkv.core.congestion import CachedMapView
 from netkv.core.costmodel import CostOracle
 from netkv.core.paths import CachedOracle
 from netkv.core.policies import Bookings, CandidateView, Decision, DecisionEngine, Netkv
-from netkv.core.policies.network import near_ties, prefer_less_loaded, prefer_lower_tier
-from netkv.core.topology import FloatArray, IntArray
+from netkv.core.policies.network import near_ties, prefer_lower_tier
+from netkv.core.topology import BoolArray, FloatArray, IntArray
 from netkv.routing.prefixes import PrefixIndex
 
 _ROWS = "fused-row"  # this module's key in ``CandidateView.cache`` (per source host)
@@ -37,8 +37,8 @@ _ROWS = "fused-row"  # this module's key in ``CandidateView.cache`` (per source 
 class _Buffers:
     """Scratch arrays for one candidate count."""
 
-    __slots__ = ("competing", "extra", "first", "flows", "n", "nbytes", "queue", "rate",
-                 "transfer", "used")
+    __slots__ = ("competing", "extra", "first", "flows", "mask", "n", "nbytes", "other",
+                 "queue", "rate", "transfer", "used")
 
     def __init__(self, n: int, tbt_s: float) -> None:
         self.n = n
@@ -52,6 +52,8 @@ class _Buffers:
         self.first.flags.writeable = False
         self.flows: FloatArray = np.empty((6, n))
         self.competing: FloatArray = np.empty((6, n))
+        self.mask: BoolArray = np.empty(n, dtype=np.bool_)
+        self.other: BoolArray = np.empty(n, dtype=np.bool_)
 
 
 class FusedNetkv:
@@ -187,10 +189,12 @@ class FusedNetkv:
         scores: FloatArray = transfer + first if queue is None else queue + transfer
         if queue is not None:
             np.add(scores, first, out=scores)
-        chosen = self.ties.argmin(scores)
+        mask, other = b.mask, b.other  # scratch: the draw and the near set, no allocation
+        chosen = self.ties.argmin(scores, scratch=mask)
         if self.tie_rel > 0 and self.tie_rule == "load":
-            chosen = self._less_loaded(scores, transfer, tier, candidates.kv_use, chosen,
-                                       uniform_kv=kv_uniform)
+            near = near_ties(scores, transfer, tier, chosen, self.tie_rel, out=(mask, other))
+            if near is not None:
+                chosen = self._less_loaded(near, candidates.kv_use, uniform_kv=kv_uniform)
         elif self.tie_rel > 0:
             chosen = prefer_lower_tier(scores, transfer, tier, chosen, tie_rel=self.tie_rel,
                                        ties=self.ties)
@@ -201,17 +205,14 @@ class FusedNetkv:
                         first_token_s=f, tier=int(tier.item(chosen)),
                         transfer_bytes=float(nbytes.item(chosen)), scores=scores)
 
-    def _less_loaded(self, scores: FloatArray, transfer: FloatArray, tier: IntArray,  # noqa: PLR0917
-                     kv_use: FloatArray, best: int, uniform_kv: bool) -> int:
-        """:func:`~netkv.core.policies.network.prefer_less_loaded`; when every candidate has
-        the same KV use, its masked argmin ties exactly the near candidates, so the draw
+    def _less_loaded(self, near: BoolArray, kv_use: FloatArray, uniform_kv: bool) -> int:
+        """:func:`~netkv.core.policies.network.prefer_less_loaded` once
+        :func:`~netkv.core.policies.network.near_ties` found ``near``; when every candidate
+        has the same KV use, its masked argmin ties exactly the near candidates, so the draw
         among them is made directly (the same single draw from the same generator)."""
         if not uniform_kv:
-            return prefer_less_loaded(scores, transfer, tier, kv_use, best,
-                                      tie_rel=self.tie_rel, ties=self.ties)
-        near = near_ties(scores, transfer, tier, best, self.tie_rel)
-        if near is None:
-            return best
+            masked: FloatArray = np.where(near, kv_use, np.inf)
+            return self.ties.argmin(masked)
         ties = np.flatnonzero(near)
         return int(ties[self.ties.rng.integers(ties.shape[0])])
 

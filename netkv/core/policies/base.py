@@ -11,7 +11,7 @@ from netkv.core.costmodel import CostOracle
 from netkv.core.policies.bookings import Bookings
 from netkv.core.policies.prediction import Prediction
 from netkv.core.policies.views import CandidateView, Decision, RequestView
-from netkv.core.topology import FloatArray
+from netkv.core.topology import BoolArray, FloatArray
 from netkv.errors import InputError
 from netkv.fields import from_mapping
 
@@ -40,11 +40,12 @@ class TieBreaker:
     def __init__(self, seed: int) -> None:
         self.rng = np.random.default_rng(seed)
 
-    def argmin(self, values: FloatArray) -> int:
+    def argmin(self, values: FloatArray, scratch: BoolArray | None = None) -> int:
+        """``scratch`` (bool, the shape of ``values``) spares a hot caller an allocation."""
         first = int(values.argmin())
         best = float(values.item(first))
         limit = best + 1e-12 * max(abs(best), 1.0)
-        tied = values <= limit
+        tied = np.less_equal(values, limit, out=scratch)
         if np.count_nonzero(tied) == 1:  # the common case: no tie
             return first
         ties = np.flatnonzero(tied)

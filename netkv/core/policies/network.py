@@ -172,14 +172,17 @@ def prefer_lower_tier(scores: FloatArray, transfer_s: FloatArray, tier: IntArray
 
 
 def near_ties(scores: FloatArray, transfer_s: FloatArray, tier: IntArray, best: int,
-              tie_rel: float) -> BoolArray | None:
+              tie_rel: float, *, out: tuple[BoolArray, BoolArray] | None = None
+              ) -> BoolArray | None:
     """The candidates predicted within ``tie_rel * transfer_s[best]`` of ``scores[best]`` and
-    of no higher tier than ``best`` (``best`` among them); None when ``best`` stands alone."""
+    of no higher tier than ``best`` (``best`` among them); None when ``best`` stands alone.
+    ``out``: two bool arrays of the scores' shape to compute in (the first is returned)."""
     slack = tie_rel * float(transfer_s.item(best))
     if slack <= 0:
         return None
-    near = scores <= float(scores.item(best)) + slack
-    near &= tier <= tier.item(best)
+    near, low = (None, None) if out is None else out
+    near = np.less_equal(scores, float(scores.item(best)) + slack, out=near)
+    near &= np.less_equal(tier, tier.item(best), out=low)
     if np.count_nonzero(near) == 1:
         return None
     return near
