@@ -54,6 +54,17 @@ class ApproxTokenizer:
         out: list[int] = (words & 0x7FFFFFFF).tolist()
         return out
 
+    def encode_bytes(self, text: str) -> bytes:
+        """:meth:`encode`'s ids as little-endian uint32 bytes (what :func:`block_hashes`
+        hashes), without a Python int per token: ``len(...) // 4`` is the token count and
+        :func:`block_hashes_of_bytes` gives the same hashes as ``block_hashes(encode(text))``.
+        """
+        raw = text.encode("utf-8")
+        if not raw:
+            return b""
+        words = np.frombuffer(raw + b"\0" * (-len(raw) % 4), dtype="<u4")
+        return (words & np.uint32(0x7FFFFFFF)).tobytes()
+
 
 class FileTokenizer:
     """A Hugging Face ``tokenizer.json`` read with the ``tokenizers`` library."""
@@ -110,8 +121,16 @@ def block_hashes(tokens: Sequence[int], block_tokens: int) -> list[int]:
     n = len(tokens) // block_tokens
     if n == 0:
         return []
-    raw = _token_bytes(tokens[: n * block_tokens])
+    return block_hashes_of_bytes(_token_bytes(tokens[: n * block_tokens]), block_tokens)
+
+
+def block_hashes_of_bytes(raw: bytes, block_tokens: int) -> list[int]:
+    """:func:`block_hashes` of the ids given as little-endian uint32 bytes (a partial last
+    block is ignored, as there)."""
     step = 4 * block_tokens
+    n = len(raw) // step
+    if n == 0:
+        return []
     blake = hashlib.blake2b
     parent = b"\0" * 8
     digests: list[bytes] = []

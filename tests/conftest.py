@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import os
@@ -16,6 +17,7 @@ import pytest
 
 from netkv.core.topology import Topology
 from netkv.core.topology_file import parse_topology
+from netkv.eventloop import loop_factory
 from netkv.localservers import MosquittoServer, RedisServer
 from netkv.workload.synth import synthesise, write_trace
 
@@ -30,6 +32,29 @@ SMALL_FAT_TREE = {
 def small_topology() -> Topology:
     """8 hosts; prefill and decode hosts alternate (every transfer crosses the network)."""
     return parse_topology(SMALL_FAT_TREE, "test topology")
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--event-loop", choices=("asyncio", "uvloop"), default=None,
+                     help="run the async tests on this event loop (default: pytest-asyncio's, "
+                     "asyncio); e.g. the in-process proxy tests once on each")
+
+
+class _EventLoop:
+    """The ``--event-loop`` choice as pytest-asyncio's loop-factory hook."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def pytest_asyncio_loop_factories(self, config: pytest.Config, item: pytest.Item
+                                      ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+        return {self.name: loop_factory("uvloop" if self.name == "uvloop" else "asyncio")}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    name = config.getoption("--event-loop")
+    if name:
+        config.pluginmanager.register(_EventLoop(name), "netkv-event-loop")
 
 
 TIERS = ("unit", "integration", "netns", "testbed")

@@ -22,6 +22,10 @@ late a 10 ms timer woke, GC pauses), to tell a stall in the proxy from time lost
 
 Fairness (the same treatment for the direct path, the floor and netkv):
 
+* The event loop (``--loop``, default ``auto``: uvloop where installed): every process (the
+  engine, the floor, the proxy, the load generator) runs on the same one, printed and
+  recorded as ``loop`` in the JSON; the floor is an aiohttp proxy on that loop too.
+
 * CPUs (``--pin auto``, with two or more CPUs): the proxy under test (floor or netkv, one at a
   time is loaded) runs alone on the last CPU this process may use; the engine and the load
   generator share the others. Without pinning the three compete for the same cores and the
@@ -55,7 +59,9 @@ import msgspec
 import numpy as np
 import psutil
 
+from netkv import eventloop
 from netkv.bench.proxy_servers import MODEL
+from netkv.eventloop import add_loop_argument
 from netkv.localservers import free_port, wait_for_port
 
 PROMPT = "Summarise the state of the network for the operator in one short paragraph. " * 6
@@ -78,6 +84,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=0,
                         help="send prompts of this many token ids (0: a ~110-token text "
                         "prompt); the proxy hashes and indexes every block of them")
+    add_loop_argument(parser, default="auto", what="every process of the bench (engine, "
+                      "floor, proxy, load generator)")
     parser.add_argument("--out", type=Path, help="write the JSON result here")
 
 
@@ -317,17 +325,22 @@ def run(args: argparse.Namespace) -> int:
         print("netkv bench proxy: --rate in 1..20000, --seconds in (0, 120], --rounds in "
               "1..100, --prompt-tokens in 0..1000000", file=sys.stderr)
         return 2
+    try:
+        loop = eventloop.resolve(args.loop, "--loop")
+    except ValueError as exc:
+        print(f"netkv bench proxy: {exc}", file=sys.stderr)
+        return 2
     pp, pd, pf, px = free_port(), free_port(), free_port(), free_port()
     me = "netkv.bench.proxy_servers"
     cpus = placement(args.pin)
     before = os.sched_getaffinity(0) if cpus else None
-    procs = [_spawn("-m", me, "instant", str(pp), str(pd), str(args.chunks)),
-             _spawn("-m", me, "floor", str(pf), str(pd))]
+    procs = [_spawn("-m", me, "instant", str(pp), str(pd), str(args.chunks), "--loop", loop),
+             _spawn("-m", me, "floor", str(pf), str(pd), "--loop", loop)]
     try:
-        asyncio.run(_wait([pp, pd, pf]))
+        eventloop.run(_wait([pp, pd, pf]), loop)
         proxy = _spawn("-m", "netkv.cli", "proxy", "--port", str(px), "--prefill",
                        f"http://127.0.0.1:{pp}=prefill-host", "--decode",
-                       f"http://127.0.0.1:{pd}=decode-host")
+                       f"http://127.0.0.1:{pd}=decode-host", "--loop", loop)
         procs.append(proxy)
         if cpus is not None:
             tested, rest = cpus
@@ -335,10 +348,10 @@ def run(args: argparse.Namespace) -> int:
                 os.sched_setaffinity(p.pid, tested)
             os.sched_setaffinity(procs[0].pid, rest)
             os.sched_setaffinity(0, rest)
-        asyncio.run(_wait([px]))
-        result = asyncio.run(_measure(args, {"direct": pd, "floor": pf, "netkv": px,
-                                             "prefill": pp},
-                                      {"floor": procs[1].pid, "netkv": proxy.pid}))
+        eventloop.run(_wait([px]), loop)
+        result = eventloop.run(_measure(args, {"direct": pd, "floor": pf, "netkv": px,
+                                               "prefill": pp},
+                                        {"floor": procs[1].pid, "netkv": proxy.pid}), loop)
     finally:
         if before is not None:
             os.sched_setaffinity(0, before)
@@ -347,6 +360,7 @@ def run(args: argparse.Namespace) -> int:
     result["pinned"] = None if cpus is None else {
         "proxy_under_test": sorted(cpus[0]), "engine_and_generator": sorted(cpus[1])}
     result["load_average"] = os.getloadavg()
+    result["loop"] = loop  # every process: the engine, the floor, the proxy, the generator
     _print(result)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -414,6 +428,9 @@ def _print(r: dict[str, Any]) -> None:
           f"interleaved rounds, non-streaming; {where}"
           + (f"; prompts of {r['prompt_tokens']} token ids" if r.get("prompt_tokens") else "")
           + (f"; load average {load[0]:.2f}" if load else ""))
+    if r.get("loop"):
+        print(f"event loop: {r['loop']} in every process (engine, floor, proxy, load "
+              "generator)")
     print(f"{'path':<8}{'p50':>9}{'p99':>9}{'added p50':>11}{'added p99':>11}"
           f"{'CPU/req':>10}{'max req/s':>11}{'CPU/req':>10}{'per chunk':>11}{'gen lag':>10}")
     print(f"{'':<8}{'':>9}{'':>9}{'':>11}{'':>11}{'at rate':>10}{'closed':>11}{'closed':>10}"

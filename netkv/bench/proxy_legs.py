@@ -1,5 +1,6 @@
 """One engine leg's CPU per request, the proxy's engine client against aiohttp's client
-(``python -m netkv.bench.proxy_legs [--requests N] [--rounds R]``).
+(``python -m netkv.bench.proxy_legs [--requests N] [--rounds R] [--loop L]``; the engine and
+this process on the same event loop).
 
 Both send the decode leg's non-streaming ``POST /v1/completions`` one at a time over a kept
 connection to the bench's instant engine (its own process) and read the answer; this
@@ -11,7 +12,6 @@ clients, not an engine's cost.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import subprocess
 import sys
@@ -20,7 +20,9 @@ import time
 import aiohttp
 from netkv_proxy.engineclient import EnginePool, header_block
 
+from netkv import eventloop
 from netkv.bench.proxy import _body
+from netkv.eventloop import add_loop_argument
 from netkv.localservers import free_port, wait_for_port
 
 
@@ -61,19 +63,22 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--rounds", type=int, default=3)
+    add_loop_argument(parser, default="auto", what="this process and the engine")
     args = parser.parse_args()
     if not (1 <= args.requests <= 1_000_000 and 1 <= args.rounds <= 100):
         parser.error("--requests in 1..1000000, --rounds in 1..100")
+    loop = eventloop.resolve(args.loop, "--loop")
     prefill, decode = free_port(), free_port()
     engine = subprocess.Popen([sys.executable, "-m", "netkv.bench.proxy_servers", "instant",
-                               str(prefill), str(decode), "16"], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+                               str(prefill), str(decode), "16", "--loop", loop],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         async def run() -> None:
             await wait_for_port("127.0.0.1", decode, timeout_s=30.0)
             await _measure(decode, args.requests, args.rounds)
 
-        asyncio.run(run())
+        print(f"event loop: {loop} (this process and the engine)", flush=True)
+        eventloop.run(run(), loop)
     finally:
         engine.terminate()
         engine.wait(5)

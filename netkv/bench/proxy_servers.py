@@ -1,26 +1,28 @@
 """The servers of `netkv bench proxy`, each run as its own process
-(``python -m netkv.bench.proxy_servers instant|floor ...``): the "instant" engine (prefill and
-decode ports; the prefill answers with ``kv_transfer_params``, the decode with a fixed
-completion or ``max_tokens`` SSE chunks, all without waiting) and the floor, a constant
-pass-through aiohttp proxy (one leg: forward the body to the decode, return its answer)."""
+(``python -m netkv.bench.proxy_servers instant|floor ... [--loop auto|uvloop|asyncio]``): the
+"instant" engine (prefill and decode ports; the prefill answers with ``kv_transfer_params``,
+the decode with a fixed completion or ``max_tokens`` SSE chunks, all without waiting) and the
+floor, a constant pass-through aiohttp proxy (one leg: forward the body to the decode, return
+its answer). Both run on the event loop given (the bench runs every process on one loop)."""
 
 from __future__ import annotations
 
-import asyncio
+import argparse
 import contextlib
-import sys
 from typing import Any
 
 import aiohttp
 import msgspec
 from aiohttp import web
 
+from netkv import eventloop
+from netkv.eventloop import LoopChoice
 from netkv.signals import stop_on_signals
 
 MODEL = "bench/instant"
 
 
-def _instant(prefill_port: int, decode_port: int, chunks: int) -> None:
+def _instant(prefill_port: int, decode_port: int, chunks: int, loop: LoopChoice) -> None:
     completion = msgspec.json.encode({
         "id": "x", "object": "text_completion", "created": 0, "model": MODEL,
         "choices": [{"index": 0, "text": " ok", "logprobs": None, "finish_reason": "length"}],
@@ -62,10 +64,10 @@ def _instant(prefill_port: int, decode_port: int, chunks: int) -> None:
     app.router.add_get("/health", ok)
     app.router.add_get("/metrics", ok)
     app.router.add_get("/v1/models", models)
-    _run_sites(app, [prefill_port, decode_port])
+    _run_sites(app, [prefill_port, decode_port], loop)
 
 
-def _floor(port: int, decode_port: int) -> None:
+def _floor(port: int, decode_port: int, loop: LoopChoice) -> None:
     """The constant pass-through proxy: one leg, no decision."""
     target = f"http://127.0.0.1:{decode_port}/v1/completions"
     state: dict[str, aiohttp.ClientSession] = {}
@@ -91,10 +93,10 @@ def _floor(port: int, decode_port: int) -> None:
     app = web.Application()
     app.router.add_post("/v1/completions", handler)
     app.cleanup_ctx.append(session)
-    _run_sites(app, [port])
+    _run_sites(app, [port], loop)
 
 
-def _run_sites(app: web.Application, ports: list[int]) -> None:
+def _run_sites(app: web.Application, ports: list[int], loop: LoopChoice) -> None:
     async def main() -> None:
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
@@ -104,13 +106,17 @@ def _run_sites(app: web.Application, ports: list[int]) -> None:
             await stop.wait()
         await runner.cleanup()
 
-    asyncio.run(main())
+    eventloop.run(main(), loop)
 
 
 if __name__ == "__main__":
-    kind, *rest = sys.argv[1:]
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("kind", choices=("instant", "floor"))
+    parser.add_argument("ports", type=int, nargs="+")
+    eventloop.add_loop_argument(parser, default="auto", what="the server")
+    args = parser.parse_args()
     with contextlib.suppress(KeyboardInterrupt):
-        if kind == "instant":
-            _instant(int(rest[0]), int(rest[1]), int(rest[2]))
-        elif kind == "floor":
-            _floor(int(rest[0]), int(rest[1]))
+        if args.kind == "instant":
+            _instant(args.ports[0], args.ports[1], args.ports[2], args.loop)
+        else:
+            _floor(args.ports[0], args.ports[1], args.loop)

@@ -27,7 +27,7 @@ import socket
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from aiohttp import web
 from pydantic import BaseModel
@@ -148,10 +148,10 @@ class _Guarded(asyncio.Protocol):
         self._admitted = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # a stream transport (uvloop's is not a subclass of asyncio.Transport)
+        self.transport = cast(asyncio.Transport, transport)
         if not self.guard.admit(self):
-            transport.abort()
+            self.transport.abort()
             return
         self._admitted = True
         self.inner.connection_made(transport)

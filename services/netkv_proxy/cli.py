@@ -14,6 +14,7 @@ import contextlib
 import gc
 from collections.abc import AsyncIterator
 
+from netkv import eventloop
 from netkv.adapters.topology_file import load_topology
 from netkv.core.topology import FabricSpec, Host, Instance, Topology, build_topology
 from netkv.http.server import serving as http_serving
@@ -72,7 +73,8 @@ async def serve(settings: ProxySettings) -> int:
             gc.collect()
             gc.freeze()
             print(f"proxy ready: {url} mode={settings.mode} policy={settings.policy} "
-                  f"prefill={len(settings.prefill)} decode={len(settings.decode)}", flush=True)
+                  f"prefill={len(settings.prefill)} decode={len(settings.decode)} "
+                  f"loop={eventloop.name_of()}", flush=True)
             failed = asyncio.ensure_future(proxy.supervisor.wait_failed())
             return 1 if await wait_for_stop_or_failure(stop, failed) else 0
 
@@ -80,4 +82,4 @@ async def serve(settings: ProxySettings) -> int:
 def run(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     configure_logging(settings.log_level)
-    return asyncio.run(serve(settings))
+    return eventloop.run(serve(settings), settings.loop)

@@ -36,6 +36,7 @@ from netkv.config import (
     load_settings,
 )
 from netkv.errors import InputError
+from netkv.eventloop import LoopChoice, add_loop_argument, resolve
 from netkv.http.server import HttpLimitsSettings
 from netkv.prompts import VLLM_BLOCK_TOKENS
 
@@ -106,9 +107,11 @@ class ProxySettings(ServiceSettings, KvSizeSettings, HttpLimitsSettings):
     # The client side (issue 9): HttpLimitsSettings, capped by max_client_connections.
     max_client_connections: int = Field(default=4096, ge=16)
     log_level: LogLevel = "info"
+    loop: LoopChoice = "auto"  # the event loop (netkv.eventloop): auto = uvloop if installed
 
     @model_validator(mode="after")
     def _workers(self) -> ProxySettings:
+        resolve(self.loop, "loop")  # uvloop named but not installed: an error, at start-up
         if not self.prefill:
             raise InputError("prefill", "name at least one prefill worker")
         if not self.decode:
@@ -164,12 +167,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="KV bytes per prompt token (default: the model preset's)")
     parser.add_argument("--redis-url", help="the congestion map's Redis (enables the map)")
     parser.add_argument("--mqtt-host", help="the map announcements' broker")
+    add_loop_argument(parser, what="the proxy")
 
 
 def settings_from(args: argparse.Namespace) -> ProxySettings:
     overrides: dict[str, Any] = {k: getattr(args, k, None) for k in (
         "host", "port", "mode", "policy", "topology", "block_size", "tokenizer",
-        "kv_bytes_per_token")}
+        "kv_bytes_per_token", "loop")}
     for role in ("prefill", "decode"):
         given: Sequence[str] | None = getattr(args, role, None)
         if given:

@@ -73,6 +73,7 @@ class Placement:
         where it applies (pull flow, every decode admitted): the same decisions, cheaper."""
         self.topology, self.pool, self.feed = topology, pool, feed
         self.prior = CachedOracle(static_tier_oracle(topology))
+        self._no_map = MapState(self.prior, "prior", None, None, "no congestion map configured")
         self.bookings = Bookings(topology)
         self.policy = policy
         self.engine = decision_engine(policy, policy_params.get(policy), topology,
@@ -94,11 +95,14 @@ class Placement:
         self._waiting = np.zeros(n, dtype=np.int64)
         self._extra = np.zeros(n, dtype=np.int64)
         self._kv_use = np.zeros(n)
+        # Changes whenever the kept view's kv_use does (capacity is fixed): the fused
+        # evaluation keeps its load bounds until then, as the scheduler's registry has it
+        self._load_version = 0
 
     # -- the map ----------------------------------------------------------------------------
     def map_state(self) -> MapState:
         if self.feed is None:
-            return MapState(self.prior, "prior", None, None, "no congestion map configured")
+            return self._no_map
         view = self.feed.view()
         if view.stale:
             reason = "no congestion map yet" if view.version is None else \
@@ -118,13 +122,18 @@ class Placement:
             # truncation towards zero (the gauges are finite and >= 0, see routing.scrape).
             run_a, wait_a, extra_a, kv_a = self._running, self._waiting, self._extra, \
                 self._kv_use
+            changed = False
             for i, w in enumerate(decodes):
                 run, wait = w.running, w.waiting
                 waits = int(wait)
                 run_a[i] = int(run)
                 wait_a[i] = waits
                 extra_a[i] = int(wait + max(w.inflight - run - wait, 0.0)) - waits
-                kv_a[i] = w.kv_use
+                if kv_a[i] != w.kv_use:
+                    kv_a[i] = w.kv_use
+                    changed = True
+            if changed:
+                self._load_version += 1
             return self._views.get(self._hosts, run_a, wait_a, kv_a, self._capacity,
                                    extra_waiting=extra_a)
         load = np.fromiter((x for w in decodes for x in (w.running, w.waiting, w.inflight,
@@ -141,7 +150,9 @@ class Placement:
         np.copyto(self._waiting, waiting, casting="unsafe")
         np.copyto(self._extra, total, casting="unsafe")  # waiting + extra, truncated once
         np.subtract(self._extra, self._waiting, out=self._extra)
-        self._kv_use[:] = load[:, 3]
+        if not np.array_equal(self._kv_use, load[:, 3]):
+            self._kv_use[:] = load[:, 3]
+            self._load_version += 1
         return self._views.get(self._hosts, self._running, self._waiting, self._kv_use,
                                self._capacity, extra_waiting=self._extra)
 
@@ -184,7 +195,7 @@ class Placement:
                 prompt_tokens=prompt_tokens, output_tokens=output_tokens,
                 kv_bytes_per_token=self.bytes_per_token,
                 runs=self.prefix.runs(hashes) if hashes else None, prefixes=self.prefix,
-                block_tokens=self.block_tokens)
+                block_tokens=self.block_tokens, load_version=self._load_version)
         if decision is None:
             request = RequestView(prefill_host=src.host_index, prompt_tokens=prompt_tokens,
                                   kv_bytes_per_token=self.bytes_per_token,

@@ -108,11 +108,18 @@ class PrefillChooser:
                now: float | None = None) -> list[tuple[float, float, int]]:
         """(score, uncached work, cached tokens) of each of ``workers`` for this prompt."""
         now = self.clock() if now is None else now
-        overlap = self.index.overlap(hashes, len(self.pool.prefills)) if hashes else None
+        # The prompt's leading blocks each worker holds, from the index's runs (holder bit
+        # masks, each a subset of the one before): the sum of the runs that include it, the
+        # same count as PrefixIndex.overlap without building an array for a few workers
+        runs = self.index.runs(hashes) if hashes else None
         out = []
         for w in workers:
-            cached = 0 if overlap is None else min(int(overlap[w.index]) * self.block_tokens,
-                                                   tokens)
+            if runs is None:
+                cached = 0
+            else:
+                bit = 1 << w.index
+                held = sum(count for holders, count in runs if holders & bit)
+                cached = min(held * self.block_tokens, tokens)
             work = float(tokens - cached)
             external = max(w.running + w.waiting - w.inflight_at_scrape, 0.0) \
                 if w.scraped else 0.0

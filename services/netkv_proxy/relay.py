@@ -6,6 +6,7 @@ Answers say where they went (``x-netkv-prefill``, ``x-netkv-decode``, ``x-netkv-
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -41,8 +42,7 @@ class DecodeLeg:
         self.placement = placement
         self._decided: dict[tuple[str, str, str], Any] = {}  # metric children by labels
 
-    async def decode(self, request: web.Request, job: Job, placed: Placed, data: bytes,
-                     handover_from: float) -> web.StreamResponse:
+    def _record(self, placed: Placed) -> None:
         m = self.metrics
         key = (placed.policy, placed.tier, placed.map.source)
         child = self._decided.get(key)
@@ -51,6 +51,12 @@ class DecodeLeg:
         child.inc()
         m.decision_time.observe(placed.decide_s)
         m.predicted.observe(placed.decision.ttft_s)
+
+    async def decode(self, request: web.Request, job: Job, placed: Placed, data: bytes,
+                     handover_from: float) -> web.StreamResponse:
+        # The decision's metrics are bookkeeping, not on the request's path: recorded on the
+        # loop's next turn, i.e. while the decode engine works on the request sent below
+        asyncio.get_running_loop().call_soon(self._record, placed)
         decode = placed.decode
         headers = placed_headers(job, placed)
         up = self.upstream

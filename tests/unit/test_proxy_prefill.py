@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 from netkv_proxy.config import WorkerEntry
 from netkv_proxy.prefill import PrefillChoice, PrefillChooser
@@ -240,3 +242,24 @@ def test_the_next_burst_spreads_over_prefills_about_to_finish() -> None:
     book(stale, 69_000, 1)
     clock.now = 2.2
     assert set(burst(stale)) == {2, 3}
+
+
+def test_cached_tokens_are_the_prefix_indexs_overlap() -> None:
+    """scores() counts each worker's held leading blocks from the index's runs; the same
+    numbers as PrefixIndex.overlap, over random prompts sharing prefixes on 4 workers."""
+    rng = random.Random(12)
+    c = chooser(4)
+    prompts = [[rng.randrange(1 << 62) for _ in range(rng.randrange(1, 12))]
+               for _ in range(30)]
+    for _ in range(400):
+        base = rng.choice(prompts)
+        hashes = base[:rng.randrange(1, len(base) + 1)] + \
+            [rng.randrange(1 << 62) for _ in range(rng.randrange(0, 3))]
+        tokens = len(hashes) * BLOCK - rng.randrange(0, 2 * BLOCK)
+        overlap = c.index.overlap(hashes, 4)
+        for w, (_, work, cached) in zip(c.pool.prefills, c.scores(c.pool.prefills, tokens,
+                                                                   hashes), strict=True):
+            want = 0 if overlap is None else min(int(overlap[w.index]) * BLOCK, tokens)
+            assert cached == want and work == float(tokens - want)
+        if rng.random() < 0.7:
+            c.index.add(hashes, rng.randrange(4))
