@@ -24,6 +24,30 @@ from typing import Any
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+class Interrupted:
+    """Whether a command that raises :class:`KeyboardInterrupt` from its own signal handler
+    (``netkv testbed``) was interrupted. The raise can land where it is lost (seen: inside a
+    library's module import, early in a replay); the flag lets the command's long steps notice
+    it anyway (:func:`watch_interrupt`) and its exit code say so."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def __bool__(self) -> bool:
+        return self.signal is not None
+
+
+INTERRUPTED = Interrupted()
+
+
+async def watch_interrupt(poll_s: float = 0.1) -> None:
+    """Raise :class:`KeyboardInterrupt` (ending ``asyncio.run`` as a Ctrl-C does) once
+    :data:`INTERRUPTED` is set; run beside a long step."""
+    while not INTERRUPTED:  # noqa: ASYNC110 - set by a signal handler, which has no loop
+        await asyncio.sleep(poll_s)
+    raise KeyboardInterrupt
+
+
 @contextlib.contextmanager
 def stop_on_signals(signals: Sequence[signal.Signals] = STOP_SIGNALS) -> Iterator[asyncio.Event]:
     """An event set by the first of ``signals`` (call inside a running event loop)."""

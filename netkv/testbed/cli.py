@@ -28,6 +28,7 @@ from types import FrameType
 
 from netkv.errors import InputError
 from netkv.logs import configure_logging
+from netkv.signals import INTERRUPTED
 from netkv.testbed.cli_compare import compare
 from netkv.testbed.cli_compose import bulk_flows, engine, workload
 from netkv.testbed.cli_lab import up
@@ -98,6 +99,7 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
+    INTERRUPTED.signal = signum
     raise KeyboardInterrupt
 
 
@@ -125,9 +127,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.action == "up":
             return up(args)
-        if args.routers:
-            return compare(args)
-        return policy_replay(args)
+        code = compare(args) if args.routers else policy_replay(args)
     except (LabError, RouterError) as exc:
         print(f"netkv testbed: {exc}", file=sys.stderr)
         return 1
+    if INTERRUPTED:  # the KeyboardInterrupt was lost on its way up (see INTERRUPTED)
+        raise KeyboardInterrupt
+    return code

@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from netkv.signals import watch_interrupt
 from netkv.testbed.background import HotSpot, Schedule, core_schedule
 from netkv.testbed.cli_lab import (
     bytes_per_token,
@@ -89,7 +90,12 @@ def _schedule(args: argparse.Namespace, plan: FabricPlan, duration_s: float) -> 
 async def _replay(plan: FabricPlan, control: ControlPlane, *, model: EngineModel,
                   schedule: Schedule, spec: ReplaySpec, requests: list[Any],
                   policies: list[str]) -> Any:
-    # through `netkv proxy`, which follows the control plane's map as the scheduler does
-    return await run_policies(plan, model, schedule=schedule, spec=spec, requests=requests,
-                              policies=policies,
-                              endpoints=MapEndpoints.from_config(control.shared_config()))
+    # through `netkv proxy`, which follows the control plane's map as the scheduler does;
+    # a Ctrl-C whose KeyboardInterrupt was lost still ends the replay (watch_interrupt)
+    watch = asyncio.ensure_future(watch_interrupt())
+    try:
+        return await run_policies(plan, model, schedule=schedule, spec=spec,
+                                  requests=requests, policies=policies,
+                                  endpoints=MapEndpoints.from_config(control.shared_config()))
+    finally:
+        watch.cancel()
