@@ -109,8 +109,9 @@ def run(args: argparse.Namespace) -> int:
     # Ctrl-C and `kill` both raise KeyboardInterrupt where the main thread is. With Python's own
     # SIGINT handler, asyncio.run would instead cancel its main task, and a cancellation that
     # some awaited library swallows lets the run carry on to the end (seen under load: exit 0
-    # instead of 130). Raising cannot be swallowed that way; asyncio.run still cancels and
-    # awaits every task on its way out, so the teardown below runs as before.
+    # instead of 130). A raise is harder to lose (asyncio.run still cancels and awaits every
+    # task on its way out, so the teardown runs as before); where it is lost all the same (inside a
+    # library's import), the recorded signal ends the run (netkv.signals.INTERRUPTED).
     signal.signal(signal.SIGINT, _interrupt)
     signal.signal(signal.SIGTERM, _interrupt)
     if args.action == "down":
