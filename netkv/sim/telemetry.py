@@ -9,10 +9,13 @@
   the exact instantaneous share a new flow could get (the physical limit a perfect map could
   give).
 
-Without ``own_flows`` both exclude the scheduler's own KV transfers, which the policy counts
-through its bookings; with it (what a deployed map shows) the sample counts them again until
-they end. Both are :class:`~netkv.core.costmodel.LinkStateOracle`\\ s whose per-link arrays are
-refreshed in place.
+  Without ``own_flows`` both exclude the scheduler's own KV transfers, which the policy counts
+  through its bookings; with it (what a deployed map shows) the sample counts them again until
+  they end. Both are :class:`~netkv.core.costmodel.LinkStateOracle`\\ s whose per-link arrays are
+  refreshed in place.
+* :class:`NicRateView` and :class:`NicByteView` are what the policies see of the NICs their
+  instances are bound to: each NIC's rate and state, and how the instance's transfers really
+  split over those NICs (from the per-NIC byte counters), both on the same schedule.
 """
 
 from __future__ import annotations
@@ -225,9 +228,9 @@ class NicByteView:
     milliseconds here, so the transfers that straddle the window's edges are a small part of
     it); keeping the last trusted estimate rather than falling back to 1 after a quiet
     window (found on the tuning slices: a prefill host sends a transfer every few seconds,
-    so a 5 s window without traffic is common, and falling back there hid the skew from 88%
-    of the decisions); the risk is a decoder whose estimate is wrong and that then gets no
-    traffic to correct it (none seen on the tuning slices);
+    so a 5 s window without traffic is common, and falling back there hid the skew from the
+    skewed host's prefill for 88-91% of the slices' time); the risk is a decoder whose
+    estimate is wrong and that then gets no traffic to correct it (none was flagged there);
     ``short`` = 0.5, the midpoint between what a bound NIC carries when the stripes skip it
     (nothing of its share) and when they use it (all of it, or more with other traffic);
     ``min_bytes``: one prefix block of KV (the smallest transfer the scheduler makes).
