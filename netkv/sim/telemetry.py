@@ -211,7 +211,7 @@ class NicByteView:
     knows what it sent itself: the bytes of each off-host transfer, per instance, and when
     they flowed (from the transfer's start to its landing, as the transfer engine reports
     each transfer's completion), learnt when it lands (:meth:`landed`); a window counts the
-    part of each landed transfer that fell in it, its bytes spread evenly over its duration.
+    transfers that flowed entirely within it (:meth:`own_bytes`).
 
     **Estimate.** Over the last ``window_s`` of samples, an instance that sent (prefill: its
     NICs' transmit counters) or received (decode: receive counters) ``K`` bytes of its own
@@ -278,9 +278,12 @@ class NicByteView:
         self._landed.append((start, end, src, dst, nbytes))
 
     def own_bytes(self, lo: float, hi: float) -> tuple[FloatArray, FloatArray]:
-        """Per instance, the bytes of its landed transfers sent and received in ``[lo, hi]``,
-        each transfer's bytes spread evenly over its duration (transfers that ended before
-        ``lo`` are forgotten)."""
+        """Per instance, the bytes of its landed transfers that flowed entirely within
+        ``[lo, hi]``, sent and received: all of their bytes are in the window's counters, on
+        whichever NICs carried them. A transfer that straddles an edge is left out (its
+        stripes need not progress together: one on a congested spine ends last, so no even
+        split of its bytes over time is right); its bytes in the window only add to the
+        counters. Transfers that ended before ``lo`` are forgotten."""
         sent = np.zeros(self.ones.shape[0])
         received = np.zeros(self.ones.shape[0])
         keep = []
@@ -289,11 +292,9 @@ class NicByteView:
             if end < lo:
                 continue
             keep.append(t)
-            span = end - start
-            part = (nbytes if span <= 0 else
-                    nbytes * max(min(end, hi) - max(start, lo), 0.0) / span)
-            sent[src] += part
-            received[dst] += part
+            if start >= lo and end <= hi:
+                sent[src] += nbytes
+                received[dst] += nbytes
         self._landed = keep
         return sent, received
 

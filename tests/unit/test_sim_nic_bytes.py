@@ -132,17 +132,28 @@ def test_the_skew_is_seen_only_after_the_window_and_the_sampling_delay() -> None
     tx = _nics(topo, fab, 0, True)
     assert [fab.nic_bytes[i] for i in tx[:4]] == pytest.approx([4 * GB, 0, 0, 0])
     view.landed(0, 2, 4 * GB, 1.0, 5.0)  # the scheduler learns it landed
-    # The window of the 5.0 s sample (4.0-5.0 s) holds a quarter of it (its bytes spread
-    # over 1-5 s): 1 GB of a0's, so 0.25 GB due on each bound NIC; NIC 0 carried 1 GB,
-    # NICs 1-3 nothing: one stripe. b0 received its 0.25 GB shares on its four NICs, as
-    # bound. Seen 0.13 s later.
+    # The 5.0 s sample's window (4.0-5.0 s) does not hold the whole transfer (1-5 s): it says
+    # nothing (its stripes need not have progressed together).
     view.sample(5.0)
-    assert view.at(5.0 + 0.12) == pytest.approx([1, 1, 1, 1])
-    assert view.at(5.0 + 0.13) == pytest.approx([0.25, 1, 1, 1])
-    # Later quiet windows keep it; a static table never sees it; the truth sees it at once.
+    assert view.at(5.2) == pytest.approx([1, 1, 1, 1])
+    # A second transfer, 0.4 GB at 5.0-5.4 s, lies within the window of the 5.5 s sample:
+    # 0.1 GB due on each bound NIC; NIC 0 carried 0.4 GB, NICs 1-3 nothing: one stripe. b0
+    # received its shares on its four NICs, as bound. Seen 0.13 s later.
+    for j in range(4):
+        phys = fab.resolve(topo.path(0, 1), 8, j, nic_src=0, nic_dst=0, src_host=0,
+                           dst_host=1)
+        fab.add(8, phys, 0.1 * GB, kind=KV, sub=j, physical=True)
+    fab.reallocate()
+    fab.advance(5.4)
+    fab.finished()
+    view.landed(0, 2, 0.4 * GB, 5.0, 5.4)
     view.sample(5.5)
+    assert view.at(5.5 + 0.12) == pytest.approx([1, 1, 1, 1])
+    assert view.at(5.5 + 0.13) == pytest.approx([0.25, 1, 1, 1])
+    # Later quiet windows keep it; a static table never sees it; the truth sees it at once.
     view.sample(6.0)
-    assert view.at(6.2) == pytest.approx([0.25, 1, 1, 1])
+    view.sample(6.5)
+    assert view.at(6.7) == pytest.approx([0.25, 1, 1, 1])
     assert NicByteView(topo, fab, *nic_offsets(topo, 8), SPEC, mode="static",
                        min_bytes=0.1 * GB).at(6.2) == pytest.approx([1, 1, 1, 1])
     truth = NicByteView(topo, fab, *nic_offsets(topo, 8), SPEC, mode="truth", min_bytes=0.1 * GB)
