@@ -14,6 +14,7 @@ every guarantee of the aiohttp front:
   ``max_field_size``; at most ``MAX_HEADERS`` fields), a body size (``max_body``: a declared
   ``Content-Length`` above it is a 413 before any byte is read; a chunked body is cut off at
   it) and the body deadline, which the handler applies around :meth:`H1Request.read`;
+* ``HEAD`` answered by the ``GET`` route without its body (as aiohttp's ``add_get``);
 * keep-alive and pipelining: requests on one connection are answered one at a time, in order
   (a pipelined request waits for the one before it; reading pauses past ``MAX_PIPELINED``);
   an answer given before its request's body was read closes the connection (as aiohttp's
@@ -225,7 +226,8 @@ class _Server:
         return _Connection(self)
 
     async def dispatch(self, request: H1Request) -> Answer | H1Stream:
-        handler = self.routes.get((request.method, request.path))
+        method = "GET" if request.method == "HEAD" else request.method  # as aiohttp's add_get
+        handler = self.routes.get((method, request.path))
         if handler is None:
             handler = _not_found if request.path not in self.paths else _not_allowed
         if self.errors is not None:
@@ -444,7 +446,7 @@ class _Connection(asyncio.Protocol):
             close = not self.reusable(request) or answer.headers.get(
                 "Connection", "").lower() == "close"
             with contextlib.suppress(ConnectionResetError):
-                await self.write(_serialise(answer, close))
+                await self.write(_serialise(answer, close, head=request.method == "HEAD"))
         if not request.is_eof():  # answered before its body was read: do not linger
             close = True
         self._task = None
@@ -465,7 +467,7 @@ class _Connection(asyncio.Protocol):
             self._arm(self.limits.keepalive_timeout_s, header=False)
 
 
-def _serialise(answer: Answer, close: bool) -> bytes:
+def _serialise(answer: Answer, close: bool, *, head: bool = False) -> bytes:
     if not isinstance(answer, web.Response):
         raise TypeError(f"a handler answered with {type(answer).__name__}, not a Response "
                         "or an H1Stream")
@@ -476,12 +478,12 @@ def _serialise(answer: Answer, close: bool) -> bytes:
         data = bytes(body)
     else:
         raise TypeError("a Response body must be bytes")
-    head = [f"HTTP/1.1 {answer.status} {answer.reason}\r\nDate: {_http_date()}\r\n"
-            f"Content-Length: {len(data)}\r\n"]
-    head.extend(f"{k}: {v}\r\n" for k, v in answer.headers.items()
+    lines = [f"HTTP/1.1 {answer.status} {answer.reason}\r\nDate: {_http_date()}\r\n"
+             f"Content-Length: {len(data)}\r\n"]
+    lines.extend(f"{k}: {v}\r\n" for k, v in answer.headers.items()
                 if k not in ("Content-Length", "Connection", "Transfer-Encoding"))
-    head.append("Connection: close\r\n\r\n" if close else "\r\n")
-    return "".join(head).encode("latin-1") + data
+    lines.append("Connection: close\r\n\r\n" if close else "\r\n")
+    return "".join(lines).encode("latin-1") + (b"" if head else data)
 
 
 @dataclass

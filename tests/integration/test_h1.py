@@ -138,6 +138,13 @@ async def test_unknown_path_and_method_go_through_the_error_wrapper() -> None:
         w.write(b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\nDELETE /echo HTTP/1.1\r\nHost: x\r\n\r\n")
         assert (await answer(r))[::2] == (404, b"error 404")
         assert (await answer(r))[::2] == (405, b"error 405")
+        w.write(b"HEAD /echo?q HTTP/1.1\r\nHost: x\r\n\r\n"
+                b"GET /echo?after HTTP/1.1\r\nHost: x\r\n\r\n")
+        async with asyncio.timeout(5):  # HEAD: the GET route's head, no body
+            head = await r.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"x-query: q\r\n" in head
+        status, headers, _ = await answer(r)
+        assert status == 200 and headers["x-query"] == "after"
         w.close()
 
 
