@@ -88,7 +88,7 @@ class H1Request:
     """One request: ``method``, ``path``, ``query_string``, ``headers`` (case-insensitive),
     ``version``; the body through :meth:`read`; a streamed answer through :meth:`stream`."""
 
-    __slots__ = ("_body", "_conn", "_done", "_parts", "_size", "content", "headers",
+    __slots__ = ("_body", "_conn", "_done", "_parts", "_size", "headers",
                  "keep_alive", "method", "path", "query_string", "too_large", "version")
 
     def __init__(self, conn: _Connection, method: str, url: bytes, *,
@@ -98,12 +98,18 @@ class H1Request:
         self.method, self.path = method, path.decode("latin-1")
         self.query_string = query.decode("latin-1")
         self.headers, self.version, self.keep_alive = headers, version, keep_alive
-        self.content = self  # ``request.content.is_eof()`` as on aiohttp's request
         self._parts: list[bytes] = []
         self._size = 0
         self._body: bytes | None = None
         self._done: asyncio.Future[None] | None = None
         self.too_large = False
+
+    @property
+    def content(self) -> H1Request:
+        """``request.content.is_eof()`` as on aiohttp's request (a property, not an
+        attribute: a request referring to itself would be a cycle, freed only by the
+        collector, and one collector pass per ~700 requests)."""
+        return self
 
     def is_eof(self) -> bool:
         """The whole body has arrived."""
