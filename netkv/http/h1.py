@@ -88,8 +88,9 @@ class H1Request:
     """One request: ``method``, ``path``, ``query_string``, ``headers`` (case-insensitive),
     ``version``; the body through :meth:`read`; a streamed answer through :meth:`stream`."""
 
-    __slots__ = ("_body", "_conn", "_done", "_parts", "_size", "headers",
-                 "keep_alive", "method", "path", "query_string", "too_large", "version")
+    __slots__ = ("_body", "_conn", "_done", "_parts", "_size", "expects_continue", "headers",
+                 "keep_alive", "method", "path", "query_string", "streamed", "too_large",
+                 "version")
 
     def __init__(self, conn: _Connection, method: str, url: bytes, *,
                  headers: CIMultiDictProxy[str], version: str, keep_alive: bool) -> None:
@@ -103,6 +104,8 @@ class H1Request:
         self._body: bytes | None = None
         self._done: asyncio.Future[None] | None = None
         self.too_large = False
+        self.expects_continue = False
+        self.streamed = False  # a streamed answer was started
 
     @property
     def content(self) -> H1Request:
@@ -130,6 +133,7 @@ class H1Request:
     async def stream(self, status: int, headers: dict[str, str]) -> H1Stream:
         """Start a streamed answer (chunked); write chunks to it, then ``write_eof()``."""
         out = H1Stream(self._conn, self)
+        self.streamed = True
         await out.start(status, headers)
         return out
 
@@ -404,8 +408,8 @@ class _Connection(asyncio.Protocol):
             request.too_large = True
             request._size = int(length)
             request._complete()
-        elif headers.get("Expect", "").lower() == "100-continue" and self.transport:
-            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        else:
+            request.expects_continue = headers.get("Expect", "").lower() == "100-continue"
         if self._task is None:
             self._start(request)
         else:
@@ -431,6 +435,9 @@ class _Connection(asyncio.Protocol):
 
     # -- answering --------------------------------------------------------------------------
     def _start(self, request: H1Request) -> None:
+        if request.expects_continue and not request.is_eof() and self.transport is not None:
+            # its turn has come (no earlier answer is being written): ask for the body
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         self._task = self.loop.create_task(self._serve(request))
 
     def reusable(self, request: H1Request) -> bool:
@@ -448,6 +455,10 @@ class _Connection(asyncio.Protocol):
             return
         if isinstance(answer, H1Stream):
             close = self.close_after or not answer.done
+        elif request.streamed:
+            # a stream was started and an error answer came after it: the status is sent,
+            # so the connection is closed (its chunked body ends unterminated)
+            close = True
         else:
             close = not self.reusable(request) or answer.headers.get(
                 "Connection", "").lower() == "close"

@@ -52,8 +52,14 @@ class App:
         await out.write_eof()
         return out
 
+    async def broken(self, request: h1.H1Request) -> web.Response:
+        out = await request.stream(200, {"Content-Type": "text/event-stream"})
+        await out.write(b"data: 1\n\n")
+        return web.Response(status=502, body=b"too late for a status")
+
     def routes(self) -> dict[tuple[str, str], h1.Handler]:
         return {("POST", "/echo"): self.echo, ("GET", "/echo"): self.echo,
+                ("GET", "/broken"): self.broken,
                 ("POST", "/early"): self.early, ("GET", "/hang"): self.hang,
                 ("GET", "/stream"): self.stream}
 
@@ -279,3 +285,26 @@ async def test_a_request_leaves_nothing_for_the_garbage_collector() -> None:
         finally:
             gc.enable()
         assert left < 25, f"{left} objects in cycles after 500 requests"
+
+
+async def test_expect_100_continue_comes_in_its_turn() -> None:
+    async with server() as (_, served):
+        r, w = await connect(served)
+        w.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\none"
+                b"POST /echo HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                b"Content-Length: 3\r\n\r\n")
+        assert (await answer(r))[2] == b"one"  # the first answer before the 100
+        async with asyncio.timeout(5):
+            assert await r.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+        w.write(b"two")
+        assert (await answer(r))[::2] == (200, b"two")
+
+
+async def test_an_error_after_a_stream_started_closes_the_connection() -> None:
+    async with server() as (_, served):
+        r, w = await connect(served)
+        w.write(b"GET /broken HTTP/1.1\r\nHost: x\r\n\r\n")
+        async with asyncio.timeout(5):
+            data = await r.read(-1)  # ends: the connection is closed
+        assert data.startswith(b"HTTP/1.1 200") and b"data: 1" in data
+        assert b"502" not in data and not data.endswith(b"0\r\n\r\n")
