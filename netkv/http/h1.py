@@ -277,6 +277,7 @@ class _Connection(asyncio.Protocol):
         self.paused = False
         self.closed = False
         self.close_after = False
+        self._upgraded = False  # an upgrade request came: nothing after it is parsed
 
     # -- the connection ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -346,7 +347,7 @@ class _Connection(asyncio.Protocol):
 
     # -- parsing ----------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
-        if self.closed:
+        if self.closed or self._upgraded:
             return
         if self._parsing is None and self._task is None and not self._in_head:
             # the first byte of a new head on an idle connection: the header deadline again
@@ -358,7 +359,12 @@ class _Connection(asyncio.Protocol):
         except _ProtocolError as exc:
             self._refuse(exc.status, exc.message)
         except httptools.HttpParserUpgrade:
-            self._refuse(400, "protocol upgrades are not supported")
+            # An upgrade request (h2c, websocket): answered as plain HTTP/1.1 once complete,
+            # the upgrade ignored, then the connection closes (the parser stops there)
+            if self._task is not None or self._pending:
+                self.close_after, self._upgraded = True, True
+            else:
+                self._refuse(400, "protocol upgrades are not supported")
         except httptools.HttpParserError as exc:
             inner = exc.__context__
             if isinstance(inner, _ProtocolError):

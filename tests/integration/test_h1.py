@@ -308,3 +308,37 @@ async def test_an_error_after_a_stream_started_closes_the_connection() -> None:
             data = await r.read(-1)  # ends: the connection is closed
         assert data.startswith(b"HTTP/1.1 200") and b"data: 1" in data
         assert b"502" not in data and not data.endswith(b"0\r\n\r\n")
+
+
+async def test_an_upgrade_request_is_answered_as_http11_then_closed() -> None:
+    """curl --http2 on http:// asks for h2c: the answer is plain HTTP/1.1, as on aiohttp."""
+    async with server() as (_, served):
+        r, w = await connect(served)
+        w.write(b"GET /echo?u HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+                b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n")
+        status, headers, _ = await answer(r)
+        assert status == 200 and headers["x-query"] == "u"
+        assert await closed(r)
+
+
+HOSTILE = {
+    "content-length and chunked": b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+                                  b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    "two content-lengths": b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n"
+                           b"Content-Length: 4\r\n\r\nabcd",
+    "bare LF": b"GET /echo HTTP/1.1\nHost: x\n\n",
+    "NUL in a header": b"GET /echo HTTP/1.1\r\nHost: x\r\nX-A: a\x00b\r\n\r\n",
+    "negative length": b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+    "HTTP/2 preface": b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("raw", HOSTILE.values(), ids=HOSTILE.keys())
+async def test_hostile_requests_are_refused_and_closed(raw: bytes) -> None:
+    async with server() as (_, served):
+        r, w = await connect(served)
+        w.write(raw)
+        assert (await answer(r))[0] == 400
+        assert await closed(r)
+        await asyncio.sleep(0.05)
+        assert not served.guard.open
