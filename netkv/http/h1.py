@@ -38,7 +38,7 @@ import contextlib
 import socket
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from email.utils import formatdate
 from typing import cast
@@ -501,12 +501,19 @@ def _serialise(answer: Answer, close: bool, *, head: bool = False) -> bytes:
         data = bytes(body)
     else:
         raise TypeError("a Response body must be bytes")
+    headers = answer.headers
+    pairs: Iterable[tuple[str, str]] = headers.items()
+    if any(name in headers for name in _FRAMING):  # case-insensitive: the server's own
+        pairs = [(k, v) for k, v in pairs if k.lower() not in _FRAMING_LOWER]
     lines = [f"HTTP/1.1 {answer.status} {answer.reason}\r\nDate: {_http_date()}\r\n"
              f"Content-Length: {len(data)}\r\n"]
-    lines.extend(f"{k}: {v}\r\n" for k, v in answer.headers.items()
-                if k not in ("Content-Length", "Connection", "Transfer-Encoding"))
+    lines += [f"{k}: {v}\r\n" for k, v in pairs]
     lines.append("Connection: close\r\n\r\n" if close else "\r\n")
     return "".join(lines).encode("latin-1") + (b"" if head else data)
+
+
+_FRAMING = ("Content-Length", "Connection", "Transfer-Encoding")
+_FRAMING_LOWER = frozenset(name.lower() for name in _FRAMING)
 
 
 @dataclass

@@ -57,8 +57,15 @@ class App:
         await out.write(b"data: 1\n\n")
         return web.Response(status=502, body=b"too late for a status")
 
+    async def framing(self, request: h1.H1Request) -> web.Response:
+        # framing headers a handler passed on (an engine's, lower-case): the server's own win
+        return web.Response(body=b"12345", headers={"content-length": "999",
+                                                    "transfer-encoding": "chunked",
+                                                    "x-kept": "1"})
+
     def routes(self) -> dict[tuple[str, str], h1.Handler]:
         return {("POST", "/echo"): self.echo, ("GET", "/echo"): self.echo,
+                ("GET", "/framing"): self.framing,
                 ("GET", "/broken"): self.broken,
                 ("POST", "/early"): self.early, ("GET", "/hang"): self.hang,
                 ("GET", "/stream"): self.stream}
@@ -342,3 +349,15 @@ async def test_hostile_requests_are_refused_and_closed(raw: bytes) -> None:
         assert await closed(r)
         await asyncio.sleep(0.05)
         assert not served.guard.open
+
+
+async def test_framing_headers_are_the_servers_own() -> None:
+    async with server() as (_, served):
+        r, w = await connect(served)
+        w.write(b"GET /framing HTTP/1.1\r\nHost: x\r\n\r\nGET /echo HTTP/1.1\r\nHost: x\r\n\r\n")
+        async with asyncio.timeout(5):
+            head = (await r.readuntil(b"\r\n\r\n")).lower()
+            assert head.count(b"content-length") == 1 and b"content-length: 5\r\n" in head
+            assert b"transfer-encoding" not in head and b"x-kept: 1" in head
+            assert await r.readexactly(5) == b"12345"
+        assert (await answer(r))[0] == 200  # the next answer is framed right after it
