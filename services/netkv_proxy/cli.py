@@ -92,7 +92,7 @@ async def serve(settings: ProxySettings) -> int:
             gc.freeze()
             print(f"proxy ready: {url} mode={settings.mode} policy={settings.policy} "
                   f"prefill={len(settings.prefill)} decode={len(settings.decode)} "
-                  f"loop={eventloop.name_of()}", flush=True)
+                  f"loop={eventloop.name_of()} front={settings.front}", flush=True)
             failed = asyncio.ensure_future(proxy.supervisor.wait_failed())
             return 1 if await wait_for_stop_or_failure(stop, failed) else 0
 
