@@ -484,10 +484,14 @@ class _Connection(asyncio.Protocol):
             self.transport.resume_reading()
         if self._pending:
             self._start(self._pending.popleft())
-        elif self._parsing is None and not self._in_head:
-            # idle between requests: evictable, closed after the keep-alive timeout
+        elif self._parsing is None:
+            # idle between requests, or part of the next head came while this one was
+            # answered: evictable, closed after the keep-alive timeout or the header deadline
             self.server.guard.waiting[self] = None
-            self._arm(self.limits.keepalive_timeout_s, header=False)
+            if self._in_head:
+                self._arm(self.limits.header_timeout_s, header=True)
+            else:
+                self._arm(self.limits.keepalive_timeout_s, header=False)
 
 
 def _serialise(answer: Answer, close: bool, *, head: bool = False) -> bytes:

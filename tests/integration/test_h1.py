@@ -33,6 +33,10 @@ class App:
         return web.Response(body=body, headers={"x-path": request.path,
                                                 "x-query": request.query_string})
 
+    async def slow(self, request: h1.H1Request) -> web.Response:
+        await asyncio.sleep(0.2)
+        return web.Response(body=b"slow")
+
     async def early(self, request: h1.H1Request) -> web.Response:
         return web.Response(body=b"no thanks")  # answers without reading the body
 
@@ -65,7 +69,7 @@ class App:
 
     def routes(self) -> dict[tuple[str, str], h1.Handler]:
         return {("POST", "/echo"): self.echo, ("GET", "/echo"): self.echo,
-                ("GET", "/framing"): self.framing,
+                ("GET", "/framing"): self.framing, ("GET", "/slow"): self.slow,
                 ("GET", "/broken"): self.broken,
                 ("POST", "/early"): self.early, ("GET", "/hang"): self.hang,
                 ("GET", "/stream"): self.stream}
@@ -361,3 +365,12 @@ async def test_framing_headers_are_the_servers_own() -> None:
             assert b"transfer-encoding" not in head and b"x-kept: 1" in head
             assert await r.readexactly(5) == b"12345"
         assert (await answer(r))[0] == 200  # the next answer is framed right after it
+
+
+async def test_a_head_begun_during_an_answer_still_has_a_deadline() -> None:
+    async with server(header_timeout_s=0.5, keepalive_timeout_s=30.0) as (_, served):
+        r, w = await connect(served)
+        w.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\nGET /echo HTTP/1.1\r\nHo")
+        assert (await answer(r))[2] == b"slow"
+        assert await closed(r, 3.0)  # the half head: closed at the header deadline
+        assert served.guard.header_timeouts_total == 1
