@@ -89,8 +89,8 @@ class H1Request:
     ``version``; the body through :meth:`read`; a streamed answer through :meth:`stream`."""
 
     __slots__ = ("_body", "_conn", "_done", "_parts", "_size", "expects_continue", "headers",
-                 "keep_alive", "method", "path", "query_string", "streamed", "too_large",
-                 "version")
+                 "keep_alive", "malformed", "method", "path", "query_string", "streamed",
+                 "too_large", "version")
 
     def __init__(self, conn: _Connection, method: str, url: bytes, *,
                  headers: CIMultiDictProxy[str], version: str, keep_alive: bool) -> None:
@@ -106,6 +106,7 @@ class H1Request:
         self.too_large = False
         self.expects_continue = False
         self.streamed = False  # a streamed answer was started
+        self.malformed: str | None = None  # its body broke the protocol (read raises 400)
 
     @property
     def content(self) -> H1Request:
@@ -124,6 +125,8 @@ class H1Request:
             if self._done is None:
                 self._done = asyncio.get_running_loop().create_future()
             await self._done
+        if self.malformed is not None:
+            raise web.HTTPBadRequest(text=self.malformed)
         if self.too_large:
             raise web.HTTPRequestEntityTooLarge(max_size=self._conn.server.max_body,
                                                 actual_size=self._size)
@@ -277,7 +280,8 @@ class _Connection(asyncio.Protocol):
         self.paused = False
         self.closed = False
         self.close_after = False
-        self._upgraded = False  # an upgrade request came: nothing after it is parsed
+        self._stopped = False  # an upgrade, or a malformed body: nothing more is parsed
+        self._serving: H1Request | None = None  # the request being answered
 
     # -- the connection ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -347,7 +351,7 @@ class _Connection(asyncio.Protocol):
 
     # -- parsing ----------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
-        if self.closed or self._upgraded:
+        if self.closed or self._stopped:
             return
         if self._parsing is None and self._task is None and not self._in_head:
             # the first byte of a new head on an idle connection: the header deadline again
@@ -362,7 +366,7 @@ class _Connection(asyncio.Protocol):
             # An upgrade request (h2c, websocket): answered as plain HTTP/1.1 once complete,
             # the upgrade ignored, then the connection closes (the parser stops there)
             if self._task is not None or self._pending:
-                self.close_after, self._upgraded = True, True
+                self.close_after, self._stopped = True, True
             else:
                 self._refuse(400, "protocol upgrades are not supported")
         except httptools.HttpParserError as exc:
@@ -435,6 +439,15 @@ class _Connection(asyncio.Protocol):
 
     def _refuse(self, status: int, message: str) -> None:
         """A protocol error: answer it (unless an answer is under way) and close."""
+        req = self._parsing
+        if req is not None and req is self._serving and not self.closed:
+            # the body of the request being answered broke the protocol: its read raises a
+            # 400 for the handler to answer, then the connection closes
+            req.malformed = message
+            req._complete()
+            self._parsing = None
+            self.close_after = self._stopped = True
+            return
         if self.transport is not None and self._task is None and not self.closed:
             self.transport.write(_serialise(self.server.bad_request(status, message), True))
         self.abort()
@@ -444,6 +457,7 @@ class _Connection(asyncio.Protocol):
         if request.expects_continue and not request.is_eof() and self.transport is not None:
             # its turn has come (no earlier answer is being written): ask for the body
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self._serving = request
         self._task = self.loop.create_task(self._serve(request))
 
     def reusable(self, request: H1Request) -> bool:
@@ -472,7 +486,7 @@ class _Connection(asyncio.Protocol):
                 await self.write(_serialise(answer, close, head=request.method == "HEAD"))
         if not request.is_eof():  # answered before its body was read: do not linger
             close = True
-        self._task = None
+        self._task = self._serving = None
         if close:
             if self.transport is not None:
                 self.transport.close()

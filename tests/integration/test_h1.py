@@ -374,3 +374,13 @@ async def test_a_head_begun_during_an_answer_still_has_a_deadline() -> None:
         assert (await answer(r))[2] == b"slow"
         assert await closed(r, 3.0)  # the half head: closed at the header deadline
         assert served.guard.header_timeouts_total == 1
+
+
+async def test_a_malformed_body_is_a_400_from_the_handler_then_closed() -> None:
+    async with server() as (_, served):
+        r, w = await connect(served)
+        w.write(b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                b"zz\r\nnot a chunk\r\n")
+        status, headers, body = await answer(r)
+        assert (status, body) == (400, b"error 400") and headers["connection"] == "close"
+        assert await closed(r)
