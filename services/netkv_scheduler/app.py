@@ -13,6 +13,7 @@ sweeper run under the app's :class:`~netkv.supervisor.Supervisor`, and a dead on
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable
 
@@ -153,6 +154,22 @@ def _select_handler(settings: SchedulerSettings, selector: Selector,
     """``POST /v1/select``, its app's parts bound once (not looked up per request)."""
     max_block_hashes, timeout_s = settings.max_block_hashes, settings.body_timeout_s
     policies, series = selector.engines, metrics.series
+    kept: dict[float, float] = {}
+
+    def ms4(seconds: float) -> float:
+        """``round(seconds * 1e3, 4)``, kept for the values that recur (the first-token time,
+        a queue wait): one decimal rounding costs about 1 µs. A zero is itself (its sign
+        kept, as ``round`` keeps it; -0.0 == 0.0 would share a key); NaN is not kept."""
+        if seconds == 0.0:
+            return seconds * 1e3
+        hit = kept.get(seconds)
+        if hit is None:
+            hit = round(seconds * 1e3, 4)
+            if not math.isnan(seconds):
+                if len(kept) >= 256:
+                    kept.clear()
+                kept[seconds] = hit
+        return hit
 
     async def _select(request: web.Request) -> web.Response:
         body = check_select(await read_body(request, SelectRequest, timeout_s=timeout_s),
@@ -170,9 +187,9 @@ def _select_handler(settings: SchedulerSettings, selector: Selector,
             request_id=body.request_id, decode=choice.decoder.name,
             decode_host=choice.decoder.host, prefill=choice.prefill.name,
             predicted_ttft_ms=round(d.ttft_s * 1e3, 4),
-            breakdown=Breakdown(queue_ms=round(d.queue_s * 1e3, 4),
+            breakdown=Breakdown(queue_ms=ms4(d.queue_s),
                                 transfer_ms=round(d.transfer_s * 1e3, 4),
-                                first_token_ms=round(d.first_token_s * 1e3, 4)),
+                                first_token_ms=ms4(d.first_token_s)),
             tier=d.tier, kv_bytes=d.transfer_bytes, map_version=view.version,
             map_age_ms=None if view.age_s is None else round(view.age_s * 1e3, 1),
             map_stale=view.stale, policy=choice.policy, reserved=choice.reserved))
