@@ -26,6 +26,10 @@ Fairness (the same treatment for the direct path, the floor and netkv):
   engine, the floor, the proxy, the load generator) runs on the same one, printed and
   recorded as ``loop`` in the JSON; the floor is an aiohttp proxy on that loop too.
 
+* The front: ``--front`` (default ``h1``) is passed to ``netkv proxy`` (its client-facing
+  HTTP server, :mod:`netkv.http.h1` or aiohttp's) and printed; the floor is a constant
+  pass-through aiohttp proxy whichever the proxy's front is.
+
 * CPUs (``--pin auto``, with two or more CPUs): the proxy under test (floor or netkv, one at a
   time is loaded) runs alone on the last CPU this process may use; the engine and the load
   generator share the others. Without pinning the three compete for the same cores and the
@@ -86,6 +90,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         "prompt); the proxy hashes and indexes every block of them")
     add_loop_argument(parser, default="auto", what="every process of the bench (engine, "
                       "floor, proxy, load generator)")
+    parser.add_argument("--front", choices=("h1", "aiohttp"), default="h1",
+                        help="netkv proxy's client-facing HTTP server (its --front); the "
+                        "floor stays a constant pass-through aiohttp proxy")
     parser.add_argument("--out", type=Path, help="write the JSON result here")
 
 
@@ -340,7 +347,8 @@ def run(args: argparse.Namespace) -> int:
         eventloop.run(_wait([pp, pd, pf]), loop)
         proxy = _spawn("-m", "netkv.cli", "proxy", "--port", str(px), "--prefill",
                        f"http://127.0.0.1:{pp}=prefill-host", "--decode",
-                       f"http://127.0.0.1:{pd}=decode-host", "--loop", loop)
+                       f"http://127.0.0.1:{pd}=decode-host", "--loop", loop,
+                       "--front", args.front)
         procs.append(proxy)
         if cpus is not None:
             tested, rest = cpus
@@ -361,6 +369,7 @@ def run(args: argparse.Namespace) -> int:
         "proxy_under_test": sorted(cpus[0]), "engine_and_generator": sorted(cpus[1])}
     result["load_average"] = os.getloadavg()
     result["loop"] = loop  # every process: the engine, the floor, the proxy, the generator
+    result["front"] = args.front  # netkv proxy's front (the floor is aiohttp's either way)
     _print(result)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -430,7 +439,7 @@ def _print(r: dict[str, Any]) -> None:
           + (f"; load average {load[0]:.2f}" if load else ""))
     if r.get("loop"):
         print(f"event loop: {r['loop']} in every process (engine, floor, proxy, load "
-              "generator)")
+              "generator)" + (f"; netkv proxy's front: {r['front']}" if r.get("front") else ""))
     print(f"{'path':<8}{'p50':>9}{'p99':>9}{'added p50':>11}{'added p99':>11}"
           f"{'CPU/req':>10}{'max req/s':>11}{'CPU/req':>10}{'per chunk':>11}{'gen lag':>10}")
     print(f"{'':<8}{'':>9}{'':>9}{'':>11}{'':>11}{'at rate':>10}{'closed':>11}{'closed':>10}"

@@ -22,6 +22,7 @@ the tier priors were used). This module serves the small endpoints too: ``GET /v
 from __future__ import annotations
 
 import asyncio
+from typing import Any, cast
 
 import aiohttp
 import msgspec
@@ -30,6 +31,7 @@ from prometheus_client import generate_latest
 
 from netkv.contracts.openai import ModelCard, ModelList
 from netkv.core.topology import Topology
+from netkv.http.h1 import H1Guard, Handler
 from netkv.http.server import ConnectionGuard
 from netkv.prompts import TokenCounter, tokenizer_from
 from netkv.routing.mapfeed import MapFeed
@@ -41,7 +43,7 @@ from netkv_proxy.metrics import ProxyMetrics
 from netkv_proxy.placement import Placement
 from netkv_proxy.prefill import PrefillChooser
 from netkv_proxy.stalls import StallMonitor
-from netkv_proxy.upstream import Upstream
+from netkv_proxy.upstream import Request, Upstream
 from netkv_proxy.workers import WorkerPool
 
 
@@ -72,7 +74,8 @@ class Proxy:
                          prefills=self.prefills, metrics=self.metrics)
         self.front = Front(settings, self.tokenizer, self.metrics, self.legs.run)
         self._health_session: aiohttp.ClientSession | None = None
-        self.guard: ConnectionGuard | None = None  # set by the server (client connections)
+        # set by the server (client connections; the h1 front's guard has the same counters)
+        self.guard: ConnectionGuard | H1Guard | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
     async def __aenter__(self) -> Proxy:
@@ -107,24 +110,31 @@ class Proxy:
         """Upstream requests in flight (leak checks)."""
         return self.upstream.open
 
+    def routes(self) -> dict[tuple[str, str], Handler]:
+        """The routes, for either front: ``(method, path) -> handler``."""
+        return {("POST", "/v1/completions"): self.front.completions,
+                ("POST", "/v1/chat/completions"): self.front.chat,
+                ("GET", "/v1/models"): self.models,
+                ("GET", "/health"): self.health,
+                ("GET", "/metrics"): self.metrics_page,
+                ("GET", "/netkv/state"): self.state}
+
     def app(self) -> web.Application:
+        """The routes as an aiohttp app (``front = "aiohttp"``)."""
         app = web.Application(client_max_size=self.settings.max_body_bytes,
                               middlewares=[json_errors])
-        app.router.add_post("/v1/completions", self.front.completions)
-        app.router.add_post("/v1/chat/completions", self.front.chat)
-        app.router.add_get("/v1/models", self.models)
-        app.router.add_get("/health", self.health)
-        app.router.add_get("/metrics", self.metrics_page)
-        app.router.add_get("/netkv/state", self.state)
+        for (method, path), handler in self.routes().items():
+            # the handlers take either front's request (upstream.Request)
+            app.router.add_route(method, path, cast(Any, handler))
         return app
 
     # -- small endpoints --------------------------------------------------------------------
-    async def models(self, request: web.Request) -> web.Response:
+    async def models(self, request: Request) -> web.Response:
         cards = [ModelCard(id=m) for m in self.pool.models()]
         return web.Response(body=msgspec.json.encode(ModelList(data=cards)),
                             content_type="application/json")
 
-    async def health(self, request: web.Request) -> web.Response:
+    async def health(self, request: Request) -> web.Response:
         p = [w for w in self.pool.prefills if w.healthy]
         d = [w for w in self.pool.decodes if w.healthy]
         ok = bool(p and d) and self.supervisor.healthy
@@ -133,7 +143,7 @@ class Proxy:
                 "failures": [f.name for f in self.supervisor.failures]}
         return web.json_response(body, status=200 if ok else 503)
 
-    async def metrics_page(self, request: web.Request) -> web.Response:
+    async def metrics_page(self, request: Request) -> web.Response:
         m = self.metrics
         for w in self.pool.all:
             m.worker_healthy.labels(w.name, w.role).set(1 if w.healthy else 0)
@@ -146,7 +156,7 @@ class Proxy:
         return web.Response(body=generate_latest(m.registry), content_type="text/plain",
                             charset="utf-8")
 
-    async def state(self, request: web.Request) -> web.Response:
+    async def state(self, request: Request) -> web.Response:
         """What is open right now (leak checks): bookings, placements, upstream requests."""
         return web.json_response({
             "bookings": self.placement.bookings.active,

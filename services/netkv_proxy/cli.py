@@ -14,15 +14,20 @@ import contextlib
 import gc
 from collections.abc import AsyncIterator
 
+from aiohttp import web
+
 from netkv import eventloop
 from netkv.adapters.topology_file import load_topology
 from netkv.core.topology import FabricSpec, Host, Instance, Topology, build_topology
+from netkv.http import h1
+from netkv.http.openai_errors import openai_error
 from netkv.http.server import serving as http_serving
 from netkv.logs import configure_logging
 from netkv.routing.mapfeed import MapFeed
 from netkv.signals import stop_on_signals, wait_for_stop_or_failure
 from netkv_proxy.app import Proxy
 from netkv_proxy.config import ProxySettings, add_arguments, settings_from
+from netkv_proxy.front import json_errors
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -57,11 +62,24 @@ async def serving(settings: ProxySettings, topology: Topology | None = None
         feed = MapFeed(topology, settings.redis, settings.mqtt, stale_s=settings.map_stale_s,
                        poll_s=settings.map_poll_s, redis_timeout_s=settings.redis_timeout_s,
                        cache_s=settings.oracle_cache_s)
-    async with Proxy(settings, topology, feed) as proxy, http_serving(
-            proxy.app(), settings.host, settings.port, settings.http_limits(),
-            handler_cancellation=True, lingering_time=0.0) as served:
-        proxy.guard = served.guard
-        yield proxy, served.urls[0]
+    async with Proxy(settings, topology, feed) as proxy:
+        if settings.front == "h1":
+            async with h1.serving(proxy.routes(), settings.host, settings.port,
+                                  settings.http_limits(), max_body=settings.max_body_bytes,
+                                  errors=json_errors, bad_request=_bad_request) as h1_served:
+                proxy.guard = h1_served.guard
+                yield proxy, h1_served.urls[0]
+        else:
+            async with http_serving(proxy.app(), settings.host, settings.port,
+                                    settings.http_limits(), handler_cancellation=True,
+                                    lingering_time=0.0) as served:
+                proxy.guard = served.guard
+                yield proxy, served.urls[0]
+
+
+def _bad_request(status: int, message: str) -> web.Response:
+    """A request the h1 front could not parse, in OpenAI's shape."""
+    return openai_error(status, message, "InvalidRequestError")
 
 
 async def serve(settings: ProxySettings) -> int:
@@ -74,7 +92,7 @@ async def serve(settings: ProxySettings) -> int:
             gc.freeze()
             print(f"proxy ready: {url} mode={settings.mode} policy={settings.policy} "
                   f"prefill={len(settings.prefill)} decode={len(settings.decode)} "
-                  f"loop={eventloop.name_of()}", flush=True)
+                  f"loop={eventloop.name_of()} front={settings.front}", flush=True)
             failed = asyncio.ensure_future(proxy.supervisor.wait_failed())
             return 1 if await wait_for_stop_or_failure(stop, failed) else 0
 

@@ -108,6 +108,9 @@ class ProxySettings(ServiceSettings, KvSizeSettings, HttpLimitsSettings):
     max_client_connections: int = Field(default=4096, ge=16)
     log_level: LogLevel = "info"
     loop: LoopChoice = "auto"  # the event loop (netkv.eventloop): auto = uvloop if installed
+    # the client-facing HTTP server: h1 (netkv.http.h1, httptools on an asyncio Protocol) or
+    # aiohttp (netkv.http.server); the same routes, limits and answers on both
+    front: Literal["h1", "aiohttp"] = "h1"
 
     @model_validator(mode="after")
     def _workers(self) -> ProxySettings:
@@ -167,13 +170,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="KV bytes per prompt token (default: the model preset's)")
     parser.add_argument("--redis-url", help="the congestion map's Redis (enables the map)")
     parser.add_argument("--mqtt-host", help="the map announcements' broker")
+    parser.add_argument("--front", choices=("h1", "aiohttp"),
+                        help="the client-facing HTTP server: h1 (default; httptools) or "
+                        "aiohttp")
     add_loop_argument(parser, what="the proxy")
 
 
 def settings_from(args: argparse.Namespace) -> ProxySettings:
     overrides: dict[str, Any] = {k: getattr(args, k, None) for k in (
         "host", "port", "mode", "policy", "topology", "block_size", "tokenizer",
-        "kv_bytes_per_token", "loop")}
+        "kv_bytes_per_token", "loop", "front")}
     for role in ("prefill", "decode"):
         given: Sequence[str] | None = getattr(args, role, None)
         if given:

@@ -32,12 +32,12 @@ from netkv.prompts import (
 from netkv_proxy.config import ProxySettings
 from netkv_proxy.engineclient import header_block
 from netkv_proxy.metrics import ProxyMetrics
-from netkv_proxy.upstream import Job, Kind, UpstreamError
+from netkv_proxy.upstream import Answer, Job, Kind, Request, UpstreamError
 
 _REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,256}$")
 _RAW_BODY = dict[str, msgspec.Raw]
 
-Dispatch = Callable[[web.Request, Job], Awaitable[web.StreamResponse]]
+Dispatch = Callable[[Request, Job], Awaitable[Answer]]
 
 
 class BodyTimeoutError(Exception):
@@ -64,13 +64,13 @@ class Front:
                 endpoint, outcome)
         child.inc()
 
-    async def completions(self, request: web.Request) -> web.StreamResponse:
+    async def completions(self, request: Request) -> Answer:
         return await self._handle(request, "completion")
 
-    async def chat(self, request: web.Request) -> web.StreamResponse:
+    async def chat(self, request: Request) -> Answer:
         return await self._handle(request, "chat")
 
-    def _job(self, request: web.Request, raw: bytes, kind: Kind, rid: str) -> Job:
+    def _job(self, request: Request, raw: bytes, kind: Kind, rid: str) -> Job:
         typed: CompletionRequest | ChatCompletionRequest
         if kind == "completion":
             typed = decode_body(raw, CompletionRequest)
@@ -108,7 +108,7 @@ class Front:
                    time.perf_counter(),
                    "completions" if kind == "completion" else "chat")
 
-    async def _handle(self, request: web.Request, kind: Kind) -> web.StreamResponse:
+    async def _handle(self, request: Request, kind: Kind) -> Answer:
         arrived = time.perf_counter()
         given = request.headers.get("X-Request-Id", "")
         rid = given if given and _REQUEST_ID.match(given) else \
@@ -138,11 +138,11 @@ class Front:
             exc.response.headers["x-request-id"] = rid
             return exc.response
         finally:
-            # counted on the loop's next turn: after aiohttp has written the answer (it
-            # writes it in this same step), before any other request is read
+            # counted on the loop's next turn: after the front has written the answer (both
+            # write it in this same step), before any other request is read
             asyncio.get_running_loop().call_soon(self.count, endpoint, outcome)
 
-    async def _read(self, request: web.Request) -> bytes:
+    async def _read(self, request: Request) -> bytes:
         """The body, within ``body_timeout_s`` (a trickled body is a 408)."""
         if request.content.is_eof():  # it all came with the head: no timer needed
             return await request.read()
@@ -154,10 +154,9 @@ class Front:
 
 
 @web.middleware
-async def json_errors(request: web.Request,
-                      handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-                      ) -> web.StreamResponse:
-    """aiohttp's own errors (404, 405, 413) in OpenAI's shape."""
+async def json_errors(request: Any, handler: Callable[[Any], Awaitable[Any]]) -> Any:
+    """aiohttp's own errors (404, 405, 413) in OpenAI's shape (the h1 front raises the same
+    ``HTTPException`` classes; typed ``Any`` to serve as the middleware of both)."""
     try:
         return await handler(request)
     except web.HTTPException as exc:

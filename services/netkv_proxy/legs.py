@@ -44,7 +44,15 @@ from netkv_proxy.metrics import ProxyMetrics
 from netkv_proxy.placement import Placement
 from netkv_proxy.prefill import PrefillChooser
 from netkv_proxy.relay import DecodeLeg
-from netkv_proxy.upstream import PATHS, RETRY_STATUS, Job, Upstream, UpstreamError
+from netkv_proxy.upstream import (
+    PATHS,
+    RETRY_STATUS,
+    Answer,
+    Job,
+    Request,
+    Upstream,
+    UpstreamError,
+)
 from netkv_proxy.workers import Worker, WorkerPool
 
 log = structlog.get_logger(__name__)
@@ -60,7 +68,7 @@ class Legs:
         self.placement, self.prefills, self.metrics = placement, prefills, metrics
         self.decode = DecodeLeg(upstream, pool, placement, metrics)
 
-    async def run(self, request: web.Request, job: Job) -> web.StreamResponse:
+    async def run(self, request: Request, job: Job) -> Answer:
         if self.settings.mode == "bootstrap":
             return await self._bootstrap(request, job)
         return await self._pull(request, job)
@@ -141,7 +149,7 @@ class Legs:
                              "no_worker" if not tried else "prefill_failed")
 
     # -- the flows --------------------------------------------------------------------------
-    async def _pull(self, request: web.Request, job: Job) -> web.StreamResponse:
+    async def _pull(self, request: Request, job: Job) -> Answer:
         prefill, params = await self._prefill(job)
         prefill_done = time.perf_counter()
         placed = self.placement.place(prefill, job.tokens, job.hashes, job.output_tokens)
@@ -157,7 +165,7 @@ class Legs:
         finally:
             self.placement.release(placed)
 
-    async def _bootstrap(self, request: web.Request, job: Job) -> web.StreamResponse:
+    async def _bootstrap(self, request: Request, job: Job) -> Answer:
         joint = self.settings.policy == "netkv_pair"
         choice = None if joint else self.prefills.choose(job.tokens, job.hashes, set())
         prefill = None if choice is None else choice.worker

@@ -14,11 +14,12 @@ import structlog
 from aiohttp import web
 
 from netkv.contracts.openai import sse
+from netkv.http.h1 import H1Request, H1Stream
 from netkv.http.openai_errors import openai_error
 from netkv_proxy.engineclient import EngineConnectError, EngineError, Response
 from netkv_proxy.metrics import ProxyMetrics
 from netkv_proxy.placement import Placed, Placement
-from netkv_proxy.upstream import PATHS, Job, Upstream, UpstreamError
+from netkv_proxy.upstream import PATHS, Answer, Job, Request, Upstream, UpstreamError
 from netkv_proxy.workers import WorkerPool
 
 log = structlog.get_logger(__name__)
@@ -52,8 +53,8 @@ class DecodeLeg:
         m.decision_time.observe(placed.decide_s)
         m.predicted.observe(placed.decision.ttft_s)
 
-    async def decode(self, request: web.Request, job: Job, placed: Placed, data: bytes,
-                     handover_from: float) -> web.StreamResponse:
+    async def decode(self, request: Request, job: Job, placed: Placed, data: bytes,
+                     handover_from: float) -> Answer:
         # The decision's metrics are bookkeeping, not on the request's path: recorded on the
         # loop's next turn, i.e. while the decode engine works on the request sent below
         asyncio.get_running_loop().call_soon(self._record, placed)
@@ -100,14 +101,19 @@ class DecodeLeg:
         self.metrics.handover.observe(handover)
         self.metrics.prediction_error.observe(abs(handover - placed.decision.ttft_s))
 
-    async def _relay(self, request: web.Request, job: Job, placed: Placed,
+    async def _relay(self, request: Request, job: Job, placed: Placed,
                      resp: Response, *, headers: dict[str, str],
-                     handover_from: float) -> web.StreamResponse:
+                     handover_from: float) -> Answer:
         """Pass the decode's SSE stream through chunk by chunk."""
-        out = web.StreamResponse(status=200, headers={
-            **headers, "Content-Type": resp.headers.get("content-type", "text/event-stream"),
-            "Cache-Control": "no-cache"})
-        await out.prepare(request)
+        headers = {**headers, "Content-Type": resp.headers.get("content-type",
+                                                               "text/event-stream"),
+                   "Cache-Control": "no-cache"}
+        out: web.StreamResponse | H1Stream
+        if isinstance(request, H1Request):
+            out = await request.stream(200, headers)
+        else:
+            out = web.StreamResponse(status=200, headers=headers)
+            await out.prepare(request)
         first = True
         outcome = "ok"
         while True:

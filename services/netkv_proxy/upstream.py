@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 from aiohttp import web
 
+from netkv.http.h1 import H1Request, H1Stream
 from netkv_proxy.config import ProxySettings
 from netkv_proxy.engineclient import EnginePool
 from netkv_proxy.workers import Worker
@@ -17,6 +18,10 @@ from netkv_proxy.workers import Worker
 Kind = Literal["completion", "chat"]
 PATHS: dict[Kind, str] = {"completion": "/v1/completions", "chat": "/v1/chat/completions"}
 RETRY_STATUS = frozenset({502, 503, 504})
+
+# A client's request and the answer to it on either front (``front = "h1"`` or "aiohttp")
+Request = web.BaseRequest | H1Request
+Answer = web.StreamResponse | H1Stream
 
 
 class UpstreamError(Exception):

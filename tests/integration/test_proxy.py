@@ -144,7 +144,9 @@ def settings_for(engines: dict[str, EngineProc], **kw: Any) -> ProxySettings:
     dec = tuple(WorkerEntry(url=engines[n].url, host=n) for n in ("near", "far"))
     values: dict[str, Any] = {"port": 0, "prefill": pre, "decode": dec,
                               "kv_bytes_per_token": BYTES_PER_TOKEN, "health_interval_s": 0.2,
-                              "health_timeout_s": 1.0}
+                              "health_timeout_s": 1.0,
+                              # the whole file runs on either front (default h1)
+                              "front": os.environ.get("NETKV_TEST_PROXY_FRONT", "h1")}
     return ProxySettings(**(values | kw))
 
 
