@@ -86,7 +86,8 @@ def peer_gone(request: web.Request) -> bool:
         return False
     poller = select.poll()
     poller.register(sock.fileno(), _GONE)
-    return any(events & _GONE for _, events in poller.poll(0))
+    ready = poller.poll(0)  # one fd registered: at most one entry
+    return bool(ready) and bool(ready[0][1] & _GONE)
 
 
 def encode(obj: Any) -> bytes:

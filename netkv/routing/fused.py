@@ -115,31 +115,8 @@ class FusedNetkv:
         if b.n != n:
             b = self._buf = _Buffers(n, self.tbt_s)
         # -- decode_side: bytes the decoder lacks, queue for KV memory, first step --------
-        # max(prompt - overlap * block, 0) * kv_bytes_per_token: an exact integer, then one
-        # float64 product, per distinct overlap (one per run of held blocks; Python's int
-        # and float arithmetic is numpy's int64 and float64 here: |values| < 2**53)
-        whole = prompt_tokens * kv_bytes_per_token
-        nbytes: FloatArray
-        if runs is None:
-            nbytes = b.nbytes
-            nbytes.fill(whole)
-        else:
-            low = (1 << n) - 1
-            held = runs[0][1]
-            nbytes = np.where(prefixes.bits(runs[0][0], n),  # a recurring set: cached
-                              max(prompt_tokens - held * block_tokens, 0) * kv_bytes_per_token,
-                              whole)
-            for holders_of_run, count in runs[1:]:  # subsets of the run before
-                held += count
-                value = max(prompt_tokens - held * block_tokens, 0) * kv_bytes_per_token
-                rest = holders_of_run & low
-                if rest.bit_count() > 8:
-                    np.putmask(nbytes, prefixes.flags(rest, n), value)
-                    continue
-                while rest:
-                    bit = rest & -rest
-                    nbytes[bit.bit_length() - 1] = value
-                    rest ^= bit
+        nbytes = self._nbytes(b, n, prompt_tokens, kv_bytes_per_token, runs, prefixes,
+                              block_tokens)
         need = float(prompt_tokens + output_tokens)
         capacity = candidates.capacity_tokens
         queue: FloatArray | None = None  # None: +0.0 for every candidate
@@ -149,7 +126,7 @@ class FusedNetkv:
         # smallest capacity: all terms are non-negative and finite (validated at the edge).
         waiting_max = int(np.maximum.reduce(candidates.waiting))
         if not (waiting_max * need + need + used_max) * (1.0 + 1e-9) < capacity_min:
-            used = np.multiply(candidates.kv_use, capacity, out=b.used)
+            used, drain = self._drain(candidates, load_version, block_tokens, b)
             queue = b.queue  # need + waiting * need + used - capacity, floored at 0
             np.multiply(candidates.waiting, need, out=queue)
             np.add(queue, need, out=queue)
@@ -157,10 +134,11 @@ class FusedNetkv:
             np.subtract(queue, capacity, out=queue)
             np.maximum(queue, 0.0, out=queue)
             if np.count_nonzero(queue):  # deficit / (max(used, block) / residence)
-                rate = b.rate
-                np.maximum(used, float(block_tokens), out=rate)
-                np.divide(rate, self.residence_s, out=rate)
-                np.divide(queue, rate, out=queue)
+                if drain is None:
+                    drain = b.rate
+                    np.maximum(used, float(block_tokens), out=drain)
+                    np.divide(drain, self.residence_s, out=drain)
+                np.divide(queue, drain, out=queue)
         first = b.first
         # -- transfer: the oracle's row for the candidates, plus the booked transfers -----
         latency, bandwidth, tier, links, kept = self._row(oracle, src, candidates)
@@ -205,6 +183,42 @@ class FusedNetkv:
                         first_token_s=f, tier=int(tier.item(chosen)),
                         transfer_bytes=float(nbytes.item(chosen)), scores=scores)
 
+    @staticmethod
+    def _nbytes(  # noqa: PLR0917 - positional: called once per decision, from _decide only
+            b: _Buffers, n: int, prompt_tokens: int, kv_bytes_per_token: float,
+            runs: list[list[int]] | None, prefixes: PrefixIndex, block_tokens: int, /
+            ) -> FloatArray:
+        """The bytes each candidate lacks: max(prompt - overlap * block, 0) *
+        kv_bytes_per_token, an exact integer, then one float64 product, per distinct overlap
+        (one per run of held blocks; Python's int and float arithmetic is numpy's int64 and
+        float64 here: |values| < 2**53)."""
+        whole = prompt_tokens * kv_bytes_per_token
+        nbytes: FloatArray
+        if runs is None:
+            nbytes = b.nbytes
+            nbytes.fill(whole)
+            return nbytes
+        low = (1 << n) - 1
+        held = runs[0][1]
+        value = max(prompt_tokens - held * block_tokens, 0) * kv_bytes_per_token
+        if (runs[0][0] & low) == low:  # every decoder holds it (a shared system prompt)
+            nbytes = b.nbytes
+            nbytes.fill(value)
+        else:  # a recurring set: cached
+            nbytes = np.where(prefixes.bits(runs[0][0], n), value, whole)
+        for holders_of_run, count in runs[1:]:  # subsets of the run before
+            held += count
+            value = max(prompt_tokens - held * block_tokens, 0) * kv_bytes_per_token
+            rest = holders_of_run & low
+            if rest.bit_count() > 8:
+                np.putmask(nbytes, prefixes.flags(rest, n), value)
+                continue
+            while rest:
+                bit = rest & -rest
+                nbytes[bit.bit_length() - 1] = value
+                rest ^= bit
+        return nbytes
+
     def _less_loaded(self, near: BoolArray, kv_use: FloatArray, uniform_kv: bool) -> int:
         """:func:`~netkv.core.policies.network.prefer_less_loaded` once
         :func:`~netkv.core.policies.network.near_ties` found ``near``; when every candidate
@@ -213,24 +227,44 @@ class FusedNetkv:
         if not uniform_kv:
             masked: FloatArray = np.where(near, kv_use, np.inf)
             return self.ties.argmin(masked)
-        ties = np.flatnonzero(near)
+        ties = near.nonzero()[0]  # flatnonzero of a 1-D array, without its two wrappers
         return int(ties[self.ties.rng.integers(ties.shape[0])])
 
     def _load_bounds(self, candidates: CandidateView, load_version: int | None
                      ) -> tuple[float, float, bool]:
         """``(max(kv_use * capacity), min(capacity), all kv_use equal)``, kept while
         ``load_version`` and the arrays stay the same (recomputed on every call without a
-        version)."""
+        version); the product itself is kept beside them for :meth:`_drain`."""
         kv_use, capacity = candidates.kv_use, candidates.capacity_tokens
         kept = self._bounds
         if (load_version is None or kept is None or kept[0] != load_version
                 or kept[1] is not kv_use or kept[2] is not capacity):
             used = np.multiply(kv_use, capacity)
+            used.flags.writeable = False
             kept = (load_version, kv_use, capacity, float(np.maximum.reduce(used)),
                     float(np.minimum.reduce(capacity)),
-                    bool(np.minimum.reduce(kv_use) == np.maximum.reduce(kv_use)))
+                    bool(np.minimum.reduce(kv_use) == np.maximum.reduce(kv_use)), used, None)
             self._bounds = kept
         return kept[3], kept[4], kept[5]
+
+    def _drain(self, candidates: CandidateView, load_version: int | None, block_tokens: int,
+               b: _Buffers) -> tuple[FloatArray, FloatArray | None]:
+        """``(used, max(used, block) / residence)`` with ``used = kv_use * capacity``: the
+        ones :meth:`_load_bounds` kept for this version (the rate made on first use, then
+        kept too), else computed into ``b`` (the rate is then left to the caller: None)."""
+        kept = self._bounds
+        if (load_version is None or kept is None or kept[0] != load_version
+                or kept[1] is not candidates.kv_use
+                or kept[2] is not candidates.capacity_tokens):
+            return np.multiply(candidates.kv_use, candidates.capacity_tokens, out=b.used), None
+        rate = kept[7]
+        if rate is None or rate[0] != block_tokens:
+            value = np.maximum(kept[6], float(block_tokens))
+            np.divide(value, self.residence_s, out=value)
+            value.flags.writeable = False
+            rate = (block_tokens, value)
+            self._bounds = (*kept[:7], rate)
+        return kept[6], rate[1]
 
     def _row(self, oracle: CachedMapView | CachedOracle, src: int, candidates: CandidateView
              ) -> tuple[FloatArray, FloatArray, IntArray, IntArray, FloatArray]:

@@ -13,8 +13,9 @@ sweeper run under the app's :class:`~netkv.supervisor.Supervisor`, and a dead on
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import AsyncIterator, Collection, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable
 
 import msgspec
 import structlog
@@ -148,33 +149,53 @@ def check_select(body: SelectRequest, max_block_hashes: int,
     return body
 
 
-async def _select(request: web.Request) -> web.Response:
-    app = request.app
-    s = app[SETTINGS]
-    body = check_select(await read_body(request, SelectRequest, timeout_s=s.body_timeout_s),
-                        s.max_block_hashes, app[SELECTOR].engines)
-    choice = app[SELECTOR].select(body)
-    d = choice.decision
-    metrics = app[METRICS]
-    if choice.reserved and peer_gone(request):
-        # The client gave up before its answer (e.g. it timed out during a stall): its
-        # booking would count as invisible load until it expired.
-        app[SELECTOR].release(body.request_id)
-        metrics.releases.labels("client_gone").inc()
-    view = choice.view
-    metrics.series.record(choice.policy, d.tier, view.stale, choice.duration_s, d.transfer_s)
-    body_bytes = encode(SelectResponse(
-        request_id=body.request_id, decode=choice.decoder.name,
-        decode_host=choice.decoder.host, prefill=choice.prefill.name,
-        predicted_ttft_ms=round(d.ttft_s * 1e3, 4),
-        breakdown=Breakdown(queue_ms=round(d.queue_s * 1e3, 4),
-                            transfer_ms=round(d.transfer_s * 1e3, 4),
-                            first_token_ms=round(d.first_token_s * 1e3, 4)),
-        tier=d.tier, kv_bytes=d.transfer_bytes, map_version=view.version,
-        map_age_ms=None if view.age_s is None else round(view.age_s * 1e3, 1),
-        map_stale=view.stale, policy=choice.policy, reserved=choice.reserved))
-    decisions.keep(app, body_bytes)
-    return web.Response(body=body_bytes, content_type="application/json")
+def _select_handler(settings: SchedulerSettings, selector: Selector,
+                    metrics: Metrics) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """``POST /v1/select``, its app's parts bound once (not looked up per request)."""
+    max_block_hashes, timeout_s = settings.max_block_hashes, settings.body_timeout_s
+    policies, series = selector.engines, metrics.series
+    kept: dict[float, float] = {}
+
+    def ms4(seconds: float) -> float:
+        """``round(seconds * 1e3, 4)``, kept for the values that recur (the first-token time,
+        a queue wait): one decimal rounding costs about 1 µs. A zero is itself (its sign
+        kept, as ``round`` keeps it; -0.0 == 0.0 would share a key); NaN is not kept."""
+        if seconds == 0.0:
+            return seconds * 1e3
+        hit = kept.get(seconds)
+        if hit is None:
+            hit = round(seconds * 1e3, 4)
+            if not math.isnan(seconds):
+                if len(kept) >= 256:
+                    kept.clear()
+                kept[seconds] = hit
+        return hit
+
+    async def _select(request: web.Request) -> web.Response:
+        body = check_select(await read_body(request, SelectRequest, timeout_s=timeout_s),
+                            max_block_hashes, policies)
+        choice = selector.select(body)
+        d = choice.decision
+        if choice.reserved and peer_gone(request):
+            # The client gave up before its answer (e.g. it timed out during a stall): its
+            # booking would count as invisible load until it expired.
+            selector.release(body.request_id)
+            metrics.releases.labels("client_gone").inc()
+        view = choice.view
+        series.record(choice.policy, d.tier, view.stale, choice.duration_s, d.transfer_s)
+        body_bytes = encode(SelectResponse(
+            request_id=body.request_id, decode=choice.decoder.name,
+            decode_host=choice.decoder.host, prefill=choice.prefill.name,
+            predicted_ttft_ms=round(d.ttft_s * 1e3, 4),
+            breakdown=Breakdown(queue_ms=ms4(d.queue_s),
+                                transfer_ms=round(d.transfer_s * 1e3, 4),
+                                first_token_ms=ms4(d.first_token_s)),
+            tier=d.tier, kv_bytes=d.transfer_bytes, map_version=view.version,
+            map_age_ms=None if view.age_s is None else round(view.age_s * 1e3, 1),
+            map_stale=view.stale, policy=choice.policy, reserved=choice.reserved))
+        decisions.keep(request.app, body_bytes)
+        return web.Response(body=body_bytes, content_type="application/json")
+    return _select
 
 
 async def _release(request: web.Request) -> web.Response:
@@ -348,7 +369,7 @@ def create_app(settings: SchedulerSettings, topology: Topology | None = None,
     app[METRICS] = metrics
     app[DOCUMENT] = encode(openapi_document(selector.policies, settings.token is not None,
                                             settings.max_block_hashes))
-    app.router.add_post("/v1/select", _select)
+    app.router.add_post("/v1/select", _select_handler(settings, selector, metrics))
     app.router.add_post("/v1/release", _release)
     app.router.add_post("/v1/instances", _register)
     app.router.add_get("/v1/instances", _instances)

@@ -21,9 +21,10 @@ from netkv.core.paths import path_table
 from netkv.core.topology import FloatArray, IntArray, Topology
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Booking:
-    """A reserved transfer; hand it back to :meth:`Bookings.release` when it completes."""
+    """A reserved transfer; hand it back to :meth:`Bookings.release` when it completes (never
+    changed once made; not frozen: a frozen init costs about half a microsecond per booking)."""
 
     links: tuple[int, ...]
     nbytes: float
