@@ -22,7 +22,10 @@ O(events x active flows). Background comes in two models:
   (at most ``MAX_BACKGROUND``) and never yields; KV flows share the rest.
 
 ``delivered_bytes`` integrates the KV flows' rates, so tests can check that every KV byte is
-delivered exactly once.
+delivered exactly once. With ``count_nics`` the fabric also keeps what a NIC's byte counters
+(``tx_bytes``/``rx_bytes`` in ``rtnl_link_stats64``) count: ``nic_bytes[m]``, the bytes every
+flow (KV, prefix fetches, weight loads, other tenants) has moved over physical NIC member
+``m``, integrated exactly like ``delivered_bytes``.
 """
 
 from __future__ import annotations
@@ -44,8 +47,8 @@ INF = float("inf")
 
 
 class Flow:
-    __slots__ = ("cap", "key", "kind", "links", "mark", "rate", "remaining", "request",
-                 "total")
+    __slots__ = ("cap", "key", "kind", "links", "mark", "nics", "rate", "remaining",
+                 "request", "total")
 
     def __init__(self, key: tuple[int, int, int], links: tuple[int, ...], nbytes: float,
                  cap: float = INF) -> None:
@@ -57,6 +60,7 @@ class Flow:
         self.rate = 0.0
         self.cap = cap
         self.mark = -1
+        self.nics: tuple[int, ...] = ()  # its NIC members, when the fabric counts NIC bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,9 +115,10 @@ class Fabric:
     """
 
     def __init__(self, topology: Topology, *, nics: int = 1, spines: int = 1,
-                 salt: int = 0) -> None:
+                 salt: int = 0, count_nics: bool = False) -> None:
         self.topology = topology
         self.salt = salt
+        self.count_nics = count_nics
         n = topology.n_links
         members: list[IntArray] = []
         owner: list[int] = []
@@ -149,6 +154,9 @@ class Fabric:
         self._cap_list: list[float] = self.capacity.tolist()
         self._bg_list: list[float] = self.background.tolist()
         self._nominal_list: list[float] = topology.capacity.tolist()
+        nic_kinds = (LinkKind.NIC_UP, LinkKind.NIC_DOWN)
+        self._is_nic = [self._kinds[o] in nic_kinds for o in owner]
+        self.nic_bytes: list[float] = [0.0] * self.n_phys  # per physical link (NICs only)
 
     # -- background and faults -----------------------------------------------------------
     def set_background(self, link: int, delta_load: float) -> None:
@@ -214,6 +222,8 @@ class Fabric:
         resolved to physical links)."""
         phys = links if physical else self.resolve(links, request, sub)
         flow = Flow((kind, request, sub), phys, nbytes, cap)
+        if self.count_nics:
+            flow.nics = tuple(link for link in phys if self._is_nic[link])
         self.flows[flow.key] = flow
         return flow
 
@@ -224,14 +234,34 @@ class Fabric:
     def advance(self, now: float) -> None:
         dt = now - self.now
         if dt > 0:
+            counters = self.nic_bytes
             for f in self.flows.values():
-                if f.remaining == INF:
+                if f.remaining == INF:  # an elephant: moves at its rate for ever
+                    if f.nics:
+                        for link in f.nics:
+                            counters[link] += f.rate * dt
                     continue
                 moved = min(f.rate * dt, f.remaining)
                 f.remaining -= moved
                 if f.kind == KV:
                     self.delivered_bytes += moved
+                if f.nics:
+                    for link in f.nics:
+                        counters[link] += moved
         self.now = max(now, self.now)
+
+    def nic_bytes_at(self, now: float) -> FloatArray:
+        """:attr:`nic_bytes` as they will read at ``now`` (not before :attr:`now`), without
+        advancing the flows (so taking a sample changes no flow's arithmetic)."""
+        out: FloatArray = np.array(self.nic_bytes, dtype=np.float64)
+        dt = now - self.now
+        if dt > 0:
+            for f in self.flows.values():
+                if f.nics:
+                    moved = min(f.rate * dt, f.remaining)
+                    for link in f.nics:
+                        out[link] += moved
+        return out
 
     def finished(self) -> list[Flow]:
         """Remove and return the flows with (numerically) nothing left to send."""
@@ -240,6 +270,8 @@ class Fabric:
         for f in done:
             if f.kind == KV:
                 self.delivered_bytes += f.remaining
+            for link in f.nics:
+                self.nic_bytes[link] += f.remaining
             f.remaining = 0.0
             del self.flows[f.key]
         return done

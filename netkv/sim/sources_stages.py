@@ -24,7 +24,7 @@ from netkv.sim.sources import (
     restart_times,
     tenant_episodes,
 )
-from netkv.sim.telemetry import BackgroundHistory, NicRateView, bound_nic_rates
+from netkv.sim.telemetry import BackgroundHistory, NicByteView, NicRateView, bound_nic_rates
 
 if TYPE_CHECKING:
     from netkv.sim.simulation import Simulation
@@ -40,6 +40,7 @@ class SourceStages:
     events: EventQueue
     history: BackgroundHistory
     nic_view: NicRateView
+    byte_view: NicByteView
     tel: TelemetrySection
     horizon: float
     nic_first: IntArray
@@ -143,3 +144,4 @@ class SourceStages:
     def sample(self, now: float, k: int, _: int) -> None:
         """What the link counters show at a sampling instant."""
         self.history.record(now, self.fabric.unavailable(self.tel.own_flows))
+        self.byte_view.sample(now)

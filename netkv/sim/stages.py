@@ -25,13 +25,14 @@ from netkv.sim.fabric import FETCH, INF, KV, Fabric, nic_offsets
 from netkv.sim.pools import DecodePool, PrefillPool
 from netkv.sim.runconfig import RunConfig, RunResult
 from netkv.sim.sources_stages import SourceStages
-from netkv.sim.telemetry import BackgroundHistory, NicRateView, TelemetryView
+from netkv.sim.telemetry import BackgroundHistory, NicByteView, NicRateView, TelemetryView
 from netkv.workload.trace import BLOCK_TOKENS
 
 if TYPE_CHECKING:
     from netkv.sim.simulation import Simulation
 
 PROGRESS_EVERY = 256
+NIC_POLICIES = ("netkv", "netkv_pair")  # the policies that decide by bound-NIC rates
 DRAIN_S = 300.0  # background keeps running this long after the last arrival
 
 
@@ -62,8 +63,11 @@ class Run(SourceStages):
         self.layerwise = spec.network.timing == "layerwise"
         self.handover_s = spec.network.handover_s
         net = spec.network
+        # The per-NIC byte counters cost ~7% of a run's CPU; only the policies that decide by
+        # bound-NIC rates read them (the others' reported predictions keep nominal striping).
         self.fabric = Fabric(topo, nics=net.nics_per_host, spines=net.spines_per_pod,
-                             salt=seed)
+                             salt=seed, count_nics=(config.oracle == "telemetry"
+                                                    and config.policy in NIC_POLICIES))
         self.nic_first, self.nic_width = nic_offsets(topo, net.nics_per_host)
         self.history = BackgroundHistory(topo.n_links)
         self.tel = config.telemetry(spec.telemetry)
@@ -92,6 +96,7 @@ class Run(SourceStages):
         self.t_ready = np.full(n, np.nan)
         self.t_admit = np.zeros(n)
         self.t_join = np.zeros(n)
+        self.t_bytes = np.zeros(n)  # when the transfer's bytes started
         self.t_start = np.full(n, np.nan)  # prefill compute start
         self.ttft = np.full(n, np.nan)
         self.tbt = np.full(n, np.nan)
@@ -121,7 +126,14 @@ class Run(SourceStages):
                                   inst_nic[self.decode_instances])
         # What a NIC fault leaves of those rates, as the agents' per-NIC samples show it.
         self.nic_view = NicRateView(inst_nic, self.tel, config.oracle)
-        self.nic_shown = inst_nic
+        # How their transfers really split over those NICs, as the per-NIC byte counters
+        # show it (a host whose transfers all take one NIC).
+        self.byte_view = NicByteView(topo, self.fabric, self.nic_first, self.nic_width,
+                                     self.tel, mode=(config.oracle
+                                                     if config.policy in NIC_POLICIES
+                                                     else "static"),
+                                     min_bytes=BLOCK_TOKENS * sim.bpt)
+        self.nic_shown = (inst_nic, self.byte_view.ones)
 
     # -- the loop ---------------------------------------------------------------------------
     def execute(self) -> RunResult:
@@ -162,9 +174,11 @@ class Run(SourceStages):
 
     def refresh_nics(self, now: float) -> None:
         """Bring the policies' bound-NIC rates to what is visible at ``now``."""
-        rates = self.nic_view.at(now)
-        if rates is not self.nic_shown:
-            self.nic_shown = rates
+        rates, factors = self.nic_view.at(now), self.byte_view.at(now)
+        if rates is not self.nic_shown[0] or factors is not self.nic_shown[1]:
+            self.nic_shown = (rates, factors)
+            if factors is not self.byte_view.ones:
+                rates = rates * factors
             self.prefill_nic = rates[self.prefill_instances]
             self.decodes.nic_bytes_s = rates[self.decode_instances]
 
@@ -331,6 +345,10 @@ class Run(SourceStages):
         nic = self.nic_booked.pop(r, None)
         if nic is not None:
             p, d, nbytes = nic
+            if self.pending[r] == 0 and self.kv_bytes[r] > 0:  # its bytes have landed
+                self.byte_view.landed(self.prefill_instances[p], self.decode_instances[d],
+                                      float(self.kv_bytes[r]), float(self.t_bytes[r]),
+                                      self.fabric.now)
             self.prefill_booked[p, 0] = max(self.prefill_booked[p, 0] - nbytes, 0.0)
             self.prefill_booked[p, 1] -= 1.0
             self.decodes.book(d, -nbytes)
@@ -391,6 +409,7 @@ class Run(SourceStages):
             left = max(float(self.prefills.busy_until[p]) - now, 1e-6)
             cap = nbytes / width / left
         self.fabric.advance(now)
+        self.t_bytes[r] = now
         for j in range(width):
             phys = self.fabric.resolve(links, r, j, nic_src=int(self.nic_first[pi]),
                                        nic_dst=int(self.nic_first[di]), src_host=src,
