@@ -21,7 +21,7 @@ from typing import Any
 
 from netkv.core.policies import make_policy
 from netkv.errors import InputError
-from netkv.sim import matrix
+from netkv.sim import matrix, matrix_combine
 from netkv.sim.report import cdf_plot, comparisons, summarise, table, write_json
 from netkv.sim.runs import USAGE, default_jobs, run_all
 from netkv.sim.scenario import load_scenario
@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     if args.jobs < 1:
         raise InputError("--jobs", f"must be >= 1, got {args.jobs}")
     if args.action == "matrix":
-        return matrix.run(args)
+        return matrix_combine.run_combine(args) if args.combine else matrix.run(args)
     scenario = load_scenario(args.scenario)
     spec = scenario.spec
     rate = args.rate_scale if args.rate_scale is not None else spec.rate_scale

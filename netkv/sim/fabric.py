@@ -26,6 +26,9 @@ delivered exactly once. With ``count_nics`` the fabric also keeps what a NIC's b
 (``tx_bytes``/``rx_bytes`` in ``rtnl_link_stats64``) count: ``nic_bytes[m]``, the bytes every
 flow (KV, prefix fetches, weight loads, other tenants) has moved over physical NIC member
 ``m``, integrated exactly like ``delivered_bytes``.
+
+Size (~420 lines, one concept): the flows, their physical members and the max-min rates
+share one state that every change re-solves (:mod:`netkv.sim.waterfill` holds the solver).
 """
 
 from __future__ import annotations

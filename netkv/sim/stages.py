@@ -8,6 +8,9 @@ from the KV store; streaming starts), ``prefill_done`` (choose a decoder when pu
 completions (``join`` the batch), ``decode`` completions, and the background sources'
 and faults' changes (those, and the telemetry samples, in :mod:`netkv.sim.sources_stages`).
 See :mod:`netkv.sim.simulation` for the models and the request life cycle.
+
+Size (~500 lines, one concept): the stages are methods of one run's state; the sources'
+stages already live in :mod:`netkv.sim.sources_stages`.
 """
 
 from __future__ import annotations

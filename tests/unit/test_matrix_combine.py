@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from netkv.errors import InputError
-from netkv.sim.matrix import combine
+from netkv.sim.matrix_combine import combine
 
 pytestmark = pytest.mark.unit
 
