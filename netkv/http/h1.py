@@ -40,7 +40,7 @@ import asyncio
 import contextlib
 import socket
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from email.utils import formatdate
@@ -51,7 +51,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from netkv.http.ratelimit import RateLimitedLog, limit_loop_errors
-from netkv.http.server import HttpLimits, raise_file_limit
+from netkv.http.server import ConnectionCap, HttpLimits
 
 _log = RateLimitedLog(__name__)
 
@@ -196,38 +196,11 @@ class H1Stream:
                 await self._conn.write(b"0\r\n\r\n")
 
 
-class H1Guard:
-    """Counts connections, enforces the cap, counts evictions and header deadlines (the same
-    counters as :class:`netkv.http.server.ConnectionGuard`)."""
+class H1Guard(ConnectionCap["_Connection"]):
+    """The connection cap and its counters for the h1 front (:class:`ConnectionCap`)."""
 
-    def __init__(self, limits: HttpLimits) -> None:
-        self.limits = limits
-        reserve = 2 * limits.backlog + 128  # as ConnectionGuard: an accept burst, other files
-        soft = raise_file_limit(limits.max_connections + reserve)
-        self.cap = max(16, min(limits.max_connections, soft - reserve))
-        self.open: dict[_Connection, None] = {}
-        self.waiting: OrderedDict[_Connection, None] = OrderedDict()  # idle or no head yet
-        self.evicted_total = 0
-        self.refused_total = 0
-        self.header_timeouts_total = 0
-
-    def admit(self, conn: _Connection) -> bool:
-        if len(self.open) >= self.cap:
-            if self.waiting:
-                oldest = next(iter(self.waiting))
-                self.evicted_total += 1
-                oldest.abort()
-            else:
-                self.refused_total += 1
-                _log.warning("connection refused: at the connection cap", cap=self.cap)
-                return False
-        self.open[conn] = None
-        self.waiting[conn] = None
-        return True
-
-    def forget(self, conn: _Connection) -> None:
-        self.open.pop(conn, None)
-        self.waiting.pop(conn, None)
+    def evict(self, conn: _Connection) -> None:
+        conn.abort()
 
 
 class _Server:

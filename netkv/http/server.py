@@ -27,7 +27,7 @@ import socket
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, Generic, TypeVar, cast
 
 from aiohttp import web
 from pydantic import BaseModel
@@ -85,11 +85,16 @@ def raise_file_limit(wanted: int) -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-class ConnectionGuard:
-    """Counts connections, enforces the cap and the header deadline."""
+Conn = TypeVar("Conn")
 
-    def __init__(self, server: web.Server, limits: HttpLimits) -> None:
-        self.server = server
+
+class ConnectionCap(Generic[Conn]):
+    """The connection cap both fronts enforce (this module's aiohttp guard and
+    :class:`netkv.http.h1.H1Guard`): at the cap a new connection evicts the oldest one in
+    ``waiting`` (idle, or no complete request head yet); if none waits, it is refused. Also
+    the counters (evicted, refused, header deadlines) each front's metrics read."""
+
+    def __init__(self, limits: HttpLimits) -> None:
         self.limits = limits
         # One accept burst takes up to ``backlog`` descriptors before the guard can close
         # any (and closes land one loop turn later), so the cap leaves twice that, plus room
@@ -97,12 +102,42 @@ class ConnectionGuard:
         reserve = 2 * limits.backlog + 128
         soft = raise_file_limit(limits.max_connections + reserve)
         self.cap = max(16, min(limits.max_connections, soft - reserve))
-        self.open: dict[_Guarded, None] = {}
-        self.waiting: OrderedDict[_Guarded, None] = OrderedDict()  # no request head yet
-        self.by_handler: dict[Any, _Guarded] = {}
+        self.open: dict[Conn, None] = {}
+        self.waiting: OrderedDict[Conn, None] = OrderedDict()
         self.evicted_total = 0
         self.refused_total = 0
         self.header_timeouts_total = 0
+
+    def evict(self, conn: Conn) -> None:
+        """Close ``conn`` to make room (each front closes its own kind of connection)."""
+        raise NotImplementedError
+
+    def admit(self, conn: Conn) -> bool:
+        if len(self.open) >= self.cap:
+            if self.waiting:
+                oldest = next(iter(self.waiting))
+                self.evicted_total += 1
+                self.evict(oldest)
+            else:
+                self.refused_total += 1
+                _log.warning("connection refused: at the connection cap", cap=self.cap)
+                return False
+        self.open[conn] = None
+        self.waiting[conn] = None
+        return True
+
+    def forget(self, conn: Conn) -> None:
+        self.open.pop(conn, None)
+        self.waiting.pop(conn, None)
+
+
+class ConnectionGuard(ConnectionCap["_Guarded"]):
+    """Counts connections, enforces the cap and the header deadline."""
+
+    def __init__(self, server: web.Server, limits: HttpLimits) -> None:
+        super().__init__(limits)
+        self.server = server
+        self.by_handler: dict[Any, _Guarded] = {}
         inner = server.request_factory
 
         def request_factory(message: Any, payload: Any, protocol: Any, writer: Any,
@@ -116,24 +151,17 @@ class ConnectionGuard:
     def __call__(self) -> _Guarded:
         return _Guarded(self, self.server())
 
+    def evict(self, conn: _Guarded) -> None:
+        conn.close()
+
     def admit(self, conn: _Guarded) -> bool:
-        if len(self.open) >= self.cap:
-            if self.waiting:
-                oldest = next(iter(self.waiting))
-                self.evicted_total += 1
-                oldest.close()
-            else:
-                self.refused_total += 1
-                _log.warning("connection refused: at the connection cap", cap=self.cap)
-                return False
-        self.open[conn] = None
-        self.waiting[conn] = None
+        if not super().admit(conn):
+            return False
         self.by_handler[conn.inner] = conn
         return True
 
     def forget(self, conn: _Guarded) -> None:
-        self.open.pop(conn, None)
-        self.waiting.pop(conn, None)
+        super().forget(conn)
         self.by_handler.pop(conn.inner, None)
 
 
