@@ -51,7 +51,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from netkv.http.ratelimit import RateLimitedLog, limit_loop_errors
-from netkv.http.server import ConnectionCap, HttpLimits
+from netkv.http.server import ConnectionCap, HttpLimits, listening
 
 _log = RateLimitedLog(__name__)
 
@@ -533,11 +533,8 @@ async def serving(routes: dict[tuple[str, str], Handler], host: str, port: int,
     server = await loop.create_server(srv, host, port, backlog=limits.backlog,
                                       reuse_address=True)
     try:
-        sockets = server.sockets or ()
-        addrs = [s.getsockname() for s in sockets]
-        urls = [f"http://[{a[0]}]:{a[1]}" if s.family == socket.AF_INET6
-                else f"http://{a[0]}:{a[1]}" for s, a in zip(sockets, addrs, strict=True)]
-        yield H1Served(urls, int(addrs[0][1]) if addrs else port, srv.guard)
+        urls, bound = listening(server, port)
+        yield H1Served(urls, bound, srv.guard)
     finally:
         server.close()
         tasks = [c._task for c in srv.guard.open if c._task is not None]

@@ -241,6 +241,16 @@ class Served:
     runner: web.AppRunner
 
 
+def listening(server: asyncio.Server, port: int) -> tuple[list[str], int]:
+    """The URLs a listening ``server`` answers on, and its port (``port`` if it has no
+    socket)."""
+    sockets = server.sockets or ()
+    addrs = [s.getsockname() for s in sockets]
+    urls = [f"http://[{a[0]}]:{a[1]}" if s.family == socket.AF_INET6
+            else f"http://{a[0]}:{a[1]}" for s, a in zip(sockets, addrs, strict=True)]
+    return urls, int(addrs[0][1]) if addrs else port
+
+
 @contextlib.asynccontextmanager
 async def serving(app: web.Application, host: str, port: int,
                   limits: HttpLimits = HttpLimits(),
@@ -269,11 +279,8 @@ async def serving(app: web.Application, host: str, port: int,
         server = await loop.create_server(guard, host, port, backlog=limits.backlog,
                                           reuse_address=True)
         try:
-            sockets = server.sockets or ()
-            addrs = [s.getsockname() for s in sockets]
-            urls = [f"http://[{a[0]}]:{a[1]}" if s.family == socket.AF_INET6
-                    else f"http://{a[0]}:{a[1]}" for s, a in zip(sockets, addrs, strict=True)]
-            served = Served(urls, int(addrs[0][1]) if addrs else port, guard, runner)
+            urls, bound = listening(server, port)
+            served = Served(urls, bound, guard, runner)
             if on_start is not None:
                 on_start(served)
             yield served
