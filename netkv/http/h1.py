@@ -30,7 +30,7 @@ raised by a handler (or by :meth:`H1Request.read` for an oversized body) goes to
 ``errors`` wrapper given to :func:`serving`. Protocol errors (a malformed request, a line or
 field too long) are answered 400/413/431 in the shape ``bad_request`` makes, then closed.
 
-Size (~580 lines, one concept): the connection protocol, its request and stream objects and
+Size (~550 lines, one concept): the connection protocol, its request and stream objects and
 the connection guard share one connection's private state (timers, pause, pipelining queue).
 """
 
