@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
 from collections.abc import Iterable
 from typing import Any
 
@@ -52,3 +53,16 @@ async def stop_process(proc: asyncio.subprocess.Process, timeout_s: float) -> in
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         return await proc.wait()
+
+
+def stop_popen(proc: subprocess.Popen[bytes], timeout_s: float) -> int:
+    """:func:`stop_process` for a :class:`subprocess.Popen` (blocking): SIGTERM, at most
+    ``timeout_s`` to end, then SIGKILL; its exit code."""
+    if proc.poll() is not None:
+        return proc.returncode
+    proc.terminate()
+    try:
+        return proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()

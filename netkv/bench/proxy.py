@@ -67,6 +67,7 @@ from netkv.bench.proxy_report import print_result
 from netkv.bench.proxy_servers import MODEL
 from netkv.eventloop import add_loop_argument
 from netkv.localservers import free_port, wait_for_port
+from netkv.tasks import stop_popen
 
 PROMPT = "Summarise the state of the network for the operator in one short paragraph. " * 6
 JSON = {"Content-Type": "application/json"}
@@ -306,14 +307,6 @@ def _spawn(*args: str) -> subprocess.Popen[bytes]:
                             stderr=subprocess.DEVNULL)
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
-
 
 def placement(pin: str) -> tuple[set[int], set[int]] | None:
     """(CPUs of the proxies under test, CPUs of the engine and the generator), or None when
@@ -364,7 +357,7 @@ def run(args: argparse.Namespace) -> int:
         if before is not None:
             os.sched_setaffinity(0, before)
         for p in procs:
-            _stop(p)
+            stop_popen(p, 5.0)
     result["pinned"] = None if cpus is None else {
         "proxy_under_test": sorted(cpus[0]), "engine_and_generator": sorted(cpus[1])}
     result["load_average"] = os.getloadavg()

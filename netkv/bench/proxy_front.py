@@ -30,6 +30,7 @@ from netkv.eventloop import add_loop_argument
 from netkv.http import h1
 from netkv.http.server import HttpLimits, serving
 from netkv.localservers import free_port, wait_for_port
+from netkv.tasks import stop_popen
 
 ANSWER = (b'{"id":"cmpl-bench","object":"text_completion","model":"bench","choices":[{"index":'
           b'0,"text":"' + b"token " * 16 + b'","finish_reason":"length"}]}')
@@ -108,8 +109,7 @@ def main() -> int:
         print(f"event loop: {loop} (this process and the server)", flush=True)
         eventloop.run(run(), loop)
     finally:
-        proc.terminate()
-        proc.wait(5)
+        stop_popen(proc, 5.0)
     return 0
 
 

@@ -24,6 +24,7 @@ from netkv import eventloop
 from netkv.bench.proxy import _body
 from netkv.eventloop import add_loop_argument
 from netkv.localservers import free_port, wait_for_port
+from netkv.tasks import stop_popen
 
 
 async def _measure(port: int, requests: int, rounds: int) -> None:
@@ -80,8 +81,7 @@ def main() -> int:
         print(f"event loop: {loop} (this process and the engine)", flush=True)
         eventloop.run(run(), loop)
     finally:
-        engine.terminate()
-        engine.wait(5)
+        stop_popen(engine, 5.0)
     return 0
 
 
