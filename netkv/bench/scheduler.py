@@ -17,6 +17,10 @@ The same load then runs against two constant answers, so the framework's share i
   ``client_max_size``; the handler reads the body and answers a constant;
 * ``bare`` (for reference): a bare aiohttp handler under ``web.run_app`` with aiohttp's
   defaults and no middlewares: what the edge itself costs is ``bare`` against ``floor``.
+
+Where the C decision kernel was built (:mod:`netkv.routing._kernel`), a fourth server,
+``numpy``, is the scheduler with it off (the same decisions on the numpy path), so its gain
+is measured in the same run.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from typing import Any
 
 import numpy as np
 from aiohttp import web
-from netkv_scheduler.app import create_app
+from netkv_scheduler.app import SELECTOR, create_app
 from netkv_scheduler.settings import SchedulerSettings
 
 from netkv.core.congestion import CongestionMap
@@ -46,10 +50,11 @@ from netkv.http.middlewares import middlewares
 from netkv.http.server import serving
 from netkv.localservers import free_port, wait_for_port
 from netkv.logs import configure_logging
+from netkv.routing.fused import KERNEL_BUILT
 from netkv.routing.mapfeed import MapFeed
 from netkv.signals import stop_on_signals
 
-KINDS = ("bare", "floor", "scheduler")
+KINDS = ("bare", "floor", "scheduler", "numpy")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -123,6 +128,9 @@ def _serve(kind: str, decoders: int, port: int, policy: str) -> None:
         app.router.add_post("/v1/select", _constant)
     else:
         app = _scheduler_app(settings, decoders)
+        if kind == "numpy":  # the same decisions without the C kernel
+            for fused in app[SELECTOR].fused.values():
+                fused.kernel = None
     asyncio.run(_serve_until_signal(app, settings))
 
 
@@ -227,11 +235,12 @@ def run(args: argparse.Namespace) -> int:
         print("netkv bench scheduler: --decoders, --requests, --concurrency and --rounds "
               "must be >= 1", file=sys.stderr)
         return 2
-    runs: dict[str, list[dict[str, float]]] = {kind: [] for kind in KINDS}
+    kinds = KINDS if KERNEL_BUILT else KINDS[:3]
+    runs: dict[str, list[dict[str, float]]] = {kind: [] for kind in kinds}
     for _ in range(args.rounds):
-        for kind in KINDS:
+        for kind in kinds:
             runs[kind].append(_measure(kind, args))
-    best = {kind: max(runs[kind], key=lambda r: r["decisions_per_s"]) for kind in KINDS}
+    best = {kind: max(runs[kind], key=lambda r: r["decisions_per_s"]) for kind in kinds}
     bare, floor, sched = best["bare"], best["floor"], best["scheduler"]
     result: dict[str, Any] = {
         "decoders": args.decoders, "p50_ms": round(sched["p50_ms"], 4),
@@ -242,13 +251,18 @@ def run(args: argparse.Namespace) -> int:
         "floor_p50_ms": round(floor["p50_ms"], 4),
         "bare_p50_ms": round(bare["p50_ms"], 4), "bare_p99_ms": round(bare["p99_ms"], 4),
         "bare_decisions_per_s": round(bare["decisions_per_s"], 1),
-        "server_cpu_us": {kind: round(best[kind]["server_cpu_us"], 1) for kind in KINDS},
+        "server_cpu_us": {kind: round(best[kind]["server_cpu_us"], 1) for kind in kinds},
+        "kernel": KERNEL_BUILT,
         "concurrency": args.concurrency, "requests": args.requests, "policy": args.policy,
         "rounds": args.rounds, "cpus": os.cpu_count(),
         "load_average_1m": round(os.getloadavg()[0], 2),
     }
+    if "numpy" in best:
+        numpy_path = best["numpy"]
+        result.update({f"numpy_{key}": round(numpy_path[key], 4 if "ms" in key else 1)
+                       for key in ("p50_ms", "p99_ms", "decisions_per_s")})
     print(f"{'server':<10} {'p50 ms':>8} {'p99 ms':>8} {'decisions/s':>12} {'server CPU':>11}")
-    for kind in KINDS:
+    for kind in kinds:
         r = best[kind]
         print(f"{kind:<10} {r['p50_ms']:>8.3f} {r['p99_ms']:>8.3f} "
               f"{r['decisions_per_s']:>12.0f} {r['server_cpu_us']:>8.0f} us")
@@ -258,7 +272,9 @@ def run(args: argparse.Namespace) -> int:
               f"{sched['decisions_per_s'] / base['decisions_per_s']:>12.2f}")
     print(f"(|D| = {args.decoders}, {args.concurrency} connections, best of {args.rounds}, "
           f"load average {os.getloadavg()[0]:.1f}; floor = the scheduler's HTTP edge with a "
-          "constant answer, bare = aiohttp defaults)")
+          "constant answer, bare = aiohttp defaults"
+          + (", numpy = the scheduler without its C kernel)" if KERNEL_BUILT else
+             "; the C kernel is not built: the scheduler runs its numpy path)"))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -14,11 +14,19 @@ and view. Every operation is the core's, on the same operands in the same order,
 results are bit for bit the core's (``tests/unit/test_fused_netkv.py`` compares them on
 random and hostile sequences); anything else falls back to the core (:meth:`decide`
 returns ``None``).
+
+Where the C kernel :mod:`netkv.routing._kernel` was built (``hatch_build.py``, whenever a C
+compiler is present), the arithmetic after the cached gathers runs there in one call: the
+same operations in the same order, the same tie-break draws, so the same bits (the tests run
+every comparison on both paths); ``FusedNetkv(engine, kernel=False)``, or a missing build,
+keeps the numpy path.
 """
 
 from __future__ import annotations
 
+import importlib
 import time
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -31,6 +39,21 @@ from netkv.core.policies.network import near_ties, prefer_lower_tier
 from netkv.core.topology import BoolArray, FloatArray, IntArray
 from netkv.routing.prefixes import PrefixIndex
 
+KERNEL_ABI = 1  # the _kernel.decide() this module calls (see PyInit__kernel)
+
+
+def _load_kernel() -> ModuleType | None:
+    """The built kernel, or None: not built (no C compiler at install time) or built from
+    other sources (an install older than this checkout: reinstall to rebuild it)."""
+    try:
+        module = importlib.import_module("netkv.routing._kernel")
+    except ImportError:
+        return None
+    return module if getattr(module, "ABI", None) == KERNEL_ABI else None
+
+
+_kernel = _load_kernel()
+KERNEL_BUILT = _kernel is not None
 _ROWS = "fused-row"  # this module's key in ``CandidateView.cache`` (per source host)
 
 
@@ -59,7 +82,8 @@ class _Buffers:
 class FusedNetkv:
     """One ``netkv`` engine's decisions, fused (see the module docstring)."""
 
-    def __init__(self, engine: DecisionEngine) -> None:
+    def __init__(self, engine: DecisionEngine, *, kernel: bool = True) -> None:
+        """``kernel``: decide in the C kernel where it was built (off: the numpy path)."""
         policy = engine.policy
         if type(policy) is not Netkv:
             raise TypeError(f"FusedNetkv evaluates netkv, not {type(policy).__name__}")
@@ -76,6 +100,7 @@ class FusedNetkv:
         self._buf = _Buffers(0, self.tbt_s)
         self._bounds: tuple[Any, ...] | None = None
         self.decided = 0  # decisions made here (the rest went to the policy's own decide)
+        self.kernel = _kernel if kernel else None
 
     @staticmethod
     def applies(engine: DecisionEngine) -> bool:
@@ -114,6 +139,12 @@ class FusedNetkv:
         b = self._buf
         if b.n != n:
             b = self._buf = _Buffers(n, self.tbt_s)
+        if self.kernel is not None:
+            decision = self._in_kernel(self.kernel, candidates, oracle, src, prompt_tokens,
+                                       output_tokens, kv_bytes_per_token, runs, block_tokens,
+                                       load_version, b)
+            if decision is not None:
+                return decision
         # -- decode_side: bytes the decoder lacks, queue for KV memory, first step --------
         nbytes = self._nbytes(b, n, prompt_tokens, kv_bytes_per_token, runs, prefixes,
                               block_tokens)
@@ -182,6 +213,39 @@ class FusedNetkv:
         return Decision(index=chosen, ttft_s=q + t + f, queue_s=q, transfer_s=t,
                         first_token_s=f, tier=int(tier.item(chosen)),
                         transfer_bytes=float(nbytes.item(chosen)), scores=scores)
+
+    def _in_kernel(  # noqa: PLR0917 - positional: called once per decision, from _decide
+            self, kernel: ModuleType, candidates: CandidateView,
+            oracle: CachedMapView | CachedOracle, src: int, prompt_tokens: int,
+            output_tokens: int, kv_bytes_per_token: float, runs: list[list[int]] | None,
+            block_tokens: int, load_version: int | None, b: _Buffers, /) -> Decision | None:
+        """:meth:`_decide` after the cached gathers, in :mod:`netkv.routing._kernel` (None:
+        a path link outside the booked-link arrays, which only the numpy path takes)."""
+        used_max, capacity_min, kv_uniform = self._load_bounds(candidates, load_version)
+        drain = None if load_version is None else \
+            self._drain(candidates, load_version, block_tokens, b)[1]
+        latency, bandwidth, tier, links, kept = self._row(oracle, src, candidates)
+        bookings = self.bookings
+        booked = self.use_bookings and bookings.active
+        scores: FloatArray = np.empty(b.n)
+        used = None if self._bounds is None else self._bounds[6]
+        got = kernel.decide(
+            runs, prompt_tokens, kv_bytes_per_token, block_tokens,
+            float(prompt_tokens + output_tokens), used_max, capacity_min, candidates.waiting,
+            used, candidates.kv_use, candidates.capacity_tokens, drain,
+            self.residence_s, latency, bandwidth, links if booked else None, kept,
+            bookings.flows_ext, bookings.bytes_ext, self.handover_s, self.tbt_s, tier,
+            self.tie_rel, self.tie_rule == "load", kv_uniform, self.ties.rng.integers,
+            b.nbytes, b.queue, b.transfer, scores)
+        if got is None:
+            return None
+        chosen, queued = got
+        q = float(b.queue.item(chosen)) if queued else 0.0
+        t = float(b.transfer.item(chosen))
+        f = float(self.tbt_s)
+        return Decision(index=chosen, ttft_s=q + t + f, queue_s=q, transfer_s=t,
+                        first_token_s=f, tier=int(tier.item(chosen)),
+                        transfer_bytes=float(b.nbytes.item(chosen)), scores=scores)
 
     @staticmethod
     def _nbytes(  # noqa: PLR0917 - positional: called once per decision, from _decide only

@@ -81,10 +81,11 @@ class Selector:
     """Everything a decision reads, owned in one place."""
 
     def __init__(self, settings: SelectorConfig, topology: Topology, feed: MapFeed,
-                 clock: Callable[[], float] = time.time, *, fused: bool = True) -> None:
+                 clock: Callable[[], float] = time.time, *, fused: bool = True,
+                 kernel: bool = True) -> None:
         """``fused`` (default) decides ``netkv`` with :class:`~netkv.routing.fused.FusedNetkv`
-        (the same numbers in fewer calls); off, every decision goes through the policy's
-        own ``decide``."""
+        (the same numbers in fewer calls; ``kernel``: in its C kernel where built); off,
+        every decision goes through the policy's own ``decide``."""
         self.settings = settings
         self.topology = topology
         self.feed = feed
@@ -113,7 +114,7 @@ class Selector:
         if settings.policy not in self.engines:
             raise InputError("scheduler.policy", f"unknown policy {settings.policy!r}; "
                              f"known: {', '.join(self.engines)}")
-        self.fused = {name: FusedNetkv(e) for name, e in self.engines.items()
+        self.fused = {name: FusedNetkv(e, kernel=kernel) for name, e in self.engines.items()
                       if fused and FusedNetkv.applies(e)}
         self._swept_at = -1.0
         self._expiry_check_at = -1.0

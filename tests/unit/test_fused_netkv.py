@@ -11,7 +11,9 @@ LRU order and the tie-breaker's generator state. Sequences are random and hostil
 map, equal loads), a stale map, a map refreshed under the decisions, KV queues (tiny
 capacities, huge outputs), empty, repeated and unseen block hashes, re-booked ids,
 releases, instances registered and removed, |D| from 1 to 1,024 and several decoders per
-host. Deliberately broken variants must fail the same comparison.
+host. Deliberately broken variants must fail the same comparison. Every test runs twice: with
+the C kernel (:mod:`netkv.routing._kernel`, skipped with the reason where it was not built)
+and on the numpy path.
 """
 
 from __future__ import annotations
@@ -36,6 +38,16 @@ from netkv.routing.prefixes import PrefixIndex
 pytestmark = pytest.mark.unit
 
 KV_BYTES = 327680.0
+
+
+@pytest.fixture(autouse=True, params=["kernel", "numpy"])
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The fused path under test: the C kernel, or numpy (the kernel taken away)."""
+    if request.param == "kernel" and not fused_module.KERNEL_BUILT:
+        pytest.skip("netkv.routing._kernel was not built (no C compiler at install time)")
+    if request.param == "numpy":
+        monkeypatch.setattr(fused_module, "_kernel", None)
+    return str(request.param)
 
 
 # -- the code as it was before (copies) -------------------------------------------------------
@@ -262,13 +274,15 @@ def drive(pair: Pair, steps: int, seed: int, *, policies: Sequence[str | None] =
 @pytest.mark.parametrize(("hosts", "per_host", "steps"), [
     (1, 1, 300), (2, 1, 300), (3, 1, 300), (5, 1, 300), (16, 1, 800), (16, 3, 600),
     (64, 1, 800), (1024, 1, 150)])
-def test_random_sequences_decide_identically(hosts: int, per_host: int, steps: int) -> None:
+def test_random_sequences_decide_identically(hosts: int, per_host: int, steps: int,
+                                            path: str) -> None:
     pair = Pair(_topology(hosts, per_host), with_map=True, seed=hosts)
     decided = drive(pair, steps, seed=hosts * 7 + per_host, refresh_every=25,
                     policies=(None, None, None, "netkv", "least_loaded", "netkv_pair"))
     assert decided > steps // 2
     assert pair.new.engines["netkv"].count == pair.old.engines["netkv"].count > 0
     assert pair.new.fused["netkv"].decided > 0 and not pair.old.fused
+    assert (pair.new.fused["netkv"].kernel is not None) == (path == "kernel")
 
 
 def test_ties_without_a_map_and_a_stale_map_decide_identically() -> None:
