@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
-$(BIN)/.installed: pyproject.toml hatch_build.py netkv/routing/_kernel.c
+$(BIN)/.installed: pyproject.toml hatch_build.py $(wildcard netkv/routing/_*.c)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev,peers]'

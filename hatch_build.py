@@ -1,11 +1,12 @@
-"""Build hook: compile the decision kernel (netkv/routing/_kernel.c) when a C compiler is there.
+"""Build hook: compile the routing hot path's C modules (netkv/routing/_*.c) when a C compiler
+is there.
 
-The kernel is optional: without a compiler (or with ``NETKV_NO_EXTENSIONS=1``) the install
-goes on, says so, and :mod:`netkv.routing.fused` keeps its numpy path (the same decisions,
-bit for bit, at about twice the cost per decision at |D| = 64). The module is built next to
-its source, so an editable install imports it from the tree; a wheel gets it as a
-platform-specific file. Only the standard library and hatchling are used here: the hook runs
-in pip's isolated build environment.
+They are optional (:mod:`netkv.routing.native`): without a compiler (or with
+``NETKV_NO_EXTENSIONS=1``) the install goes on, says so, and the Python code beside them
+decides the same, bit for bit, at about twice the cost per decision at |D| = 64. Each
+module is built next to its source, so an editable install imports it from the tree; a wheel
+gets it as a platform-specific file. Only the standard library and hatchling are used here:
+the hook runs in pip's isolated build environment.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 from hatchling.builders.hooks.plugin.interface import BuildHookInterface
 
-SOURCE = Path("netkv/routing/_kernel.c")
+SOURCES = (Path("netkv/routing/_kernel.c"), Path("netkv/routing/_prefixes.c"))
 # -ffp-contract=off: no fused multiply-add, so every product and sum rounds as numpy's do.
 FLAGS = ["-O2", "-fPIC", "-ffp-contract=off", "-fno-strict-aliasing", "-std=c11",
          "-Wall", "-Wextra", "-Wno-unused-parameter"]
@@ -33,47 +34,53 @@ def _compiler() -> list[str] | None:
     return cmd if cmd and shutil.which(cmd[0]) else None
 
 
-def build_kernel(root: Path) -> Path | None:
-    """Compile the kernel into the source tree; the built file, or None (reason printed)."""
+def build_all(root: Path) -> list[Path]:
+    """Compile every module into the source tree; the files built (reasons printed)."""
     if os.environ.get("NETKV_NO_EXTENSIONS"):
-        print("netkv: NETKV_NO_EXTENSIONS is set: the decision kernel is not built",
+        print("netkv: NETKV_NO_EXTENSIONS is set: the C modules are not built",
               file=sys.stderr)
-        return None
+        return []
     cc = _compiler()
     if cc is None or sys.platform == "win32":
-        print("netkv: no C compiler found: the decision kernel is not built (the numpy "
-              "path decides the same, more slowly)", file=sys.stderr)
-        return None
-    target = root / SOURCE.with_name("_kernel" + str(sysconfig.get_config_var("EXT_SUFFIX")))
+        print("netkv: no C compiler found: the C modules are not built (the Python path "
+              "decides the same, more slowly)", file=sys.stderr)
+        return []
+    return [built for source in SOURCES if (built := build(cc, root, source)) is not None]
+
+
+def build(cc: list[str], root: Path, source: Path) -> Path | None:
+    """Compile one module; the built file, or None (the reason printed)."""
+    target = root / source.with_suffix(str(sysconfig.get_config_var("EXT_SUFFIX")))
     link = ["-bundle", "-undefined", "dynamic_lookup"] if sys.platform == "darwin" \
         else ["-shared"]
-    cmd = [*cc, *FLAGS, *link, f"-I{sysconfig.get_paths()['include']}", str(root / SOURCE),
+    cmd = [*cc, *FLAGS, *link, f"-I{sysconfig.get_paths()['include']}", str(root / source),
            "-o", str(target)]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        print(f"netkv: the decision kernel did not build ({exc}): the numpy path is used",
+        print(f"netkv: {source} did not build ({exc}): its Python path is used",
               file=sys.stderr)
         return None
     if done.returncode != 0:
-        print(f"netkv: the decision kernel did not build: {done.stderr.strip()[-2000:]}\n"
-              "netkv: the numpy path is used", file=sys.stderr)
+        print(f"netkv: {source} did not build: {done.stderr.strip()[-2000:]}\n"
+              "netkv: its Python path is used", file=sys.stderr)
         target.unlink(missing_ok=True)
         return None
     return target
 
 
-class KernelBuildHook(BuildHookInterface):
+class NativeBuildHook(BuildHookInterface):
     PLUGIN_NAME = "custom"
 
     def initialize(self, version: str, build_data: dict[str, Any]) -> None:
         if self.target_name != "wheel":
             return
         root = Path(self.root)
-        built = build_kernel(root)
-        if built is None:
+        built = build_all(root)
+        if not built:
             return
         build_data["pure_python"] = False
         build_data["infer_tag"] = True
-        if version != "editable":  # an editable install imports it from the tree
-            build_data["force_include"][str(built)] = str(built.relative_to(root))
+        if version != "editable":  # an editable install imports them from the tree
+            for path in built:
+                build_data["force_include"][str(path)] = str(path.relative_to(root))

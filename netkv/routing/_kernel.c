@@ -5,7 +5,9 @@
  * than its arithmetic. :c:func:`decide` does the same IEEE-754 double operations on the same
  * operands in the same order (no fused multiply-add: built with -ffp-contract=off), element
  * by element, and takes the same tie-break draws from the caller's generator in the same
- * order, so its decisions are the Python path's bit for bit
+ * order (numpy's own algorithm for Generator.integers over the generator's
+ * next_uint32, checked against numpy once at import, else through Python), so its
+ * decisions are the Python path's bit for bit
  * (tests/unit/test_fused_netkv.py runs every comparison with and without it). It is pure:
  * no I/O, no state; it reads the caller's arrays and writes four of them.
  *
@@ -51,11 +53,58 @@ take(PyObject *obj, Py_buffer *view, int kind, Py_ssize_t count, int writable,
     return 0;
 }
 
-/* One draw in [0, k) from the caller's generator (``rng.integers``): k = 0 raises there,
- * as the Python path's draw from an empty set does. */
-static int
-draw(PyObject *integers, Py_ssize_t k, Py_ssize_t *out)
+/* numpy's bit generator interface (numpy/random/bitgen.h, behind the "BitGenerator"
+ * capsule of every numpy.random.BitGenerator) */
+typedef struct {
+    void *state;
+    uint64_t (*next_uint64)(void *state);
+    uint32_t (*next_uint32)(void *state);
+    double (*next_double)(void *state);
+    uint64_t (*next_raw)(void *state);
+} bitgen_t;
+
+/* Generator.integers(k) for 2 <= k <= 2**31, as numpy draws it: the closed range [0, k - 1]
+ * fits 32 bits, so one Lemire rejection over next_uint32 (numpy's
+ * random_bounded_uint64_fill, use_masked false). Holding no lock: the caller owns the
+ * generator on one thread. */
+static Py_ssize_t
+lemire32(bitgen_t *bitgen, Py_ssize_t k)
 {
+    const uint32_t rng_excl = (uint32_t)k;  /* (k - 1) + 1 */
+    uint64_t m = (uint64_t)bitgen->next_uint32(bitgen->state) * rng_excl;
+    uint32_t leftover = (uint32_t)(m & 0xFFFFFFFFUL);
+    if (leftover < rng_excl) {
+        const uint32_t threshold = (UINT32_MAX - (uint32_t)(k - 1)) % rng_excl;
+        while (leftover < threshold) {
+            m = (uint64_t)bitgen->next_uint32(bitgen->state) * rng_excl;
+            leftover = (uint32_t)(m & 0xFFFFFFFFUL);
+        }
+    }
+    return (Py_ssize_t)(m >> 32);
+}
+
+/* The bit generator behind ``capsule`` (None: not given, draws go through Python). */
+static int
+bitgen_of(PyObject *capsule, bitgen_t **out)
+{
+    *out = NULL;
+    if (capsule == Py_None) {
+        return 0;
+    }
+    *out = PyCapsule_GetPointer(capsule, "BitGenerator");
+    return *out == NULL ? -1 : 0;
+}
+
+/* One draw in [0, k) from the caller's generator: in C where ``bitgen`` is given and k is
+ * in lemire32's range, else ``integers(k)`` (k = 0 raises there, as the Python path's draw
+ * from an empty set does). */
+static int
+draw(PyObject *integers, bitgen_t *bitgen, Py_ssize_t k, Py_ssize_t *out)
+{
+    if (bitgen != NULL && k >= 2 && k <= ((Py_ssize_t)1 << 31)) {
+        *out = lemire32(bitgen, k);
+        return 0;
+    }
     PyObject *arg = PyLong_FromSsize_t(k);
     if (arg == NULL) {
         return -1;
@@ -94,8 +143,8 @@ nth_set(const unsigned char *flag, Py_ssize_t n, Py_ssize_t i)
  * of it; ``flag`` is scratch of n bytes. A NaN is numpy's argmin (the first NaN), whose
  * limit nothing meets: the empty draw raises, as in Python. */
 static int
-tie_argmin(const double *v, Py_ssize_t n, PyObject *integers, unsigned char *flag,
-           Py_ssize_t *out)
+tie_argmin(const double *v, Py_ssize_t n, PyObject *integers, bitgen_t *bitgen,
+           unsigned char *flag, Py_ssize_t *out)
 {
     Py_ssize_t first = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -120,7 +169,7 @@ tie_argmin(const double *v, Py_ssize_t n, PyObject *integers, unsigned char *fla
         return 0;
     }
     Py_ssize_t k;
-    if (draw(integers, count, &k) < 0) {
+    if (draw(integers, bitgen, count, &k) < 0) {
         return -1;
     }
     *out = nth_set(flag, n, k);
@@ -244,7 +293,7 @@ enum {
     A_RUNS, A_PROMPT, A_KVB, A_BLOCK, A_NEED, A_USED_MAX, A_CAPACITY_MIN, A_WAITING, A_USED,
     A_KV_USE, A_CAPACITY, A_DRAIN, A_RESIDENCE, A_LATENCY, A_BANDWIDTH, A_LINKS, A_KEPT,
     A_FLOWS, A_BYTES, A_HANDOVER, A_FIRST, A_TIER, A_TIE_REL, A_TIE_LOAD, A_KV_UNIFORM,
-    A_INTEGERS, A_NBYTES, A_QUEUE, A_TRANSFER, A_SCORES, N_ARGS
+    A_INTEGERS, A_BITGEN, A_NBYTES, A_QUEUE, A_TRANSFER, A_SCORES, N_ARGS
 };
 
 /* Buffers in argument order; NULL obj: not given (None). */
@@ -257,7 +306,8 @@ static const char *const NAMES[N_ARGS] = {
     "runs", "prompt_tokens", "kv_bytes_per_token", "block_tokens", "need", "used_max",
     "capacity_min", "waiting", "used", "kv_use", "capacity", "drain", "residence_s",
     "latency", "bandwidth", "links", "kept", "flows_ext", "bytes_ext", "handover_s",
-    "first_s", "tier", "tie_rel", "tie_load", "kv_uniform", "integers", "nbytes", "queue",
+    "first_s", "tier", "tie_rel", "tie_load", "kv_uniform", "integers", "bitgen", "nbytes",
+    "queue",
     "transfer", "scores",
 };
 
@@ -290,7 +340,8 @@ decide(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     double tie_rel = PyFloat_AsDouble(args[A_TIE_REL]);
     int tie_load = PyObject_IsTrue(args[A_TIE_LOAD]);
     int kv_uniform = PyObject_IsTrue(args[A_KV_UNIFORM]);
-    if (PyErr_Occurred()) {
+    bitgen_t *bitgen;
+    if (PyErr_Occurred() || bitgen_of(args[A_BITGEN], &bitgen) < 0) {
         return NULL;
     }
     /* the outputs fix n */
@@ -426,7 +477,7 @@ decide(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     /* -- the choice ------------------------------------------------------------------- */
     Py_ssize_t chosen;
-    if (tie_argmin(scores, n, args[A_INTEGERS], flag, &chosen) < 0) goto done;
+    if (tie_argmin(scores, n, args[A_INTEGERS], bitgen, flag, &chosen) < 0) goto done;
     if (tie_rel > 0 && tie_load) {  /* near_ties, then prefer_less_loaded */
         double slack = tie_rel * transfer[chosen];
         if (!(slack <= 0)) {
@@ -440,7 +491,7 @@ decide(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             if (count != 1) {
                 if (kv_uniform) {
                     Py_ssize_t k;
-                    if (draw(args[A_INTEGERS], count, &k) < 0) goto done;
+                    if (draw(args[A_INTEGERS], bitgen, count, &k) < 0) goto done;
                     chosen = nth_set(flag, n, k);
                 } else {
                     double stack_masked[256];
@@ -452,7 +503,7 @@ decide(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
                     for (Py_ssize_t i = 0; i < n; i++) {
                         m[i] = flag[i] ? kv_use[i] : INFINITY;
                     }
-                    int rc = tie_argmin(m, n, args[A_INTEGERS], other, &chosen);
+                    int rc = tie_argmin(m, n, args[A_INTEGERS], bitgen, other, &chosen);
                     if (m != stack_masked) PyMem_Free(m);
                     if (rc < 0) goto done;
                 }
@@ -485,7 +536,7 @@ decide(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
                 for (Py_ssize_t i = 0; i < n; i++) {
                     m[i] = (flag[i] && tier[i] == low) ? scores[i] : INFINITY;
                 }
-                int rc = tie_argmin(m, n, args[A_INTEGERS], other, &chosen);
+                int rc = tie_argmin(m, n, args[A_INTEGERS], bitgen, other, &chosen);
                 if (m != stack_masked) PyMem_Free(m);
                 if (rc < 0) goto done;
             }
@@ -500,9 +551,37 @@ done:
     return result;
 }
 
+/* integers(capsule, k) -> int: the draw decide() makes, alone (fused.py checks it against
+ * Generator.integers before it lets decide() draw in C). */
+static PyObject *
+integers(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    (void)self;
+    bitgen_t *bitgen;
+    Py_ssize_t k;
+    if (nargs != 2 || args[0] == Py_None) {
+        PyErr_SetString(PyExc_TypeError, "integers(capsule, k)");
+        return NULL;
+    }
+    if (bitgen_of(args[0], &bitgen) < 0) {
+        return NULL;
+    }
+    k = PyNumber_AsSsize_t(args[1], PyExc_OverflowError);
+    if (k == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (k < 2 || k > ((Py_ssize_t)1 << 31)) {
+        PyErr_SetString(PyExc_ValueError, "k must be in [2, 2**31]");
+        return NULL;
+    }
+    return PyLong_FromSsize_t(lemire32(bitgen, k));
+}
+
 static PyMethodDef methods[] = {
     {"decide", (PyCFunction)(void (*)(void))decide, METH_FASTCALL,
      "The fused netkv decision's arithmetic (see netkv/routing/fused.py)."},
+    {"integers", (PyCFunction)(void (*)(void))integers, METH_FASTCALL,
+     "Generator.integers(k) for 2 <= k <= 2**31, drawn in C from a BitGenerator capsule."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -518,7 +597,7 @@ PyInit__kernel(void)
     PyObject *m = PyModule_Create(&module);
     /* fused.py uses a build whose ABI it knows (a stale build from older sources is
      * ignored): raise it whenever decide()'s arguments or results change */
-    if (m != NULL && PyModule_AddIntConstant(m, "ABI", 1) < 0) {
+    if (m != NULL && PyModule_AddIntConstant(m, "ABI", 2) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -24,7 +24,6 @@ keeps the numpy path.
 
 from __future__ import annotations
 
-import importlib
 import time
 from types import ModuleType
 from typing import Any
@@ -37,23 +36,31 @@ from netkv.core.paths import CachedOracle
 from netkv.core.policies import Bookings, CandidateView, Decision, DecisionEngine, Netkv
 from netkv.core.policies.network import near_ties, prefer_lower_tier
 from netkv.core.topology import BoolArray, FloatArray, IntArray
+from netkv.routing import native
 from netkv.routing.prefixes import PrefixIndex
 
-KERNEL_ABI = 1  # the _kernel.decide() this module calls (see PyInit__kernel)
-
-
-def _load_kernel() -> ModuleType | None:
-    """The built kernel, or None: not built (no C compiler at install time) or built from
-    other sources (an install older than this checkout: reinstall to rebuild it)."""
-    try:
-        module = importlib.import_module("netkv.routing._kernel")
-    except ImportError:
-        return None
-    return module if getattr(module, "ABI", None) == KERNEL_ABI else None
-
-
-_kernel = _load_kernel()
+_kernel = native.load("_kernel", abi=2)  # the decide() called here (see PyInit__kernel)
 KERNEL_BUILT = _kernel is not None
+
+
+def _draws_match(kernel: ModuleType | None) -> bool:
+    """Whether the kernel's tie-break draw is this numpy's ``Generator.integers``, value for
+    value and state for state (checked once: otherwise the kernel calls
+    ``integers`` itself, about 3 µs a draw)."""
+    if kernel is None:
+        return False
+    for seed in (0, 1, 2**40 + 7):
+        ours, theirs = np.random.default_rng(seed), np.random.default_rng(seed)
+        for k in (2, 3, 5, 7, 64, 1000, 3**19, 2**31):
+            for _ in range(40):
+                if kernel.integers(ours.bit_generator.capsule, k) != int(theirs.integers(k)):
+                    return False
+        if ours.bit_generator.state != theirs.bit_generator.state:
+            return False
+    return True
+
+
+DRAWS_IN_C = _draws_match(_kernel)
 _ROWS = "fused-row"  # this module's key in ``CandidateView.cache`` (per source host)
 
 
@@ -228,6 +235,7 @@ class FusedNetkv:
         bookings = self.bookings
         booked = self.use_bookings and bookings.active
         scores: FloatArray = np.empty(b.n)
+        rng = self.ties.rng
         used = None if self._bounds is None else self._bounds[6]
         got = kernel.decide(
             runs, prompt_tokens, kv_bytes_per_token, block_tokens,
@@ -235,8 +243,9 @@ class FusedNetkv:
             used, candidates.kv_use, candidates.capacity_tokens, drain,
             self.residence_s, latency, bandwidth, links if booked else None, kept,
             bookings.flows_ext, bookings.bytes_ext, self.handover_s, self.tbt_s, tier,
-            self.tie_rel, self.tie_rule == "load", kv_uniform, self.ties.rng.integers,
-            b.nbytes, b.queue, b.transfer, scores)
+            self.tie_rel, self.tie_rule == "load", kv_uniform, rng.integers,
+            rng.bit_generator.capsule if DRAWS_IN_C else None, b.nbytes, b.queue,
+            b.transfer, scores)
         if got is None:
             return None
         chosen, queued = got

@@ -19,6 +19,10 @@ from typing import Any
 import numpy as np
 
 from netkv.core.topology import IntArray
+from netkv.routing import native
+
+# runs() and add()'s loop in C (the same steps; None: not built, the Python loops below)
+_native = native.load("_prefixes", abi=1)
 
 
 class PrefixIndex:
@@ -30,6 +34,7 @@ class PrefixIndex:
     """
 
     def __init__(self, max_blocks: int = 200_000) -> None:
+        self._c = _native
         self.max_blocks = max_blocks
         self._slack = max_blocks // 16
         self._holders: dict[int, int] = {}
@@ -50,6 +55,9 @@ class PrefixIndex:
         """``[holders, blocks]`` per run of the prompt's leading blocks held by the same
         decoders (bit masks, each a subset of the one before), or None when nobody holds
         the first block. Decoder ``d`` holds the sum of the runs whose holders include it."""
+        if self._c is not None:
+            got: list[list[int]] | None = self._c.runs(self._holders, hashes)
+            return got
         holders = self._holders
         alive = holders.get(hashes[0], 0) if hashes else 0
         if not alive:
@@ -135,9 +143,12 @@ class PrefixIndex:
     def add(self, hashes: Sequence[int], decoder: int) -> None:
         holders = self._holders
         bit = 1 << decoder
-        pop = holders.pop
-        for h in hashes:
-            holders[h] = pop(h, 0) | bit  # re-inserted last: the most recently used
+        if self._c is not None:
+            self._c.add(holders, hashes, bit)
+        else:
+            pop = holders.pop
+            for h in hashes:
+                holders[h] = pop(h, 0) | bit  # re-inserted last: the most recently used
         if len(holders) > self.max_blocks + self._slack:
             # Evict in batches (the oldest 1/16th at once): deleting from the front of a
             # dict one key per call would rescan the deleted slots every time.

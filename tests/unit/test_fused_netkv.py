@@ -12,8 +12,8 @@ map, equal loads), a stale map, a map refreshed under the decisions, KV queues (
 capacities, huge outputs), empty, repeated and unseen block hashes, re-booked ids,
 releases, instances registered and removed, |D| from 1 to 1,024 and several decoders per
 host. Deliberately broken variants must fail the same comparison. Every test runs twice: with
-the C kernel (:mod:`netkv.routing._kernel`, skipped with the reason where it was not built)
-and on the numpy path.
+the C modules (:mod:`netkv.routing.native`: the decision kernel and the prefix loops; skipped
+with the reason where they were not built) and on the Python path.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from netkv.core.topology_file import parse_topology
 from netkv.errors import InputError
 from netkv.routing import InstanceReport, MapFeed, Selector, SelectorConfig, SelectRequest
 from netkv.routing import fused as fused_module
+from netkv.routing import prefixes as prefixes_module
 from netkv.routing.fused import FusedNetkv
 from netkv.routing.prefixes import PrefixIndex
 
@@ -40,13 +41,15 @@ pytestmark = pytest.mark.unit
 KV_BYTES = 327680.0
 
 
-@pytest.fixture(autouse=True, params=["kernel", "numpy"])
+@pytest.fixture(autouse=True, params=["native", "python"])
 def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """The fused path under test: the C kernel, or numpy (the kernel taken away)."""
-    if request.param == "kernel" and not fused_module.KERNEL_BUILT:
-        pytest.skip("netkv.routing._kernel was not built (no C compiler at install time)")
-    if request.param == "numpy":
+    """The path under test: the C modules, or Python and numpy (the modules taken away)."""
+    if request.param == "native" and not (fused_module.KERNEL_BUILT
+                                           and prefixes_module._native is not None):
+        pytest.skip("netkv.routing's C modules were not built (no C compiler at install time)")
+    if request.param == "python":
         monkeypatch.setattr(fused_module, "_kernel", None)
+        monkeypatch.setattr(prefixes_module, "_native", None)
     return str(request.param)
 
 
@@ -124,6 +127,7 @@ class Pair:
         self.new = self._selector(config, with_map, fused=True)
         self.old = self._selector(config, with_map, fused=False)
         self.old.prefixes.overlap = _old_overlap.__get__(self.old.prefixes)  # type: ignore[method-assign]
+        self.old.prefixes._c = None  # the Python loops, always
         self.old._views = _OldCandidateViews()  # type: ignore[assignment]
 
     def clock(self) -> float:
@@ -282,7 +286,8 @@ def test_random_sequences_decide_identically(hosts: int, per_host: int, steps: i
     assert decided > steps // 2
     assert pair.new.engines["netkv"].count == pair.old.engines["netkv"].count > 0
     assert pair.new.fused["netkv"].decided > 0 and not pair.old.fused
-    assert (pair.new.fused["netkv"].kernel is not None) == (path == "kernel")
+    assert (pair.new.fused["netkv"].kernel is not None) == (path == "native")
+    assert (pair.new.prefixes._c is not None) == (path == "native")
 
 
 def test_ties_without_a_map_and_a_stale_map_decide_identically() -> None:
@@ -439,3 +444,51 @@ def test_holder_flags_match_the_unpacked_bits() -> None:
         for _ in range(50):
             mask = rng.getrandbits(n + 3) | (1 << rng.randrange(n))
             assert np.array_equal(index.flags(mask, n), index.bits(mask, n) != 0)
+
+
+def test_the_prefix_loops_in_c_match_the_python_ones(path: str) -> None:
+    """``PrefixIndex.runs`` and ``add`` (C where built) against the Python loops on random,
+    hostile holdings: every run, the dict's contents in LRU order, evictions, > 64 bits."""
+    if path != "native":
+        pytest.skip("compares the C loops with the Python ones")
+    rng = random.Random(12)
+    for n, pool in ((3, 20), (64, 200), (130, 60), (1024, 40)):
+        fast, slow = PrefixIndex(max_blocks=97), PrefixIndex(max_blocks=97)
+        slow._c = None
+        assert fast._c is not None
+        for _ in range(600):
+            hashes = tuple(rng.randrange(pool) for _ in range(rng.randint(0, 30)))
+            if rng.random() < 0.3:
+                hashes = (rng.randrange(pool),) * rng.randint(1, 5) + hashes
+            assert fast.runs(hashes) == slow.runs(hashes)
+            if hashes and rng.random() < 0.7:
+                decoder = rng.randrange(n)
+                fast.add(hashes, decoder)
+                slow.add(hashes, decoder)
+                assert list(fast._holders.items()) == list(slow._holders.items())
+        assert fast.runs(()) is None and slow.runs(()) is None
+        with pytest.raises(TypeError):
+            fast.runs(7)  # type: ignore[arg-type]
+
+
+def test_the_kernels_draws_are_numpys_or_not_used() -> None:
+    """The kernel draws ties in C only after a check against ``Generator.integers``; a draw
+    that differs in value (or uses the generator differently) fails the check."""
+    assert fused_module.DRAWS_IN_C == fused_module.KERNEL_BUILT
+    assert not fused_module._draws_match(None)
+
+    class OffByOne:
+        @staticmethod
+        def integers(capsule: Any, k: int) -> int:
+            return (int(np.random.Generator(np.random.PCG64()).integers(k)) + 1) % k
+
+    class ExtraDraw:
+        @staticmethod
+        def integers(capsule: Any, k: int) -> int:
+            assert fused_module._kernel is not None
+            fused_module._kernel.integers(capsule, 2)  # one draw too many: the stream shifts
+            return int(fused_module._kernel.integers(capsule, k))
+
+    assert not fused_module._draws_match(OffByOne)  # type: ignore[arg-type]
+    if fused_module._kernel is not None:
+        assert not fused_module._draws_match(ExtraDraw)  # type: ignore[arg-type]
