@@ -45,7 +45,9 @@ def build_all(root: Path) -> list[Path]:
         print("netkv: no C compiler found: the C modules are not built (the Python path "
               "decides the same, more slowly)", file=sys.stderr)
         return []
-    return [built for source in SOURCES if (built := build(cc, root, source)) is not None]
+    # (a source tree without them, e.g. a dependencies-only install, builds nothing)
+    return [built for source in SOURCES
+            if (root / source).is_file() and (built := build(cc, root, source)) is not None]
 
 
 def build(cc: list[str], root: Path, source: Path) -> Path | None:
