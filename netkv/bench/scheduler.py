@@ -19,8 +19,8 @@ The same load then runs against two constant answers, so the framework's share i
   defaults and no middlewares: what the edge itself costs is ``bare`` against ``floor``.
 
 Where the C decision kernel was built (:mod:`netkv.routing._kernel`), a fourth server,
-``numpy``, is the scheduler with it off (the same decisions on the numpy path), so its gain
-is measured in the same run.
+``numpy``, is the scheduler with that kernel off (the same decisions on the fused numpy path;
+the prefix loops stay in C), so the kernel's gain is measured in the same run.
 """
 
 from __future__ import annotations
@@ -273,7 +273,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"(|D| = {args.decoders}, {args.concurrency} connections, best of {args.rounds}, "
           f"load average {os.getloadavg()[0]:.1f}; floor = the scheduler's HTTP edge with a "
           "constant answer, bare = aiohttp defaults"
-          + (", numpy = the scheduler without its C kernel)" if KERNEL_BUILT else
+          + (", numpy = the scheduler with its decision kernel off)" if KERNEL_BUILT else
              "; the C kernel is not built: the scheduler runs its numpy path)"))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

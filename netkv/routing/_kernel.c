@@ -176,6 +176,27 @@ tie_argmin(const double *v, Py_ssize_t n, PyObject *integers, bitgen_t *bitgen,
     return 0;
 }
 
+/* TieBreaker.argmin of np.where(keep, values, inf); ``scratch`` is n bytes. */
+static int
+masked_argmin(const double *values, const unsigned char *keep, Py_ssize_t n,
+              PyObject *integers, bitgen_t *bitgen, unsigned char *scratch, Py_ssize_t *out)
+{
+    double stack[256];
+    double *m = n <= 256 ? stack : PyMem_Malloc((size_t)n * sizeof(double));
+    if (m == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        m[i] = keep[i] ? values[i] : INFINITY;
+    }
+    int rc = tie_argmin(m, n, integers, bitgen, scratch, out);
+    if (m != stack) {
+        PyMem_Free(m);
+    }
+    return rc;
+}
+
 /* The holders of one run as bits: ``bits[0:words]`` (little-endian 64-bit words). */
 static int
 run_bits(PyObject *mask, Py_ssize_t n, uint64_t *bits, Py_ssize_t words)
@@ -493,19 +514,9 @@ decide(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
                     Py_ssize_t k;
                     if (draw(args[A_INTEGERS], bitgen, count, &k) < 0) goto done;
                     chosen = nth_set(flag, n, k);
-                } else {
-                    double stack_masked[256];
-                    double *m = n <= 256 ? stack_masked : PyMem_Malloc((size_t)n * 8);
-                    if (m == NULL) {
-                        PyErr_NoMemory();
-                        goto done;
-                    }
-                    for (Py_ssize_t i = 0; i < n; i++) {
-                        m[i] = flag[i] ? kv_use[i] : INFINITY;
-                    }
-                    int rc = tie_argmin(m, n, args[A_INTEGERS], bitgen, other, &chosen);
-                    if (m != stack_masked) PyMem_Free(m);
-                    if (rc < 0) goto done;
+                } else if (masked_argmin(kv_use, flag, n, args[A_INTEGERS], bitgen, other,
+                                         &chosen) < 0) {
+                    goto done;
                 }
             }
         }
@@ -527,18 +538,13 @@ decide(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
                 goto done;
             }
             if (count != 1 && tier[best] != low) {
-                double stack_masked[256];
-                double *m = n <= 256 ? stack_masked : PyMem_Malloc((size_t)n * 8);
-                if (m == NULL) {
-                    PyErr_NoMemory();
+                for (Py_ssize_t i = 0; i < n; i++) {
+                    flag[i] = flag[i] && tier[i] == low;
+                }
+                if (masked_argmin(scores, flag, n, args[A_INTEGERS], bitgen, other,
+                                  &chosen) < 0) {
                     goto done;
                 }
-                for (Py_ssize_t i = 0; i < n; i++) {
-                    m[i] = (flag[i] && tier[i] == low) ? scores[i] : INFINITY;
-                }
-                int rc = tie_argmin(m, n, args[A_INTEGERS], bitgen, other, &chosen);
-                if (m != stack_masked) PyMem_Free(m);
-                if (rc < 0) goto done;
             }
         }
     }
