@@ -13,6 +13,8 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "decision": ("netkv.bench.decision", "in-process decision time per policy vs |D|"),
     "telemetry": ("netkv.bench.telemetry", "agents -> Redis -> oracle ingest and freshness"),
     "scheduler": ("netkv.bench.scheduler", "scheduler HTTP latency and throughput vs floor"),
+    "select": ("netkv.bench.select_cost",
+               "one scheduler decision in process: instructions and time, C modules on/off"),
     "proxy": ("netkv.bench.proxy", "P/D proxy added latency and rate vs a pass-through floor"),
     "soak": ("netkv.bench.soak", "the whole mesh under steady load: RSS and log volume"),
 }

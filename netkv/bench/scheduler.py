@@ -35,6 +35,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -89,15 +90,18 @@ async def _constant(request: web.Request) -> web.Response:
     return web.Response(body=CONSTANT, content_type="application/json")
 
 
-def _scheduler_app(settings: SchedulerSettings, decoders: int) -> web.Application:
+def _scheduler_app(settings: SchedulerSettings, decoders: int,
+                   clock: Callable[[], float] = time.time) -> web.Application:
+    """The bench's scheduler; ``clock`` drives its map feed and map (``netkv bench select``
+    gives a virtual one; the selector's own clocks are its attributes)."""
     topology = parse_topology({"fabric": {"leaf_oversubscription": 2,
                                           "pod_oversubscription": 3},
                                "fat_tree": fat_tree_for(decoders)})
     feed = MapFeed(topology, None, None, stale_s=settings.map_stale_s,
-                   cache_s=settings.oracle_cache_s)
-    cmap = CongestionMap(topology)
+                   cache_s=settings.oracle_cache_s, clock=clock)
+    cmap = CongestionMap(topology, clock=clock)
     rng = np.random.default_rng(0)
-    now = time.time()
+    now = clock()
     for i, link in enumerate(topology.links):
         cmap.observe_link(i, float(rng.uniform(0, 0.8)) * link.capacity_bytes_s, now)
     cmap.version, cmap.created_ts = 1, now
