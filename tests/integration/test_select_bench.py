@@ -28,7 +28,7 @@ def _args(tmp_path: Path, *extra: str) -> argparse.Namespace:
 def test_both_paths_are_timed_without_valgrind(tmp_path: Path,
                                                monkeypatch: pytest.MonkeyPatch,
                                                capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setattr(select_cost.shutil, "which", lambda name: None)
+    monkeypatch.setattr("shutil.which", lambda name: None)
     assert select_cost.run(_args(tmp_path)) == 0
     result = json.loads((tmp_path / "select.json").read_text())
     expected = {"native", "python"} if KERNEL_BUILT else {"python"}
