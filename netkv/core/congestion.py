@@ -379,13 +379,18 @@ class CachedMapView:
 
     def row(self, src: int) -> CostEstimate:
         """Zero-byte estimate from ``src`` to every host."""
+        return self.row_and_rate(src)[0]
+
+    def row_and_rate(self, src: int) -> tuple[CostEstimate, FloatArray]:
+        """:meth:`row` and :attr:`available_bytes_s`, both of one view (one freshness check:
+        a decision reads the two together)."""
         view, at = self._fresh()
         hit = self._rows.get(src)
         if hit is None:
             base = link_state_paths(view, src)
             hit = _with_pairs(base, *self.cmap.pair_terms(src, at), 0.0)
             self._rows[src] = hit
-        return hit
+        return hit, view.available_bytes_s
 
     def estimate(self, src: int, dsts: IntArray, nbytes: FloatArray | float) -> CostEstimate:
         return pick(self.row(src), dsts, nbytes)

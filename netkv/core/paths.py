@@ -129,5 +129,9 @@ class CachedOracle:
             hit = self._rows[src] = link_state_paths(self.base, src)
         return hit
 
+    def row_and_rate(self, src: int) -> tuple[CostEstimate, FloatArray]:
+        """:meth:`row` and :attr:`available_bytes_s` together (as the map's cached view)."""
+        return self.row(src), self.available_bytes_s
+
     def estimate(self, src: int, dsts: IntArray, nbytes: FloatArray | float) -> CostEstimate:
         return pick(self.row(src), dsts, nbytes)

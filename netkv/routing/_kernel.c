@@ -344,7 +344,9 @@ decide(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     Held h[N_ARGS];
-    memset(h, 0, sizeof h);
+    for (int a = 0; a < N_ARGS; a++) {
+        h[a].held = 0;  /* (the views are filled as they are taken) */
+    }
     PyObject *result = NULL;
     unsigned char stack_flags[2 * 256];
     unsigned char *flag = stack_flags;
@@ -412,13 +414,6 @@ decide(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         if (take(args[A_BYTES], &h[A_BYTES].view, F64, n_links, 0, NAMES[A_BYTES]) < 0)
             goto done;
         h[A_BYTES].held = 1;
-        const int64_t *links = h[A_LINKS].view.buf;
-        for (Py_ssize_t i = 0; i < rows * n; i++) {
-            if (links[i] < 0 || links[i] >= n_links) {  /* take(mode="wrap") would wrap */
-                result = Py_NewRef(Py_None);
-                goto done;
-            }
-        }
     }
     if (n > 256 && (flag = PyMem_Malloc((size_t)(2 * n))) == NULL) {
         PyErr_NoMemory();
@@ -481,8 +476,15 @@ decide(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             double extra = 0.0;
             for (Py_ssize_t r = 0; r < rows; r++) {
                 Py_ssize_t at = r * n + i;
-                double flows = flows_ext[links[at]] * nbytes[i];
-                double competing = np_min(bytes_ext[links[at]], flows) / kept[at];
+                int64_t link = links[at];
+                /* checked here, before any draw: take(mode="wrap") would wrap it, and the
+                 * outputs written so far are scratch the Python path writes again */
+                if ((uint64_t)link >= (uint64_t)n_links) {
+                    result = Py_NewRef(Py_None);
+                    goto done;
+                }
+                double flows = flows_ext[link] * nbytes[i];
+                double competing = np_min(bytes_ext[link], flows) / kept[at];
                 extra = r == 0 ? competing : np_max(extra, competing);
             }
             transfer[i] = transfer[i] + extra;

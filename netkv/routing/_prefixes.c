@@ -1,11 +1,12 @@
-/* The prefix index's two per-request loops in C (netkv.routing._prefixes).
+/* The prefix index's per-request loops in C (netkv.routing._prefixes).
  *
  * PrefixIndex (netkv/routing/prefixes.py) keeps block hash -> holder bit mask in a plain
  * dict, least recently used first. Per request it follows the prompt's blocks through that
  * dict (:c:func:`runs`) and, once a decoder is chosen, re-inserts each block with the
- * decoder's bit (:c:func:`add`). These are the Python loops' exact steps (the same lookups,
- * deletions and insertions in the same order, so the dict's order and contents are the
- * same), without the interpreter's cost per block. Pure: it touches only the dict given.
+ * decoder's bit, then evicts the least recently used past its bound (:c:func:`add`). These
+ * are the Python code's exact steps (the same lookups, deletions and insertions in the same
+ * order, so the dict's order and contents are the same), without the interpreter's cost per
+ * block. Pure: it touches only the dict given.
  *
  * Built with the decision kernel (hatch_build.py); without it prefixes.py loops in Python.
  */
@@ -113,27 +114,58 @@ fail:
     return NULL;
 }
 
-/* add(holders, hashes, bit): holders[h] = holders.pop(h, 0) | bit for each h, in order. */
+/* Delete the first ``count`` keys of ``holders`` in its order (the least recently used). */
+static int
+evict(PyObject *holders, Py_ssize_t count)
+{
+    PyObject *oldest = PyList_New(count);
+    if (oldest == NULL) {
+        return -1;
+    }
+    Py_ssize_t pos = 0, i = 0;
+    PyObject *key, *value;
+    while (i < count && PyDict_Next(holders, &pos, &key, &value)) {
+        PyList_SET_ITEM(oldest, i++, Py_NewRef(key));
+    }
+    int rc = 0;
+    for (Py_ssize_t j = 0; j < i && rc == 0; j++) {
+        rc = PyDict_DelItem(holders, PyList_GET_ITEM(oldest, j));
+    }
+    Py_DECREF(oldest);
+    return rc;
+}
+
+/* add(holders, hashes, bit, limit, keep): holders[h] = holders.pop(h, 0) | bit for each h,
+ * in order; then, if more than ``limit`` blocks are held, all but the newest ``keep`` go. */
 static PyObject *
 add(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     (void)self;
-    if (nargs != 3 || !PyDict_Check(args[0])) {
-        PyErr_SetString(PyExc_TypeError, "add(holders: dict, hashes: sequence, bit: int)");
+    if (nargs != 5 || !PyDict_Check(args[0]) || !PyLong_Check(args[2])
+            || _PyLong_Sign(args[2]) < 0) {
+        PyErr_SetString(PyExc_TypeError, "add(holders: dict, hashes: sequence, bit: int >= 0, "
+                        "limit: int, keep: int)");
         return NULL;
     }
     PyObject *holders = args[0], *bit = args[2];
+    Py_ssize_t limit = PyNumber_AsSsize_t(args[3], PyExc_OverflowError);
+    if (limit == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    Py_ssize_t keep = PyNumber_AsSsize_t(args[4], PyExc_OverflowError);
+    if (keep == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (keep < 0 || limit < keep) {
+        PyErr_SetString(PyExc_ValueError, "add: expected 0 <= keep <= limit");
+        return NULL;
+    }
     PyObject *seq = PySequence_Fast(args[1], "add: hashes must be a sequence");
     if (seq == NULL) {
         return NULL;
     }
     Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
     PyObject **items = PySequence_Fast_ITEMS(seq);
-    PyObject *zero = PyLong_FromLong(0);
-    if (zero == NULL) {
-        Py_DECREF(seq);
-        return NULL;
-    }
     for (Py_ssize_t i = 0; i < count; i++) {
         PyObject *h = items[i];
         PyObject *held = PyDict_GetItemWithError(holders, h);
@@ -147,19 +179,20 @@ add(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             }
             value = PyNumber_Or(held, bit);
             Py_DECREF(held);
+            if (value == NULL) goto fail;
         } else {
-            value = PyNumber_Or(zero, bit);
+            value = Py_NewRef(bit);  /* 0 | bit is bit (an int >= 0) */
         }
-        if (value == NULL) goto fail;
         int rc = PyDict_SetItem(holders, h, value);
         Py_DECREF(value);
         if (rc < 0) goto fail;
     }
-    Py_DECREF(zero);
     Py_DECREF(seq);
+    if (PyDict_GET_SIZE(holders) > limit && evict(holders, PyDict_GET_SIZE(holders) - keep) < 0) {
+        return NULL;
+    }
     Py_RETURN_NONE;
 fail:
-    Py_DECREF(zero);
     Py_DECREF(seq);
     return NULL;
 }
@@ -168,7 +201,8 @@ static PyMethodDef methods[] = {
     {"runs", (PyCFunction)(void (*)(void))runs, METH_FASTCALL,
      "PrefixIndex.runs over the holders dict (see netkv/routing/prefixes.py)."},
     {"add", (PyCFunction)(void (*)(void))add, METH_FASTCALL,
-     "PrefixIndex.add's loop over the holders dict (see netkv/routing/prefixes.py)."},
+     "PrefixIndex.add over the holders dict, evictions included (see "
+     "netkv/routing/prefixes.py)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -182,7 +216,7 @@ PyMODINIT_FUNC
 PyInit__prefixes(void)
 {
     PyObject *m = PyModule_Create(&module);
-    if (m != NULL && PyModule_AddIntConstant(m, "ABI", 1) < 0) {
+    if (m != NULL && PyModule_AddIntConstant(m, "ABI", 2) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -228,15 +228,13 @@ class FusedNetkv:
             block_tokens: int, load_version: int | None, b: _Buffers, /) -> Decision | None:
         """:meth:`_decide` after the cached gathers, in :mod:`netkv.routing._kernel` (None:
         a path link outside the booked-link arrays, which only the numpy path takes)."""
-        used_max, capacity_min, kv_uniform = self._load_bounds(candidates, load_version)
-        drain = None if load_version is None else \
-            self._drain(candidates, load_version, block_tokens, b)[1]
+        used_max, capacity_min, kv_uniform, used, drain = self._kernel_loads(
+            candidates, load_version, block_tokens, b)
         latency, bandwidth, tier, links, kept = self._row(oracle, src, candidates)
         bookings = self.bookings
         booked = self.use_bookings and bookings.active
         scores: FloatArray = np.empty(b.n)
         rng = self.ties.rng
-        used = None if self._bounds is None else self._bounds[6]
         got = kernel.decide(
             runs, prompt_tokens, kv_bytes_per_token, block_tokens,
             float(prompt_tokens + output_tokens), used_max, capacity_min, candidates.waiting,
@@ -303,6 +301,23 @@ class FusedNetkv:
         ties = near.nonzero()[0]  # flatnonzero of a 1-D array, without its two wrappers
         return int(ties[self.ties.rng.integers(ties.shape[0])])
 
+    def _kernel_loads(self, candidates: CandidateView, load_version: int | None,
+                      block_tokens: int, b: _Buffers
+                      ) -> tuple[float, float, bool, FloatArray | None, FloatArray | None]:
+        """What the kernel reads of the loads: :meth:`_load_bounds`, ``used`` and the drain
+        rate of :meth:`_drain` (None: not kept, computed in the kernel), in one check of
+        the kept version while it holds."""
+        kept = self._bounds
+        if (load_version is not None and kept is not None and kept[0] == load_version
+                and kept[1] is candidates.kv_use and kept[2] is candidates.capacity_tokens
+                and kept[7] is not None and kept[7][0] == block_tokens):
+            return kept[3], kept[4], kept[5], kept[6], kept[7][1]
+        used_max, capacity_min, kv_uniform = self._load_bounds(candidates, load_version)
+        drain = None if load_version is None else \
+            self._drain(candidates, load_version, block_tokens, b)[1]
+        used = None if self._bounds is None else self._bounds[6]
+        return used_max, capacity_min, kv_uniform, used, drain
+
     def _load_bounds(self, candidates: CandidateView, load_version: int | None
                      ) -> tuple[float, float, bool]:
         """``(max(kv_use * capacity), min(capacity), all kv_use equal)``, kept while
@@ -344,8 +359,7 @@ class FusedNetkv:
         """The oracle's zero-byte row from ``src`` for the candidates (latency, bandwidth,
         tier), the candidates' path links in the bookings' table and ``max(rate[links], 1)``
         for the oracle's per-link rates: gathered once per row, rate array and view."""
-        row = oracle.row(src)
-        rate = oracle.available_bytes_s
+        row, rate = oracle.row_and_rate(src)
         key = (_ROWS, src)
         cache = candidates.cache
         hit: list[Any] | None = cache.get(key)

@@ -21,8 +21,8 @@ import numpy as np
 from netkv.core.topology import IntArray
 from netkv.routing import native
 
-# runs() and add()'s loop in C (the same steps; None: not built, the Python loops below)
-_native = native.load("_prefixes", abi=1)
+# runs() and add() in C (the same steps; None: not built, the Python code below)
+_native = native.load("_prefixes", abi=2)
 
 
 class PrefixIndex:
@@ -141,14 +141,16 @@ class PrefixIndex:
         self._flags_of.clear()
 
     def add(self, hashes: Sequence[int], decoder: int) -> None:
+        """``decoder`` holds ``hashes`` now (each becomes the most recently used)."""
+        if self._c is not None:
+            self._c.add(self._holders, hashes, 1 << decoder, self.max_blocks + self._slack,
+                        self.max_blocks)
+            return
         holders = self._holders
         bit = 1 << decoder
-        if self._c is not None:
-            self._c.add(holders, hashes, bit)
-        else:
-            pop = holders.pop
-            for h in hashes:
-                holders[h] = pop(h, 0) | bit  # re-inserted last: the most recently used
+        pop = holders.pop
+        for h in hashes:
+            holders[h] = pop(h, 0) | bit  # re-inserted last: the most recently used
         if len(holders) > self.max_blocks + self._slack:
             # Evict in batches (the oldest 1/16th at once): deleting from the front of a
             # dict one key per call would rescan the deleted slots every time.

@@ -174,7 +174,8 @@ class Selector:
         if engine is None:
             raise InputError("body.policy", f"must be one of {', '.join(self.engines)}, "
                              f"got {policy[:64]!r}")
-        self.sweep(every_s=0.02)
+        if not self.clock() - self._swept_at < 0.02:  # sweep(every_s=0.02), its check inline
+            self.sweep()
         hashes = body.block_hashes
         n = len(self.registry.decoders)
         runs = self.prefixes.runs(hashes) if hashes else None

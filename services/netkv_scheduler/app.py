@@ -149,11 +149,12 @@ def check_select(body: SelectRequest, max_block_hashes: int,
     return body
 
 
-def _select_handler(settings: SchedulerSettings, selector: Selector,
+def _select_handler(app: web.Application, settings: SchedulerSettings, selector: Selector,
                     metrics: Metrics) -> Callable[[web.Request], Awaitable[web.Response]]:
     """``POST /v1/select``, its app's parts bound once (not looked up per request)."""
     max_block_hashes, timeout_s = settings.max_block_hashes, settings.body_timeout_s
     policies, series = selector.engines, metrics.series
+    keep = decisions.keeper(app)
     kept: dict[float, float] = {}
 
     def ms4(seconds: float) -> float:
@@ -193,7 +194,7 @@ def _select_handler(settings: SchedulerSettings, selector: Selector,
             tier=d.tier, kv_bytes=d.transfer_bytes, map_version=view.version,
             map_age_ms=None if view.age_s is None else round(view.age_s * 1e3, 1),
             map_stale=view.stale, policy=choice.policy, reserved=choice.reserved))
-        decisions.keep(request.app, body_bytes)
+        keep(body_bytes)
         return web.Response(body=body_bytes, content_type="application/json")
     return _select
 
@@ -369,7 +370,9 @@ def create_app(settings: SchedulerSettings, topology: Topology | None = None,
     app[METRICS] = metrics
     app[DOCUMENT] = encode(openapi_document(selector.policies, settings.token is not None,
                                             settings.max_block_hashes))
-    app.router.add_post("/v1/select", _select_handler(settings, selector, metrics))
+    # GET /v1/decisions/recent, for the oracle's live view (_select keeps its answers)
+    decisions.install(app, signal=False)
+    app.router.add_post("/v1/select", _select_handler(app, settings, selector, metrics))
     app.router.add_post("/v1/release", _release)
     app.router.add_post("/v1/instances", _register)
     app.router.add_get("/v1/instances", _instances)
@@ -378,7 +381,5 @@ def create_app(settings: SchedulerSettings, topology: Topology | None = None,
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/openapi.json", _openapi)
-    # GET /v1/decisions/recent, for the oracle's live view (_select keeps its answers)
-    decisions.install(app, signal=False)
     app.cleanup_ctx.append(_background)
     return app

@@ -2,7 +2,7 @@
 
 :func:`install` (one call from ``create_app``) keeps the last :data:`KEEP` answers of
 ``POST /v1/select`` as they leave (their bytes only, so the decision path pays one append:
-the scheduler's handler calls :func:`keep` itself; any other app's answers are taken from the
+the scheduler's handler calls a :func:`keeper` itself; any other app's answers are taken from the
 response-prepare signal) and serves them decoded, newest first, with the fields a viewer
 needs. Read-only and free of secrets; it carries ``Access-Control-Allow-Origin: *`` so that the
 oracle's page (another port) may read it.
@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -32,10 +33,15 @@ class Recent:
 RECENT: web.AppKey[Recent] = web.AppKey("recent_decisions", Recent)
 
 
-def keep(app: web.Application, body: bytes) -> None:
-    """Keep one answer of ``POST /v1/select`` (a handler that calls this installs with
-    ``signal=False``)."""
-    app[RECENT].items.append((time.time(), body))
+def keeper(app: web.Application) -> Callable[[bytes], None]:
+    """What keeps one answer of ``POST /v1/select`` in ``app`` (installed already; a handler
+    that calls it installs with ``signal=False``), bound once for the hot path."""
+    items = app[RECENT].items
+    clock = time.time
+
+    def keep(body: bytes) -> None:
+        items.append((clock(), body))
+    return keep
 
 
 async def _keep(request: web.Request, response: web.StreamResponse) -> None:
@@ -66,7 +72,7 @@ async def recent(request: web.Request) -> web.Response:
 
 def install(app: web.Application, *, signal: bool = True) -> None:
     """Serve the recent answers; ``signal`` takes them from every ``/v1/select`` response
-    as it is prepared (off: the select handler calls :func:`keep`, which spares every
+    as it is prepared (off: the select handler calls a :func:`keeper`, which spares every
     response of the app a signal dispatch)."""
     app[RECENT] = Recent()
     if signal:
@@ -74,4 +80,4 @@ def install(app: web.Application, *, signal: bool = True) -> None:
     app.router.add_get("/v1/decisions/recent", recent)
 
 
-__all__ = ["install", "keep"]
+__all__ = ["install", "keeper"]

@@ -385,12 +385,15 @@ _ORIGINAL = fused_module.FusedNetkv._decide
 def _broken_draw(self: Any, *args: Any, **kw: Any) -> Any:
     """Equal KV use taken for granted: the draw among near candidates without the KV
     comparison (wrong as soon as the loads differ)."""
-    saved = FusedNetkv._load_bounds
+    saved, saved_kernel = FusedNetkv._load_bounds, FusedNetkv._kernel_loads
     FusedNetkv._load_bounds = lambda s, c, v: (*saved(s, c, v)[:2], True)  # type: ignore[method-assign,assignment]
+    FusedNetkv._kernel_loads = lambda s, c, v, k, b: (  # type: ignore[method-assign,assignment]
+        *(got := saved_kernel(s, c, v, k, b))[:2], True, *got[3:])
     try:
         return _ORIGINAL(self, *args, **kw)
     finally:
         FusedNetkv._load_bounds = saved  # type: ignore[method-assign]
+        FusedNetkv._kernel_loads = saved_kernel  # type: ignore[method-assign]
 
 
 @pytest.mark.parametrize("broken", [_broken_queue, _broken_bookings, _broken_ties,

@@ -133,6 +133,37 @@ def test_expired_booking_hands_back_its_transfer() -> None:
     assert res.sweep() == ["t"] and res.pending.tolist() == [0]
 
 
+def test_bookings_expire_on_time_when_the_clock_steps_back() -> None:
+    """Expiries queue in clock order; one booked after the clock stepped back still expires
+    ``ttl_s`` after it was made, before the ones booked earlier, and releases and
+    re-bookings leave no entry that expires a live booking."""
+    clock = Clock()
+    res: Reservations[str] = Reservations(1, ttl_s=10.0, clock=clock)
+    res.book("early", 0, transfer_s=0.0, transfer=None)
+    clock.now -= 5.0  # stepped back
+    res.book("late", 0, transfer_s=0.0, transfer=None)
+    clock.now += 11.0  # 6 s after "early" was booked, 11 s after "late"
+    assert res.sweep() == [] and set(res.open) == {"early"} and res.expired_total == 1
+    res.release("early")
+    res.book("early", 0, transfer_s=0.0, transfer=None)  # the same id again, later
+    clock.now += 5.0  # past the first booking's expiry, not the second's
+    assert res.sweep() == [] and set(res.open) == {"early"}
+    clock.now += 5.0
+    assert res.sweep() == [] and not res.open and res.expired_total == 2
+    assert res.pending.tolist() == [0]
+
+
+def test_released_bookings_leave_the_expiry_queue_bounded() -> None:
+    clock = Clock()
+    res: Reservations[str] = Reservations(1, ttl_s=60.0, clock=clock)
+    for i in range(5000):
+        res.book(f"r{i}", 0, transfer_s=0.0, transfer=None)
+        res.release(f"r{i}")
+        clock.now += 0.001
+        res.sweep()
+    assert len(res._expiry) + len(res._late) <= 1024 + 1
+    assert len(res._transfers) == 0 and res.pending.tolist() == [0]
+
 # -- prefix index -------------------------------------------------------------------------------
 def test_prefix_overlap_counts_leading_blocks() -> None:
     index = PrefixIndex(max_blocks=100)

@@ -81,7 +81,9 @@ class Bookings:
 
     def reserve(self, src_host: int, dst_host: int, nbytes: float) -> Booking:
         """Count a started transfer against the links of its path."""
-        booking = Booking(self.route(src_host, dst_host), float(nbytes))
+        links = self._routes.get((src_host, dst_host))  # route(), its cached case inline
+        booking = Booking(self.route(src_host, dst_host) if links is None else links,
+                          float(nbytes))
         # Element by element over the path's few links (a path holds each link once): the
         # same float64 additions as ``bytes_ext[idx] += nbytes`` without three array calls.
         nb, booked, flows = booking.nbytes, self._bytes_items, self._flows_items
@@ -100,7 +102,8 @@ class Bookings:
             booked[link] = left if left > 0.0 else 0.0
             count = flows[link] - 1.0
             flows[link] = count if count > 0.0 else 0.0
-        self.active = max(self.active - 1, 0)
+        if self.active > 0:
+            self.active -= 1
 
     def extra_seconds(self, src_host: int, dst_hosts: IntArray, nbytes: FloatArray,
                       link_rate: FloatArray | None = None) -> FloatArray:
