@@ -332,8 +332,9 @@ static const char *const NAMES[N_ARGS] = {
     "transfer", "scores",
 };
 
-/* decide(...) -> (chosen, queued), or None when the inputs need the Python path (a path
- * link outside the booked-link arrays). See fused.py for the meaning of each argument. */
+/* decide(...) -> (chosen, queue_s, transfer_s, transfer_bytes, tier) of the chosen decoder
+ * (queue_s +0.0 where no deficit was computed), or None when the inputs need the Python path
+ * (a path link outside the booked-link arrays). See fused.py for each argument. */
 static PyObject *
 decide(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -550,7 +551,8 @@ decide(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
             }
         }
     }
-    result = Py_BuildValue("(nO)", chosen, queued ? Py_True : Py_False);
+    result = Py_BuildValue("(ndddL)", chosen, queued ? queue[chosen] : 0.0, transfer[chosen],
+                           nbytes[chosen], (long long)tier[chosen]);
 done:
     for (int a = 0; a < N_ARGS; a++) {
         if (h[a].held) PyBuffer_Release(&h[a].view);
@@ -605,7 +607,7 @@ PyInit__kernel(void)
     PyObject *m = PyModule_Create(&module);
     /* fused.py uses a build whose ABI it knows (a stale build from older sources is
      * ignored): raise it whenever decide()'s arguments or results change */
-    if (m != NULL && PyModule_AddIntConstant(m, "ABI", 2) < 0) {
+    if (m != NULL && PyModule_AddIntConstant(m, "ABI", 3) < 0) {
         Py_DECREF(m);
         return NULL;
     }

@@ -39,7 +39,7 @@ from netkv.core.topology import BoolArray, FloatArray, IntArray
 from netkv.routing import native
 from netkv.routing.prefixes import PrefixIndex
 
-_kernel = native.load("_kernel", abi=2)  # the decide() called here (see PyInit__kernel)
+_kernel = native.load("_kernel", abi=3)  # the decide() called here (see PyInit__kernel)
 KERNEL_BUILT = _kernel is not None
 
 
@@ -246,13 +246,10 @@ class FusedNetkv:
             b.transfer, scores)
         if got is None:
             return None
-        chosen, queued = got
-        q = float(b.queue.item(chosen)) if queued else 0.0
-        t = float(b.transfer.item(chosen))
+        chosen, q, t, nbytes, tier_of = got  # the chosen one's values, read in C
         f = float(self.tbt_s)
         return Decision(index=chosen, ttft_s=q + t + f, queue_s=q, transfer_s=t,
-                        first_token_s=f, tier=int(tier.item(chosen)),
-                        transfer_bytes=float(b.nbytes.item(chosen)), scores=scores)
+                        first_token_s=f, tier=tier_of, transfer_bytes=nbytes, scores=scores)
 
     @staticmethod
     def _nbytes(  # noqa: PLR0917 - positional: called once per decision, from _decide only

@@ -166,7 +166,10 @@ class Selector:
         ``body.policy``) for an unknown instance or policy.
         """
         start = time.perf_counter()
-        prefill = self.registry.get(body.prefill, "body.prefill")
+        registry = self.registry
+        prefill = registry.by_name.get(body.prefill)
+        if prefill is None:
+            prefill = registry.get(body.prefill, "body.prefill")  # raises, naming the field
         if prefill.role != "prefill":
             raise InputError("body.prefill", f"{prefill.name!r} is a decode instance")
         policy = body.policy or self.settings.policy
@@ -177,11 +180,10 @@ class Selector:
         if not self.clock() - self._swept_at < 0.02:  # sweep(every_s=0.02), its check inline
             self.sweep()
         hashes = body.block_hashes
-        n = len(self.registry.decoders)
         runs = self.prefixes.runs(hashes) if hashes else None
         joint = None
         if policy == "netkv_pair":  # every prefill instance is a candidate, ready now
-            prefills = self.registry.prefills
+            prefills = registry.prefills
             joint = PrefillView(host=np.array([p.host_index for p in prefills], dtype=np.int64),
                                 ready_s=np.zeros(len(prefills)))
         view = self.feed.view()
@@ -191,18 +193,19 @@ class Selector:
             candidates, view.oracle, prefill_host=prefill.host_index,
             prompt_tokens=body.prompt_tokens, output_tokens=body.output_tokens,
             kv_bytes_per_token=self.bytes_per_token, runs=runs, prefixes=self.prefixes,
-            block_tokens=BLOCK_TOKENS, load_version=self.registry.load_version)
+            block_tokens=BLOCK_TOKENS, load_version=registry.load_version)
         if decision is None:
-            overlap = None if runs is None else self.prefixes.from_runs(runs, n)
+            overlap = None if runs is None else \
+                self.prefixes.from_runs(runs, len(registry.decoders))
             request = RequestView(prefill_host=prefill.host_index,
                                   prompt_tokens=body.prompt_tokens,
                                   kv_bytes_per_token=self.bytes_per_token,
                                   overlap_blocks=overlap, block_tokens=BLOCK_TOKENS,
                                   output_tokens=body.output_tokens, prefill=joint)
             decision = engine.decide(request, candidates, view.oracle)
-        decoder = self.registry.decoders[decision.index]
+        decoder = registry.decoders[decision.index]
         if decision.prefill_index is not None:
-            prefill = self.registry.prefills[decision.prefill_index]
+            prefill = registry.prefills[decision.prefill_index]
         reserved = body.reserve
         if reserved:
             transfer = self.bookings.reserve(prefill.host_index, decoder.host_index,
