@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from netkv.core.congestion import CachedMapView
-from netkv.core.costmodel import CostOracle
+from netkv.core.costmodel import CostEstimate, CostOracle
 from netkv.core.paths import CachedOracle
 from netkv.core.policies import Bookings, CandidateView, Decision, DecisionEngine, Netkv
 from netkv.core.policies.network import near_ties, prefer_lower_tier
@@ -68,7 +68,7 @@ class _Buffers:
     """Scratch arrays for one candidate count."""
 
     __slots__ = ("competing", "extra", "first", "flows", "mask", "n", "nbytes", "other",
-                 "queue", "rate", "transfer", "used")
+                 "outputs", "queue", "rate", "transfer", "used")
 
     def __init__(self, n: int, tbt_s: float) -> None:
         self.n = n
@@ -84,6 +84,9 @@ class _Buffers:
         self.competing: FloatArray = np.empty((6, n))
         self.mask: BoolArray = np.empty(n, dtype=np.bool_)
         self.other: BoolArray = np.empty(n, dtype=np.bool_)
+        # the kernel's outputs as memoryviews of the same arrays: exporting a memoryview's
+        # buffer costs a tenth of an ndarray's
+        self.outputs = (self.nbytes.data, self.queue.data, self.transfer.data)
 
 
 class FusedNetkv:
@@ -179,7 +182,9 @@ class FusedNetkv:
                 np.divide(queue, drain, out=queue)
         first = b.first
         # -- transfer: the oracle's row for the candidates, plus the booked transfers -----
-        latency, bandwidth, tier, links, kept = self._row(oracle, src, candidates)
+        gathered = self._row(oracle, src, candidates)
+        latency, bandwidth, tier, links, kept = (gathered.latency, gathered.bandwidth,
+                                                 gathered.tier, gathered.links, gathered.kept)
         transfer = b.transfer
         np.divide(nbytes, bandwidth, out=transfer)
         np.add(latency, transfer, out=transfer)
@@ -230,20 +235,22 @@ class FusedNetkv:
         a path link outside the booked-link arrays, which only the numpy path takes)."""
         used_max, capacity_min, kv_uniform, used, drain = self._kernel_loads(
             candidates, load_version, block_tokens, b)
-        latency, bandwidth, tier, links, kept = self._row(oracle, src, candidates)
+        gathered = self._row(oracle, src, candidates)
+        latency, bandwidth, tier, links, waiting, kv_use, capacity = gathered.views
         bookings = self.bookings
         booked = self.use_bookings and bookings.active
         scores: FloatArray = np.empty(b.n)
         rng = self.ties.rng
+        nbytes, queue, transfer = b.outputs
         got = kernel.decide(
             runs, prompt_tokens, kv_bytes_per_token, block_tokens,
-            float(prompt_tokens + output_tokens), used_max, capacity_min, candidates.waiting,
-            used, candidates.kv_use, candidates.capacity_tokens, drain,
-            self.residence_s, latency, bandwidth, links if booked else None, kept,
-            bookings.flows_ext, bookings.bytes_ext, self.handover_s, self.tbt_s, tier,
-            self.tie_rel, self.tie_rule == "load", kv_uniform, rng.integers,
-            rng.bit_generator.capsule if DRAWS_IN_C else None, b.nbytes, b.queue,
-            b.transfer, scores)
+            float(prompt_tokens + output_tokens), used_max, capacity_min, waiting, used,
+            kv_use, capacity, drain, self.residence_s, latency, bandwidth,
+            links if booked else None, gathered.kept_view, bookings.flows_items,
+            bookings.bytes_items, self.handover_s, self.tbt_s, tier, self.tie_rel,
+            self.tie_rule == "load", kv_uniform, rng.integers,
+            rng.bit_generator.capsule if DRAWS_IN_C else None, nbytes, queue, transfer,
+            scores)
         if got is None:
             return None
         chosen, q, t, nbytes, tier_of = got  # the chosen one's values, read in C
@@ -308,7 +315,7 @@ class FusedNetkv:
         if (load_version is not None and kept is not None and kept[0] == load_version
                 and kept[1] is candidates.kv_use and kept[2] is candidates.capacity_tokens
                 and kept[7] is not None and kept[7][0] == block_tokens):
-            return kept[3], kept[4], kept[5], kept[6], kept[7][1]
+            return kept[3], kept[4], kept[5], kept[8], kept[7][2]  # (as memoryviews)
         used_max, capacity_min, kv_uniform = self._load_bounds(candidates, load_version)
         drain = None if load_version is None else \
             self._drain(candidates, load_version, block_tokens, b)[1]
@@ -328,7 +335,8 @@ class FusedNetkv:
             used.flags.writeable = False
             kept = (load_version, kv_use, capacity, float(np.maximum.reduce(used)),
                     float(np.minimum.reduce(capacity)),
-                    bool(np.minimum.reduce(kv_use) == np.maximum.reduce(kv_use)), used, None)
+                    bool(np.minimum.reduce(kv_use) == np.maximum.reduce(kv_use)), used, None,
+                    used.data)
             self._bounds = kept
         return kept[3], kept[4], kept[5]
 
@@ -347,27 +355,50 @@ class FusedNetkv:
             value = np.maximum(kept[6], float(block_tokens))
             np.divide(value, self.residence_s, out=value)
             value.flags.writeable = False
-            rate = (block_tokens, value)
-            self._bounds = (*kept[:7], rate)
+            rate = (block_tokens, value, value.data)
+            self._bounds = (*kept[:7], rate, kept[8])
         return kept[6], rate[1]
 
     def _row(self, oracle: CachedMapView | CachedOracle, src: int, candidates: CandidateView
-             ) -> tuple[FloatArray, FloatArray, IntArray, IntArray, FloatArray]:
+             ) -> _Row:
         """The oracle's zero-byte row from ``src`` for the candidates (latency, bandwidth,
         tier), the candidates' path links in the bookings' table and ``max(rate[links], 1)``
         for the oracle's per-link rates: gathered once per row, rate array and view."""
         row, rate = oracle.row_and_rate(src)
         key = (_ROWS, src)
         cache = candidates.cache
-        hit: list[Any] | None = cache.get(key)
-        if hit is None or hit[0] is not row:
+        hit: _Row | None = cache.get(key)
+        if hit is None or hit.row is not row:
             host = candidates.host
             links = np.take(self.bookings.paths.from_src(src).links, host, axis=1)
-            hit = [row, row.latency_s[host], row.bandwidth_bytes_s[host], row.tier[host],
-                   links, None, None]
+            hit = _Row(row, candidates, links)
             if key not in cache and len(cache) >= max(8, 65536 // max(host.shape[0], 1)):
                 cache.clear()
             cache[key] = hit
-        if hit[5] is not rate:  # a new per-link view (the map view was refreshed)
-            hit[5], hit[6] = rate, np.maximum(rate[hit[4]], 1.0)
-        return hit[1], hit[2], hit[3], hit[4], hit[6]
+        if hit.rate is not rate:  # a new per-link view (the map view was refreshed)
+            hit.rate, hit.kept = rate, np.maximum(rate[hit.links], 1.0)
+            hit.kept_view = hit.kept.data
+        return hit
+
+
+class _Row:
+    """One source's gathered row for one candidate view (see :meth:`FusedNetkv._row`), with
+    memoryviews of the arrays the kernel reads (exporting a memoryview's buffer costs a
+    tenth of an ndarray's)."""
+
+    __slots__ = ("bandwidth", "kept", "kept_view", "latency", "links", "rate", "row", "tier",
+                 "views")
+
+    def __init__(self, row: CostEstimate, candidates: CandidateView, links: IntArray) -> None:
+        host = candidates.host
+        self.row, self.links = row, links
+        self.latency: FloatArray = row.latency_s[host]
+        self.bandwidth: FloatArray = row.bandwidth_bytes_s[host]
+        self.tier: IntArray = row.tier[host]
+        self.rate: FloatArray | None = None
+        self.kept: FloatArray = self.latency  # (set with the rate, before any use)
+        self.kept_view = self.kept.data
+        # the candidates' arrays too: a view's arrays are fixed (a new one is made instead)
+        self.views = tuple(a.data for a in (
+            self.latency, self.bandwidth, self.tier, links, candidates.waiting,
+            candidates.kv_use, candidates.capacity_tokens))

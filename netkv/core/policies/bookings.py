@@ -45,9 +45,10 @@ class Bookings:
         self.bytes_ext = np.zeros(topology.n_links + 1, dtype=np.float64)
         self.flows_ext = np.zeros(topology.n_links + 1, dtype=np.float64)
         # The same memory, element by element as Python floats: a memoryview's item access
-        # costs about half of an ndarray's (booking and release touch a few links each).
-        self._bytes_items = self.bytes_ext.data.cast("B").cast("d")
-        self._flows_items = self.flows_ext.data.cast("B").cast("d")
+        # costs about half of an ndarray's (booking and release touch a few links each); a
+        # C reader (the fused kernel) takes its buffer for a tenth of an ndarray's export.
+        self.bytes_items = self.bytes_ext.data.cast("B").cast("d")
+        self.flows_items = self.flows_ext.data.cast("B").cast("d")
         self.active = 0
         # Each (source, destination)'s path once: its links and their index array.
         self._routes: dict[tuple[int, int], tuple[int, ...]] = {}
@@ -86,7 +87,7 @@ class Bookings:
                           float(nbytes))
         # Element by element over the path's few links (a path holds each link once): the
         # same float64 additions as ``bytes_ext[idx] += nbytes`` without three array calls.
-        nb, booked, flows = booking.nbytes, self._bytes_items, self._flows_items
+        nb, booked, flows = booking.nbytes, self.bytes_items, self.flows_items
         for link in booking.links:
             booked[link] += nb
             flows[link] += 1.0
@@ -96,7 +97,7 @@ class Bookings:
     def release(self, booking: Booking) -> None:
         # max(x - nbytes, 0.0) per link, as np.maximum computes it (no NaN or -0.0 occurs:
         # the counts start at +0.0 and only add or subtract non-negative finite amounts)
-        nb, booked, flows = booking.nbytes, self._bytes_items, self._flows_items
+        nb, booked, flows = booking.nbytes, self.bytes_items, self.flows_items
         for link in booking.links:
             left = booked[link] - nb
             booked[link] = left if left > 0.0 else 0.0
