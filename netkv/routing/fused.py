@@ -62,6 +62,7 @@ def _draws_match(kernel: ModuleType | None) -> bool:
 
 DRAWS_IN_C = _draws_match(_kernel)
 _ROWS = "fused-row"  # this module's key in ``CandidateView.cache`` (per source host)
+_Buffer = FloatArray | memoryview  # what the kernel reads an array from
 
 
 class _Buffers:
@@ -307,10 +308,10 @@ class FusedNetkv:
 
     def _kernel_loads(self, candidates: CandidateView, load_version: int | None,
                       block_tokens: int, b: _Buffers
-                      ) -> tuple[float, float, bool, FloatArray | None, FloatArray | None]:
+                      ) -> tuple[float, float, bool, _Buffer | None, _Buffer | None]:
         """What the kernel reads of the loads: :meth:`_load_bounds`, ``used`` and the drain
         rate of :meth:`_drain` (None: not kept, computed in the kernel), in one check of
-        the kept version while it holds."""
+        the kept version while it holds (then as memoryviews of the kept arrays)."""
         kept = self._bounds
         if (load_version is not None and kept is not None and kept[0] == load_version
                 and kept[1] is candidates.kv_use and kept[2] is candidates.capacity_tokens
