@@ -125,11 +125,10 @@ class Selector:
         return tuple(self.engines)
 
     # -- decisions ------------------------------------------------------------------------
-    def sweep(self, every_s: float = 0.0) -> None:
-        """Hand back finished transfers and expired bookings (at most every ``every_s``)."""
+    def sweep(self) -> None:
+        """Hand back finished transfers and expired bookings (a select sweeps at most every
+        20 ms first; the routing runtime's sweeper does it every second regardless)."""
         now = self.clock()
-        if now - self._swept_at < every_s:
-            return
         self._swept_at = now
         for booking in self.reservations.sweep(now):
             self.bookings.release(booking)
@@ -177,7 +176,7 @@ class Selector:
         if engine is None:
             raise InputError("body.policy", f"must be one of {', '.join(self.engines)}, "
                              f"got {policy[:64]!r}")
-        if not self.clock() - self._swept_at < 0.02:  # sweep(every_s=0.02), its check inline
+        if not self.clock() - self._swept_at < 0.02:  # at most every 20 ms
             self.sweep()
         hashes = body.block_hashes
         runs = self.prefixes.runs(hashes) if hashes else None

@@ -38,10 +38,6 @@ class _Histogram:
         self.counts = [0] * (len(self.bounds) + 1)
         self.sum = 0.0
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1  # le is inclusive, as the library's
-        self.sum += value
-
     def cumulative(self) -> list[tuple[str, float]]:
         out, total = [], 0
         for label, count in zip(self.labels, self.counts, strict=True):
@@ -62,7 +58,7 @@ class DecisionSeries(Collector):
 
     def record(self, policy: str, tier: int, stale: bool, duration_s: float,
                transfer_s: float) -> None:
-        # _Histogram.observe twice, inline (every decision pays this)
+        # one observation per histogram (bisect_left: le is inclusive, as the library's)
         hist = self.duration[policy]
         hist.counts[bisect_left(hist.bounds, duration_s)] += 1
         hist.sum += duration_s
